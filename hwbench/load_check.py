@@ -1,0 +1,93 @@
+"""Load a GGUF in llama.cpp and make it generate: proof that a variant actually runs.
+
+A GGUF with inconsistent metadata can abort the whole process inside llama.cpp (a C++ exception,
+not a Python one), so the check runs in a child process; the parent reads one JSON line back, or
+turns a crash into an error that names the file.
+
+Run directly: python -m edgecds.hwbench.load_check MODEL.gguf --tokens 8
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgecds.errors import EngineError
+
+CHECK_PROMPT = "A 58-year-old man has crushing chest pain radiating to the left arm. The most likely diagnosis is"
+DEFAULT_TOKENS = 8
+TIMEOUT_SECONDS = 300
+
+
+@dataclass(frozen=True)
+class LoadCheck:
+    prompt_tokens: list[int]
+    tokens: list[int]
+    text: str
+    load_seconds: float
+    generate_seconds: float
+
+
+def generate_greedy(model_path: Path, prompt: str, n_tokens: int, n_ctx: int = 512, threads: int | None = None) -> LoadCheck:
+    """In this process: load, tokenize as llama.cpp does, and decode `n_tokens` greedily."""
+    from llama_cpp import Llama
+
+    start = time.perf_counter()
+    llm = Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=threads, verbose=False, seed=0)
+    loaded = time.perf_counter()
+    prompt_tokens = llm.tokenize(prompt.encode(), add_bos=llm._model.add_bos_token(), special=False)
+    out: list[int] = []
+    for token in llm.generate(prompt_tokens, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        if token == llm.token_eos() or len(out) >= n_tokens:
+            break
+        out.append(token)
+    done = time.perf_counter()
+    text = llm.detokenize(out).decode("utf-8", errors="replace")
+    llm.close()
+    return LoadCheck(list(prompt_tokens), out, text, loaded - start, done - loaded)
+
+
+def check_in_subprocess(model_path: Path, n_tokens: int = DEFAULT_TOKENS, prompt: str = CHECK_PROMPT) -> LoadCheck:
+    """Run `generate_greedy` in a child process; a crash or hang becomes an EngineError."""
+    cmd = [sys.executable, "-m", "edgecds.hwbench.load_check", str(model_path), "--tokens", str(n_tokens), "--prompt", prompt]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_SECONDS, check=False)
+    except subprocess.TimeoutExpired:
+        raise EngineError(f"{model_path.name}: llama.cpp did not load and generate within {TIMEOUT_SECONDS} s") from None
+    if proc.returncode != 0:
+        if proc.returncode < 0:
+            cause = f"llama.cpp crashed ({signal.Signals(-proc.returncode).name})"
+        else:
+            cause = f"exit {proc.returncode}"
+        tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
+        raise EngineError(f"{model_path.name}: loading it in llama.cpp failed: {cause}; the file is not usable\n{tail}")
+    try:
+        data = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise EngineError(f"{model_path.name}: the llama.cpp load check printed no result") from None
+    result = LoadCheck(**data)
+    if not result.tokens:
+        raise EngineError(f"{model_path.name}: loaded in llama.cpp but generated no token")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Load a GGUF in llama.cpp and generate a few tokens greedily.")
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS)
+    parser.add_argument("--prompt", default=CHECK_PROMPT)
+    args = parser.parse_args(argv)
+    result = generate_greedy(args.model, args.prompt, args.tokens)
+    print(json.dumps(asdict(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Format conversions and quantizers (edgecds.quant): the quant-type table and the engines' wrappers."""

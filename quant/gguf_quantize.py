@@ -1,0 +1,138 @@
+"""Float GGUF -> quantized GGUF, with llama.cpp's quantizer (`llama_model_quantize`).
+
+The quantizer is called in-process through llama-cpp-python, on a worker thread (ctypes releases
+the GIL), while the main thread draws progress from the growing output file. llama.cpp writes its
+output in place, so the caller hands it a temporary name and publishes the file only on success.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgecds.errors import EngineError
+from edgecds.progress import Reporter, watch_file_growth
+from edgecds.quant.types import QuantType
+
+
+@dataclass(frozen=True)
+class QuantizerOptions:
+    """The llama-quantize options edgecds exposes, with llama.cpp's defaults."""
+
+    threads: int = 0  # 0: llama.cpp uses every hardware thread
+    allow_requantize: bool = False
+    pure: bool = False  # every tensor in the base type, no k-quant mixture
+    leave_output_tensor: bool = False  # keep output.weight unquantized
+
+    def as_key(self) -> dict[str, bool]:
+        """What changes the output file; threads do not."""
+        return {"allow_requantize": self.allow_requantize, "pure": self.pure, "leave_output_tensor": self.leave_output_tensor}
+
+
+def llama_cpp_version() -> str:
+    import llama_cpp
+
+    return str(llama_cpp.__version__)
+
+
+def ftype_of(qtype: QuantType) -> int:
+    """The llama.cpp file-type constant for a quantizer row of the type table."""
+    import llama_cpp
+
+    value = getattr(llama_cpp, f"LLAMA_FTYPE_{qtype.engine_name}", None)
+    if value is None:
+        raise EngineError(f"this llama.cpp build ({llama_cpp_version()}) has no file type {qtype.name}; upgrade llama-cpp-python")
+    return int(value)
+
+
+def default_params(qtype: QuantType, options: QuantizerOptions) -> object:
+    """llama.cpp's default quantize params with our type and options set: what a direct caller would pass."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype_of(qtype)
+    params.nthread = options.threads
+    params.allow_requantize = options.allow_requantize
+    params.pure = options.pure
+    params.quantize_output_tensor = not options.leave_output_tensor
+    return params
+
+
+@dataclass(frozen=True)
+class EngineRun:
+    seconds: float
+    notes: list[str] = field(default_factory=list)  # what llama.cpp warned about, condensed
+
+
+_FALLBACK = re.compile(r"WARNING: (\d+) of (\d+) tensor\(s\) required fallback quantization")
+
+
+@contextlib.contextmanager
+def captured_llama_log() -> Iterator[list[str]]:
+    """Collect llama.cpp's log lines instead of printing them (a line per tensor while quantizing).
+
+    llama-cpp-python's own callback maps ggml's log levels from an older enum and prints
+    warnings it means to hide; it is put back afterwards.
+    """
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import _logger
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback  # type: ignore[misc]
+    def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        lines.append(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def quantize(source: Path, outfile: Path, qtype: QuantType, options: QuantizerOptions, expected_bytes: int, reporter: Reporter | None = None) -> EngineRun:
+    """Quantize `source` into `outfile` (a temporary the caller publishes)."""
+    import ctypes
+
+    import llama_cpp
+
+    params = default_params(qtype, options)
+    outcome: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            outcome["rc"] = llama_cpp.llama_model_quantize(str(source).encode(), str(outfile).encode(), ctypes.byref(params))
+        except BaseException as exc:  # surfaced on the main thread below
+            outcome["error"] = exc
+
+    with captured_llama_log() as log:
+        start = time.perf_counter()
+        worker = threading.Thread(target=work, name=f"quantize-{qtype.name}", daemon=True)
+        worker.start()
+        watch_file_growth(lambda: None if worker.is_alive() else True, outfile, expected_bytes, reporter)
+        worker.join()
+        elapsed = time.perf_counter() - start
+    if "error" in outcome:
+        raise EngineError(f"llama.cpp's quantizer failed on {source.name} -> {qtype.name}: {outcome['error']}")
+    if outcome.get("rc") != 0:
+        raise EngineError(
+            f"llama.cpp's quantizer returned {outcome.get('rc')} for {source.name} -> {qtype.name}; "
+            "if the source is already quantized, quantize from its F16/BF16 original instead"
+            + "".join(f"\n  {line.strip()}" for line in log[-5:])
+        )
+    notes = []
+    for line in log:
+        found = _FALLBACK.search(line)
+        if found:
+            notes.append(
+                f"{found.group(1)} of {found.group(2)} tensors fell back to other types: their row width is not a "
+                f"multiple of {qtype.base}'s block, so the file is larger than {qtype.nominal_bits_per_weight:.2f} bits per weight"
+            )
+    return EngineRun(elapsed, notes)

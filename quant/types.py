@@ -1,0 +1,143 @@
+"""The quant-type table: every bit-width edgecds can produce, and every tensor type it can read.
+
+This file is the one place a quant type is defined. The CLI's choices, size estimates,
+validation, docs and `variants.json` all derive from these two tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from edgecds.errors import UnknownNameError
+
+
+@dataclass(frozen=True)
+class GgmlType:
+    """A storage type of one tensor in a GGUF file (ggml's `ggml_type`)."""
+
+    id: int
+    name: str
+    block_size: int  # weights per block
+    type_size: int  # bytes per block
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.type_size * 8 / self.block_size
+
+
+# ggml's type ids, block sizes and block bytes (ggml.h / gguf-py constants GGML_QUANT_SIZES).
+# A test checks this table against the converter's own copy of gguf-py.
+GGML_TYPES: dict[int, GgmlType] = {
+    t.id: t
+    for t in (
+        GgmlType(0, "F32", 1, 4),
+        GgmlType(1, "F16", 1, 2),
+        GgmlType(2, "Q4_0", 32, 18),
+        GgmlType(3, "Q4_1", 32, 20),
+        GgmlType(6, "Q5_0", 32, 22),
+        GgmlType(7, "Q5_1", 32, 24),
+        GgmlType(8, "Q8_0", 32, 34),
+        GgmlType(9, "Q8_1", 32, 36),
+        GgmlType(10, "Q2_K", 256, 84),
+        GgmlType(11, "Q3_K", 256, 110),
+        GgmlType(12, "Q4_K", 256, 144),
+        GgmlType(13, "Q5_K", 256, 176),
+        GgmlType(14, "Q6_K", 256, 210),
+        GgmlType(15, "Q8_K", 256, 292),
+        GgmlType(16, "IQ2_XXS", 256, 66),
+        GgmlType(17, "IQ2_XS", 256, 74),
+        GgmlType(18, "IQ3_XXS", 256, 98),
+        GgmlType(19, "IQ1_S", 256, 50),
+        GgmlType(20, "IQ4_NL", 32, 18),
+        GgmlType(21, "IQ3_S", 256, 110),
+        GgmlType(22, "IQ2_S", 256, 82),
+        GgmlType(23, "IQ4_XS", 256, 136),
+        GgmlType(24, "I8", 1, 1),
+        GgmlType(25, "I16", 1, 2),
+        GgmlType(26, "I32", 1, 4),
+        GgmlType(27, "I64", 1, 8),
+        GgmlType(28, "F64", 1, 8),
+        GgmlType(29, "IQ1_M", 256, 56),
+        GgmlType(30, "BF16", 1, 2),
+        GgmlType(34, "TQ1_0", 256, 54),
+        GgmlType(35, "TQ2_0", 256, 66),
+        GgmlType(39, "MXFP4", 32, 17),
+    )
+}
+GGML_TYPE_BY_NAME: dict[str, GgmlType] = {t.name: t for t in GGML_TYPES.values()}
+
+Format = Literal["gguf"]
+Producer = Literal["converter", "quantizer"]
+
+
+@dataclass(frozen=True)
+class QuantType:
+    """A variant edgecds can build.
+
+    `producer` says which llama.cpp tool writes it: the HF->GGUF converter (float types, its
+    `--outtype`) or llama.cpp's quantizer (`llama_model_quantize`, file type `LLAMA_FTYPE_<ftype>`).
+    `base` is the ggml tensor type most weights get; llama.cpp keeps some tensors wider (and falls
+    back when a row width is not a multiple of the block), so the measured bits per weight of a
+    file is recorded separately.
+    """
+
+    name: str
+    format: Format
+    producer: Producer
+    base: str
+    engine_name: str  # converter --outtype, or the suffix of llama.cpp's LLAMA_FTYPE_* constant
+    default: bool
+    summary: str
+
+    @property
+    def nominal_bits_per_weight(self) -> float:
+        return GGML_TYPE_BY_NAME[self.base].bits_per_weight
+
+    @property
+    def is_float(self) -> bool:
+        return self.producer == "converter"
+
+
+QUANT_TYPES: tuple[QuantType, ...] = (
+    QuantType("F32", "gguf", "converter", "F32", "f32", False, "full precision, reference only"),
+    QuantType("BF16", "gguf", "converter", "BF16", "bf16", False, "bfloat16 conversion"),
+    QuantType("F16", "gguf", "converter", "F16", "f16", True, "float16 conversion, input of every quant"),
+    QuantType("Q8_0", "gguf", "quantizer", "Q8_0", "MOSTLY_Q8_0", True, "8-bit, near lossless"),
+    QuantType("Q6_K", "gguf", "quantizer", "Q6_K", "MOSTLY_Q6_K", True, "6-bit k-quant"),
+    QuantType("Q5_K_M", "gguf", "quantizer", "Q5_K", "MOSTLY_Q5_K_M", True, "5-bit k-quant, medium"),
+    QuantType("Q5_K_S", "gguf", "quantizer", "Q5_K", "MOSTLY_Q5_K_S", False, "5-bit k-quant, small"),
+    QuantType("Q5_0", "gguf", "quantizer", "Q5_0", "MOSTLY_Q5_0", False, "5-bit legacy"),
+    QuantType("Q4_K_M", "gguf", "quantizer", "Q4_K", "MOSTLY_Q4_K_M", True, "4-bit k-quant, medium"),
+    QuantType("Q4_K_S", "gguf", "quantizer", "Q4_K", "MOSTLY_Q4_K_S", False, "4-bit k-quant, small"),
+    QuantType("Q4_0", "gguf", "quantizer", "Q4_0", "MOSTLY_Q4_0", False, "4-bit legacy"),
+    QuantType("Q4_1", "gguf", "quantizer", "Q4_1", "MOSTLY_Q4_1", False, "4-bit legacy with offset"),
+    QuantType("IQ4_NL", "gguf", "quantizer", "IQ4_NL", "MOSTLY_IQ4_NL", True, "4-bit non-linear, 32-blocks"),
+    QuantType("IQ4_XS", "gguf", "quantizer", "IQ4_XS", "MOSTLY_IQ4_XS", False, "4.25-bit non-linear"),
+    QuantType("Q3_K_L", "gguf", "quantizer", "Q3_K", "MOSTLY_Q3_K_L", False, "3-bit k-quant, large"),
+    QuantType("Q3_K_M", "gguf", "quantizer", "Q3_K", "MOSTLY_Q3_K_M", True, "3-bit k-quant, medium"),
+    QuantType("Q3_K_S", "gguf", "quantizer", "Q3_K", "MOSTLY_Q3_K_S", False, "3-bit k-quant, small"),
+    QuantType("Q2_K", "gguf", "quantizer", "Q2_K", "MOSTLY_Q2_K", True, "2-bit k-quant, large loss"),
+)
+QUANT_TYPE_BY_NAME: dict[str, QuantType] = {q.name: q for q in QUANT_TYPES}
+DEFAULT_TYPES: tuple[str, ...] = tuple(q.name for q in QUANT_TYPES if q.default)
+
+
+def quant_type(name: str) -> QuantType:
+    """Look a type up by name (case-insensitive); an unknown name lists the known ones."""
+    found = QUANT_TYPE_BY_NAME.get(name.strip().upper())
+    if found is None:
+        raise UnknownNameError("quant type", name, list(QUANT_TYPE_BY_NAME))
+    return found
+
+
+def parse_type_list(text: str) -> tuple[QuantType, ...]:
+    """Parse `--types Q8_0,Q4_K_M` into table rows, keeping order and dropping repeats."""
+    names = [part for part in (p.strip() for p in text.split(",")) if part]
+    if not names:
+        raise UnknownNameError("quant type", text, list(QUANT_TYPE_BY_NAME))
+    seen: dict[str, QuantType] = {}
+    for name in names:
+        q = quant_type(name)
+        seen.setdefault(q.name, q)
+    return tuple(seen.values())

@@ -1,0 +1,3 @@
+from edgecds.cli import main
+
+main()

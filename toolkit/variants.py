@@ -1,0 +1,101 @@
+"""`variants.json`: the record of every variant `quantize` built, read back by later steps.
+
+One dataclass per record is the single definition of its fields; the file carries a
+`schema_version` and is validated when read, because a later run trusts it to skip work.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from edgecds.atomic import write_json
+from edgecds.errors import InvalidInputError
+
+SCHEMA_VERSION = 1
+VARIANTS_FILE = "variants.json"
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    path: str
+    kind: str  # "hf" or "gguf"
+    sha256: str
+    architecture: str
+    n_parameters: int
+    name: str
+
+
+@dataclass(frozen=True)
+class VariantRecord:
+    name: str
+    path: str  # relative to the folder holding variants.json
+    format: str
+    type: str
+    file_size: int
+    sha256: str
+    bits_per_weight: float  # measured from the file's tensors
+    nominal_bits_per_weight: float  # of the type's base block, from the quant-type table
+    n_parameters: int
+    tensor_types: dict[str, int]
+    source_sha256: str  # the model edgecds was given
+    parent_sha256: str  # the file this variant was made from (the source, or the float GGUF)
+    tools: dict[str, str]
+    options: dict[str, Any]
+    cache_key: str
+    seconds: dict[str, float]  # "build": the engine's own step; "verify": hashing, reading, load check
+    load_check: dict[str, Any]
+    created: str
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VariantsFile:
+    source: SourceRecord
+    variants: list[VariantRecord]
+    schema_version: int = SCHEMA_VERSION
+
+    def by_type(self) -> dict[str, VariantRecord]:
+        return {v.type: v for v in self.variants}
+
+    def upsert(self, record: VariantRecord) -> None:
+        self.variants = [v for v in self.variants if v.type != record.type] + [record]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": self.schema_version, "source": asdict(self.source), "variants": [asdict(v) for v in self.variants]}
+
+    def save(self, folder: Path) -> None:
+        write_json(folder / VARIANTS_FILE, self.to_dict())
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"{where}: expected an object")
+    names = {f.name for f in fields(cls)}
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    missing = sorted(required - data.keys())
+    if missing:
+        raise InvalidInputError(f"{where}: missing field(s) {', '.join(missing)}")
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def load_variants(folder: Path) -> VariantsFile | None:
+    """The folder's variants.json, or None when there is none yet."""
+    path = folder / VARIANTS_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInputError(f"{path}: not valid JSON ({exc}); delete it to rebuild the record from scratch") from None
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        raise InvalidInputError(f"{path}: schema_version {version!r} is not {SCHEMA_VERSION}; delete it or use a matching edgecds")
+    source = _build(SourceRecord, data.get("source"), f"{path}: source")
+    raw = data.get("variants")
+    if not isinstance(raw, list):
+        raise InvalidInputError(f"{path}: 'variants' must be a list")
+    variants = [_build(VariantRecord, item, f"{path}: variants[{i}]") for i, item in enumerate(raw)]
+    return VariantsFile(source, variants)
