@@ -88,7 +88,10 @@ def converter_architectures() -> frozenset[str]:
     The table is a literal in the converter's `conversion` package; reading it with `ast` avoids
     importing the converter (and torch) just to ask.
     """
-    spec = importlib.util.find_spec("conversion")
+    try:
+        spec = importlib.util.find_spec("conversion")
+    except ImportError:
+        spec = None
     if spec is None or spec.origin is None:
         raise InvalidInputError("llama.cpp's converter is not installed; install edgecds with the build extra: pip install 'edgecds[build]'")
     tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))

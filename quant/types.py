@@ -38,7 +38,7 @@ GGML_TYPES: dict[int, GgmlType] = {
         GgmlType(6, "Q5_0", 32, 22),
         GgmlType(7, "Q5_1", 32, 24),
         GgmlType(8, "Q8_0", 32, 34),
-        GgmlType(9, "Q8_1", 32, 36),
+        GgmlType(9, "Q8_1", 32, 40),
         GgmlType(10, "Q2_K", 256, 84),
         GgmlType(11, "Q3_K", 256, 110),
         GgmlType(12, "Q4_K", 256, 144),
@@ -63,6 +63,9 @@ GGML_TYPES: dict[int, GgmlType] = {
         GgmlType(34, "TQ1_0", 256, 54),
         GgmlType(35, "TQ2_0", 256, 66),
         GgmlType(39, "MXFP4", 32, 17),
+        GgmlType(40, "NVFP4", 64, 36),
+        GgmlType(41, "Q1_0", 128, 18),
+        GgmlType(42, "Q2_0", 64, 18),
     )
 }
 GGML_TYPE_BY_NAME: dict[str, GgmlType] = {t.name: t for t in GGML_TYPES.values()}

