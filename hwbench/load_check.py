@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edgecds.child import die_with_parent
 from edgecds.errors import EngineError
 
 CHECK_PROMPT = "A 58-year-old man has crushing chest pain radiating to the left arm. The most likely diagnosis is"
@@ -56,7 +57,7 @@ def check_in_subprocess(model_path: Path, n_tokens: int = DEFAULT_TOKENS, prompt
     """Run `generate_greedy` in a child process; a crash or hang becomes an EngineError."""
     cmd = [sys.executable, "-m", "edgecds.hwbench.load_check", str(model_path), "--tokens", str(n_tokens), "--prompt", prompt]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_SECONDS, check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_SECONDS, check=False, preexec_fn=die_with_parent())
     except subprocess.TimeoutExpired:
         raise EngineError(f"{model_path.name}: llama.cpp did not load and generate within {TIMEOUT_SECONDS} s") from None
     if proc.returncode != 0:

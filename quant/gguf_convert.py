@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from edgecds.atomic import write_limit_reached
+from edgecds.child import die_with_parent
 from edgecds.errors import EngineError
 from edgecds.progress import Reporter, watch_file_growth
 from edgecds.quant.gguf_quantize import EngineRun
@@ -43,7 +45,9 @@ def convert(model_dir: Path, outfile: Path, qtype: QuantType, expected_bytes: in
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     with tempfile.TemporaryFile(mode="w+", prefix="edgecds-convert-") as log:
         start = time.perf_counter()
-        proc = subprocess.Popen(converter_command(model_dir, outfile, qtype), stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            converter_command(model_dir, outfile, qtype), stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent()
+        )
         try:
             watch_file_growth(proc.poll, outfile, expected_bytes, reporter)
             returncode = proc.wait()
@@ -60,14 +64,9 @@ def convert(model_dir: Path, outfile: Path, qtype: QuantType, expected_bytes: in
 
 
 def _explain_failure(returncode: int, outfile: Path, tail: str, model_dir: Path) -> str:
+    limit = write_limit_reached(outfile)
+    if limit or returncode == -signal.SIGXFSZ:
+        return f"{limit or 'the file-size limit was reached'} while converting {model_dir.name}; nothing was published; free space or raise the limit and re-run"
     if returncode < 0:
-        import signal
-
-        name = signal.Signals(-returncode).name
-        if name == "SIGXFSZ" or "No space left" in tail:
-            return f"the converter was stopped writing {outfile.name}: the file size limit or the disk is full; free space and re-run"
-        return f"the converter was killed by {name} while converting {model_dir}; nothing was published; re-run to retry"
-    if "No space left" in tail:
-        free = shutil.disk_usage(outfile.parent).free
-        return f"the disk at {outfile.parent} filled up during conversion ({free / 2**20:.0f} MiB free now); free space and re-run"
+        return f"the converter was killed by {signal.Signals(-returncode).name} while converting {model_dir}; nothing was published; re-run to retry"
     return f"llama.cpp's converter failed on {model_dir} (exit {returncode}):\n{tail}"

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgecds.atomic import write_limit_reached
 from edgecds.errors import EngineError
 from edgecds.progress import Reporter, watch_file_growth
 from edgecds.quant.types import QuantType
@@ -122,10 +123,12 @@ def quantize(source: Path, outfile: Path, qtype: QuantType, options: QuantizerOp
     if "error" in outcome:
         raise EngineError(f"llama.cpp's quantizer failed on {source.name} -> {qtype.name}: {outcome['error']}")
     if outcome.get("rc") != 0:
+        limit = write_limit_reached(outfile)
+        if limit:
+            raise EngineError(f"{limit} while writing {qtype.name}; nothing was published for it; free space or raise the limit and re-run (finished variants are kept)")
         raise EngineError(
-            f"llama.cpp's quantizer returned {outcome.get('rc')} for {source.name} -> {qtype.name}; "
-            "if the source is already quantized, quantize from its F16/BF16 original instead"
-            + "".join(f"\n  {line.strip()}" for line in log[-5:])
+            f"llama.cpp's quantizer failed on {source.name} -> {qtype.name} (returned {outcome.get('rc')}):"
+            + "".join(f"\n  {line.strip()}" for line in log[-5:] if line.strip())
         )
     notes = []
     for line in log:

@@ -97,3 +97,20 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
                 leftover.unlink(missing_ok=True)
             removed.append(leftover)
     return removed
+
+
+def write_limit_reached(path: Path) -> str | None:
+    """Why writing `path` may have failed: a full disk or the file-size limit (`ulimit -f`), or None."""
+    import resource
+
+    try:
+        written = path.stat().st_size
+    except FileNotFoundError:
+        written = 0
+    soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY and written >= soft - (1 << 20):
+        return f"the file-size limit (ulimit -f, {soft / 2**20:.0f} MiB) was reached"
+    free = shutil.disk_usage(path.parent).free
+    if free < (64 << 20):
+        return f"the disk holding {path.parent} is full ({free / 2**20:.0f} MiB free)"
+    return None
