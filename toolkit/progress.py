@@ -7,7 +7,6 @@ rich progress bars on stderr, or none with `--quiet` or when stderr is not a ter
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,19 +21,19 @@ class Reporter(Protocol):
     def note(self, message: str) -> None: ...
 
 
-def watch_file_growth(poll: Callable[[], Any], path: Path, expected_bytes: int, reporter: Reporter | None) -> None:
-    """Wait until `poll()` returns non-None, reporting the size of the file being written.
+def watch_file_growth(wait: Callable[[float], bool], path: Path, expected_bytes: int, reporter: Reporter | None) -> None:
+    """Wait until `wait(timeout)` returns True, reporting the size of the file being written.
 
     The engines write their output progressively, so its size is an honest measure of progress
-    that needs no hook into their code.
+    that needs no hook into their code. `wait` blocks until the work ends or the timeout passes,
+    so the end is seen at once, not at the next poll.
     """
-    while poll() is None:
+    while not wait(POLL_SECONDS):
         if reporter is not None:
             try:
                 reporter.advance_to(min(os.stat(path).st_size, expected_bytes))
             except FileNotFoundError:
                 pass
-        time.sleep(POLL_SECONDS)
     if reporter is not None:
         reporter.advance_to(expected_bytes)
 
