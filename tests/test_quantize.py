@@ -166,3 +166,32 @@ def test_a_full_disk_mid_write_publishes_nothing_and_the_next_run_recovers(
     expected = {"F16", "Q8_0"} if use_hf_source else {"Q8_0"}
     assert recorded_files_are_intact(out).keys() == expected
     assert not list(out.glob(f"*{TEMP_MARK}"))
+
+
+def test_a_changed_source_is_rebuilt_and_another_source_is_refused(f16_gguf: Path, source_gguf: Path, tmp_path: Path) -> None:
+    source = tmp_path / "model-F16.gguf"
+    shutil.copyfile(f16_gguf, source)
+    out = tmp_path / "out"
+    args = ["quantize", str(source), "--types", "Q4_0", "-o", str(out), "--json", "--quiet"]
+    first = json.loads(CliRunner().invoke(cli, args, catch_exceptions=False).stdout)["variants"][0]
+    with open(source, "r+b") as fh:  # change one weight in the last tensor: a new source, same path
+        fh.seek(-4, os.SEEK_END)
+        fh.write(b"\x00\x3c\x00\x3c")
+    second = json.loads(CliRunner().invoke(cli, args, catch_exceptions=False).stdout)["variants"][0]
+    assert second["reused"] is False and second["source_sha256"] != first["source_sha256"]
+    assert recorded_files_are_intact(out).keys() == {"Q4_0"}
+    other = CliRunner().invoke(cli, ["quantize", str(f16_gguf), "--types", "Q4_0", "-o", str(out), "--quiet"])
+    assert other.exit_code == 2 and "holds variants of another source" in other.output
+    assert recorded_files_are_intact(out)["Q4_0"] == second["sha256"]
+
+
+def test_two_runs_cannot_write_one_folder_at_once(f16_gguf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    import fcntl
+
+    with open(out / ".edgecds.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = CliRunner().invoke(cli, ["quantize", str(f16_gguf), "--types", "Q4_0", "-o", str(out), "--quiet"])
+    assert result.exit_code == 1 and "another edgecds run is writing" in result.output
+    assert not list(out.glob("*.gguf"))

@@ -114,3 +114,18 @@ def write_limit_reached(path: Path) -> str | None:
     if free < (64 << 20):
         return f"the disk holding {path.parent} is full ({free / 2**20:.0f} MiB free)"
     return None
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` so two runs never write (or clean) it at once."""
+    import fcntl
+
+    from edgecds.errors import EdgecdsError
+
+    with open(folder / ".edgecds.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EdgecdsError(f"another edgecds run is writing to {folder}; wait for it to finish or choose another folder") from None
+        yield

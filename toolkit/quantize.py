@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from edgecds import __version__
-from edgecds.atomic import atomic_path, remove_stale_temporaries
+from edgecds.atomic import atomic_path, folder_lock, remove_stale_temporaries
 from edgecds.digest import sha256_file, sha256_folder, sha256_text
 from edgecds.errors import InvalidInputError, NotEnoughDiskError, UsageError
 from edgecds.progress import Reporter
@@ -96,8 +96,7 @@ def _resolve_source(config: QuantizeConfig, reporter: Reporter | None) -> _Sourc
         path, name = config.source, config.source.name
     if path.is_file() or path.suffix == ".gguf":
         info = read_gguf(path)
-        stem = path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.name
-        return _Source(path, "gguf", stem, info.architecture or "unknown", info.n_parameters, info)
+        return _Source(path, "gguf", path.name.removesuffix(".gguf"), info.architecture or "unknown", info.n_parameters, info)
     folder = inspect_hf_folder(path)
     return _Source(path, "hf", name, folder.architecture, folder.n_parameters, None)
 
@@ -166,14 +165,22 @@ def default_output_dir(source_name: str) -> Path:
 
 
 def run_quantize(config: QuantizeConfig, reporter: Reporter | None = None) -> QuantizeResult:
-    from edgecds.quant import gguf_convert, gguf_quantize
-
     src = _resolve_source(config, reporter)
     base, quants, warnings = _plan(src, config.types, config.quantizer)
     out = config.output or default_output_dir(src.name)
     if out.exists() and not out.is_dir():
         raise InvalidInputError(f"--output {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out):
+        return _run_locked(config, src, base, quants, warnings, out, reporter)
+
+
+def _run_locked(
+    config: QuantizeConfig, src: _Source, base: QuantType | None, quants: list[QuantType], warnings: list[str],
+    out: Path, reporter: Reporter | None,
+) -> QuantizeResult:
+    from edgecds.quant import gguf_convert, gguf_quantize
+
     if not (out / VARIANTS_FILE).exists():  # nothing to reuse: check the disk before reading the whole source
         _check_disk(out, sum(_estimate_bytes(src.n_parameters, q) for q in ([base] if base else []) + quants))
     source = src.record()
@@ -182,10 +189,15 @@ def run_quantize(config: QuantizeConfig, reporter: Reporter | None = None) -> Qu
         reporter.note(f"removed {len(removed)} temporary file(s) left by an interrupted run")
 
     existing = load_variants(out)
-    if existing is not None and existing.source.sha256 != source.sha256:
+    if existing is not None and existing.source.sha256 != source.sha256 and existing.source.path == source.path:
         if reporter:
-            reporter.note(f"{out} held variants of another source; they will be rebuilt from {src.path}")
-        existing = None
+            reporter.note(f"{src.path} changed since its variants were built; rebuilding them")
+        existing = VariantsFile(source, [v for v in existing.variants if v.source_sha256 == source.sha256])
+    elif existing is not None and existing.source.sha256 != source.sha256:
+        raise UsageError(
+            f"{out} holds variants of another source ({existing.source.path}, sha256 {existing.source.sha256[:12]}...); "
+            "choose another --output, or delete that folder to replace them"
+        )
     state = VariantsFile(source, list(existing.variants) if existing else [])
     recorded = state.by_type()
 
