@@ -76,3 +76,16 @@ def test_quantize_without_a_pulled_model_says_to_pull(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["quantize", "-o", str(tmp_path / "out"), "--quiet"])
     assert result.exit_code == 1
     assert "edgecds models pull default" in result.output
+
+
+def test_pull_uses_an_installed_copy_of_the_package(model_wheel: Path, tmp_path: Path, isolated_state: Path) -> None:
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    with zipfile.ZipFile(model_wheel) as z:
+        z.extract(find_model("default").member, site)
+    env = {**__import__("os").environ, "PYTHONPATH": str(site)}
+    proc = subprocess.run([sys.executable, "-m", "edgecds", "models", "pull", "default", "--json"], capture_output=True, text=True, env=env, check=True)
+    assert json.loads(proc.stdout)["origin"] == "installed package"
+    assert cached_gguf(find_model("default")).stat().st_size == find_model("default").size

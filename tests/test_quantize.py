@@ -223,3 +223,10 @@ def test_progress_bars_only_on_a_terminal(f16_gguf: Path, tmp_path: Path) -> Non
     quiet = subprocess.run([*args[:-1], str(tmp_path / "quiet"), "--quiet", "--json"], capture_output=True, text=True, check=True)
     assert quiet.stderr == ""
     assert json.loads(quiet.stdout)["variants"][0]["type"] == "Q4_0"
+
+
+def test_bf16_on_request(hf_folder: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["quantize", str(hf_folder), "--types", "BF16,Q8_0", "-o", str(tmp_path), "--json", "--quiet"], catch_exceptions=False)
+    variants = {v["type"]: v for v in json.loads(result.stdout)["variants"]}
+    assert variants["BF16"]["tensor_types"] == {"BF16": 211, "F32": 61}
+    assert variants["Q8_0"]["parent_sha256"] == variants["BF16"]["sha256"]

@@ -9,6 +9,7 @@ from then on everything works offline.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import shutil
 import subprocess
@@ -142,6 +143,13 @@ def _copy_verified(model: RegistryModel, source: Path) -> None:
     with atomic_path(cached_gguf(model)) as temp:
         shutil.copyfile(source, temp)
         _check_digest(model, temp, str(source))
+    try:
+        licence = importlib.metadata.distribution(model.package).read_text("LICENSE")
+    except importlib.metadata.PackageNotFoundError:
+        licence = None
+    if licence:
+        with atomic_path(model_folder(model) / "LICENSE") as temp:
+            temp.write_text(licence)
 
 
 def _check_digest(model: RegistryModel, path: Path, origin: str) -> None:
