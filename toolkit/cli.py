@@ -35,13 +35,24 @@ def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return text in ("", "reused")
+    return True
+
+
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    def numeric(i: int) -> bool:
+        return all(_is_number(row[i]) for row in rows)
+
     table = Table(title=title, title_justify="left")
     for i, col in enumerate(columns):
-        table.add_column(col, justify="left" if i == 0 else "right")
+        table.add_column(col, justify="right" if rows and numeric(i) else "left")
     for row in rows:
         table.add_row(*row)
     Console(width=max(100, Console().width)).print(table)
