@@ -41,7 +41,8 @@ def generate_greedy(model_path: Path, prompt: str, n_tokens: int, n_ctx: int = 5
     start = time.perf_counter()
     llm = Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=threads, verbose=False, seed=0)
     loaded = time.perf_counter()
-    prompt_tokens = llm.tokenize(prompt.encode(), add_bos=llm._model.add_bos_token(), special=False)
+    # add_bos=True lets llama.cpp add BOS only where the vocabulary asks for it
+    prompt_tokens = llm.tokenize(prompt.encode(), add_bos=True, special=False)
     out: list[int] = []
     for token in llm.generate(prompt_tokens, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
         if token == llm.token_eos() or len(out) >= n_tokens:

