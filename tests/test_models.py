@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from edgecds.cli import cli
 from edgecds.models import MODELS, cached_gguf, find_model
 

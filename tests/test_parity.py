@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from edgecds.quant.gguf_file import read_gguf
 
 pytestmark = pytest.mark.slow
@@ -102,8 +103,9 @@ def test_tokenization_is_identical_across_hf_converted_and_original(hf_tokenizer
 
 def test_greedy_continuations_agree_between_transformers_and_llama_cpp(hf_folder: Path, f16_gguf: Path) -> None:
     import torch
-    from edgecds.hwbench.load_check import generate_greedy
     from transformers import AutoModelForCausalLM
+
+    from edgecds.hwbench.load_check import generate_greedy
 
     model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
     model.eval()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from edgecds.atomic import TEMP_MARK
 from edgecds.cli import cli
 from edgecds.digest import sha256_file

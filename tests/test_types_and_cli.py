@@ -6,6 +6,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
+
 from edgecds import __version__
 from edgecds.cli import cli
 from edgecds.errors import UnknownNameError
@@ -22,6 +23,7 @@ def test_ggml_type_table_matches_llama_cpp_gguf_py() -> None:
 
 def test_every_quantizer_type_is_a_llama_cpp_file_type() -> None:
     import llama_cpp
+
     from edgecds.quant.gguf_quantize import ftype_of
 
     for q in QUANT_TYPES:

