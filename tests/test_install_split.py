@@ -39,7 +39,7 @@ def run_device_side(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize(
     "args",
-    [["--version"], ["types"], ["models", "list", "--json"], ["devices", "list", "--json"], ["devices", "show", "rtx-3060-12gb"], ["--help"], ["quantize", "--help"]],
+    [["--version"], ["types"], ["models", "list", "--json"], ["devices", "list", "--json"], ["devices", "show", "rtx-3060-12gb"], ["devices", "detect"], ["--help"], ["quantize", "--help"]],
     ids=lambda a: " ".join(a),
 )
 def test_device_side_commands_run_without_the_build_side(args: list[str]) -> None:

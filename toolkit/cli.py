@@ -235,6 +235,40 @@ def devices_list(profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
     _table("Device profiles", ["id", "class", "memory", "GiB", "budget GiB", "GB/s", "backends", "formats"], rows)
 
 
+@devices.command("detect")
+@click.option("--root", type=click.Path(path_type=Path, file_okay=False, exists=True), default=Path("/"), show_default=True,
+              help="Read /proc, /sys and /etc below this folder (a captured tree of another machine).")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_obj
+def devices_detect(profiles_dirs: tuple[Path, ...], root: Path, as_json: bool) -> None:
+    """Detect this machine and name the nearest device profile, with how they differ.
+
+    \b
+    Examples:
+      edgecds devices detect
+      edgecds devices detect --root ./captured-jetson --json
+    """
+    from edgecds.devices import load_profiles
+    from edgecds.host import detect_host, nearest_profile
+
+    match = nearest_profile(detect_host(root), load_profiles(profiles_dirs))
+    if as_json:
+        _print_json({"host": match.host.to_dict(), "profile": match.profile.id, "reason": match.reason, "differences": list(match.differences)})
+        return
+    host = match.host
+    click.echo(f"CPU:      {host.cpu_model}, {host.cpu_cores} cores, {host.ram_gib:g} GiB RAM ({host.machine})")
+    if host.jetson_model:
+        click.echo(f"Jetson:   {host.jetson_model}" + (f", {host.l4t_release}" if host.l4t_release else ""))
+    for gpu in host.gpus:
+        memory = f", {gpu.memory_gib:g} GiB" if gpu.memory_gib else ""
+        click.echo(f"GPU:      {gpu.name}{memory}" + (f", driver {gpu.driver}" if gpu.driver else ""))
+    click.echo(f"Nearest:  {match.profile.id} ({match.reason})")
+    for difference in match.differences:
+        click.echo(f"  differs: {difference}")
+    for note in host.notes:
+        click.echo(f"  note: {note}")
+
+
 @devices.command("show")
 @click.argument("device_id")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")

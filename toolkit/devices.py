@@ -234,8 +234,15 @@ def load_profiles(extra_dirs: Iterable[Path] = ()) -> dict[str, DeviceProfile]:
     return profiles
 
 
+HOST_ID = "host"  # the machine edgecds runs on, filled in by detection
+
+
 def find_profile(device_id: str, extra_dirs: Iterable[Path] = ()) -> DeviceProfile:
     profiles = load_profiles(extra_dirs)
+    if device_id == HOST_ID and HOST_ID not in profiles:
+        from edgecds.host import detect_host, host_profile, nearest_profile
+
+        return host_profile(nearest_profile(detect_host(), profiles))
     if device_id not in profiles:
-        raise UnknownNameError("device", device_id, sorted(profiles))
+        raise UnknownNameError("device", device_id, [*sorted(profiles), HOST_ID])
     return profiles[device_id]

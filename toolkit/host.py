@@ -1,0 +1,225 @@
+"""Detecting the machine edgecds runs on, and the shipped profile nearest to it.
+
+Everything is read below a root path (normally `/`), so tests run on captured `/proc`, `/sys` and
+`/etc` trees of other machines: a Jetson from its device-tree model and `/etc/nv_tegra_release`,
+NVIDIA GPUs from `/proc/driver/nvidia` (and NVML for their memory, on the live machine), CPU model,
+cores and RAM from `/proc/cpuinfo` and `/proc/meminfo` (psutil where there is no `/proc`).
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from edgecds.devices import DeviceProfile
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str
+    memory_gib: float | None  # from NVML on the live machine; None when only /proc was read
+    driver: str | None
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    cpu_model: str
+    cpu_cores: int
+    ram_gib: float
+    machine: str
+    jetson_model: str | None = None
+    l4t_release: str | None = None
+    gpus: tuple[GpuInfo, ...] = ()
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _read(root: Path, relative: str) -> str | None:
+    try:
+        return (root / relative).read_bytes()[: 1 << 20].decode("utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def _cpu(root: Path) -> tuple[str, int]:
+    text = _read(root, "proc/cpuinfo")
+    if text is None:
+        import psutil
+
+        return platform.processor() or platform.machine(), psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+    model, processors, cores, physical = "", 0, set(), "0"
+    for line in text.splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key in ("model name", "Hardware") and not model:
+            model = value
+        elif key == "processor":
+            processors += 1
+        elif key == "physical id":
+            physical = value
+        elif key == "core id":
+            cores.add((physical, value))  # physical cores, not hyper-threads
+    if not model:
+        dt_model = (_read(root, "proc/device-tree/model") or "").strip("\0\n ")
+        model = f"Arm ({dt_model})" if dt_model else "Arm"
+    return model, len(cores) or max(processors, 1)
+
+
+def _ram_gib(root: Path) -> float:
+    text = _read(root, "proc/meminfo")
+    if text is None:
+        import psutil
+
+        return round(psutil.virtual_memory().total / GIB, 2)
+    for line in text.splitlines():
+        if line.startswith("MemTotal:"):
+            return round(int(line.split()[1]) * 1024 / GIB, 2)
+    return 0.0
+
+
+def _nvml_gpus() -> list[GpuInfo]:
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:  # no NVML library or no driver: a machine without an NVIDIA GPU
+        return []
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(handle)
+            total = pynvml.nvmlDeviceGetMemoryInfo(handle).total
+            gpus.append(GpuInfo(str(name), round(total / GIB, 2), str(driver)))
+        return gpus
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _proc_gpus(root: Path) -> list[GpuInfo]:
+    version = _read(root, "proc/driver/nvidia/version") or ""
+    driver = next((part for part in version.split() if part.count(".") >= 1 and part[0].isdigit()), None)
+    gpus = []
+    for info in sorted((root / "proc/driver/nvidia/gpus").glob("*/information")):
+        text = _read(root, str(info.relative_to(root))) or ""
+        for line in text.splitlines():
+            if line.startswith("Model:"):
+                gpus.append(GpuInfo(line.split(":", 1)[1].strip(), None, driver))
+    return gpus
+
+
+def detect_host(root: Path = Path("/")) -> HostInfo:
+    cpu_model, cores = _cpu(root)
+    notes = []
+    jetson_model = None
+    dt_model = (_read(root, "proc/device-tree/model") or "").strip("\0\n ")
+    tegra = _read(root, "etc/nv_tegra_release")
+    if "Jetson" in dt_model or tegra is not None:
+        jetson_model = dt_model or "NVIDIA Jetson (model unknown)"
+    l4t = tegra.splitlines()[0].lstrip("# ").strip() if tegra else None
+    gpus = _proc_gpus(root)
+    if root == Path("/") and jetson_model is None:
+        live = _nvml_gpus()
+        if live:
+            gpus = live
+        elif gpus:
+            notes.append("NVML is not available: GPU memory was not read")
+    machine = platform.machine() if root == Path("/") else ("aarch64" if jetson_model or "Arm" in cpu_model else "x86_64")
+    return HostInfo(cpu_model, cores, _ram_gib(root), machine, jetson_model, l4t, tuple(gpus), tuple(notes))
+
+
+@dataclass(frozen=True)
+class HostMatch:
+    host: HostInfo
+    profile: DeviceProfile
+    reason: str
+    differences: tuple[str, ...]
+
+
+def _jetson_profile_id(model: str, ram_gib: float) -> str | None:
+    lowered = model.lower()
+    if "agx orin" in lowered:
+        return "jetson-agx-orin-64gb"
+    if "orin nx" in lowered:
+        return "jetson-orin-nx-16gb"
+    if "orin nano" in lowered:
+        return "jetson-orin-nano-8gb"
+    return None
+
+
+def _gpu_key(name: str) -> str:
+    """'NVIDIA GeForce RTX 4060 Laptop GPU' and the profile's name both give 'rtx 4060 laptop'."""
+    words = name.lower().replace("geforce", " ").replace("nvidia", " ").split()
+    key: list[str] = []
+    for word in words:
+        if word in ("gpu", "in", "a", "desktop", "pc", "workstation") or word.endswith("gb") or word.isdigit() and len(key) >= 2:
+            break
+        key.append(word)
+    return " ".join(key)
+
+
+def nearest_profile(host: HostInfo, profiles: dict[str, DeviceProfile]) -> HostMatch:
+    """The shipped profile closest to `host`, why, and where the two differ."""
+    chosen: DeviceProfile | None = None
+    reason = ""
+    if host.jetson_model:
+        pid = _jetson_profile_id(host.jetson_model, host.ram_gib)
+        if pid in profiles:
+            chosen, reason = profiles[pid], f"Jetson device-tree model {host.jetson_model!r}"
+    gpu_profiles = [p for p in profiles.values() if p.device_class == "gpu"]
+    if chosen is None and host.gpus and gpu_profiles:
+        gpu = host.gpus[0]
+        named = [p for p in gpu_profiles if _gpu_key(gpu.name) == _gpu_key(p.name)]
+        if named:
+            chosen, reason = named[0], f"NVIDIA GPU {gpu.name!r}"
+        else:
+            memory = gpu.memory_gib or 0.0
+            chosen = min(gpu_profiles, key=lambda p: abs(p.total_gib - memory))
+            reason = f"NVIDIA GPU {gpu.name!r} has no profile; the GPU profile closest in memory"
+    if chosen is None:
+        apple = "apple" in host.cpu_model.lower()
+        candidates = [p for p in profiles.values() if p.device_class == "cpu" and (p.backends[0] == "metal") == apple]
+        if candidates:
+            chosen = min(candidates, key=lambda p: abs(p.total_gib - host.ram_gib))
+            reason = f"CPU-only {'Apple' if apple else 'x86/Arm'} machine with {host.ram_gib:g} GiB RAM"
+    if chosen is None:
+        chosen = next(iter(profiles.values()))
+        reason = "nothing matched; first profile"
+
+    differences = []
+    memory = host.gpus[0].memory_gib if chosen.memory_kind == "discrete" and host.gpus and host.gpus[0].memory_gib else host.ram_gib
+    if abs(memory - chosen.total_gib) > 0.05 * chosen.total_gib:
+        differences.append(f"memory: {memory:g} GiB here, {chosen.total_gib:g} GiB in the profile")
+    if host.cpu_cores != chosen.cpu_cores:
+        differences.append(f"CPU cores: {host.cpu_cores} here, {chosen.cpu_cores} in the profile")
+    if chosen.device_class == "gpu" and not host.gpus:
+        differences.append("no NVIDIA GPU found here")
+    return HostMatch(host, chosen, reason, tuple(differences))
+
+
+def host_profile(match: HostMatch) -> DeviceProfile:
+    """The `host` profile: the nearest shipped profile with this machine's detected memory and cores."""
+    host, base = match.host, match.profile
+    discrete = base.memory_kind == "discrete" and host.gpus and host.gpus[0].memory_gib
+    total = host.gpus[0].memory_gib if discrete else host.ram_gib
+    detected = "detected on this machine by edgecds devices detect"
+    return replace(
+        base,
+        id="host",
+        name=f"this machine: {host.gpus[0].name if host.gpus else host.jetson_model or host.cpu_model} (like {base.id})",
+        total_gib=float(total or base.total_gib),
+        reserve_gib=min(base.reserve_gib, float(total or base.total_gib) * 0.5),
+        host_ram_gib=host.ram_gib if base.memory_kind == "discrete" else None,
+        cpu_cores=host.cpu_cores,
+        sources={**base.sources, "memory.total_gib": detected, "compute.cpu_cores": detected,
+                 **({"memory.host_ram_gib": detected} if base.memory_kind == "discrete" else {})},
+        path="detected",
+    )
