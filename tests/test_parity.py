@@ -89,6 +89,7 @@ def test_converter_recognised_the_bpe_pre_tokenizer(f16_gguf: Path) -> None:
     assert meta["tokenizer.ggml.eos_token_id"] == 2
     assert meta.get("tokenizer.ggml.add_bos_token", False) is False
     assert "<|im_start|>" in meta["tokenizer.chat_template"]
+    assert meta["general.name"] == "SmolLM2-135M-Instruct"
 
 
 def test_tokenization_is_identical_across_hf_converted_and_original(hf_tokenizer, f16_gguf: Path, source_gguf: Path) -> None:  # type: ignore[no-untyped-def]

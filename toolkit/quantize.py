@@ -242,7 +242,7 @@ def _run_locked(
         try:
             with atomic_path(final) as temp:
                 if q.is_float:
-                    run = gguf_convert.convert(parent, temp, q, expected, reporter)
+                    run = gguf_convert.convert(parent, temp, q, expected, reporter, model_name=source.name)
                 else:
                     run = gguf_quantize.quantize(parent, temp, q, config.quantizer, expected, reporter)
                 if reporter:
