@@ -141,7 +141,8 @@ def quantize(source: Path, outfile: Path, qtype: QuantType, options: QuantizerOp
         found = _FALLBACK.search(line)
         if found:
             notes.append(
-                f"{found.group(1)} of {found.group(2)} tensors fell back to other types: their row width is not a "
-                f"multiple of {qtype.base}'s block, so the file is larger than {qtype.nominal_bits_per_weight:.2f} bits per weight"
+                f"{found.group(1)} of {found.group(2)} tensors fell back to other types: their row width is not a multiple "
+                f"of the block of the type llama.cpp chose for them, so the file is larger than {qtype.name}'s nominal "
+                f"{qtype.nominal_bits_per_weight:.2f} bits per weight"
             )
     return EngineRun(elapsed, notes)
