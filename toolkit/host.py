@@ -40,7 +40,7 @@ class HostInfo:
         return asdict(self)
 
 
-def _read(root: Path, relative: str) -> str | None:
+def _read(root: Path, relative: str | Path) -> str | None:
     try:
         return (root / relative).read_bytes()[: 1 << 20].decode("utf-8", errors="replace")
     except OSError:
@@ -109,7 +109,7 @@ def _proc_gpus(root: Path) -> list[GpuInfo]:
     driver = next((part for part in version.split() if part.count(".") >= 1 and part[0].isdigit()), None)
     gpus = []
     for info in sorted((root / "proc/driver/nvidia/gpus").glob("*/information")):
-        text = _read(root, str(info.relative_to(root))) or ""
+        text = _read(root, info) or ""  # an absolute path joins as itself
         for line in text.splitlines():
             if line.startswith("Model:"):
                 gpus.append(GpuInfo(line.split(":", 1)[1].strip(), None, driver))
@@ -144,7 +144,7 @@ class HostMatch:
     differences: tuple[str, ...]
 
 
-def _jetson_profile_id(model: str, ram_gib: float) -> str | None:
+def _jetson_profile_id(model: str) -> str | None:
     lowered = model.lower()
     if "agx orin" in lowered:
         return "jetson-agx-orin-64gb"
@@ -171,7 +171,7 @@ def nearest_profile(host: HostInfo, profiles: dict[str, DeviceProfile]) -> HostM
     chosen: DeviceProfile | None = None
     reason = ""
     if host.jetson_model:
-        pid = _jetson_profile_id(host.jetson_model, host.ram_gib)
+        pid = _jetson_profile_id(host.jetson_model)
         if pid in profiles:
             chosen, reason = profiles[pid], f"Jetson device-tree model {host.jetson_model!r}"
     gpu_profiles = [p for p in profiles.values() if p.device_class == "gpu"]

@@ -192,7 +192,7 @@ def _run_locked(
     if existing is not None and existing.source.sha256 != source.sha256 and existing.source.path == source.path:
         if reporter:
             reporter.note(f"{src.path} changed since its variants were built; rebuilding them")
-        existing = VariantsFile(source, [v for v in existing.variants if v.source_sha256 == source.sha256])
+        existing = None  # every record derives from the old content
     elif existing is not None and existing.source.sha256 != source.sha256:
         raise UsageError(
             f"{out} holds variants of another source ({existing.source.path}, sha256 {existing.source.sha256[:12]}...); "
