@@ -1,19 +1,58 @@
-"""Predicting memory from files, before anything is loaded (the start of the predictor).
+"""Predicting memory and speed from files, before anything is loaded.
 
-Now: the model's attention shape from GGUF metadata, and the KV cache that shape needs for a
-context length and cache type, computed as llama.cpp lays it out (one K and one V row of
-n_head_kv x head_dim elements per layer and cell, sized by ggml's row size for the cache type).
+The model's shape and tensors come from GGUF metadata (the bounded reader); the device from its
+profile; the workload from the same `RunSettings` that `measure` runs. Every term is computed as
+llama.cpp (the version llama-cpp-python pins) lays its memory out:
+
+- weights: the GGUF is memory-mapped and every tensor is read while decoding, so the whole file
+  ends up resident; on a CPU backend llama.cpp additionally copies the tensors it repacks for
+  faster kernels (`REPACK_RULES`) into anonymous memory, and the mapped originals stay resident;
+- KV cache: one K and one V row per layer and cell, the context padded to 256 cells, and cleared
+  at start-up, so all of it is resident;
+- compute buffers: on a GPU the whole reservation (worst case: a full micro-batch with every
+  output), on a CPU only the pages the run touches: the attention scores of the largest
+  micro-batch against the cells in use, the activations, and the CPU backend's work buffer (the
+  softmax converted to the V cache's dot type);
+- runtime: the process before loading (interpreter and engine libraries), the vocabulary, and a
+  fixed per-context part; measured by `python -m edgecds.hwbench.calibrate` and stored in
+  calibration.json with where and how they were measured.
+
+Speed is a roofline: decode reads every weight byte and the KV cells in use once per token, so
+tokens/s = efficiency x bandwidth / bytes; prompt processing is compute-bound, so tokens/s =
+efficiency x FLOPS / FLOPs per token. The efficiencies are calibrated measurements too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
 
+from edgecds.devices import DeviceProfile
 from edgecds.errors import InvalidInputError, UnknownNameError
-from edgecds.quant.gguf_file import GgufInfo
+from edgecds.hwbench.measure import RunSettings
+from edgecds.quant.gguf_file import GgufInfo, TensorInfo
 from edgecds.quant.types import GGML_TYPE_BY_NAME, GgmlType
 
+MIB = 1024**2
+GIB = 1024**3
 KV_CACHE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "IQ4_NL")  # llama.cpp --cache-type-k/v
+KV_PAD = 256  # llama.cpp pads the context, and the cells a graph attends to, to 256
+# ggml's vec_dot type of each KV type: the softmax is converted to it before multiplying by V.
+_DOT_TYPE = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
+
+# Tensor types llama.cpp's CPU backend repacks into interleaved layouts, per instruction set, and
+# the row multiple each needs (ggml-cpu/repack.cpp, ggml_repack_get_optimal_repack_type).
+REPACK_RULES: dict[str, dict[str, int]] = {
+    "x86-avx2": {"Q4_0": 8, "Q4_K": 8, "IQ4_NL": 8, "MXFP4": 8},
+    "x86-avx512": {"Q4_0": 8, "Q4_K": 8, "Q2_K": 8, "IQ4_NL": 8, "MXFP4": 8},
+    "arm-dotprod": {"Q4_0": 4, "Q4_K": 8, "Q5_K": 8, "Q6_K": 8, "IQ4_NL": 4, "MXFP4": 4, "Q8_0": 4},
+    "arm-i8mm": {"Q4_0": 4, "Q4_K": 8, "Q5_K": 8, "Q6_K": 8, "IQ4_NL": 4, "MXFP4": 4, "Q8_0": 4},
+}
+CPU_ISAS = tuple(REPACK_RULES)
 
 
 @dataclass(frozen=True)
@@ -26,6 +65,8 @@ class ModelShape:
     head_dim_k: int
     head_dim_v: int
     context_train: int
+    n_ff: int = 0
+    n_vocab: int = 0
 
     @classmethod
     def from_gguf(cls, info: GgufInfo) -> ModelShape:
@@ -40,6 +81,8 @@ class ModelShape:
 
         n_embd, n_head = number("embedding_length"), number("attention.head_count")
         head_dim = n_embd // n_head
+        tokens = meta.get("tokenizer.ggml.tokens")
+        n_vocab = len(tokens) if isinstance(tokens, list) else number("vocab_size", 0)
         return cls(
             architecture=str(arch),
             n_layers=number("block_count"),
@@ -49,6 +92,8 @@ class ModelShape:
             head_dim_k=number("attention.key_length", head_dim),
             head_dim_v=number("attention.value_length", head_dim),
             context_train=number("context_length"),
+            n_ff=number("feed_forward_length"),
+            n_vocab=n_vocab,
         )
 
 
@@ -65,8 +110,340 @@ def row_bytes(kind: GgmlType, n_elements: int) -> int:
     return n_elements // kind.block_size * kind.type_size
 
 
-def kv_cache_bytes(shape: ModelShape, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
-    """Bytes of llama.cpp's KV cache for one sequence of `n_ctx` cells."""
+def padded_ctx(n_ctx: int) -> int:
+    return -(-n_ctx // KV_PAD) * KV_PAD
+
+
+def kv_cell_bytes(shape: ModelShape, type_k: str = "f16", type_v: str = "f16") -> int:
+    """Bytes of K and V for one cell across all layers."""
     k_row = row_bytes(cache_type(type_k), shape.n_head_kv * shape.head_dim_k)
     v_row = row_bytes(cache_type(type_v), shape.n_head_kv * shape.head_dim_v)
-    return shape.n_layers * n_ctx * (k_row + v_row)
+    return shape.n_layers * (k_row + v_row)
+
+
+def kv_cache_bytes(shape: ModelShape, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
+    """Bytes of llama.cpp's KV cache for one sequence of `n_ctx` cells."""
+    return kv_cell_bytes(shape, type_k, type_v) * n_ctx
+
+
+# --- compute buffers -------------------------------------------------------------------------
+
+
+def _attention_stage_bytes(shape: ModelShape, n_kv: int, n_tokens: int) -> int:
+    """Live tensors while attending without flash attention: scores for every head plus the f32
+    mask, and the activations of the micro-batch (residual, normed input, Q/K/V and FFN)."""
+    scores = n_kv * n_tokens * 4 * (shape.n_head + 1)
+    activations = n_tokens * 4 * (3 * shape.n_embd + shape.n_ff)
+    return scores + activations
+
+
+def _flash_stage_bytes(shape: ModelShape, n_kv: int, n_tokens: int) -> int:
+    """With flash attention the scores are never materialised: an f16 mask and the activations."""
+    return n_kv * n_tokens * 2 + n_tokens * 4 * (3 * shape.n_embd + shape.n_ff)
+
+
+def _work_bytes(shape: ModelShape, n_kv: int, n_tokens: int, type_v: str, flash_attn: bool) -> int:
+    """The CPU backend's work buffer: softmax(KQ) converted to V's dot type before KQ x V."""
+    if flash_attn:
+        return 0
+    dot = GGML_TYPE_BY_NAME[_DOT_TYPE.get(type_v.upper(), "F16")]
+    if dot.name == "F32":
+        return 0
+    return row_bytes(dot, n_kv) * n_tokens * shape.n_head
+
+
+def compute_reserved_bytes(shape: ModelShape, settings: RunSettings) -> int:
+    """What llama.cpp reserves (and a GPU backend allocates in full): the worst-case graph of a full
+    micro-batch against the whole context, with logits for every token of it."""
+    n_ctx = padded_ctx(settings.n_ctx)
+    n_tokens = min(settings.n_ubatch, settings.n_batch, n_ctx)
+    stage = _flash_stage_bytes if settings.flash_attn else _attention_stage_bytes
+    logits = n_tokens * 4 * (shape.n_vocab + 2 * shape.n_embd)
+    return max(logits, stage(shape, n_ctx, n_tokens))
+
+
+def micro_batches(settings: RunSettings) -> list[tuple[int, int]]:
+    """(cells attended, tokens) of each graph the workload runs: prompt micro-batches, then one token at a time."""
+    step = min(settings.n_ubatch, settings.n_batch)
+    n_ctx = padded_ctx(settings.n_ctx)
+    batches = []
+    done = 0
+    total = settings.effective_prompt_tokens
+    while done < total:
+        n = min(step, total - done)
+        done += n
+        batches.append((min(n_ctx, max(KV_PAD, -(-done // KV_PAD) * KV_PAD)), n))
+    if settings.decode_tokens:
+        end = done + settings.decode_tokens
+        batches.append((min(n_ctx, max(KV_PAD, -(-end // KV_PAD) * KV_PAD)), 1))
+    return batches
+
+
+def compute_touched_bytes(shape: ModelShape, settings: RunSettings) -> int:
+    """The compute memory a CPU run actually touches (only the last token's logits are computed)."""
+    stage = _flash_stage_bytes if settings.flash_attn else _attention_stage_bytes
+    return max(
+        stage(shape, n_kv, n) + _work_bytes(shape, n_kv, n, settings.type_v, settings.flash_attn)
+        for n_kv, n in micro_batches(settings)
+    )
+
+
+# --- weights ------------------------------------------------------------------------------------
+
+
+def _is_embedding(t: TensorInfo) -> bool:
+    return t.name == "token_embd.weight"
+
+
+def _layer_of(t: TensorInfo) -> int | None:
+    if t.name.startswith("blk."):
+        number = t.name.split(".")[1]
+        return int(number) if number.isdigit() else None
+    return None
+
+
+def repacked_bytes(info: GgufInfo, cpu_isa: str) -> int:
+    """Bytes llama.cpp's CPU backend copies into repacked layouts on this instruction set."""
+    rules = REPACK_RULES.get(cpu_isa)
+    if rules is None:
+        raise UnknownNameError("CPU instruction set", cpu_isa, list(REPACK_RULES))
+    total = 0
+    for t in info.tensors:
+        multiple = rules.get(t.type_name)
+        # token_embd is read by row lookup (get_rows), which the repacked layouts do not serve
+        if multiple and len(t.shape) >= 2 and t.shape[1] % multiple == 0 and not _is_embedding(t):
+            total += t.n_bytes
+    return total
+
+
+def layer_bytes(info: GgufInfo) -> dict[int, int]:
+    sizes: dict[int, int] = {}
+    for t in info.tensors:
+        layer = _layer_of(t)
+        if layer is not None:
+            sizes[layer] = sizes.get(layer, 0) + t.n_bytes
+    return sizes
+
+
+def is_output_tied(info: GgufInfo) -> bool:
+    return not any(t.name == "output.weight" for t in info.tensors)
+
+
+def bytes_read_per_token(info: GgufInfo) -> int:
+    """Weight bytes a decode step reads: everything but the embedding table, of which it reads one
+    row, unless the output projection shares that table (then all of it)."""
+    if is_output_tied(info):
+        return info.tensor_bytes
+    return sum(t.n_bytes for t in info.tensors if not _is_embedding(t))
+
+
+def matmul_parameters(info: GgufInfo) -> int:
+    """Weights multiplied per token (FLOPs are twice this), the embedding only when it is the output."""
+    tied = is_output_tied(info)
+    return sum(t.n_elements for t in info.tensors if len(t.shape) >= 2 and (tied or not _is_embedding(t)))
+
+
+# --- calibration --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Constants of one runtime on one backend, measured by edgecds (see calibrate.py)."""
+
+    backend: str
+    runtime_base_bytes: int  # the process before any model: interpreter and engine libraries
+    vocab_bytes_per_token: float  # the engine's tokenizer tables, per vocabulary entry
+    context_fixed_bytes: int  # graph metadata, threads, output buffer and code touched while running
+    decode_efficiency: float  # measured decode tokens/s over the bandwidth roofline
+    prompt_efficiency: float  # measured prompt tokens/s over the compute roofline
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def measured(self) -> bool:
+        return bool(self.source.get("measured"))
+
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def load_calibrations(path: Path | None = None) -> dict[str, Calibration]:
+    if path is None:
+        text = resources.files("edgecds.hwbench").joinpath(CALIBRATION_FILE).read_text(encoding="utf-8")
+        where = CALIBRATION_FILE
+    else:
+        text, where = path.read_text(encoding="utf-8"), str(path)
+    try:
+        data = json.loads(text)
+        return {backend: Calibration(backend=backend, **values) for backend, values in data["backends"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise InvalidInputError(f"{where}: not a calibration file ({exc})") from None
+
+
+def calibration_for(backend: str, calibrations: dict[str, Calibration] | None = None) -> Calibration:
+    known = calibrations if calibrations is not None else load_calibrations()
+    if backend not in known:
+        raise UnknownNameError("calibrated backend", backend, list(known))
+    return known[backend]
+
+
+# --- the prediction -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryPrediction:
+    """Bytes, by part; `peak_bytes` is what must fit the device's budget."""
+
+    backend: str
+    weights: int
+    repacked: int
+    kv_cache: int
+    compute: int
+    output: int
+    runtime: int
+    gpu_layers: int = 0  # layers (plus the output layer, counted as one more) on the GPU
+    gpu_bytes: int = 0
+    host_bytes: int = 0
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.weights + self.repacked + self.kv_cache + self.compute + self.output + self.runtime
+
+
+@dataclass(frozen=True)
+class SpeedPrediction:
+    decode_tps: float
+    prompt_tps: float | None  # None when the device profile gives no compute figure for its backend
+    bytes_per_token: int
+    flops_per_token: int
+    calibrated: bool  # False: the backend's efficiencies are assumptions, not edgecds measurements
+
+
+@dataclass(frozen=True)
+class Prediction:
+    variant: str
+    device: str
+    settings: RunSettings
+    memory: MemoryPrediction
+    speed: SpeedPrediction
+    budget_bytes: int
+    fits: bool
+    why_not: str = ""
+    label: str = "predicted"
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.budget_bytes - self.memory.peak_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["memory"]["peak_bytes"] = self.memory.peak_bytes
+        data["headroom_bytes"] = self.headroom_bytes
+        return data
+
+
+def backend_for(device: DeviceProfile) -> str:
+    """The engine backend edgecds runs GGUF on for this device: its first listed one."""
+    return device.backends[0]
+
+
+def predict_memory(info: GgufInfo, settings: RunSettings, device: DeviceProfile, calibration: Calibration) -> MemoryPrediction:
+    shape = ModelShape.from_gguf(info)
+    backend = backend_for(device)
+    kv = kv_cache_bytes(shape, padded_ctx(settings.n_ctx), settings.type_k, settings.type_v)
+    output = shape.n_vocab * 4  # logits of one sequence's last token
+    runtime = calibration.runtime_base_bytes + round(calibration.vocab_bytes_per_token * shape.n_vocab) + calibration.context_fixed_bytes
+    if backend == "cpu":
+        return MemoryPrediction(
+            backend, weights=info.file_size, repacked=repacked_bytes(info, device.cpu_isa), kv_cache=kv,
+            compute=compute_touched_bytes(shape, settings), output=output, runtime=runtime, host_bytes=0,
+        )
+    # GPU backends allocate their compute buffer in full; the weights live in GPU buffers.
+    compute = compute_reserved_bytes(shape, settings)
+    weights = info.tensor_bytes
+    if device.memory_kind != "discrete":  # unified (Jetson, Apple): one pool holds everything
+        return MemoryPrediction(backend, weights=weights, repacked=0, kv_cache=kv, compute=compute, output=output,
+                                runtime=runtime, gpu_layers=shape.n_layers + 1, gpu_bytes=weights + kv + compute)
+    return _split_for_discrete_gpu(info, shape, kv, compute, output, runtime, backend, device)
+
+
+def _split_for_discrete_gpu(
+    info: GgufInfo, shape: ModelShape, kv: int, compute: int, output: int, runtime: int, backend: str, device: DeviceProfile
+) -> MemoryPrediction:
+    """Offload as many layers as fit the GPU budget, as llama.cpp's -ngl does from the last layer
+    up; the output layer goes last and counts as one more. The rest stays in host RAM."""
+    budget = int(device.budget_gib * GIB)
+    per_layer = layer_bytes(info)
+    kv_per_layer = kv // shape.n_layers
+    head = sum(t.n_bytes for t in info.tensors if _layer_of(t) is None and not _is_embedding(t))
+    if is_output_tied(info):  # the output shares the embedding table: a copy goes to the GPU
+        head += sum(t.n_bytes for t in info.tensors if _is_embedding(t))
+    used = compute
+    n = 0
+    for layer in sorted(per_layer, reverse=True):
+        if used + per_layer[layer] + kv_per_layer > budget:
+            break
+        used += per_layer[layer] + kv_per_layer
+        n += 1
+    if n == shape.n_layers and used + head <= budget:
+        used += head
+        n += 1
+    gpu = used if n else 0
+    host_weights = info.file_size - sum(per_layer[layer] for layer in sorted(per_layer, reverse=True)[: min(n, shape.n_layers)])
+    host_kv = kv - kv_per_layer * min(n, shape.n_layers)
+    host = host_weights + host_kv + output + runtime + (0 if n else compute)
+    return MemoryPrediction(backend, weights=info.tensor_bytes, repacked=0, kv_cache=kv, compute=compute, output=output,
+                            runtime=runtime, gpu_layers=n, gpu_bytes=gpu, host_bytes=host)
+
+
+def predict_speed(info: GgufInfo, settings: RunSettings, device: DeviceProfile, calibration: Calibration) -> SpeedPrediction:
+    shape = ModelShape.from_gguf(info)
+    # decode at the end of the workload: the weights plus the KV cells attended to
+    n_kv = micro_batches(RunSettings(**{**asdict(settings), "decode_tokens": max(1, settings.decode_tokens)}))[-1][0]
+    kv_read = kv_cell_bytes(shape, settings.type_k, settings.type_v) * n_kv
+    weights_read = bytes_read_per_token(info)
+    bytes_per_token = weights_read + kv_read
+    decode = calibration.decode_efficiency * device.bandwidth_gbs * 1e9 / bytes_per_token
+    # prompt: 2 FLOPs a weight, plus QK and KV products over the cells attended (on average half the prompt)
+    avg_kv = settings.effective_prompt_tokens / 2
+    attention = 2 * 2 * shape.n_layers * shape.n_head * (shape.head_dim_k + shape.head_dim_v) // 2 * avg_kv
+    flops_per_token = int(2 * matmul_parameters(info) + attention)
+    gflops = device.gpu_tflops_fp32 * 1000 if backend_for(device) != "cpu" and device.gpu_tflops_fp32 else device.cpu_gflops_fp32
+    prompt = calibration.prompt_efficiency * gflops * 1e9 / flops_per_token if gflops else None
+    return SpeedPrediction(decode_tps=decode, prompt_tps=prompt, bytes_per_token=bytes_per_token,
+                           flops_per_token=flops_per_token, calibrated=calibration.measured)
+
+
+def predict(info: GgufInfo, settings: RunSettings, device: DeviceProfile, calibrations: dict[str, Calibration] | None = None) -> Prediction:
+    calibration = calibration_for(backend_for(device), calibrations)
+    memory = predict_memory(info, settings, device, calibration)
+    speed = predict_speed(info, settings, device, calibration)
+    budget = int(device.budget_gib * GIB)
+    reasons = []
+    if memory.gpu_bytes and device.memory_kind == "discrete":
+        host_budget = int((device.host_ram_gib or 0) * GIB * 0.75)  # leave a quarter of RAM to the OS and other programs
+        if memory.gpu_layers == 0:
+            reasons.append(f"not even one layer fits the GPU's {device.budget_gib:g} GiB budget")
+        elif memory.host_bytes > host_budget:
+            reasons.append(f"needs {memory.host_bytes / GIB:.2f} GiB of host RAM for the layers left on the CPU, has {host_budget / GIB:.2f}")
+        peak_in_budget = memory.gpu_bytes <= budget
+    else:
+        peak_in_budget = memory.peak_bytes <= budget
+        if not peak_in_budget:
+            reasons.append(f"needs {memory.peak_bytes / GIB:.2f} GiB, over the {device.budget_gib:g} GiB budget by {(memory.peak_bytes - budget) / MIB:.0f} MiB")
+    if settings.n_ctx > device.max_ctx:
+        reasons.append(f"context {settings.n_ctx} is over the device's maximum {device.max_ctx}")
+    if settings.n_ctx > padded_ctx(ModelShape.from_gguf(info).context_train):
+        reasons.append(f"context {settings.n_ctx} is over what the model was trained for ({ModelShape.from_gguf(info).context_train})")
+    fits = peak_in_budget and not reasons
+    return Prediction(info.path.name, device.id, settings, memory, speed, budget, fits, "; ".join(reasons))
+
+
+def settings_for(device: DeviceProfile, n_ctx: int | None = None, **overrides: Any) -> RunSettings:
+    """The settings a device runs with: its default context, every layer on its GPU if it has one."""
+    values: dict[str, Any] = {"n_ctx": n_ctx or device.default_ctx, "n_gpu_layers": 0 if backend_for(device) == "cpu" else -1}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return RunSettings(**values)
+
+
+def percent_error(predicted: float, measured: float) -> float:
+    return (predicted - measured) / measured * 100 if measured else math.inf

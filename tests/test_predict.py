@@ -11,7 +11,7 @@ from edgecds.errors import UnknownNameError
 from edgecds.hwbench.predict import ModelShape, kv_cache_bytes
 from edgecds.quant.gguf_file import read_gguf
 
-SMOLLM2 = ModelShape("llama", n_layers=30, n_embd=576, n_head=9, n_head_kv=3, head_dim_k=64, head_dim_v=64, context_train=8192)
+SMOLLM2 = ModelShape("llama", n_layers=30, n_embd=576, n_head=9, n_head_kv=3, head_dim_k=64, head_dim_v=64, context_train=8192, n_ff=1536, n_vocab=49152)
 LLAMA3_8B = ModelShape("llama", n_layers=32, n_embd=4096, n_head=32, n_head_kv=8, head_dim_k=128, head_dim_v=128, context_train=8192)
 
 

@@ -31,6 +31,8 @@ DEVICE_CLASSES = ("gpu", "jetson", "cpu")
 MEMORY_KINDS = ("discrete", "unified", "system")  # GPU VRAM; shared by CPU and GPU; plain RAM
 BACKENDS = ("cuda", "cpu", "metal")
 FORMATS = ("gguf", "onnx")  # formats a device can run, whether or not edgecds builds them yet
+# CPU instruction-set levels that change how llama.cpp's CPU backend lays weights out (predict.py)
+CPU_ISAS = ("x86-avx2", "x86-avx512", "arm-dotprod", "arm-i8mm")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ PROFILE_FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("memory.bandwidth_gbs", float, "memory bandwidth, GB/s", minimum=1.0, figure=True),
     FieldSpec("memory.host_ram_gib", float, "system RAM beside a discrete GPU, for layers that do not fit, GiB", required=False, minimum=0.5, figure=True),
     FieldSpec("compute.cpu_cores", int, "CPU cores", minimum=1, figure=True),
+    FieldSpec("compute.cpu_isa", str, "CPU instruction-set level", choices=CPU_ISAS),
+    FieldSpec("compute.cpu_gflops_fp32", float, "CPU FP32 peak, GFLOPS (cores x clock x FLOPs a cycle)", minimum=1.0, figure=True),
     FieldSpec("compute.gpu_tflops_fp32", float, "GPU FP32 throughput, TFLOPS", required=False, minimum=0.01, figure=True),
     FieldSpec("runtime.backends", list, "engine backends that run here", choices=BACKENDS),
     FieldSpec("runtime.formats", list, "model formats that run here", choices=FORMATS),
@@ -77,6 +81,8 @@ class DeviceProfile:
     bandwidth_gbs: float
     host_ram_gib: float | None
     cpu_cores: int
+    cpu_isa: str
+    cpu_gflops_fp32: float
     gpu_tflops_fp32: float | None
     backends: tuple[str, ...]
     formats: tuple[str, ...]
@@ -97,7 +103,8 @@ class DeviceProfile:
             "id": self.id, "name": self.name, "class": self.device_class, "power_mode": self.power_mode,
             "memory.kind": self.memory_kind, "memory.total_gib": self.total_gib, "memory.reserve_gib": self.reserve_gib,
             "memory.bandwidth_gbs": self.bandwidth_gbs, "memory.host_ram_gib": self.host_ram_gib,
-            "compute.cpu_cores": self.cpu_cores, "compute.gpu_tflops_fp32": self.gpu_tflops_fp32,
+            "compute.cpu_cores": self.cpu_cores, "compute.cpu_isa": self.cpu_isa,
+            "compute.cpu_gflops_fp32": self.cpu_gflops_fp32, "compute.gpu_tflops_fp32": self.gpu_tflops_fp32,
             "runtime.backends": list(self.backends), "runtime.formats": list(self.formats),
             "runtime.quant_types": list(self.quant_types), "runtime.default_ctx": self.default_ctx, "runtime.max_ctx": self.max_ctx,
         }
@@ -186,7 +193,8 @@ def parse_profile(data: dict[str, Any], where: str) -> DeviceProfile:
         id=values["id"], name=values["name"], device_class=values["class"], power_mode=values["power_mode"],
         memory_kind=values["memory.kind"], total_gib=values["memory.total_gib"], reserve_gib=values["memory.reserve_gib"],
         bandwidth_gbs=values["memory.bandwidth_gbs"], host_ram_gib=values["memory.host_ram_gib"],
-        cpu_cores=values["compute.cpu_cores"], gpu_tflops_fp32=values["compute.gpu_tflops_fp32"],
+        cpu_cores=values["compute.cpu_cores"], cpu_isa=values["compute.cpu_isa"],
+        cpu_gflops_fp32=values["compute.cpu_gflops_fp32"], gpu_tflops_fp32=values["compute.gpu_tflops_fp32"],
         backends=values["runtime.backends"], formats=formats, quant_types=tuple(quant_types),
         default_ctx=values["runtime.default_ctx"], max_ctx=values["runtime.max_ctx"], sources=dict(sources), path=where,
     )

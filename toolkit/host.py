@@ -35,6 +35,16 @@ class HostInfo:
     l4t_release: str | None = None
     gpus: tuple[GpuInfo, ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
+    cpu_isa: str | None = None  # one of devices.CPU_ISAS, from the CPU's flags
+    cpu_mhz: float | None = None
+
+    @property
+    def cpu_gflops_fp32(self) -> float | None:
+        """Peak: cores x clock x FP32 FLOPs a cycle (two 256-bit FMA units on x86, two 128-bit on Arm)."""
+        if not self.cpu_mhz or not self.cpu_isa:
+            return None
+        per_cycle = 32 if self.cpu_isa.startswith("x86") else 16
+        return round(self.cpu_cores * self.cpu_mhz / 1000 * per_cycle, 1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,17 +57,31 @@ def _read(root: Path, relative: str | Path) -> str | None:
         return None
 
 
-def _cpu(root: Path) -> tuple[str, int]:
+def _isa(flags: set[str]) -> str | None:
+    for flag, isa in (("avx512f", "x86-avx512"), ("avx2", "x86-avx2"), ("i8mm", "arm-i8mm"), ("asimddp", "arm-dotprod")):
+        if flag in flags:
+            return isa
+    return None
+
+
+def _cpu(root: Path) -> tuple[str, int, str | None, float | None]:
     text = _read(root, "proc/cpuinfo")
     if text is None:
         import psutil
 
-        return platform.processor() or platform.machine(), psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+        cores = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+        return platform.processor() or platform.machine(), cores, None, None
     model, processors, cores, physical = "", 0, set(), "0"
+    flags: set[str] = set()
+    mhz: float | None = None
     for line in text.splitlines():
         key, _, value = (part.strip() for part in line.partition(":"))
         if key in ("model name", "Hardware") and not model:
             model = value
+        elif key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+        elif key == "cpu MHz" and mhz is None:
+            mhz = float(value) if value.replace(".", "", 1).isdigit() else None
         elif key == "processor":
             processors += 1
         elif key == "physical id":
@@ -67,7 +91,10 @@ def _cpu(root: Path) -> tuple[str, int]:
     if not model:
         dt_model = (_read(root, "proc/device-tree/model") or "").strip("\0\n ")
         model = f"Arm ({dt_model})" if dt_model else "Arm"
-    return model, len(cores) or max(processors, 1)
+    if mhz is None:  # Arm kernels give no clock in cpuinfo; cpufreq has the maximum in kHz
+        khz = (_read(root, "sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") or "").strip()
+        mhz = int(khz) / 1000 if khz.isdigit() else None
+    return model, len(cores) or max(processors, 1), _isa(flags), mhz
 
 
 def _ram_gib(root: Path) -> float:
@@ -117,7 +144,7 @@ def _proc_gpus(root: Path) -> list[GpuInfo]:
 
 
 def detect_host(root: Path = Path("/")) -> HostInfo:
-    cpu_model, cores = _cpu(root)
+    cpu_model, cores, isa, mhz = _cpu(root)
     notes = []
     jetson_model = None
     dt_model = (_read(root, "proc/device-tree/model") or "").strip("\0\n ")
@@ -133,7 +160,7 @@ def detect_host(root: Path = Path("/")) -> HostInfo:
         elif gpus:
             notes.append("NVML is not available: GPU memory was not read")
     machine = platform.machine() if root == Path("/") else ("aarch64" if jetson_model or "Arm" in cpu_model else "x86_64")
-    return HostInfo(cpu_model, cores, _ram_gib(root), machine, jetson_model, l4t, tuple(gpus), tuple(notes))
+    return HostInfo(cpu_model, cores, _ram_gib(root), machine, jetson_model, l4t, tuple(gpus), tuple(notes), isa, mhz)
 
 
 @dataclass(frozen=True)
@@ -219,7 +246,11 @@ def host_profile(match: HostMatch) -> DeviceProfile:
         reserve_gib=min(base.reserve_gib, float(total or base.total_gib) * 0.5),
         host_ram_gib=host.ram_gib if base.memory_kind == "discrete" else None,
         cpu_cores=host.cpu_cores,
+        cpu_isa=host.cpu_isa or base.cpu_isa,
+        cpu_gflops_fp32=host.cpu_gflops_fp32 or base.cpu_gflops_fp32,
         sources={**base.sources, "memory.total_gib": detected, "compute.cpu_cores": detected,
+                 **({"compute.cpu_isa": detected} if host.cpu_isa else {}),
+                 **({"compute.cpu_gflops_fp32": f"{detected}: cores x clock x FLOPs a cycle"} if host.cpu_gflops_fp32 else {}),
                  **({"memory.host_ram_gib": detected} if base.memory_kind == "discrete" else {})},
         path="detected",
     )

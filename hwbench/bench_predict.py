@@ -1,0 +1,122 @@
+"""Benchmark: predicted against measured peak memory and speed, every variant, several contexts.
+
+For each variant of a variants.json and each context length (default 512, 2,048 and 8,192), in
+one run: the predictor's figure from the files and this machine's profile, then a fresh process
+that loads the variant, fills the context with a prompt (all but the decoded tokens) and decodes
+32 tokens, reporting its kernel high-water mark (VmHWM). The decode prediction uses this
+machine's memory bandwidth measured in the same run; the calibration constants come from
+hwbench/calibration.json (measured separately by calibrate.py, on other workloads).
+
+    python -m edgecds.hwbench.bench_predict edgecds-out/SmolLM2-135M-Instruct/variants.json
+
+Writes JSON (default bench-results/predict.json) with every pair, the errors and the worst.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from edgecds import __version__
+from edgecds.hwbench.calibrate import memory_bandwidth_gbs
+from edgecds.hwbench.measure import RunSettings, measure_in_subprocess
+from edgecds.hwbench.predict import MIB, load_calibrations, percent_error, predict
+from edgecds.quant.gguf_file import read_gguf
+from edgecds.quant.gguf_quantize import llama_cpp_version
+from edgecds.variants import load_variants
+
+TOLERANCE_PERCENT = 5.0
+
+
+def host_device() -> Any:
+    from edgecds.devices import load_profiles
+    from edgecds.host import detect_host, host_profile, nearest_profile
+
+    device = host_profile(nearest_profile(detect_host(), load_profiles()))
+    # plan for a CPU run here whatever the nearest profile's backend
+    return replace(device, backends=("cpu",), memory_kind="system", host_ram_gib=None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variants", type=Path, help="a variants.json written by edgecds quantize")
+    parser.add_argument("--ctx", default="512,2048,8192", help="context lengths, comma-separated")
+    parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--output", type=Path, default=Path("bench-results/predict.json"))
+    args = parser.parse_args(argv)
+
+    folder = args.variants.parent if args.variants.name == "variants.json" else args.variants
+    record = load_variants(folder)
+    if record is None:
+        print(f"no variants.json in {folder}", file=sys.stderr)
+        return 2
+    contexts = [int(c) for c in args.ctx.split(",")]
+    calibrations = load_calibrations()
+    bandwidth = memory_bandwidth_gbs()
+    device = replace(host_device(), bandwidth_gbs=bandwidth)
+    rows: list[dict[str, Any]] = []
+    for n, variant in enumerate(record.variants, 1):
+        info = read_gguf(folder / variant.path)
+        for n_ctx in contexts:
+            settings = RunSettings(n_ctx=n_ctx, decode_tokens=args.decode)
+            predicted = predict(info, settings, device, calibrations)
+            measured = measure_in_subprocess(folder / variant.path, settings)
+            row = {
+                "variant": variant.type,
+                "n_ctx": n_ctx,
+                "predicted_peak_bytes": predicted.memory.peak_bytes,
+                "measured_peak_bytes": measured.peak_rss_bytes,
+                "memory_error_percent": round(percent_error(predicted.memory.peak_bytes, measured.peak_rss_bytes), 2),
+                "predicted_parts_bytes": {k: v for k, v in asdict(predicted.memory).items() if isinstance(v, int) and v},
+                "llama_buffers_mib": measured.llama_buffers_mib,
+                "predicted_decode_tps": round(predicted.speed.decode_tps, 2),
+                "measured_decode_tps": round(measured.decode_tps, 2),
+                "decode_error_percent": round(percent_error(predicted.speed.decode_tps, measured.decode_tps), 1),
+                "predicted_prompt_tps": round(predicted.speed.prompt_tps or 0.0, 2),
+                "measured_prompt_tps": round(measured.prompt_tps, 2),
+                "prompt_error_percent": round(percent_error(predicted.speed.prompt_tps or 0.0, measured.prompt_tps), 1),
+            }
+            rows.append(row)
+            print(f"[{n}/{len(record.variants)}] {variant.type:7} ctx {n_ctx:5}: peak predicted {row['predicted_peak_bytes'] / MIB:7.1f} MiB, "
+                  f"measured {row['measured_peak_bytes'] / MIB:7.1f} MiB ({row['memory_error_percent']:+.2f}%); decode predicted "
+                  f"{row['predicted_decode_tps']:6.1f}, measured {row['measured_decode_tps']:6.1f} tok/s ({row['decode_error_percent']:+.0f}%)",
+                  file=sys.stderr)
+
+    worst = max(rows, key=lambda r: abs(r["memory_error_percent"]))
+    decode_errors = sorted(abs(r["decode_error_percent"]) for r in rows)
+    report = {
+        "schema_version": 1,
+        "benchmark": "predicted vs measured peak memory and speed",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": {"machine": platform.machine(), "cpu": device.name, "cores": device.cpu_cores, "bandwidth_gbs_measured": round(bandwidth, 2)},
+        "versions": {"edgecds": __version__, "llama_cpp_python": llama_cpp_version(), "python": platform.python_version()},
+        "calibration": calibrations["cpu"].source,
+        "workload": "fresh process per variant and context; prompt fills the context less the decoded tokens; peak = VmHWM",
+        "tolerance_percent": TOLERANCE_PERCENT,
+        "rows": rows,
+        "summary": {
+            "pairs": len(rows),
+            "memory_within_tolerance": sum(abs(r["memory_error_percent"]) <= TOLERANCE_PERCENT for r in rows),
+            "worst_memory_error_percent": worst["memory_error_percent"],
+            "worst_memory_pair": f"{worst['variant']} at {worst['n_ctx']}",
+            "median_abs_decode_error_percent": decode_errors[len(decode_errors) // 2],
+            "max_abs_decode_error_percent": decode_errors[-1],
+        },
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    s = report["summary"]
+    print(f"memory: {s['memory_within_tolerance']}/{s['pairs']} within {TOLERANCE_PERCENT}% (worst {s['worst_memory_error_percent']:+.2f}%, "
+          f"{s['worst_memory_pair']}); decode: median |error| {s['median_abs_decode_error_percent']}%, max {s['max_abs_decode_error_percent']}%")
+    print(f"written to {args.output}")
+    return 0 if s["memory_within_tolerance"] == s["pairs"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

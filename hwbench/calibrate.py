@@ -1,0 +1,156 @@
+"""Measure the predictor's constants for the CPU backend on this machine, and store them with their source.
+
+    python -m edgecds.hwbench.calibrate MODEL.gguf [--write hwbench/calibration.json]
+
+Each constant comes from its own small measurement, separate from the workloads the predictor is
+later judged on (bench_predict runs full contexts of 512 to 8,192 cells):
+
+- runtime base: the high-water mark of a fresh process that has imported the engine, nothing loaded;
+- vocabulary: the growth of a fresh process that loads only the model's vocabulary, per entry;
+- fixed per-context part: a tiny run (256 cells, 16 prompt tokens, 4 decoded) less every other
+  predicted part;
+- speed efficiencies: one mid-size run (1,024 cells, 256 prompt tokens, 64 decoded) against the
+  rooflines, with this machine's memory bandwidth measured in the same run and its peak FLOPS
+  from the detected cores, clock and instruction set.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from edgecds.child import die_with_parent
+from edgecds.errors import EngineError
+
+TINY = {"n_ctx": 256, "prompt_tokens": 16, "decode_tokens": 4}
+SPEED = {"n_ctx": 1024, "prompt_tokens": 256, "decode_tokens": 64}
+
+
+def _child(kind: str, model: str) -> None:
+    import llama_cpp  # noqa: F401  (the import is what is measured)
+
+    from edgecds.hwbench.measure import _proc_status
+
+    after_import = _proc_status()
+    result: dict[str, Any] = {"import": after_import}
+    if kind == "vocab":
+        from llama_cpp import Llama
+
+        from edgecds.quant.gguf_quantize import captured_llama_log
+
+        with captured_llama_log():
+            llm = Llama(model_path=model, vocab_only=True, verbose=False)
+        result["vocab"] = _proc_status()
+        result["n_vocab"] = llm.n_vocab()
+    print(json.dumps(result))
+
+
+def _run_child(kind: str, model: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "edgecds.hwbench.calibrate", "--child", kind, str(model)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, preexec_fn=die_with_parent())
+    if proc.returncode != 0:
+        raise EngineError(f"calibration probe {kind!r} failed: {proc.stderr.strip()[-500:]}")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
+    """Read bandwidth of one thread summing a large array (best of `repeats`), GB/s."""
+    import numpy as np
+
+    data = np.ones(megabytes * 1024 * 1024 // 4, dtype=np.float32)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = max(best, data.nbytes / (time.perf_counter() - start))
+    return best / 1e9
+
+
+def calibrate(model: Path) -> dict[str, Any]:
+    from edgecds.devices import load_profiles
+    from edgecds.host import detect_host, host_profile, nearest_profile
+    from edgecds.hwbench import predict
+    from edgecds.hwbench.measure import RunSettings, measure_in_subprocess
+    from edgecds.quant.gguf_file import read_gguf
+    from edgecds.quant.gguf_quantize import llama_cpp_version
+
+    info = read_gguf(model)
+    shape = predict.ModelShape.from_gguf(info)
+    base = _run_child("import", model)["import"]["VmHWM"]
+    vocab_probe = _run_child("vocab", model)
+    vocab_per_token = (vocab_probe["vocab"]["VmHWM"] - vocab_probe["import"]["VmHWM"]) / vocab_probe["n_vocab"]
+
+    host = detect_host()
+    device = host_profile(nearest_profile(host, load_profiles()))
+    bandwidth = memory_bandwidth_gbs()
+    device = replace(device, bandwidth_gbs=bandwidth)
+    provisional = predict.Calibration("cpu", base, vocab_per_token, 0, 1.0, 1.0)
+
+    tiny_settings = RunSettings(**TINY)
+    tiny = measure_in_subprocess(model, tiny_settings)
+    others = predict.predict_memory(info, tiny_settings, device, provisional).peak_bytes
+    context_fixed = tiny.peak_rss_bytes - others
+
+    speed_settings = RunSettings(**SPEED)
+    run = measure_in_subprocess(model, speed_settings)
+    roofline = predict.predict_speed(info, speed_settings, device, provisional)
+    decode_eff = run.decode_tps / roofline.decode_tps
+    prompt_eff = run.prompt_tps / roofline.prompt_tps if roofline.prompt_tps else 0.0
+    return {
+        "runtime_base_bytes": base,
+        "vocab_bytes_per_token": round(vocab_per_token, 1),
+        "context_fixed_bytes": context_fixed,
+        "decode_efficiency": round(decode_eff, 4),
+        "prompt_efficiency": round(prompt_eff, 4),
+        "source": {
+            "measured": True,
+            "how": "python -m edgecds.hwbench.calibrate " + model.name,
+            "date": datetime.date.today().isoformat(),
+            "host": f"{host.cpu_model}, {host.cpu_cores} cores, {host.ram_gib:g} GiB, {platform.system()} {platform.machine()}",
+            "host_bandwidth_gbs": round(bandwidth, 2),
+            "host_bandwidth_how": "one thread summing 512 MiB with numpy, best of 5",
+            "host_cpu_gflops_fp32": device.cpu_gflops_fp32,
+            "llama_cpp_python": llama_cpp_version(),
+            "python": platform.python_version(),
+            "model": f"{model.name} ({shape.n_vocab} vocabulary entries)",
+            "runs": {"tiny": TINY, "speed": SPEED},
+            "measured_decode_tps": round(run.decode_tps, 2),
+            "measured_prompt_tps": round(run.prompt_tps, 2),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Measure the memory/speed predictor's CPU constants on this machine.")
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--child", choices=("import", "vocab"), help=argparse.SUPPRESS)
+    parser.add_argument("--write", type=Path, help="update this calibration file's 'cpu' entry")
+    args = parser.parse_args(argv)
+    if args.child:
+        _child(args.child, str(args.model))
+        return 0
+    values = calibrate(args.model)
+    print(json.dumps(values, indent=2))
+    if args.write:
+        from edgecds.atomic import atomic_path
+
+        data: dict[str, Any] = (
+            json.loads(args.write.read_text(encoding="utf-8")) if args.write.exists() else {"schema_version": 1, "backends": {}}
+        )
+        data["backends"]["cpu"] = values
+        with atomic_path(args.write) as tmp:
+            tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
