@@ -15,7 +15,6 @@ Writes JSON (default bench-results/predict.json) with every pair, the errors and
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from dataclasses import asdict, replace
@@ -24,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from edgecds import __version__
+from edgecds.atomic import write_json
 from edgecds.hwbench.calibrate import memory_bandwidth_gbs
 from edgecds.hwbench.measure import RunSettings, measure_in_subprocess
 from edgecds.hwbench.predict import MIB, load_calibrations, percent_error, predict
 from edgecds.quant.gguf_file import read_gguf
 from edgecds.quant.gguf_quantize import llama_cpp_version
-from edgecds.variants import load_variants
+from edgecds.variants import load_variants, variant_file
 
 TOLERANCE_PERCENT = 5.0
 
@@ -62,11 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     device = replace(host_device(), bandwidth_gbs=bandwidth)
     rows: list[dict[str, Any]] = []
     for n, variant in enumerate(record.variants, 1):
-        info = read_gguf(folder / variant.path)
+        path = variant_file(folder, variant)
+        info = read_gguf(path)
         for n_ctx in contexts:
             settings = RunSettings(n_ctx=n_ctx, decode_tokens=args.decode)
             predicted = predict(info, settings, device, calibrations)
-            measured = measure_in_subprocess(folder / variant.path, settings)
+            measured = measure_in_subprocess(path, settings)
             row = {
                 "variant": variant.type,
                 "n_ctx": n_ctx,
@@ -109,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_abs_decode_error_percent": decode_errors[-1],
         },
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.output, report)
     s = report["summary"]
     print(f"memory: {s['memory_within_tolerance']}/{s['pairs']} within {TOLERANCE_PERCENT}% (worst {s['worst_memory_error_percent']:+.2f}%, "
           f"{s['worst_memory_pair']}); decode: median |error| {s['median_abs_decode_error_percent']}%, max {s['max_abs_decode_error_percent']}%")

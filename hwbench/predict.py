@@ -31,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgecds.devices import DeviceProfile
+from edgecds.devices import CPU_ISAS, DeviceProfile
 from edgecds.errors import InvalidInputError, UnknownNameError
 from edgecds.hwbench.measure import RunSettings
 from edgecds.quant.gguf_file import GgufInfo, TensorInfo
@@ -52,7 +52,7 @@ REPACK_RULES: dict[str, dict[str, int]] = {
     "arm-dotprod": {"Q4_0": 4, "Q4_K": 8, "Q5_K": 8, "Q6_K": 8, "IQ4_NL": 4, "MXFP4": 4, "Q8_0": 4},
     "arm-i8mm": {"Q4_0": 4, "Q4_K": 8, "Q5_K": 8, "Q6_K": 8, "IQ4_NL": 4, "MXFP4": 4, "Q8_0": 4},
 }
-CPU_ISAS = tuple(REPACK_RULES)
+assert set(REPACK_RULES) == set(CPU_ISAS), "every ISA a profile may name needs its repack rule"
 
 
 @dataclass(frozen=True)
@@ -301,6 +301,7 @@ class MemoryPrediction:
     output: int
     runtime: int
     gpu_layers: int = 0  # layers (plus the output layer, counted as one more) on the GPU
+    total_layers: int = 0  # the model's layers plus the output layer: gpu_layers of a full offload
     gpu_bytes: int = 0
     host_bytes: int = 0
 
@@ -355,14 +356,14 @@ def predict_memory(info: GgufInfo, settings: RunSettings, device: DeviceProfile,
     if backend == "cpu":
         return MemoryPrediction(
             backend, weights=info.file_size, repacked=repacked_bytes(info, device.cpu_isa), kv_cache=kv,
-            compute=compute_touched_bytes(shape, settings), output=output, runtime=runtime, host_bytes=0,
+            compute=compute_touched_bytes(shape, settings), output=output, runtime=runtime, total_layers=shape.n_layers + 1,
         )
     # GPU backends allocate their compute buffer in full; the weights live in GPU buffers.
     compute = compute_reserved_bytes(shape, settings)
     weights = info.tensor_bytes
     if device.memory_kind != "discrete":  # unified (Jetson, Apple): one pool holds everything
         return MemoryPrediction(backend, weights=weights, repacked=0, kv_cache=kv, compute=compute, output=output,
-                                runtime=runtime, gpu_layers=shape.n_layers + 1, gpu_bytes=weights + kv + compute)
+                                runtime=runtime, gpu_layers=shape.n_layers + 1, total_layers=shape.n_layers + 1, gpu_bytes=weights + kv + compute)
     return _split_for_discrete_gpu(info, shape, kv, compute, output, runtime, backend, device)
 
 
@@ -392,7 +393,7 @@ def _split_for_discrete_gpu(
     host_kv = kv - kv_per_layer * min(n, shape.n_layers)
     host = host_weights + host_kv + output + runtime + (0 if n else compute)
     return MemoryPrediction(backend, weights=info.tensor_bytes, repacked=0, kv_cache=kv, compute=compute, output=output,
-                            runtime=runtime, gpu_layers=n, gpu_bytes=gpu, host_bytes=host)
+                            runtime=runtime, gpu_layers=n, total_layers=shape.n_layers + 1, gpu_bytes=gpu, host_bytes=host)
 
 
 def predict_speed(info: GgufInfo, settings: RunSettings, device: DeviceProfile, calibration: Calibration) -> SpeedPrediction:
@@ -419,7 +420,7 @@ def predict(info: GgufInfo, settings: RunSettings, device: DeviceProfile, calibr
     speed = predict_speed(info, settings, device, calibration)
     budget = int(device.budget_gib * GIB)
     reasons = []
-    if memory.gpu_bytes and device.memory_kind == "discrete":
+    if memory.backend != "cpu" and device.memory_kind == "discrete":
         host_budget = int((device.host_ram_gib or 0) * GIB * 0.75)  # leave a quarter of RAM to the OS and other programs
         if memory.gpu_layers == 0:
             reasons.append(f"not even one layer fits the GPU's {device.budget_gib:g} GiB budget")
@@ -439,11 +440,75 @@ def predict(info: GgufInfo, settings: RunSettings, device: DeviceProfile, calibr
 
 
 def settings_for(device: DeviceProfile, n_ctx: int | None = None, **overrides: Any) -> RunSettings:
-    """The settings a device runs with: its default context, every layer on its GPU if it has one."""
-    values: dict[str, Any] = {"n_ctx": n_ctx or device.default_ctx, "n_gpu_layers": 0 if backend_for(device) == "cpu" else -1}
+    """The settings a device runs with: its default context, one thread a core, every layer on its
+    GPU if it has one."""
+    values: dict[str, Any] = {"n_ctx": n_ctx or device.default_ctx, "threads": device.cpu_cores,
+                              "n_gpu_layers": 0 if backend_for(device) == "cpu" else -1}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return RunSettings(**values)
 
 
 def percent_error(predicted: float, measured: float) -> float:
     return (predicted - measured) / measured * 100 if measured else math.inf
+
+
+# --- a plan: every variant of a variants.json against one device --------------------------------
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One variant's row: a prediction, or why none could be made (format or type not run there)."""
+
+    name: str
+    type: str
+    format: str
+    prediction: Prediction | None
+    why_not: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return self.prediction is not None and self.prediction.fits
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type, "format": self.format, "fits": self.fits,
+                "why_not": self.prediction.why_not if self.prediction else self.why_not,
+                "prediction": self.prediction.to_dict() if self.prediction else None}
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str
+    settings: RunSettings
+    entries: list[PlanEntry]
+    label: str = "predicted"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "device": self.device, "settings": asdict(self.settings),
+                "entries": [e.to_dict() for e in self.entries]}
+
+
+def plan(variants_json: Path, device: DeviceProfile, n_ctx: int | None = None, kv_type: str = "f16",
+         calibrations: dict[str, Calibration] | None = None) -> Plan:
+    """Predict every variant recorded in `variants_json` on `device`, from the files alone."""
+    from edgecds.quant.gguf_file import read_gguf
+    from edgecds.variants import VARIANTS_FILE, load_variants, variant_file
+
+    folder = variants_json.parent if variants_json.name == VARIANTS_FILE else variants_json
+    record = load_variants(folder)
+    if record is None:
+        raise InvalidInputError(f"{folder / VARIANTS_FILE} does not exist; run `edgecds quantize -o {folder}` first")
+    cache_type(kv_type)  # an unknown cache type fails here, listing the known ones
+    settings = settings_for(device, n_ctx, type_k=kv_type.lower(), type_v=kv_type.lower())
+    entries = []
+    for variant in sorted(record.variants, key=lambda v: -v.file_size):
+        if variant.format not in device.formats:
+            entries.append(PlanEntry(variant.name, variant.type, variant.format, None,
+                                     f"{device.id} runs {', '.join(device.formats)}, not {variant.format}"))
+        elif device.quant_types and variant.type not in device.quant_types:
+            entries.append(PlanEntry(variant.name, variant.type, variant.format, None, f"{variant.type} is not among the types {device.id} runs"))
+        elif variant.format != "gguf":
+            entries.append(PlanEntry(variant.name, variant.type, variant.format, None, f"no predictor for {variant.format} yet"))
+        else:
+            info = read_gguf(variant_file(folder, variant))
+            entries.append(PlanEntry(variant.name, variant.type, variant.format, predict(info, settings, device, calibrations)))
+    return Plan(device.id, settings, entries)

@@ -69,6 +69,8 @@ MALFORMED = {
     "source for no field": (r'^\[sources\]$', '[sources]\n"memory.speed" = "vendor"', "sources name unknown field(s) memory.speed"),
     "unknown field": (r"^\[compute\]$", "[compute]\nturbo = true", "unknown field(s) compute.turbo"),
     "gpu without cuda": (r"^backends = .*$", 'backends = ["cpu"]', "field 'runtime.backends' of an NVIDIA gpu must include 'cuda'"),
+    "unknown CPU instruction set": (r"^cpu_isa = .*$", 'cpu_isa = "x86-sse4"', "field 'compute.cpu_isa' has unknown value(s) 'x86-sse4'"),
+    "peak FLOPS without source": (r'^"compute.cpu_gflops_fp32" = .*$', "", "field 'compute.cpu_gflops_fp32' has no source"),
     "bad TOML": (r"^\[memory\]$", "[memory", "not valid TOML"),
     "id differs from file name": (r'^id = .*$', 'id = "rtx-3070"', "field 'id' is 'rtx-3070' but the file is named"),
 }

@@ -79,3 +79,37 @@ def test_host_profile_takes_detected_memory_and_cores() -> None:
     assert profile.total_gib == pytest.approx(7.6, abs=0.01)
     assert profile.sources["compute.cpu_cores"].startswith("detected")
     assert find_profile("host").id == "host"  # the live machine
+
+
+@pytest.mark.parametrize("name, isa, mhz, gflops", [
+    ("jetson-orin-nano", "arm-dotprod", 1728.0, 165.9),  # asimddp; cpufreq max 1.728 GHz; 6 x 1.728 x 16
+    ("x86-laptop", "x86-avx512", 2400.0, 307.2),  # avx512f; 4 x 2.4 x 32
+    ("cloud-vm", "x86-avx2", 2445.406, 156.5),  # avx2, no avx512f; 2 x 2.445 x 32
+    ("rtx-desktop", None, None, None),  # its cpuinfo carries no flags or clock
+])
+def test_instruction_set_and_peak_flops(name: str, isa: str | None, mhz: float | None, gflops: float | None) -> None:
+    host = detect_host(HOSTS / name)
+    assert (host.cpu_isa, host.cpu_mhz, host.cpu_gflops_fp32) == (isa, mhz, gflops)
+
+
+def test_a_different_instruction_set_is_a_difference(tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(HOSTS / "cloud-vm", root)
+    cpuinfo = root / "proc" / "cpuinfo"
+    cpuinfo.write_text(cpuinfo.read_text().replace(" avx2 ", " avx2 avx512f "))
+    match = nearest_profile(detect_host(root), load_profiles())
+    assert match.profile.cpu_isa == "x86-avx2"
+    assert "CPU instruction set: x86-avx512 here, x86-avx2 in the profile" in match.differences
+
+
+def test_a_relative_root_reads_the_same_tree(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(HOSTS)
+    assert detect_host(Path("rtx-desktop")) == detect_host(HOSTS / "rtx-desktop")
+    assert detect_host(Path("rtx-desktop")).gpus[0].name == "NVIDIA GeForce RTX 3060"
+
+
+def test_gpu_memory_not_read_is_not_compared_with_ram() -> None:
+    match = nearest_profile(detect_host(HOSTS / "rtx-desktop"), load_profiles())
+    assert not any(d.startswith("memory:") for d in match.differences)

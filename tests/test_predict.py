@@ -51,3 +51,142 @@ def test_equals_what_llama_cpp_allocates(f16_gguf: Path, cache: str, n_ctx: int)
     reported = next(float(m.group(1)) for line in log if (m := re.search(r"CPU KV buffer size = +([\d.]+) MiB", line)))
     predicted = kv_cache_bytes(ModelShape.from_gguf(read_gguf(f16_gguf)), n_ctx, cache, cache)
     assert round(predicted / 2**20, 2) == reported
+
+
+# --- the rest of the predictor: parts against hand computation and llama.cpp's own allocations ---
+
+from dataclasses import replace  # noqa: E402
+
+from edgecds.devices import find_profile  # noqa: E402
+from edgecds.hwbench.measure import RunSettings  # noqa: E402
+from edgecds.hwbench.predict import (  # noqa: E402
+    GIB,
+    compute_reserved_bytes,
+    layer_bytes,
+    predict,
+    repacked_bytes,
+)
+
+# One SmolLM2 layer in F16: q and o 576x576, k and v 576x192, gate/up/down 576x1536 (2 B each),
+# plus two F32 norms of 576.
+F16_LAYER = (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) * 2 + 2 * 576 * 4
+
+
+def _llama_log(path: Path, **kwargs: object) -> list[str]:
+    import llama_cpp
+
+    from edgecds.quant.gguf_quantize import captured_llama_log
+
+    with captured_llama_log() as log:
+        llm = llama_cpp.Llama(str(path), verbose=True, **kwargs)  # type: ignore[arg-type]
+        llm.close()
+    return list(log)
+
+
+def _logged_mib(log: list[str], pattern: str) -> float:
+    return next(float(m.group(1)) for line in log if (m := re.search(pattern, line)))
+
+
+def test_layer_bytes_hand_computed(f16_gguf: Path) -> None:
+    per_layer = layer_bytes(read_gguf(f16_gguf))
+    assert F16_LAYER == 7_082_496
+    assert len(per_layer) == 30 and set(per_layer.values()) == {F16_LAYER}
+
+
+@pytest.mark.parametrize("n_ctx", [512, 2048, 8192])
+def test_compute_buffer_matches_llama_cpp_reservation(f16_gguf: Path, n_ctx: int) -> None:
+    log = _llama_log(f16_gguf, n_ctx=n_ctx, flash_attn=False)
+    reported = _logged_mib(log, r"CPU compute buffer size = +([\d.]+) MiB")
+    predicted = compute_reserved_bytes(ModelShape.from_gguf(read_gguf(f16_gguf)), RunSettings(n_ctx=n_ctx)) / 2**20
+    assert predicted == pytest.approx(reported, rel=0.02)
+
+
+def _variant(default_variants: object, qtype: str) -> Path:
+    result = default_variants
+    return Path(result.output_dir) / next(o.record.path for o in result.outcomes if o.record.type == qtype)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("qtype", ["IQ4_NL", "Q4_K_M", "Q8_0"])
+def test_repacked_bytes_match_llama_cpp_repack_buffer(default_variants: object, qtype: str) -> None:
+    from edgecds.host import detect_host
+
+    isa = detect_host().cpu_isa
+    if isa is None:
+        pytest.skip("this CPU's instruction set was not detected")
+    path = _variant(default_variants, qtype)
+    predicted = repacked_bytes(read_gguf(path), isa)
+    log = _llama_log(path, n_ctx=256)
+    logged = [float(m.group(1)) for line in log if (m := re.search(r"CPU_REPACK model buffer size = +([\d.]+) MiB", line))]
+    assert round(predicted / 2**20, 2) == (logged[0] if logged else 0.0)
+    if qtype == "IQ4_NL" and isa.startswith("x86"):
+        assert predicted > 50 * 2**20  # nearly every tensor repacked: the term is not trivially zero
+
+
+def test_discrete_gpu_too_small_offloads_some_layers_hand_computed(f16_gguf: Path) -> None:
+    info = read_gguf(f16_gguf)
+    # An RTX 3060 with 0.2 GiB left for the model: the compute buffer goes first, then whole layers.
+    device = replace(find_profile("rtx-3060-12gb"), total_gib=0.5, reserve_gib=0.3)
+    settings = RunSettings(n_ctx=512, n_gpu_layers=-1)
+    p = predict(info, settings, device)
+    compute = compute_reserved_bytes(ModelShape.from_gguf(info), settings)
+    kv_layer = 512 * 384 * 2  # K and V rows of 3 x 64 f16 values a cell
+    budget = int(0.2 * GIB)
+    layers = (budget - compute) // (F16_LAYER + kv_layer)
+    assert layers == 14  # (214,748,364 - 103,022,592) // 7,475,712
+    assert p.memory.gpu_layers == layers and p.memory.total_layers == 31
+    assert p.memory.gpu_bytes == compute + layers * (F16_LAYER + kv_layer)
+    assert p.memory.host_bytes == (info.file_size - layers * F16_LAYER) + (30 - layers) * kv_layer + p.memory.output + p.memory.runtime
+    assert p.fits  # 16 GB of host RAM holds the rest
+
+    whole = predict(info, settings, find_profile("rtx-3060-12gb"))
+    assert whole.memory.gpu_layers == 31 and whole.fits
+
+    starved = predict(info, settings, replace(device, host_ram_gib=0.5))
+    assert not starved.fits and "host RAM" in starved.why_not
+
+    tiny = predict(info, settings, replace(device, total_gib=0.5, reserve_gib=0.45))
+    assert tiny.memory.gpu_layers == 0 and not tiny.fits and "not even one layer" in tiny.why_not
+
+
+def test_over_budget_and_over_context_say_why(f16_gguf: Path) -> None:
+    info = read_gguf(f16_gguf)
+    laptop = find_profile("laptop-x86-8gb")
+    small = replace(laptop, total_gib=0.5, reserve_gib=0.3)
+    p = predict(info, RunSettings(n_ctx=512), small)
+    assert not p.fits and "over the 0.2 GiB budget by" in p.why_not and p.headroom_bytes < 0
+    long = predict(info, RunSettings(n_ctx=16384), laptop)
+    assert "over what the model was trained for (8192)" in long.why_not
+
+
+def test_unified_memory_holds_everything_in_one_pool(f16_gguf: Path) -> None:
+    info = read_gguf(f16_gguf)
+    p = predict(info, RunSettings(n_ctx=2048, n_gpu_layers=-1), find_profile("jetson-orin-nano-8gb"))
+    m = p.memory
+    assert m.backend == "cuda" and m.gpu_layers == 31 and m.repacked == 0
+    assert m.peak_bytes == info.tensor_bytes + kv_cache_bytes(SMOLLM2, 2048) + m.compute + m.output + m.runtime
+    assert not p.speed.calibrated  # CUDA efficiencies are stated assumptions, not measurements
+
+
+def test_prediction_within_five_percent_of_a_fresh_process(default_variants: object) -> None:
+    """The benchmark's claim, on one variant at one context: predicted peak vs the child's VmHWM."""
+    from edgecds.hwbench.bench_predict import host_device
+    from edgecds.hwbench.measure import measure_in_subprocess
+
+    path = _variant(default_variants, "Q4_K_M")
+    settings = RunSettings(n_ctx=512, decode_tokens=16)
+    predicted = predict(read_gguf(path), settings, host_device())
+    measured = measure_in_subprocess(path, settings)
+    assert measured.prompt_tokens == 512 - 16 and measured.decode_tokens == 16
+    assert measured.peak_rss_bytes >= measured.stages["load"]["VmHWM"] > 0
+    assert predicted.memory.peak_bytes == pytest.approx(measured.peak_rss_bytes, rel=0.05)
+
+
+def test_a_crashing_child_is_an_engine_error(tmp_path: Path) -> None:
+    from edgecds.errors import EngineError
+    from edgecds.hwbench.measure import measure_in_subprocess
+
+    bad = tmp_path / "not-a-model.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(EngineError) as err:
+        measure_in_subprocess(bad, RunSettings(n_ctx=256))
+    assert "not-a-model.gguf" in str(err.value)

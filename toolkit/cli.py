@@ -257,6 +257,9 @@ def devices_detect(profiles_dirs: tuple[Path, ...], root: Path, as_json: bool) -
         return
     host = match.host
     click.echo(f"CPU:      {host.cpu_model}, {host.cpu_cores} cores, {host.ram_gib:g} GiB RAM ({host.machine})")
+    if host.cpu_isa or host.cpu_gflops_fp32:
+        peak = f", {host.cpu_gflops_fp32:g} GFLOPS FP32 peak at {host.cpu_mhz:g} MHz" if host.cpu_gflops_fp32 else ""
+        click.echo(f"          {host.cpu_isa or 'instruction set unknown'}{peak}")
     if host.jetson_model:
         click.echo(f"Jetson:   {host.jetson_model}" + (f", {host.l4t_release}" if host.l4t_release else ""))
     for gpu in host.gpus:
@@ -296,6 +299,59 @@ def devices_show(profiles_dirs: tuple[Path, ...], device_id: str, as_json: bool)
         shown = ",".join(value) if isinstance(value, list) else value
         source = profile.sources.get(spec.path)
         click.echo(f"  {spec.path}: {shown}" + (f"  [{source}]" if source else ""))
+
+
+@cli.command()
+@click.argument("variants", type=click.Path(path_type=Path, exists=True))
+@click.option("--device", "device_id", required=True, help="Device profile id (see `edgecds devices list`), or 'host'.")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="Context length.  [default: the device's]")
+@click.option("--cache-type", "kv_type", default="f16", show_default=True,
+              help="KV-cache type for K and V, as llama.cpp's -ctk/-ctv (f16, q8_0, q4_0, ...).")
+@click.option("--profiles-dir", "profiles_dirs", multiple=True, type=click.Path(path_type=Path, file_okay=False),
+              help="A folder of your own device profiles; repeatable. Also: EDGECDS_PROFILES.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def plan(variants: Path, device_id: str, n_ctx: int | None, kv_type: str, profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
+    """Predict which variants fit a device, and how fast they run there, before anything is loaded.
+
+    VARIANTS is a variants.json written by `edgecds quantize` (or its folder). Every figure is a
+    prediction from the files' headers and the device profile, not a measurement; `edgecds
+    profile` measures on the device itself.
+
+    \b
+    Examples:
+      edgecds plan --device jetson-orin-nano-8gb edgecds-out/SmolLM2-135M-Instruct
+      edgecds plan --device rtx-3060-12gb variants.json --ctx 8192 --cache-type q8_0 --json
+    """
+    from edgecds.devices import find_profile
+    from edgecds.hwbench.predict import MIB
+    from edgecds.hwbench.predict import plan as make_plan
+
+    device = find_profile(device_id, profiles_dirs)
+    result = make_plan(variants, device, n_ctx, kv_type)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    settings = result.settings
+    rows, reasons = [], []
+    for entry in result.entries:
+        p = entry.prediction
+        if not entry.fits:
+            reasons.append(f"{entry.type}: {p.why_not if p else entry.why_not}")
+        if p is None:
+            rows.append([entry.type, entry.format, "", "", "", "", "", "no"])
+            continue
+        gpu = f"{p.memory.gpu_layers}/{p.memory.total_layers}" if p.memory.backend != "cpu" else "cpu"
+        prompt = f"{p.speed.prompt_tps:.0f}" if p.speed.prompt_tps else ""
+        rows.append([entry.type, entry.format, f"{p.memory.peak_bytes / MIB:.0f}", f"{p.headroom_bytes / MIB:.0f}", gpu,
+                     f"{p.speed.decode_tps:.0f}", prompt, "yes" if p.fits else "no"])
+    title = (f"Predicted, not measured: {device.id} ({device.budget_gib:g} GiB budget), context {settings.n_ctx}, "
+             f"KV cache {settings.type_k}, {settings.threads} threads")
+    _table(title, ["variant", "format", "peak MiB", "headroom MiB", "GPU layers", "decode tok/s", "prompt tok/s", "fits"], rows)
+    click.echo(f"power mode: {device.power_mode}")
+    for reason in reasons:
+        click.echo(f"does not fit: {reason}")
+    if any(e.prediction and not e.prediction.speed.calibrated for e in result.entries):
+        click.echo("note: speeds on this backend use assumed efficiencies, not edgecds measurements (hwbench/calibration.json)")
 
 
 @cli.command()

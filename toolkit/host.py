@@ -91,9 +91,11 @@ def _cpu(root: Path) -> tuple[str, int, str | None, float | None]:
     if not model:
         dt_model = (_read(root, "proc/device-tree/model") or "").strip("\0\n ")
         model = f"Arm ({dt_model})" if dt_model else "Arm"
-    if mhz is None:  # Arm kernels give no clock in cpuinfo; cpufreq has the maximum in kHz
-        khz = (_read(root, "sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") or "").strip()
-        mhz = int(khz) / 1000 if khz.isdigit() else None
+    # cpufreq's maximum (kHz) is the peak clock; cpuinfo's MHz is the current one, and Arm kernels
+    # give none, so it is only the fallback (VMs have no cpufreq).
+    khz = (_read(root, "sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") or "").strip()
+    if khz.isdigit():
+        mhz = int(khz) / 1000
     return model, len(cores) or max(processors, 1), _isa(flags), mhz
 
 
@@ -144,6 +146,7 @@ def _proc_gpus(root: Path) -> list[GpuInfo]:
 
 
 def detect_host(root: Path = Path("/")) -> HostInfo:
+    root = root.resolve()  # globbed paths below come back joined to it
     cpu_model, cores, isa, mhz = _cpu(root)
     notes = []
     jetson_model = None
@@ -222,11 +225,15 @@ def nearest_profile(host: HostInfo, profiles: dict[str, DeviceProfile]) -> HostM
         reason = "nothing matched; first profile"
 
     differences = []
-    memory = host.gpus[0].memory_gib if chosen.memory_kind == "discrete" and host.gpus and host.gpus[0].memory_gib else host.ram_gib
-    if abs(memory - chosen.total_gib) > 0.05 * chosen.total_gib:
-        differences.append(f"memory: {memory:g} GiB here, {chosen.total_gib:g} GiB in the profile")
+    # a discrete profile's memory is the GPU's; compared only when the GPU's was read (NVML)
+    discrete = chosen.memory_kind == "discrete"
+    compared = (host.gpus[0].memory_gib if host.gpus else None) if discrete else host.ram_gib
+    if compared is not None and abs(compared - chosen.total_gib) > 0.05 * chosen.total_gib:
+        differences.append(f"memory: {compared:g} GiB here, {chosen.total_gib:g} GiB in the profile")
     if host.cpu_cores != chosen.cpu_cores:
         differences.append(f"CPU cores: {host.cpu_cores} here, {chosen.cpu_cores} in the profile")
+    if host.cpu_isa and host.cpu_isa != chosen.cpu_isa:
+        differences.append(f"CPU instruction set: {host.cpu_isa} here, {chosen.cpu_isa} in the profile")
     if chosen.device_class == "gpu" and not host.gpus:
         differences.append("no NVIDIA GPU found here")
     return HostMatch(host, chosen, reason, tuple(differences))
@@ -251,6 +258,7 @@ def host_profile(match: HostMatch) -> DeviceProfile:
         sources={**base.sources, "memory.total_gib": detected, "compute.cpu_cores": detected,
                  **({"compute.cpu_isa": detected} if host.cpu_isa else {}),
                  **({"compute.cpu_gflops_fp32": f"{detected}: cores x clock x FLOPs a cycle"} if host.cpu_gflops_fp32 else {}),
-                 **({"memory.host_ram_gib": detected} if base.memory_kind == "discrete" else {})},
+                 **({"memory.host_ram_gib": detected} if base.memory_kind == "discrete" else {}),
+                 "memory.bandwidth_gbs": f"not detected: {base.id}'s figure ({base.sources.get('memory.bandwidth_gbs', '')})"},
         path="detected",
     )

@@ -24,7 +24,7 @@ from edgecds.progress import Reporter
 from edgecds.quant.gguf_file import GgufInfo, read_gguf
 from edgecds.quant.gguf_quantize import QuantizerOptions
 from edgecds.quant.types import DEFAULT_TYPES, QUANT_TYPE_BY_NAME, QuantType
-from edgecds.variants import VARIANTS_FILE, SourceRecord, VariantRecord, VariantsFile, load_variants
+from edgecds.variants import VARIANTS_FILE, SourceRecord, VariantRecord, VariantsFile, load_variants, variant_file
 
 METADATA_ALLOWANCE = 16 << 20  # bytes of header and vocabulary on top of the tensors
 FALLBACK_FACTOR = 1.4  # llama.cpp keeps tensors it cannot block-quantize wider (6.2 vs 4.5 bits seen)
@@ -147,7 +147,7 @@ def _reusable(existing: VariantRecord | None, key: str, folder: Path) -> bool:
     """A recorded variant is reused only if its key matches and the file still hashes the same."""
     if existing is None or existing.cache_key != key:
         return False
-    path = folder / existing.path
+    path = variant_file(folder, existing)
     return path.is_file() and path.stat().st_size == existing.file_size and sha256_file(path) == existing.sha256
 
 
@@ -262,7 +262,7 @@ def _run_locked(
         else:
             record = build(base, src.path, parent_sha, key)
         finish(record, float_reused)
-        parent_path, parent_sha = out / record.path, record.sha256
+        parent_path, parent_sha = variant_file(out, record), record.sha256
     for q in quants:
         key = key_for(q, parent_sha)
         reused = quant_reused[q.name] if parent_sha == quant_parent else _reusable(recorded.get(q.name), key, out)

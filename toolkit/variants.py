@@ -99,3 +99,11 @@ def load_variants(folder: Path) -> VariantsFile | None:
         raise InvalidInputError(f"{path}: 'variants' must be a list")
     variants = [_build(VariantRecord, item, f"{path}: variants[{i}]") for i, item in enumerate(raw)]
     return VariantsFile(source, variants)
+
+
+def variant_file(folder: Path, record: VariantRecord) -> Path:
+    """A variant's file; the record is untrusted, so its path must stay inside the folder."""
+    relative = Path(record.path)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise InvalidInputError(f"{folder / VARIANTS_FILE}: variant {record.name!r} has path {record.path!r} outside its folder")
+    return folder / relative

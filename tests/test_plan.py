@@ -1,0 +1,65 @@
+"""`edgecds plan`: every variant of a real quantize run against device profiles, from files alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from edgecds.cli import cli
+from edgecds.quantize import QuantizeResult
+
+
+def plan(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["plan", *args])
+    return result.exit_code, result.output
+
+
+def test_every_variant_is_predicted_and_labelled(default_variants: QuantizeResult) -> None:
+    code, out = plan(default_variants.output_dir, "--device", "jetson-orin-nano-8gb", "--ctx", "4096", "--json")
+    assert code == 0, out
+    data = json.loads(out)
+    assert data["label"] == "predicted" and data["device"] == "jetson-orin-nano-8gb"
+    assert data["settings"]["n_ctx"] == 4096 and data["settings"]["threads"] == 6
+    built = {o.record.type for o in default_variants.outcomes}
+    assert {e["type"] for e in data["entries"]} == built
+    for entry in data["entries"]:
+        memory = entry["prediction"]["memory"]
+        assert entry["fits"] and memory["gpu_layers"] == memory["total_layers"] == 31
+        assert entry["prediction"]["headroom_bytes"] == entry["prediction"]["budget_bytes"] - memory["peak_bytes"]
+    sizes = [e["prediction"]["memory"]["weights"] for e in data["entries"]]
+    assert sizes == sorted(sizes, reverse=True)  # largest first
+
+
+def test_table_says_predicted_and_why_a_variant_does_not_fit(default_variants: QuantizeResult, tmp_path: Path) -> None:
+    mine = tmp_path / "profiles"
+    mine.mkdir()
+    text = (Path(__file__).resolve().parents[1] / "profiles" / "laptop-x86-8gb.toml").read_text()
+    (mine / "tiny-box.toml").write_text(
+        text.replace('id = "laptop-x86-8gb"', 'id = "tiny-box"').replace("total_gib = 7.6", "total_gib = 0.6").replace("reserve_gib = 3.0", "reserve_gib = 0.3")
+    )
+    code, out = plan(str(Path(default_variants.output_dir) / "variants.json"), "--device", "tiny-box", "--profiles-dir", str(mine), "--ctx", "512")
+    assert code == 0, out
+    assert out.startswith("Predicted, not measured: tiny-box (0.3 GiB budget), context 512")
+    assert "does not fit: F16: needs 0.34 GiB, over the 0.3 GiB budget by" in out  # 353 MiB predicted
+    rows = {line.split("│")[1].strip(): line.split("│")[-2].strip() for line in out.splitlines() if line.startswith("│")}
+    assert rows["F16"] == "no" and rows["Q4_K_M"] == "yes"
+
+
+def test_bad_inputs_say_what_to_do(default_variants: QuantizeResult, tmp_path: Path) -> None:
+    code, out = plan(str(tmp_path), "--device", "laptop-x86-8gb")
+    assert code == 1 and "run `edgecds quantize" in out
+    code, out = plan(default_variants.output_dir, "--device", "pdp-11")
+    assert code != 0 and "jetson-orin-nano-8gb" in out
+    code, out = plan(default_variants.output_dir, "--device", "laptop-x86-8gb", "--cache-type", "q3_k")
+    assert code != 0 and "q8_0" in out
+
+    copy = tmp_path / "copy"
+    shutil.copytree(default_variants.output_dir, copy)
+    record = json.loads((copy / "variants.json").read_text())
+    record["variants"][0]["path"] = "../../etc/passwd"
+    (copy / "variants.json").write_text(json.dumps(record))
+    code, out = plan(str(copy), "--device", "laptop-x86-8gb")
+    assert code == 1 and "outside its folder" in out
