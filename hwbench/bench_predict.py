@@ -25,7 +25,7 @@ from typing import Any
 from edgecds import __version__
 from edgecds.atomic import write_json
 from edgecds.hwbench.calibrate import memory_bandwidth_gbs
-from edgecds.hwbench.measure import RunSettings, measure_in_subprocess
+from edgecds.hwbench.measure import ONE_PASS, RunSettings, measure_in_subprocess
 from edgecds.hwbench.predict import MIB, load_calibrations, percent_error, predict
 from edgecds.quant.gguf_file import read_gguf
 from edgecds.quant.gguf_quantize import llama_cpp_version
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         for n_ctx in contexts:
             settings = RunSettings(n_ctx=n_ctx, decode_tokens=args.decode)
             predicted = predict(info, settings, device, calibrations)
-            measured = measure_in_subprocess(path, settings)
+            measured = measure_in_subprocess(path, settings, ONE_PASS)
             row = {
                 "variant": variant.type,
                 "n_ctx": n_ctx,

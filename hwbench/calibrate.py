@@ -77,7 +77,7 @@ def calibrate(model: Path) -> dict[str, Any]:
     from edgecds.devices import load_profiles
     from edgecds.host import detect_host, host_profile, nearest_profile
     from edgecds.hwbench import predict
-    from edgecds.hwbench.measure import RunSettings, measure_in_subprocess
+    from edgecds.hwbench.measure import ONE_PASS, RunSettings, measure_in_subprocess
     from edgecds.quant.gguf_file import read_gguf
     from edgecds.quant.gguf_quantize import llama_cpp_version
 
@@ -94,12 +94,12 @@ def calibrate(model: Path) -> dict[str, Any]:
     provisional = predict.Calibration("cpu", base, vocab_per_token, 0, 1.0, 1.0)
 
     tiny_settings = RunSettings(**TINY)
-    tiny = measure_in_subprocess(model, tiny_settings)
+    tiny = measure_in_subprocess(model, tiny_settings, ONE_PASS)
     others = predict.predict_memory(info, tiny_settings, device, provisional).peak_bytes
     context_fixed = tiny.peak_rss_bytes - others
 
     speed_settings = RunSettings(**SPEED)
-    run = measure_in_subprocess(model, speed_settings)
+    run = measure_in_subprocess(model, speed_settings, ONE_PASS)
     roofline = predict.predict_speed(info, speed_settings, device, provisional)
     decode_eff = run.decode_tps / roofline.decode_tps
     prompt_eff = run.prompt_tps / roofline.prompt_tps if roofline.prompt_tps else 0.0

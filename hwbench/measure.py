@@ -1,10 +1,18 @@
-"""Measure one GGUF variant in a fresh process: peak memory, load time, prompt and decode speed.
+"""Measure one variant in a fresh process: load time, peak memory, prompt and decode speed, TTFT.
 
-A fresh process per variant, so one variant's memory cannot hide another's: the peak is the
-kernel's own high-water mark of the child's resident set (VmHWM), which counts the Python
-interpreter, the engine's libraries, the memory-mapped weights it touched, the KV cache and the
-compute buffers alike. The parent reads one JSON line back; a crash, a kill or a timeout becomes
-an EngineError that says which.
+A fresh process per variant, so one variant's memory cannot hide another's. Its peak resident
+set is the kernel's own accounting: the child's rusage (`ru_maxrss`, from wait4, as
+`/usr/bin/time -v` reports it), which counts the interpreter, the engine, the memory-mapped
+weights it touched, the KV cache and the compute buffers alike. While it runs, the parent
+samples GPU memory through NVML where an NVIDIA GPU is present, and on a Jetson the unified
+memory in use (from /proc/meminfo). A crash, a kill or a timeout becomes an EngineError that
+says which.
+
+The timed work follows llama-bench: `pp` processes `prompt_tokens` tokens from an empty cache in
+batches; `tg` generates `decode_tokens` tokens one at a time from an empty cache (each the
+greedy pick of the last; sampling costs microseconds against milliseconds of decoding); after a
+warm-up, each is repeated. Time to first token is a clinical prompt in the model's chat
+template, from text to the first generated token.
 
 Run directly: python -m edgecds.hwbench.measure MODEL.gguf --ctx 2048
 """
@@ -12,10 +20,13 @@ Run directly: python -m edgecds.hwbench.measure MODEL.gguf --ctx 2048
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,33 +34,32 @@ from typing import Any
 
 from edgecds.child import die_with_parent
 from edgecds.errors import EngineError
+from edgecds.runtime import EngineSettings, Runtime, open_runtime
 
-# A clinical text repeated to the prompt length: token ids do not change memory, and the speed of
-# real prose is what a clinic sees.
+# A clinical text repeated to the prompt length: token ids do not change speed or memory, and real
+# prose is what a clinic runs.
 FILL_TEXT = (
     "A 67-year-old woman presents with two hours of crushing central chest pain radiating to the jaw, "
     "with sweating and nausea. She has hypertension, type 2 diabetes and smokes. Blood pressure 150/92, "
     "pulse 104, oxygen saturation 95% on air. The ECG shows ST elevation in leads II, III and aVF. "
     "Troponin is raised. "
 )
+CLINICAL_PROMPT = (
+    "A 58-year-old man has had sudden severe headache for one hour, the worst of his life, with vomiting "
+    "and neck stiffness. Blood pressure 178/96, temperature 37.1 C, no focal deficit. What is the most "
+    "likely diagnosis, and what is the next investigation?"
+)
 DEFAULT_DECODE = 32
 TIMEOUT_SECONDS = 600
+SAMPLE_SECONDS = 0.05
 
 _BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|compute|output) buffer size =\s+([\d.]+) MiB")
 
 
 @dataclass(frozen=True)
-class RunSettings:
-    """How llama.cpp is asked to run a variant; every field is recorded with the measurement."""
+class RunSettings(EngineSettings):
+    """Engine settings plus the size of the work: what predict.py predicts and measure.py runs."""
 
-    n_ctx: int = 2048
-    n_batch: int = 512
-    n_ubatch: int = 512
-    threads: int | None = None  # None: llama.cpp's default
-    n_gpu_layers: int = 0
-    type_k: str = "f16"
-    type_v: str = "f16"
-    flash_attn: bool = False
     prompt_tokens: int | None = None  # None: fill the context, leaving room for the decode
     decode_tokens: int = DEFAULT_DECODE
 
@@ -61,25 +71,54 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
+class Workload:
+    """How the timed work is repeated. The defaults are `edgecds profile`'s."""
+
+    repeats: int = 3
+    warmup: bool = True
+    ttft: bool = True
+    decode_after_prompt: bool = False  # decode at the prompt's depth (the predictor benchmark fills the context)
+
+
+ONE_PASS = Workload(repeats=1, warmup=False, ttft=False, decode_after_prompt=True)
+
+
+@dataclass(frozen=True)
 class Measurement:
     model: str
     settings: RunSettings
-    peak_rss_bytes: int  # VmHWM at the end: the whole process's peak
+    workload: Workload
+    peak_rss_bytes: int  # the child's ru_maxrss (wait4); VmHWM as the child last read it is in stages
     stages: dict[str, dict[str, int]]  # VmHWM, RssAnon, RssFile after import, load, prompt, decode
-    llama_buffers_mib: dict[str, float] = field(default_factory=dict)  # as llama.cpp logged them
+    llama_buffers_mib: dict[str, float] = field(default_factory=dict)  # as the engine logged them
     load_seconds: float = 0.0
     prompt_tokens: int = 0
-    prompt_seconds: float = 0.0
+    prompt_seconds: list[float] = field(default_factory=list)  # one a repeat
     decode_tokens: int = 0
-    decode_seconds: float = 0.0
+    decode_seconds: list[float] = field(default_factory=list)
+    ttft_prompt_tokens: int = 0
+    ttft_seconds: list[float] = field(default_factory=list)
+    gpu_peak_bytes: int | None = None  # NVML: the child's GPU memory (or the device's growth), at its peak
+    unified_peak_bytes: int | None = None  # Jetson: growth of memory in use (MemTotal - MemAvailable)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def prompt_tps_samples(self) -> list[float]:
+        return [self.prompt_tokens / s for s in self.prompt_seconds if s > 0]
+
+    @property
+    def decode_tps_samples(self) -> list[float]:
+        return [self.decode_tokens / s for s in self.decode_seconds if s > 0]
 
     @property
     def prompt_tps(self) -> float:
-        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+        samples = self.prompt_tps_samples
+        return statistics.median(samples) if samples else 0.0
 
     @property
     def decode_tps(self) -> float:
-        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+        samples = self.decode_tps_samples
+        return statistics.median(samples) if samples else 0.0
 
 
 def _proc_status() -> dict[str, int]:
@@ -93,101 +132,263 @@ def _proc_status() -> dict[str, int]:
     return found
 
 
-def _fill_tokens(llm: Any, n: int) -> list[int]:
-    unit = llm.tokenize(FILL_TEXT.encode(), add_bos=False, special=False)
-    tokens = list(unit) * (n // len(unit) + 1)
-    return tokens[:n]
+def _fill_tokens(runtime: Runtime, n: int) -> list[int]:
+    unit = runtime.tokenize(FILL_TEXT, add_bos=False)
+    return (unit * (n // len(unit) + 1))[:n]
 
 
-def measure_here(model_path: Path, settings: RunSettings) -> Measurement:
-    """In this process: load, process the prompt, decode; the caller must be a fresh process."""
+def _greedy(runtime: Runtime) -> int:
+    import numpy as np
+
+    return int(np.argmax(runtime.logits()))
+
+
+def _time_prompt(runtime: Runtime, tokens: list[int]) -> float:
+    runtime.reset()
+    start = time.perf_counter()
+    runtime.eval(tokens)
+    return time.perf_counter() - start
+
+
+def _time_decode(runtime: Runtime, n: int, first: int, from_empty: bool = True) -> float:
+    if from_empty:
+        runtime.reset()
+    token = first
+    start = time.perf_counter()
+    for _ in range(n):
+        runtime.eval([token])
+        token = _greedy(runtime)
+    return time.perf_counter() - start
+
+
+def _time_first_token(runtime: Runtime, text: str) -> tuple[int, float]:
+    runtime.reset()
+    start = time.perf_counter()
+    tokens = runtime.tokenize(text)
+    runtime.eval(tokens)
+    _greedy(runtime)
+    return len(tokens), time.perf_counter() - start
+
+
+def measure_here(model_path: Path, settings: RunSettings, workload: Workload = Workload()) -> Measurement:
+    """In this process: load, warm up, then the timed work; the caller must be a fresh process."""
     stages = {"start": _proc_status()}
-    import llama_cpp
-    from llama_cpp import Llama
-
-    from edgecds.quant.gguf_quantize import captured_llama_log
+    import llama_cpp  # noqa: F401  (imported here so the import's memory is its own stage)
 
     stages["import"] = _proc_status()
-    with captured_llama_log() as log:
-        start = time.perf_counter()
-        llm = Llama(
-            model_path=str(model_path), n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
-            n_threads=settings.threads, n_threads_batch=settings.threads, n_gpu_layers=settings.n_gpu_layers,
-            type_k=_ggml_type_id(llama_cpp, settings.type_k), type_v=_ggml_type_id(llama_cpp, settings.type_v),
-            flash_attn=settings.flash_attn, verbose=False, seed=0,
-        )
-        load_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    runtime = open_runtime(model_path, settings)
+    load_seconds = time.perf_counter() - start
     stages["load"] = _proc_status()
-    n_prompt = settings.effective_prompt_tokens
-    if n_prompt + settings.decode_tokens > settings.n_ctx:
-        raise EngineError(f"{n_prompt} prompt + {settings.decode_tokens} decode tokens do not fit a context of {settings.n_ctx}")
-    prompt = _fill_tokens(llm, n_prompt + settings.decode_tokens)
-    start = time.perf_counter()
-    llm.eval(prompt[:n_prompt])
-    prompt_seconds = time.perf_counter() - start
-    stages["prompt"] = _proc_status()
-    # Decode as llama-bench's text-generation test does: one token per step, no sampling cost.
-    start = time.perf_counter()
-    for token in prompt[n_prompt:]:
-        llm.eval([token])
-    decode_seconds = time.perf_counter() - start
-    stages["decode"] = _proc_status()
-    llm.close()
+    n_prompt, n_decode = settings.effective_prompt_tokens, settings.decode_tokens
+    depth = n_prompt + n_decode if workload.decode_after_prompt else max(n_prompt, n_decode)
+    if depth > settings.n_ctx:
+        raise EngineError(f"{n_prompt} prompt + {n_decode} decode tokens do not fit a context of {settings.n_ctx}")
+    prompt = _fill_tokens(runtime, n_prompt)
+    chat = runtime.chat_prompt(CLINICAL_PROMPT)
+    if workload.warmup:  # as llama-bench: one prompt pass and one decoded token, untimed
+        _time_prompt(runtime, prompt)
+        _time_decode(runtime, 1, runtime.bos())
+    prompt_seconds, decode_seconds, ttft_seconds = [], [], []
+    ttft_tokens = 0
+    for _ in range(workload.repeats):
+        prompt_seconds.append(_time_prompt(runtime, prompt))
+        stages["prompt"] = _proc_status()
+        if workload.decode_after_prompt:
+            decode_seconds.append(_time_decode(runtime, n_decode, _greedy(runtime), from_empty=False))
+        else:
+            decode_seconds.append(_time_decode(runtime, n_decode, runtime.bos()))
+        stages["decode"] = _proc_status()
+        if workload.ttft:
+            ttft_tokens, seconds = _time_first_token(runtime, chat)
+            ttft_seconds.append(seconds)
+    log = runtime.engine_log()
+    runtime.close()
     buffers: dict[str, float] = {}
     for line in log:
         match = _BUFFER_LINE.search(line)
         if match and "expectation" not in line:
             key = f"{match.group(1)} {match.group(2)}".replace("_Mapped", "").replace("_REPACK", " repack")
             buffers[key] = buffers.get(key, 0.0) + float(match.group(3))
+    stages["end"] = _proc_status()
     return Measurement(
-        model=model_path.name, settings=settings, peak_rss_bytes=stages["decode"]["VmHWM"], stages=stages,
+        model=model_path.name, settings=settings, workload=workload, peak_rss_bytes=stages["end"]["VmHWM"], stages=stages,
         llama_buffers_mib=buffers, load_seconds=load_seconds, prompt_tokens=n_prompt, prompt_seconds=prompt_seconds,
-        decode_tokens=settings.decode_tokens, decode_seconds=decode_seconds,
+        decode_tokens=n_decode, decode_seconds=decode_seconds, ttft_prompt_tokens=ttft_tokens, ttft_seconds=ttft_seconds,
     )
 
 
-def _ggml_type_id(llama_cpp: Any, name: str) -> int:
-    value = getattr(llama_cpp, f"GGML_TYPE_{name.upper()}", None)
-    if not isinstance(value, int):
-        raise EngineError(f"llama-cpp-python does not know the KV-cache type {name!r}")
-    return value
+class _MemorySampler(threading.Thread):
+    """Samples, while a child runs, what its peak RSS cannot show: GPU memory through NVML, and on a
+    Jetson (whose GPU shares system RAM) the growth of memory in use."""
+
+    def __init__(self, pid: int, unified: bool, gpu: bool, meminfo: Path = Path("/proc/meminfo")) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.unified, self.meminfo = pid, unified, meminfo
+        self.gpu_peak: int | None = None
+        self.unified_peak: int | None = None
+        self.notes: list[str] = []
+        self._done = threading.Event()
+        self._nvml: Any = None
+        self._handles: list[Any] = []
+        self._gpu_baseline = 0
+        self._by_process = False
+        self._meminfo_baseline = used_memory_bytes(meminfo) if unified else None
+        if gpu:
+            self._open_nvml()
+
+    def _open_nvml(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+        except Exception as exc:  # no library, no driver, no GPU: NVML's errors are all "not here"
+            self.notes.append(f"GPU memory not read: NVML unavailable ({type(exc).__name__})")
+            return
+        self._nvml = pynvml
+        self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        self._gpu_baseline = sum(pynvml.nvmlDeviceGetMemoryInfo(h).used for h in self._handles)
+
+    def _gpu_bytes(self) -> int | None:
+        if self._nvml is None or not self._handles:
+            return None
+        mine = 0
+        found = False
+        for handle in self._handles:
+            try:
+                for proc in self._nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    if proc.pid == self.pid and proc.usedGpuMemory is not None:
+                        mine += proc.usedGpuMemory
+                        found = True
+            except self._nvml.NVMLError:
+                pass
+        if found:
+            self._by_process = True
+            return mine
+        # a container may hide the child's pid from NVML: fall back to the devices' growth
+        return max(0, sum(self._nvml.nvmlDeviceGetMemoryInfo(h).used for h in self._handles) - self._gpu_baseline)
+
+    def sample(self) -> None:
+        gpu = self._gpu_bytes()
+        if gpu is not None:
+            self.gpu_peak = max(self.gpu_peak or 0, gpu)
+        if self._meminfo_baseline is not None:
+            used = used_memory_bytes(self.meminfo)
+            if used is not None:
+                self.unified_peak = max(self.unified_peak or 0, used - self._meminfo_baseline)
+
+    def run(self) -> None:
+        while not self._done.wait(SAMPLE_SECONDS):
+            self.sample()
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+        if self._nvml is not None:
+            if self.gpu_peak is not None and not self._by_process:
+                self.notes.append("GPU memory is the devices' growth while measuring: NVML did not list the process")
+            self._nvml.nvmlShutdown()
 
 
-def measure_in_subprocess(model_path: Path, settings: RunSettings, timeout: float = TIMEOUT_SECONDS) -> Measurement:
-    """`measure_here` in a fresh child; a crash, kill or timeout becomes an EngineError naming it."""
-    cmd = [sys.executable, "-m", "edgecds.hwbench.measure", str(model_path), "--settings", json.dumps(asdict(settings))]
+def used_memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """MemTotal - MemAvailable: memory in use by everything, as a Jetson's CPU and GPU share it."""
+    values: dict[str, int] = {}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, preexec_fn=die_with_parent())
-    except subprocess.TimeoutExpired:
-        raise EngineError(f"{model_path.name}: not measured within {timeout:.0f} s (timed out)") from None
-    if proc.returncode != 0:
-        if proc.returncode < 0:
-            name = signal.Signals(-proc.returncode).name
+        for line in meminfo.read_text(encoding="ascii", errors="replace").splitlines()[:64]:
+            key, _, rest = line.partition(":")
+            if key in ("MemTotal", "MemAvailable") and rest.split():
+                values[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError):
+        return None
+    if len(values) < 2:
+        return None
+    return values["MemTotal"] - values["MemAvailable"]
+
+
+def _wait_with_rusage(proc: subprocess.Popen[str], timeout: float) -> tuple[int, int, bool]:
+    """Reap the child with wait4, for its own rusage: (exit status as Popen reports it, ru_maxrss
+    in bytes, timed out). On timeout the child is killed and still reaped."""
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid == proc.pid:
+            break
+        if time.monotonic() > deadline and not timed_out:
+            proc.kill()
+            timed_out = True
+        time.sleep(0.01)
+    code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    proc.returncode = code  # reaped here: tell Popen, so it never waits for the pid again
+    maxrss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # kilobytes on Linux
+    return code, maxrss, timed_out
+
+
+def measure_in_subprocess(model_path: Path, settings: RunSettings, workload: Workload = Workload(),
+                          timeout: float = TIMEOUT_SECONDS, unified_memory: bool = False, gpu: bool = False) -> Measurement:
+    """`measure_here` in a fresh child; a crash, kill or timeout becomes an EngineError naming it."""
+    cmd = [sys.executable, "-m", "edgecds.hwbench.measure", str(model_path),
+           "--settings", json.dumps(asdict(settings)), "--workload", json.dumps(asdict(workload))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent())
+    out: dict[str, str] = {}
+    readers = [threading.Thread(target=lambda name=name, stream=stream: out.__setitem__(name, stream.read()), daemon=True)
+               for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr))]
+    for reader in readers:
+        reader.start()
+    sampler = _MemorySampler(proc.pid, unified_memory, gpu)
+    sampler.start()
+    try:
+        code, maxrss, timed_out = _wait_with_rusage(proc, timeout)
+    finally:
+        sampler.stop()
+        for reader in readers:
+            reader.join()
+    if timed_out:
+        raise EngineError(f"{model_path.name}: not measured within {timeout:.0f} s (timed out, killed)")
+    if code != 0:
+        if code < 0:
+            name = signal.Signals(-code).name
             cause = f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
         else:
-            cause = f"exit {proc.returncode}"
-        tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
+            cause = f"exit {code}"
+        tail = "\n".join(out.get("stderr", "").strip().splitlines()[-6:])
         raise EngineError(f"{model_path.name}: measuring failed: {cause}\n{tail}")
     try:
-        data = json.loads(proc.stdout.strip().splitlines()[-1])
+        data = json.loads(out.get("stdout", "").strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
         raise EngineError(f"{model_path.name}: the measuring process printed no result") from None
     data["settings"] = RunSettings(**data["settings"])
+    data["workload"] = Workload(**data["workload"])
+    data["peak_rss_bytes"] = maxrss
+    data["gpu_peak_bytes"] = sampler.gpu_peak
+    data["unified_peak_bytes"] = sampler.unified_peak
+    data["notes"] = sampler.notes
     return Measurement(**data)
+
+
+def measure_repeated(model_path: Path, settings: RunSettings, repeats: int, timeout: float = TIMEOUT_SECONDS,
+                     unified_memory: bool = False, gpu: bool = False) -> list[Measurement]:
+    """`repeats` fresh processes, each loading, warming up and timing the work once. Repeating
+    whole processes, not passes inside one, makes the spread honest: it then includes what
+    changes from one process to the next (where memory lands, clocks, neighbours), which two
+    profile runs would otherwise disagree by."""
+    once = Workload(repeats=1)
+    return [measure_in_subprocess(model_path, settings, once, timeout, unified_memory, gpu) for _ in range(repeats)]
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Measure one GGUF in this (fresh) process and print one JSON line.")
+    parser = argparse.ArgumentParser(description="Measure one variant in this (fresh) process and print one JSON line.")
     parser.add_argument("model", type=Path)
     parser.add_argument("--settings", default="{}", help="RunSettings as JSON")
+    parser.add_argument("--workload", default="{}", help="Workload as JSON")
     parser.add_argument("--ctx", type=int, help="shorthand for the context length")
     args = parser.parse_args(argv)
     values = json.loads(args.settings)
     if args.ctx:
         values["n_ctx"] = args.ctx
-    result = measure_here(args.model, RunSettings(**values))
+    result = measure_here(args.model, RunSettings(**values), Workload(**json.loads(args.workload)))
     print(json.dumps(asdict(result)))
     return 0
 

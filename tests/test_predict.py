@@ -170,12 +170,12 @@ def test_unified_memory_holds_everything_in_one_pool(f16_gguf: Path) -> None:
 def test_prediction_within_five_percent_of_a_fresh_process(default_variants: object) -> None:
     """The benchmark's claim, on one variant at one context: predicted peak vs the child's VmHWM."""
     from edgecds.hwbench.bench_predict import host_device
-    from edgecds.hwbench.measure import measure_in_subprocess
+    from edgecds.hwbench.measure import ONE_PASS, measure_in_subprocess
 
     path = _variant(default_variants, "Q4_K_M")
     settings = RunSettings(n_ctx=512, decode_tokens=16)
     predicted = predict(read_gguf(path), settings, host_device())
-    measured = measure_in_subprocess(path, settings)
+    measured = measure_in_subprocess(path, settings, ONE_PASS)
     assert measured.prompt_tokens == 512 - 16 and measured.decode_tokens == 16
     assert measured.peak_rss_bytes >= measured.stages["load"]["VmHWM"] > 0
     assert predicted.memory.peak_bytes == pytest.approx(measured.peak_rss_bytes, rel=0.05)

@@ -355,6 +355,89 @@ def plan(variants: Path, device_id: str, n_ctx: int | None, kv_type: str, profil
 
 
 @cli.command()
+@click.argument("variants", type=click.Path(path_type=Path, exists=True))
+@click.option("--device", "device_id", default="auto", show_default=True,
+              help="Device profile to measure for; 'auto' takes the one detected here. Another device is refused unless --measure-anyway.")
+@click.option("--types", "types_text", metavar="LIST", help="Only these variants (comma list of quant types). Default: all.")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="Context length.  [default: the device's]")
+@click.option("--threads", "-t", type=click.IntRange(min=1), help="Threads.  [default: the device's cores]")
+@click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=click.IntRange(min=-1), help="Layers on the GPU, -1 all.  [default: all on a GPU device]")
+@click.option("--cache-type", "kv_type", default="f16", show_default=True, help="KV-cache type for K and V (llama.cpp's -ctk/-ctv).")
+@click.option("--flash-attn/--no-flash-attn", "-fa", default=False, show_default=True, help="llama.cpp's flash attention.")
+@click.option("--prompt-tokens", "-p", "prompt_tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Prompt-processing test size (llama-bench -p).")
+@click.option("--decode-tokens", "-n", "decode_tokens", type=click.IntRange(min=1), default=128, show_default=True, help="Generation test size (llama-bench -n).")
+@click.option("--repeats", "-r", type=click.IntRange(min=1), default=3, show_default=True, help="Repeats after a warm-up; median and range are reported.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=600, show_default=True, help="Seconds one variant may take; then it is killed and recorded as failed.")
+@click.option("--measure-anyway", is_flag=True, help="Measure on a machine that is not the --device; results are marked as measured on this machine.")
+@click.option("--force", is_flag=True, help="Measure again variants already measured with the same settings on this machine.")
+@click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), help="Results file.  [default: results.json beside variants.json]")
+@click.option("--profiles-dir", "profiles_dirs", multiple=True, type=click.Path(path_type=Path, file_okay=False),
+              help="A folder of your own device profiles; repeatable. Also: EDGECDS_PROFILES.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int | None, threads: int | None, n_gpu_layers: int | None,
+            kv_type: str, flash_attn: bool, prompt_tokens: int, decode_tokens: int, repeats: int, timeout: float,
+            measure_anyway: bool, force: bool, output: Path | None, profiles_dirs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
+    """Measure every variant on this device: load time, peak memory, prompt and decode speed.
+
+    Run it on the target device itself. Each variant runs in a fresh process; a variant predicted
+    not to fit the device's memory is skipped, one that crashes or times out is recorded as
+    failed, and the run goes on. Results go to results.json after every variant; a re-run skips
+    what is already measured with the same settings on this machine.
+
+    \b
+    Examples:
+      edgecds profile edgecds-out/SmolLM2-135M-Instruct
+      edgecds profile variants.json --device jetson-orin-nano-8gb --types Q4_K_M,Q8_0 -r 5 --json
+    """
+    from edgecds.profile import ProfileConfig, run_profile
+    from edgecds.progress import make_reporter
+
+    config = ProfileConfig(
+        variants=variants, device=device_id, profiles_dirs=profiles_dirs,
+        types=tuple(t.strip() for t in types_text.split(",") if t.strip()) if types_text else (),
+        n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, cache_type=kv_type, flash_attn=flash_attn,
+        prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, repeats=repeats, timeout=timeout,
+        measure_anyway=measure_anyway, force=force, output=output,
+    )
+    result = run_profile(config, make_reporter(quiet))
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+
+    def stat(s: Any, scale: float = 1.0, digits: int = 1) -> str:
+        if not s:
+            return ""
+        spread = f" ±{s.spread * scale / 2:.{digits}f}" if len(s.samples) > 1 else ""
+        return f"{s.median * scale:.{digits}f}{spread}"
+
+    show_gpu = any(o.record.measured and o.record.measured.gpu_peak_bytes is not None for o in result.outcomes)
+    rows, reasons = [], []
+    for outcome in result.outcomes:
+        r = outcome.record
+        m = r.measured
+        if m is None:
+            rows.append([r.variant.type, r.status, *[""] * (6 + show_gpu)])
+            reasons.append(f"{r.variant.type}: {r.status}: {r.reason}")
+            continue
+        gpu = [f"{m.gpu_peak_bytes / 2**20:.0f}" if m.gpu_peak_bytes is not None else ""] if show_gpu else []
+        rows.append([r.variant.type, "reused" if outcome.reused else r.status, stat(m.load_seconds, 1, 2), f"{m.peak_rss_bytes.high / 2**20:.0f}",
+                     *gpu, stat(m.prompt_tps), stat(m.decode_tps), stat(m.ttft_seconds, 1000, 0)])
+    s = result.outcomes[0].record.settings if result.outcomes else {}
+    where = "" if result.on_target else f" (measured on {result.host.detected_profile}, not the device)"
+    title = (f"Measured on {result.device}{where}: ctx {s.get('n_ctx')}, {s.get('threads')} threads, {s.get('n_gpu_layers')} GPU layers; "
+             f"median ±half-range of {s.get('repeats')}")
+    columns = ["variant", "status", "load s", "peak MiB", *(["GPU MiB"] if show_gpu else []),
+               f"pp{s.get('prompt_tokens')} tok/s", f"tg{s.get('decode_tokens')} tok/s", "TTFT ms"]
+    _table(title, columns, rows)
+    for reason in reasons:
+        click.echo(reason)
+    click.echo(f"Recorded in {result.results_file}")
+
+
+@cli.command()
 @click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def inspect(path: Path, as_json: bool) -> None:

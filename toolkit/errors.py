@@ -31,6 +31,10 @@ class InvalidGgufError(InvalidInputError):
     """A GGUF file that is truncated, not a GGUF, or claims impossible counts or offsets."""
 
 
+class WrongDeviceError(EdgecdsError):
+    """Asked to measure a device this machine is not; measuring here would mislabel the results."""
+
+
 class EngineError(EdgecdsError):
     """llama.cpp, the converter or another engine failed on input we had accepted."""
 

@@ -70,15 +70,36 @@ class VariantsFile:
         write_json(folder / VARIANTS_FILE, self.to_dict())
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
+# JSON types of the annotations records use; other names (nested records) are checked by their own builder.
+_JSON_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,), "list": (list,)}
+
+
+def _type_ok(annotation: str, value: Any) -> bool:
+    for part in (p.strip() for p in annotation.split("|")):
+        if part == "None" and value is None:
+            return True
+        base = part.split("[", 1)[0]
+        if base not in _JSON_TYPES:
+            return True
+        if isinstance(value, _JSON_TYPES[base]) and not (base in ("int", "float") and isinstance(value, bool)):
+            return True
+    return False
+
+
+def dataclass_from_dict(cls: type, data: Any, where: str) -> Any:
+    """`cls` built from an untrusted object: every required field present and of its JSON type,
+    unknown ones dropped."""
     if not isinstance(data, dict):
         raise InvalidInputError(f"{where}: expected an object")
-    names = {f.name for f in fields(cls)}
-    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    known = {f.name: f for f in fields(cls)}
+    required = {name for name, f in known.items() if f.default is MISSING and f.default_factory is MISSING}
     missing = sorted(required - data.keys())
     if missing:
         raise InvalidInputError(f"{where}: missing field(s) {', '.join(missing)}")
-    return cls(**{k: v for k, v in data.items() if k in names})
+    for name, value in data.items():
+        if name in known and not _type_ok(str(known[name].type), value):
+            raise InvalidInputError(f"{where}: field {name!r} must be {known[name].type}, not {type(value).__name__}")
+    return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def load_variants(folder: Path) -> VariantsFile | None:
@@ -93,11 +114,11 @@ def load_variants(folder: Path) -> VariantsFile | None:
     if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
         version = data.get("schema_version") if isinstance(data, dict) else None
         raise InvalidInputError(f"{path}: schema_version {version!r} is not {SCHEMA_VERSION}; delete it or use a matching edgecds")
-    source = _build(SourceRecord, data.get("source"), f"{path}: source")
+    source = dataclass_from_dict(SourceRecord, data.get("source"), f"{path}: source")
     raw = data.get("variants")
     if not isinstance(raw, list):
         raise InvalidInputError(f"{path}: 'variants' must be a list")
-    variants = [_build(VariantRecord, item, f"{path}: variants[{i}]") for i, item in enumerate(raw)]
+    variants = [dataclass_from_dict(VariantRecord, item, f"{path}: variants[{i}]") for i, item in enumerate(raw)]
     return VariantsFile(source, variants)
 
 

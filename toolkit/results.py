@@ -1,0 +1,185 @@
+"""`results.json`: what `edgecds profile` measured, read back by `bundle` and `report`.
+
+One dataclass per record is the single definition of its fields. The file holds the hosts that
+measured (fingerprints) and one record per variant, device, settings and host, so results from
+several machines can live side by side and a record measured on another host never passes for
+the target. It is validated when read: later steps trust it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgecds.atomic import write_json
+from edgecds.errors import InvalidInputError
+from edgecds.variants import dataclass_from_dict
+
+SCHEMA_VERSION = 1
+RESULTS_FILE = "results.json"
+MAX_RESULTS_BYTES = 64 << 20
+STATUSES = ("measured", "failed", "skipped")
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Repeated measurements of one figure: median and range, with every sample."""
+
+    median: float
+    low: float
+    high: float
+    samples: list[float]
+
+    @classmethod
+    def of(cls, samples: list[float]) -> Stat:
+        if not samples:
+            raise ValueError("no samples")
+        rounded = [round(s, 6) for s in samples]
+        return cls(round(statistics.median(samples), 6), min(rounded), max(rounded), rounded)
+
+    @property
+    def spread(self) -> float:
+        """The range of the repeats: the noise a reader should allow for."""
+        return self.high - self.low
+
+
+@dataclass(frozen=True)
+class HostFingerprint:
+    """The machine that measured, and the software it ran; `id` hashes the rest."""
+
+    id: str
+    detected_profile: str
+    cpu: str
+    cpu_cores: int
+    cpu_isa: str | None
+    ram_gib: float
+    machine: str
+    gpus: list[str]
+    gpu_driver: str | None
+    jetson: str | None
+    l4t_release: str | None
+    os: str
+    versions: dict[str, str]  # edgecds, llama-cpp-python, python
+
+    @staticmethod
+    def make_id(fields: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class VariantRef:
+    name: str
+    type: str
+    format: str
+    path: str  # relative to the variants folder
+    sha256: str
+    file_size: int
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One variant's figures over `repeats` fresh processes (see hwbench/measure.py)."""
+
+    load_seconds: Stat
+    peak_rss_bytes: Stat  # each process's own ru_maxrss; budgets compare with `.high`
+    prompt_tps: Stat  # pp: `prompt_tokens` from an empty cache
+    decode_tps: Stat  # tg: `decode_tokens` one at a time from an empty cache
+    ttft_seconds: Stat | None  # a clinical prompt in the chat template, to the first token
+    ttft_prompt_tokens: int
+    gpu_peak_bytes: int | None  # the highest over the repeats
+    unified_peak_bytes: int | None
+    engine_buffers_mib: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ProfileRecord:
+    variant: VariantRef
+    device: str  # the device profile the user measured for
+    on_target: bool  # False: measured on another machine (`host`), so it never counts for `device`
+    host: str  # HostFingerprint.id
+    settings: dict[str, Any]  # engine settings, workload size and repeats: everything used
+    status: str  # measured, failed or skipped
+    reason: str  # why failed or skipped
+    predicted: dict[str, Any]  # the predictor's figures at the device's context, for comparison
+    measured: Measured | None
+    key: str  # variant, device, settings and host: a re-run with the same key reuses the record
+    created: str
+    seconds: float
+
+    @staticmethod
+    def make_key(variant_sha256: str, device: str, settings: dict[str, Any], host_id: str) -> str:
+        payload = {"variant": variant_sha256, "device": device, "settings": settings, "host": host_id}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class ResultsFile:
+    hosts: dict[str, HostFingerprint] = field(default_factory=dict)
+    records: list[ProfileRecord] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    def by_key(self) -> dict[str, ProfileRecord]:
+        return {r.key: r for r in self.records}
+
+    def upsert(self, record: ProfileRecord) -> None:
+        self.records = [r for r in self.records if r.key != record.key] + [record]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": self.schema_version, "hosts": {k: asdict(v) for k, v in self.hosts.items()},
+                "records": [asdict(r) for r in self.records]}
+
+    def save(self, path: Path) -> None:
+        write_json(path, self.to_dict())
+
+
+def _stat(data: Any, where: str) -> Stat:
+    stat = dataclass_from_dict(Stat, data, where)
+    if not isinstance(stat.samples, list) or not all(isinstance(s, (int, float)) for s in stat.samples):
+        raise InvalidInputError(f"{where}: samples must be a list of numbers")
+    return stat
+
+
+def _record(data: Any, where: str) -> ProfileRecord:
+    record = dataclass_from_dict(ProfileRecord, data, where)
+    if record.status not in STATUSES:
+        raise InvalidInputError(f"{where}: status {record.status!r} is not one of {', '.join(STATUSES)}")
+    measured = None
+    if record.measured is not None:
+        raw = dataclass_from_dict(Measured, record.measured, f"{where}.measured")
+        ttft = raw.ttft_seconds
+        stats: dict[str, Stat | None] = {name: _stat(getattr(raw, name), f"{where}.measured.{name}") for name in ("load_seconds", "peak_rss_bytes", "prompt_tps", "decode_tps")}
+        stats["ttft_seconds"] = _stat(ttft, f"{where}.measured.ttft_seconds") if ttft is not None else None
+        measured = Measured(**{**raw.__dict__, **stats})
+    if record.status == "measured" and measured is None:
+        raise InvalidInputError(f"{where}: a measured record without measurements")
+    return ProfileRecord(**{**record.__dict__, "variant": dataclass_from_dict(VariantRef, record.variant, f"{where}.variant"),
+                            "measured": measured})
+
+
+def load_results(path: Path) -> ResultsFile | None:
+    """The results file, or None when there is none yet; a malformed one is an error naming what."""
+    if not path.exists():
+        return None
+    if path.stat().st_size > MAX_RESULTS_BYTES:
+        raise InvalidInputError(f"{path}: larger than {MAX_RESULTS_BYTES >> 20} MiB; not a results file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInputError(f"{path}: not valid JSON ({exc}); move it away to start a new results file") from None
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        raise InvalidInputError(f"{path}: schema_version {version!r} is not {SCHEMA_VERSION}; use a matching edgecds")
+    hosts, records = data.get("hosts"), data.get("records")
+    if not isinstance(hosts, dict) or not isinstance(records, list):
+        raise InvalidInputError(f"{path}: 'hosts' must be an object and 'records' a list")
+    parsed_hosts = {k: dataclass_from_dict(HostFingerprint, v, f"{path}: hosts.{k}") for k, v in hosts.items()}
+    parsed = [_record(r, f"{path}: records[{i}]") for i, r in enumerate(records)]
+    unknown = sorted({r.host for r in parsed} - parsed_hosts.keys())
+    if unknown:
+        raise InvalidInputError(f"{path}: records name host(s) {', '.join(unknown)} that 'hosts' does not describe")
+    return ResultsFile(parsed_hosts, parsed)

@@ -1,0 +1,130 @@
+"""One interface to run a variant, whatever its format: load, tokenize, evaluate, next-token logits.
+
+Profiling, evaluation, `run` and `serve` talk to a `Runtime`, never to an engine directly, so GGUF
+(llama.cpp) and ONNX variants are measured and scored alike. Device side: no torch, no
+transformers; the engine is imported when a runtime is opened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from edgecds.errors import EngineError, UsageError
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the engine is asked to run a variant; recorded with every measurement."""
+
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_ubatch: int = 512
+    threads: int | None = None  # None: the engine's default
+    n_gpu_layers: int = 0  # -1: every layer
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: bool = False
+
+
+class Runtime(Protocol):
+    format: str
+    n_vocab: int
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]: ...
+    def chat_prompt(self, user_message: str) -> str: ...
+    def reset(self) -> None: ...  # empty the KV cache
+    def eval(self, tokens: list[int]) -> None: ...  # append to the context, in batches
+    def logits(self) -> Any: ...  # numpy float32 array: the last evaluated token's next-token logits
+    def bos(self) -> int: ...
+    def engine_log(self) -> list[str]: ...  # what the engine said while loading (buffer sizes)
+    def close(self) -> None: ...
+
+
+class GgufRuntime:
+    """A GGUF variant in llama.cpp: loaded through llama-cpp-python's `Llama`, evaluated through
+    llama.cpp's C API (llama-cpp-python's own `eval` also copies every step's logits into a
+    Python-side array, which costs decode speed and memory a clinic's runtime would not spend)."""
+
+    format = "gguf"
+
+    def __init__(self, path: Path, settings: EngineSettings) -> None:
+        import llama_cpp
+
+        from edgecds.quant.gguf_quantize import captured_llama_log
+
+        def ggml_type(name: str) -> int:
+            value = getattr(llama_cpp, f"GGML_TYPE_{name.upper()}", None)
+            if not isinstance(value, int):
+                raise UsageError(f"llama-cpp-python does not know the KV-cache type {name!r}")
+            return value
+
+        with captured_llama_log() as log:
+            try:
+                self._llm = llama_cpp.Llama(
+                    model_path=str(path), n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
+                    n_threads=settings.threads, n_threads_batch=settings.threads, n_gpu_layers=settings.n_gpu_layers,
+                    type_k=ggml_type(settings.type_k), type_v=ggml_type(settings.type_v), flash_attn=settings.flash_attn,
+                    verbose=False, seed=0,
+                )
+            except ValueError as exc:
+                raise EngineError(f"{path.name}: llama.cpp could not load it ({exc})") from None
+        self._log = list(log)
+        self.n_vocab = self._llm.n_vocab()
+        self._n_batch, self._n_ctx = settings.n_batch, settings.n_ctx
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+
+    def chat_prompt(self, user_message: str) -> str:
+        """The user message in the model's own chat template (from the GGUF), ready for the reply."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            return user_message
+        llm = self._llm
+        formatter = Jinja2ChatFormatter(template=template, eos_token=llm.detokenize([llm.token_eos()]).decode(errors="replace"),
+                                        bos_token=llm.detokenize([llm.token_bos()]).decode(errors="replace"))
+        return str(formatter(messages=[{"role": "user", "content": user_message}]).prompt)
+
+    def reset(self) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._llm.ctx), True)
+
+    def eval(self, tokens: list[int]) -> None:
+        import llama_cpp
+
+        for start in range(0, len(tokens), self._n_batch):
+            chunk = tokens[start : start + self._n_batch]
+            ids = (llama_cpp.llama_token * len(chunk))(*chunk)
+            status = llama_cpp.llama_decode(self._llm.ctx, llama_cpp.llama_batch_get_one(ids, len(chunk)))
+            if status != 0:
+                raise EngineError(f"llama_decode failed with status {status} (is the context of {self._n_ctx} full?)")
+
+    def logits(self) -> Any:
+        """A view of llama.cpp's logits for the last evaluated token: valid until the next eval."""
+        import llama_cpp
+        import numpy as np
+
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._llm.ctx, -1), shape=(self.n_vocab,))
+
+    def bos(self) -> int:
+        return int(self._llm.token_bos())
+
+    def engine_log(self) -> list[str]:
+        return self._log
+
+    def close(self) -> None:
+        self._llm.close()
+
+
+def open_runtime(path: Path, settings: EngineSettings) -> Runtime:
+    """The runtime for a variant's format, chosen by its file."""
+    if path.suffix == ".gguf":
+        return GgufRuntime(path, settings)
+    if path.suffix == ".onnx" or path.is_dir():
+        raise UsageError(f"{path.name}: ONNX variants have no runtime in this edgecds yet; profile the GGUF variants")
+    raise UsageError(f"{path.name}: not a variant edgecds can run (expected a .gguf file)")
