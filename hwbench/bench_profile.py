@@ -7,7 +7,7 @@ In one run on this machine, for one variant:
    the next greedily: load, evaluate, sample, nothing else) on the same file, context, batch and
    threads; the two alternate `--rounds` times, each going first in turn, so machine noise hits both alike. Target: edgecds's
    median at least 0.97 of the bare loop's.
-2. peak memory: edgecds's reading (the child's ru_maxrss) against `/usr/bin/time -v`'s maximum
+2. peak memory: edgecds's reading (the child's VmHWM) against `/usr/bin/time -v`'s maximum
    resident set for the same work (the same measuring command, run under time). Target: within 2%.
 3. repeatability: two profile measurements of the variant (each `--repeats` fresh processes, as
    `edgecds profile` takes them); each figure's medians must differ by no more than the spread

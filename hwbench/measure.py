@@ -1,9 +1,11 @@
 """Measure one variant in a fresh process: load time, peak memory, prompt and decode speed, TTFT.
 
 A fresh process per variant, so one variant's memory cannot hide another's. Its peak resident
-set is the kernel's own accounting: the child's rusage (`ru_maxrss`, from wait4, as
-`/usr/bin/time -v` reports it), which counts the interpreter, the engine, the memory-mapped
-weights it touched, the KV cache and the compute buffers alike. While it runs, the parent
+set is the kernel's own accounting, VmHWM, which the child reads last: it counts the interpreter,
+the engine, the memory-mapped weights it touched, the KV cache and the compute buffers alike.
+(Not the child's rusage: Linux folds the parent's resident set at fork into a child's
+`ru_maxrss`, so a child of a large process, such as a test run with torch loaded, would read
+the parent's size. `/usr/bin/time` is a small parent, so its figure is the child's own.) While it runs, the parent
 samples GPU memory through NVML where an NVIDIA GPU is present, and on a Jetson the unified
 memory in use (from /proc/meminfo). A crash, a kill or a timeout becomes an EngineError that
 says which.
@@ -20,7 +22,6 @@ Run directly: python -m edgecds.hwbench.measure MODEL.gguf --ctx 2048
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import statistics
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecds.child import die_with_parent
-from edgecds.errors import EngineError
+from edgecds.errors import EdgecdsError, EngineError
 from edgecds.runtime import EngineSettings, Runtime, open_runtime
 
 # A clinical text repeated to the prompt length: token ids do not change speed or memory, and real
@@ -88,7 +89,7 @@ class Measurement:
     model: str
     settings: RunSettings
     workload: Workload
-    peak_rss_bytes: int  # the child's ru_maxrss (wait4); VmHWM as the child last read it is in stages
+    peak_rss_bytes: int  # VmHWM, read by the child after everything else
     stages: dict[str, dict[str, int]]  # VmHWM, RssAnon, RssFile after import, load, prompt, decode
     llama_buffers_mib: dict[str, float] = field(default_factory=dict)  # as the engine logged them
     load_seconds: float = 0.0
@@ -305,25 +306,6 @@ def used_memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     return values["MemTotal"] - values["MemAvailable"]
 
 
-def _wait_with_rusage(proc: subprocess.Popen[str], timeout: float) -> tuple[int, int, bool]:
-    """Reap the child with wait4, for its own rusage: (exit status as Popen reports it, ru_maxrss
-    in bytes, timed out). On timeout the child is killed and still reaped."""
-    deadline = time.monotonic() + timeout
-    timed_out = False
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid == proc.pid:
-            break
-        if time.monotonic() > deadline and not timed_out:
-            proc.kill()
-            timed_out = True
-        time.sleep(0.01)
-    code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-    proc.returncode = code  # reaped here: tell Popen, so it never waits for the pid again
-    maxrss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # kilobytes on Linux
-    return code, maxrss, timed_out
-
-
 def measure_in_subprocess(model_path: Path, settings: RunSettings, workload: Workload = Workload(),
                           timeout: float = TIMEOUT_SECONDS, unified_memory: bool = False, gpu: bool = False) -> Measurement:
     """`measure_here` in a fresh child; a crash, kill or timeout becomes an EngineError naming it."""
@@ -337,8 +319,13 @@ def measure_in_subprocess(model_path: Path, settings: RunSettings, workload: Wor
         reader.start()
     sampler = _MemorySampler(proc.pid, unified_memory, gpu)
     sampler.start()
+    timed_out = False
     try:
-        code, maxrss, timed_out = _wait_with_rusage(proc, timeout)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code, timed_out = proc.wait(), True
     finally:
         sampler.stop()
         for reader in readers:
@@ -352,14 +339,13 @@ def measure_in_subprocess(model_path: Path, settings: RunSettings, workload: Wor
         else:
             cause = f"exit {code}"
         tail = "\n".join(out.get("stderr", "").strip().splitlines()[-6:])
-        raise EngineError(f"{model_path.name}: measuring failed: {cause}\n{tail}")
+        raise EngineError(f"measuring failed ({cause}): {tail}")
     try:
         data = json.loads(out.get("stdout", "").strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
         raise EngineError(f"{model_path.name}: the measuring process printed no result") from None
     data["settings"] = RunSettings(**data["settings"])
     data["workload"] = Workload(**data["workload"])
-    data["peak_rss_bytes"] = maxrss
     data["gpu_peak_bytes"] = sampler.gpu_peak
     data["unified_peak_bytes"] = sampler.unified_peak
     data["notes"] = sampler.notes
@@ -388,7 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     values = json.loads(args.settings)
     if args.ctx:
         values["n_ctx"] = args.ctx
-    result = measure_here(args.model, RunSettings(**values), Workload(**json.loads(args.workload)))
+    try:
+        result = measure_here(args.model, RunSettings(**values), Workload(**json.loads(args.workload)))
+    except EdgecdsError as exc:  # the parent reports this message as the cause
+        print(exc, file=sys.stderr)
+        return 1
     print(json.dumps(asdict(result)))
     return 0
 

@@ -367,7 +367,7 @@ def plan(variants: Path, device_id: str, n_ctx: int | None, kv_type: str, profil
 @click.option("--prompt-tokens", "-p", "prompt_tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Prompt-processing test size (llama-bench -p).")
 @click.option("--decode-tokens", "-n", "decode_tokens", type=click.IntRange(min=1), default=128, show_default=True, help="Generation test size (llama-bench -n).")
 @click.option("--repeats", "-r", type=click.IntRange(min=1), default=3, show_default=True, help="Repeats after a warm-up; median and range are reported.")
-@click.option("--timeout", type=click.FloatRange(min=1), default=600, show_default=True, help="Seconds one variant may take; then it is killed and recorded as failed.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=600, show_default=True, help="Seconds one variant may take; then it is killed and recorded as failed.")
 @click.option("--measure-anyway", is_flag=True, help="Measure on a machine that is not the --device; results are marked as measured on this machine.")
 @click.option("--force", is_flag=True, help="Measure again variants already measured with the same settings on this machine.")
 @click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), help="Results file.  [default: results.json beside variants.json]")
@@ -419,7 +419,7 @@ def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int |
         r = outcome.record
         m = r.measured
         if m is None:
-            rows.append([r.variant.type, r.status, *[""] * (6 + show_gpu)])
+            rows.append([r.variant.type, r.status, *[""] * (5 + show_gpu)])
             reasons.append(f"{r.variant.type}: {r.status}: {r.reason}")
             continue
         gpu = [f"{m.gpu_peak_bytes / 2**20:.0f}" if m.gpu_peak_bytes is not None else ""] if show_gpu else []

@@ -152,7 +152,8 @@ def run_profile(config: ProfileConfig, reporter: Reporter | None = None) -> Prof
     variants = load_variants(folder)
     if variants is None:
         raise InvalidInputError(f"{folder / VARIANTS_FILE} does not exist; run `edgecds quantize -o {folder}` first")
-    cache_type(config.cache_type)  # an unknown KV-cache type fails now, listing the known ones
+    if cache_type(config.cache_type).block_size > 1 and not config.flash_attn:  # unknown types fail here too
+        raise UsageError(f"a quantized KV cache ({config.cache_type}) needs --flash-attn: llama.cpp refuses a quantized V cache without it")
     if config.repeats < 1 or config.prompt_tokens < 1 or config.decode_tokens < 1:
         raise UsageError("--repeats, --prompt-tokens and --decode-tokens must be at least 1")
     chosen = list(variants.variants)

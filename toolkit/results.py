@@ -85,7 +85,7 @@ class Measured:
     """One variant's figures over `repeats` fresh processes (see hwbench/measure.py)."""
 
     load_seconds: Stat
-    peak_rss_bytes: Stat  # each process's own ru_maxrss; budgets compare with `.high`
+    peak_rss_bytes: Stat  # each process's own peak (VmHWM); budgets compare with `.high`
     prompt_tps: Stat  # pp: `prompt_tokens` from an empty cache
     decode_tps: Stat  # tg: `decode_tokens` one at a time from an empty cache
     ttft_seconds: Stat | None  # a clinical prompt in the chat template, to the first token

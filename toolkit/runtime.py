@@ -69,7 +69,10 @@ class GgufRuntime:
                     verbose=False, seed=0,
                 )
             except ValueError as exc:
-                raise EngineError(f"{path.name}: llama.cpp could not load it ({exc})") from None
+                lines = [line.strip() for line in log if len(line.strip()) > 1]
+                said = [line for line in lines if any(w in line.lower() for w in ("error", "require", "fail", "unable", "invalid"))]
+                reason = "; ".join((said or lines)[-2:])  # llama.cpp's own words, which Python's exception lacks
+                raise EngineError(f"{path.name}: llama.cpp could not load it ({exc}){': ' + reason if reason else ''}") from None
         self._log = list(log)
         self.n_vocab = self._llm.n_vocab()
         self._n_batch, self._n_ctx = settings.n_batch, settings.n_ctx

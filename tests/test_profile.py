@@ -1,0 +1,243 @@
+"""`edgecds profile` on real variants of the default model, with llama.cpp, in fresh processes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgecds.cli import cli
+from edgecds.errors import InvalidInputError
+from edgecds.host import detect_host
+from edgecds.profile import ProfileConfig, run_profile
+from edgecds.quantize import QuantizeResult
+from edgecds.results import RESULTS_FILE, load_results
+
+HOSTS = Path(__file__).resolve().parent / "fixtures" / "hosts"
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+# small work, so the real engine runs in seconds: 2 fresh processes, pp64, tg16, context 512
+QUICK = ["--ctx", "512", "-p", "64", "-n", "16", "-r", "2", "-q"]
+
+
+@pytest.fixture
+def variants(default_variants: QuantizeResult, tmp_path: Path) -> Path:
+    """A private copy of the default variants: each test writes its own results.json."""
+    folder = tmp_path / "variants"
+    shutil.copytree(default_variants.output_dir, folder)
+    return folder
+
+
+def profile(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["profile", *args])
+    return result.exit_code, result.output
+
+
+def test_profiles_real_variants_and_records_everything(variants: Path) -> None:
+    code, out = profile(str(variants), "--types", "Q4_K_M,Q8_0", *QUICK, "--json")
+    assert code == 0, out
+    data = json.loads(out)
+    assert data["on_target"] and data["device"] == data["host"]["detected_profile"]
+    records = {r["variant"]["type"]: r for r in data["records"]}
+    assert set(records) == {"Q4_K_M", "Q8_0"}
+    for r in records.values():
+        assert r["status"] == "measured" and not r["reused"]
+        s = r["settings"]
+        assert (s["n_ctx"], s["prompt_tokens"], s["decode_tokens"], s["repeats"]) == (512, 64, 16, 2)
+        assert s["threads"] == detect_host().cpu_cores and s["n_gpu_layers"] == 0 and s["type_k"] == "f16"
+        m = r["measured"]
+        for figure in ("load_seconds", "peak_rss_bytes", "prompt_tps", "decode_tps"):
+            assert len(m[figure]["samples"]) == 2 and m[figure]["low"] <= m[figure]["median"] <= m[figure]["high"]
+        assert m["decode_tps"]["low"] > 0 and m["prompt_tps"]["low"] > 0
+        # the whole file is mapped and read while decoding: the peak holds it, the runtime and the cache
+        assert m["peak_rss_bytes"]["low"] > r["variant"]["file_size"]
+        assert len(m["ttft_seconds"]["samples"]) == 2 and m["ttft_prompt_tokens"] > 40  # a chat-formatted clinical prompt
+        assert m["engine_buffers_mib"]["CPU KV"] == pytest.approx(512 * 23040 / 2**20, abs=0.01)
+        assert r["predicted"]["fits"] and r["predicted"]["n_ctx"] == 512
+    assert records["Q8_0"]["measured"]["peak_rss_bytes"]["median"] > records["Q4_K_M"]["measured"]["peak_rss_bytes"]["median"]
+
+    stored = load_results(variants / RESULTS_FILE)
+    assert stored is not None and len(stored.records) == 2
+    host = stored.hosts[stored.records[0].host]
+    assert host.cpu_cores == detect_host().cpu_cores and host.versions["llama_cpp_python"] == "0.3.36"
+
+
+def test_rerun_reuses_force_remeasures_new_settings_add(variants: Path) -> None:
+    code, _ = profile(str(variants), "--types", "Q4_K_M", *QUICK)
+    assert code == 0
+    first = load_results(variants / RESULTS_FILE)
+    assert first is not None
+
+    code, out = profile(str(variants), "--types", "Q4_K_M", *QUICK, "--json")
+    assert code == 0 and json.loads(out)["records"][0]["reused"]
+    again = load_results(variants / RESULTS_FILE)
+    assert again is not None and again.records == first.records
+
+    code, out = profile(str(variants), "--types", "Q4_K_M", *QUICK, "--force", "--json")
+    assert code == 0 and not json.loads(out)["records"][0]["reused"]
+    forced = load_results(variants / RESULTS_FILE)
+    assert forced is not None and len(forced.records) == 1 and forced.records[0].created >= first.records[0].created
+    assert forced.records[0].measured != first.records[0].measured  # timings of new processes
+
+    code, out = profile(str(variants), "--types", "Q4_K_M", *QUICK, "--cache-type", "q8_0")
+    assert code == 2 and "needs --flash-attn" in out  # llama.cpp would refuse it in the child
+    code, _ = profile(str(variants), "--types", "Q4_K_M", *QUICK, "--cache-type", "q8_0", "-fa")
+    assert code == 0
+    both = load_results(variants / RESULTS_FILE)
+    assert both is not None and sorted(r.settings["type_k"] for r in both.records) == ["f16", "q8_0"]
+
+
+def _tiny_profile(tmp_path: Path) -> Path:
+    """A CPU device with 0.3 GiB for the model: F16 cannot fit, the 4-bit variants can."""
+    mine = tmp_path / "profiles"
+    mine.mkdir()
+    text = (PROFILES / "laptop-x86-8gb.toml").read_text()
+    text = text.replace('id = "laptop-x86-8gb"', 'id = "tiny-box"').replace("total_gib = 7.6", "total_gib = 0.6").replace("reserve_gib = 3.0", "reserve_gib = 0.3")
+    (mine / "tiny-box.toml").write_text(text)
+    return mine
+
+
+def test_another_device_is_refused_naming_what_was_detected(variants: Path, tmp_path: Path) -> None:
+    code, out = profile(str(variants), "--device", "jetson-orin-nano-8gb", *QUICK)
+    assert code == 1
+    assert "this machine is not a jetson-orin-nano-8gb: detected" in out and "--measure-anyway" in out
+    assert not (variants / RESULTS_FILE).exists()
+
+
+def test_measure_anyway_marks_the_results_and_skips_what_cannot_fit(variants: Path, tmp_path: Path) -> None:
+    code, out = profile(str(variants), "--device", "tiny-box", "--profiles-dir", str(_tiny_profile(tmp_path)), "--types", "F16,Q4_K_M",
+                        "--measure-anyway", *QUICK[:-1])
+    assert code == 0, out
+    assert "(measured on " in out and "not the device)" in out
+    assert "F16: skipped: predicted not to fit: needs" in out
+    stored = load_results(variants / RESULTS_FILE)
+    assert stored is not None
+    by_type = {r.variant.type: r for r in stored.records}
+    assert by_type["F16"].status == "skipped" and by_type["F16"].measured is None
+    assert by_type["F16"].predicted["peak_bytes"] > by_type["F16"].predicted["budget_bytes"]
+    assert by_type["Q4_K_M"].status == "measured"
+    assert all(r.device == "tiny-box" and not r.on_target for r in stored.records)
+    assert stored.hosts[by_type["Q4_K_M"].host].detected_profile != "tiny-box"
+
+
+def test_a_crash_or_timeout_is_recorded_and_the_run_goes_on(variants: Path) -> None:
+    record = json.loads((variants / "variants.json").read_text())
+    paths = {v["type"]: variants / v["path"] for v in record["variants"]}
+    # Q2_K: the file changed after quantize (its hash no longer matches the record)
+    data = bytearray(paths["Q2_K"].read_bytes())
+    data[-1] ^= 0xFF
+    paths["Q2_K"].write_bytes(bytes(data))
+    # Q3_K_M: cut short, and recorded as if quantize had made it so: the bounded reader refuses it
+    truncated = paths["Q3_K_M"].read_bytes()[: 4 << 20]
+    paths["Q3_K_M"].write_bytes(truncated)
+    import hashlib
+
+    for v in record["variants"]:
+        if v["type"] == "Q3_K_M":
+            v["sha256"] = hashlib.sha256(truncated).hexdigest()
+    (variants / "variants.json").write_text(json.dumps(record))
+
+    code, out = profile(str(variants), "--types", "Q2_K,Q3_K_M,Q4_K_M", *QUICK[:-1])
+    assert code == 0, out
+    stored = load_results(variants / RESULTS_FILE)
+    assert stored is not None
+    by_type = {r.variant.type: r for r in stored.records}
+    assert by_type["Q2_K"].status == "failed" and "changed since `edgecds quantize` recorded it" in by_type["Q2_K"].reason
+    assert by_type["Q3_K_M"].status == "failed" and "not a usable GGUF file" in by_type["Q3_K_M"].reason
+    assert by_type["Q4_K_M"].status == "measured"
+
+    code, out = profile(str(variants), "--types", "Q4_K_M", *QUICK, "--timeout", "0.2", "--force", "--json")
+    assert code == 0
+    timed_out = json.loads(out)["records"][0]
+    assert timed_out["status"] == "failed" and "timed out, killed" in timed_out["reason"]
+
+
+def test_an_engine_failure_in_the_child_is_an_error_with_llama_cpp_s_reason(default_variants: QuantizeResult) -> None:
+    from edgecds.errors import EngineError
+    from edgecds.hwbench.measure import RunSettings, measure_in_subprocess
+
+    path = Path(default_variants.output_dir) / next(o.record.path for o in default_variants.outcomes if o.record.type == "Q4_K_M")
+    with pytest.raises(EngineError) as err:  # a quantized V cache without flash attention: llama.cpp refuses the context
+        measure_in_subprocess(path, RunSettings(n_ctx=256, type_k="q4_0", type_v="q4_0", prompt_tokens=16, decode_tokens=4))
+    assert "measuring failed (exit 1)" in str(err.value) and "requires flash_attn" in str(err.value)
+
+
+def test_settings_follow_the_device_and_options(variants: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPU offload settings computed right without a GPU: all layers on a GPU device with a GPU
+    build, none on a CPU build (said so), what -ngl says when given."""
+    from edgecds import profile as profile_module
+    from edgecds.devices import find_profile
+    from edgecds.host import host_profile, nearest_profile
+
+    host = detect_host(HOSTS / "rtx-desktop")
+    rtx = find_profile("rtx-3060-12gb")
+    config = ProfileConfig(variants=variants, n_ctx=1024)
+    notes: list[str] = []
+    monkeypatch.setattr(profile_module, "_engine_has_gpu", lambda: True)
+    s = profile_module._settings(config, rtx, host, True, notes)
+    assert (s.n_gpu_layers, s.threads, s.n_ctx) == (-1, 6, 1024) and notes == []
+    s = profile_module._settings(replace(config, n_gpu_layers=12, threads=3), rtx, host, True, notes)
+    assert (s.n_gpu_layers, s.threads) == (12, 3)
+    monkeypatch.setattr(profile_module, "_engine_has_gpu", lambda: False)
+    s = profile_module._settings(config, rtx, host, True, notes)
+    assert s.n_gpu_layers == 0 and "no GPU backend" in notes[0]
+    laptop = host_profile(nearest_profile(detect_host(HOSTS / "x86-laptop"), {"laptop-x86-8gb": find_profile("laptop-x86-8gb")}))
+    s = profile_module._settings(config, laptop, detect_host(HOSTS / "x86-laptop"), True, [])
+    assert (s.n_gpu_layers, s.threads) == (0, 4)
+    # a 6-core Jetson measured on a 4-core machine: capped to the cores there, and said so
+    notes = []
+    s = profile_module._settings(config, find_profile("jetson-orin-nano-8gb"), detect_host(HOSTS / "x86-laptop"), False, notes)
+    assert s.threads == 4 and "measured with 4 threads" in notes[0]
+
+
+def test_nvml_absent_is_handled(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgecds.hwbench.measure import _MemorySampler
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # as on a machine without the NVIDIA library
+    sampler = _MemorySampler(pid=1, unified=False, gpu=True)
+    sampler.sample()
+    assert sampler.gpu_peak is None and "NVML unavailable" in sampler.notes[0]
+
+
+def test_jetson_unified_memory_in_use_from_meminfo(tmp_path: Path) -> None:
+    from edgecds.hwbench.measure import _MemorySampler, used_memory_bytes
+
+    meminfo = HOSTS / "jetson-orin-nano" / "proc" / "meminfo"
+    lines = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
+    expected = (int(lines["MemTotal"].split()[0]) - int(lines["MemAvailable"].split()[0])) * 1024
+    assert used_memory_bytes(meminfo) == expected
+    # the sampler reports growth over what was in use before the child started
+    live = tmp_path / "meminfo"
+    live.write_text(meminfo.read_text())
+    sampler = _MemorySampler(pid=1, unified=True, gpu=False, meminfo=live)
+    available = int(lines["MemAvailable"].split()[0])
+    live.write_text(meminfo.read_text().replace(f" {available} kB", f" {available - 500_000} kB"))
+    sampler.sample()
+    assert sampler.unified_peak == 500_000 * 1024
+    assert used_memory_bytes(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: d.update(schema_version=7), "schema_version 7 is not 1"),
+    (lambda d: d["records"][0].update(status="great"), "status 'great' is not one of"),
+    (lambda d: d["records"][0]["measured"]["decode_tps"].update(samples="fast"), "field 'samples' must be list"),
+    (lambda d: d["records"][0].update(host="elsewhere"), "host(s) elsewhere that 'hosts' does not describe"),
+    (lambda d: d["records"][0].pop("settings"), "missing field(s) settings"),
+])
+def test_a_damaged_results_file_is_named_and_nothing_is_measured(variants: Path, damage: object, message: str) -> None:
+    code, _ = profile(str(variants), "--types", "Q4_K_M", *QUICK)
+    assert code == 0
+    path = variants / RESULTS_FILE
+    data = json.loads(path.read_text())
+    damage(data)  # type: ignore[operator]
+    path.write_text(json.dumps(data))
+    before = path.read_bytes()
+    with pytest.raises(InvalidInputError) as err:
+        run_profile(ProfileConfig(variants=variants, types=("Q4_K_M",), n_ctx=512, prompt_tokens=64, decode_tokens=16, repeats=1, force=True))
+    assert str(path) in str(err.value) and message in str(err.value)
+    assert path.read_bytes() == before
+
