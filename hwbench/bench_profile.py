@@ -35,7 +35,8 @@ from typing import Any
 
 from edgecds import __version__
 from edgecds.atomic import write_json
-from edgecds.hwbench.measure import RunSettings, Workload, measure_in_subprocess, measure_repeated
+from edgecds.hwbench.measure import PEAK_RSS_RESOLUTION, RunSettings, Workload, measure_in_subprocess, measure_repeated
+from edgecds.results import Stat
 from edgecds.variants import load_variants, variant_file
 
 DECODE_TARGET = 0.97
@@ -126,13 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     # medians must differ by no more than the larger range the two report
     profiles = [measure_repeated(model, settings, args.repeats) for _ in range(2)]
     checks = []
-    for name, pick in (("prompt_tps", lambda m: m.prompt_tps), ("decode_tps", lambda m: m.decode_tps),
-                       ("ttft_seconds", lambda m: m.ttft_seconds[0]), ("load_seconds", lambda m: m.load_seconds),
-                       ("peak_rss_bytes", lambda m: m.peak_rss_bytes)):
-        a, b = ([pick(m) for m in run] for run in profiles)
-        difference = abs(statistics.median(a) - statistics.median(b))
-        spread = max(max(a) - min(a), max(b) - min(b))
-        checks.append({"figure": name, "run_1": [round(x, 4) for x in a], "run_2": [round(x, 4) for x in b],
+    for name, pick, resolution in (("prompt_tps", lambda m: m.prompt_tps, 0.0), ("decode_tps", lambda m: m.decode_tps, 0.0),
+                                   ("ttft_seconds", lambda m: m.ttft_seconds[0], 0.0), ("load_seconds", lambda m: m.load_seconds, 0.0),
+                                   ("peak_rss_bytes", lambda m: m.peak_rss_bytes, PEAK_RSS_RESOLUTION)):
+        a, b = (Stat.of([float(pick(m)) for m in run], resolution) for run in profiles)  # as results.json reports them
+        difference = abs(a.median - b.median)
+        spread = max(a.spread, b.spread)
+        checks.append({"figure": name, "run_1": a.samples, "run_2": b.samples,
                        "difference": round(difference, 6), "reported_spread": round(spread, 6), "holds": difference <= spread})
     report: dict[str, Any] = {
         "schema_version": 1,

@@ -82,6 +82,10 @@ def test_rerun_reuses_force_remeasures_new_settings_add(variants: Path) -> None:
     forced = load_results(variants / RESULTS_FILE)
     assert forced is not None and len(forced.records) == 1 and forced.records[0].created >= first.records[0].created
     assert forced.records[0].measured != first.records[0].measured  # timings of new processes
+    # two runs' peak memory differ by no more than the spread they report (speed: the benchmark)
+    a, b = first.records[0].measured, forced.records[0].measured
+    assert a is not None and b is not None
+    assert abs(a.peak_rss_bytes.median - b.peak_rss_bytes.median) <= max(a.peak_rss_bytes.spread, b.peak_rss_bytes.spread)
 
     code, out = profile(str(variants), "--types", "Q4_K_M", *QUICK, "--cache-type", "q8_0")
     assert code == 2 and "needs --flash-attn" in out  # llama.cpp would refuse it in the child

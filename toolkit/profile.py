@@ -203,7 +203,7 @@ def run_profile(config: ProfileConfig, reporter: Reporter | None = None) -> Prof
 
 def _profile_one(folder: Path, variant: VariantRecord, device_id: str, device: DeviceProfile, on_target: bool, settings: Any,
                  recorded_settings: dict[str, Any], key: str, fp: HostFingerprint, config: ProfileConfig) -> ProfileRecord:
-    from edgecds.hwbench.measure import measure_repeated
+    from edgecds.hwbench.measure import PEAK_RSS_RESOLUTION, measure_repeated
     from edgecds.hwbench.predict import predict
     from edgecds.quant.gguf_file import read_gguf
 
@@ -246,7 +246,7 @@ def _profile_one(folder: Path, variant: VariantRecord, device_id: str, device: D
         return max(present) if present else None
 
     measured = Measured(
-        load_seconds=Stat.of([m.load_seconds for m in runs]), peak_rss_bytes=Stat.of([float(m.peak_rss_bytes) for m in runs]),
+        load_seconds=Stat.of([m.load_seconds for m in runs]), peak_rss_bytes=Stat.of([float(m.peak_rss_bytes) for m in runs], PEAK_RSS_RESOLUTION),
         prompt_tps=Stat.of([m.prompt_tps for m in runs]), decode_tps=Stat.of([m.decode_tps for m in runs]),
         ttft_seconds=Stat.of([s for m in runs for s in m.ttft_seconds]) if runs[0].ttft_seconds else None,
         ttft_prompt_tokens=runs[0].ttft_prompt_tokens, gpu_peak_bytes=highest([m.gpu_peak_bytes for m in runs]),

@@ -33,18 +33,19 @@ class Stat:
     low: float
     high: float
     samples: list[float]
+    resolution: float = 0.0  # the smallest difference the measurement can tell apart
 
     @classmethod
-    def of(cls, samples: list[float]) -> Stat:
+    def of(cls, samples: list[float], resolution: float = 0.0) -> Stat:
         if not samples:
             raise ValueError("no samples")
         rounded = [round(s, 6) for s in samples]
-        return cls(round(statistics.median(samples), 6), min(rounded), max(rounded), rounded)
+        return cls(round(statistics.median(samples), 6), min(rounded), max(rounded), rounded, resolution)
 
     @property
     def spread(self) -> float:
-        """The range of the repeats: the noise a reader should allow for."""
-        return self.high - self.low
+        """The range of the repeats, or the resolution if that is wider: the noise to allow for."""
+        return max(self.high - self.low, self.resolution)
 
 
 @dataclass(frozen=True)
