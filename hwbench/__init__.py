@@ -1,1 +1,1 @@
-"""Measurements on real engines (edgecds.hwbench): load checks now; memory and speed profiles later."""
+"""Measurements on real engines (edgecds.hwbench): load checks, one variant measured in a fresh process, the predictor, benchmarks."""
