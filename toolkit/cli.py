@@ -437,6 +437,71 @@ def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int |
     click.echo(f"Recorded in {result.results_file}")
 
 
+@cli.command("eval")
+@click.argument("variants", type=click.Path(path_type=Path, exists=True))
+@click.option("--cases", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Your own cases: edgecds JSONL, or MedQA- or MedMCQA-style JSONL.  [default: the shipped set, 155 cases]")
+@click.option("--mode", type=click.Choice(["loglik", "generate", "topk"]), default="loglik", show_default=True,
+              help="loglik: each option's log-probability (works for tiny models); generate: the model's own answer; topk: k differentials.")
+@click.option("-k", "k", type=click.IntRange(min=1, max=10), default=5, show_default=True, help="Differentials listed in topk mode.")
+@click.option("--types", "types_text", metavar="LIST", help="Only these variants (the float reference is always scored). Default: all GGUF.")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N cases.")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=512), default=2048, show_default=True, help="Context length.")
+@click.option("--threads", "-t", type=click.IntRange(min=1), help="Threads.  [default: llama.cpp's]")
+@click.option("--no-drift", is_flag=True, help="Skip the KL divergence and perplexity on the clinical text.")
+@click.option("--force", is_flag=True, help="Score again variants already scored on these cases on this machine.")
+@click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), help="Results file.  [default: results.json beside variants.json]")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def eval_command(variants: Path, cases: Path | None, mode: str, k: int, types_text: str | None, limit: int | None, n_ctx: int,
+                 threads: int | None, no_drift: bool, force: bool, output: Path | None, as_json: bool, quiet: bool) -> None:
+    """Clinical accuracy of every variant, and its drift from the float reference.
+
+    Scores each case by the engine's own logits, reports accuracy with a 95% Wilson interval,
+    flips against the reference with an exact McNemar test, and the KL divergence, top-1
+    agreement and perplexity on a fixed clinical text. Results go to results.json.
+
+    \b
+    Examples:
+      edgecds eval edgecds-out/SmolLM2-135M-Instruct
+      edgecds eval variants.json --cases my-hospital-cases.jsonl --types Q4_K_M --json
+    """
+    from edgecds.evaluate import EvalConfig, run_eval
+    from edgecds.progress import make_reporter
+
+    config = EvalConfig(variants=variants, cases=cases, mode=mode, k=k,
+                        types=tuple(t.strip() for t in types_text.split(",") if t.strip()) if types_text else (),
+                        limit=limit, n_ctx=n_ctx, threads=threads, drift=not no_drift, force=force, output=output)
+    result = run_eval(config, make_reporter(quiet))
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    _print_eval_table(result)
+    click.echo(f"Recorded in {result.results_file}")
+
+
+def _print_eval_table(result: Any) -> None:
+    rows = []
+    for outcome in result.outcomes:
+        r = outcome.record
+        m, p, d = r.metrics, r.paired, r.drift
+        rows.append([r.variant.type, f"{m['accuracy'] * 100:.1f} [{m['low'] * 100:.0f}-{m['high'] * 100:.0f}]",
+                     f"{m['normalized']['accuracy'] * 100:.1f}" if "normalized" in m else "",
+                     f"{m['errors'].get('plausible', 0)}/{m['errors'].get('off_topic', 0)}",
+                     f"{p['lost']}/{p['gained']}" if p else "ref", f"{p['difference'] * 100:+.1f}[{p['low'] * 100:+.0f},{p['high'] * 100:+.0f}]" if p else "",
+                     f"{p['p_value']:.3f}" if p else "", f"{d['kl_mean']:.4f}" if d and p else "", f"{d['top1_agreement']:.3f}" if d and p else "",
+                     f"{d['perplexity']:.2f}" if d else ""])
+    n = result.outcomes[0].record.cases["n"] if result.outcomes else 0
+    _table(f"Accuracy on {result.cases} ({n} cases, {result.mode}), % with 95% Wilson interval; paired with {result.reference}",
+           ["variant", "acc [CI]", "norm", "P/O", "lost/gain", "diff [CI]", "p", "KL", "top-1", "PPL"], rows)
+    click.echo("norm: length-normalised; P/O: wrong answers that were plausible differentials/off-topic; lost/gain: flips against "
+               f"{result.reference}; diff in points; p: exact McNemar; KL, top-1, PPL: drift on the clinical text")
+    for outcome in result.outcomes:
+        p = outcome.record.paired
+        if p:
+            click.echo(f"{outcome.record.variant.type}: {p['verdict']} from {result.reference} (p = {p['p_value']:.3f}, flip rate {p['flip_rate']:.1%})")
+
+
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")

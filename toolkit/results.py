@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -118,10 +118,35 @@ class ProfileRecord:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class EvalRecord:
+    """One variant scored on one case set (edgecds eval); per_case keeps every answer and score."""
+
+    variant: VariantRef
+    host: str
+    cases: dict[str, Any]  # name, sha256, n, style
+    mode: str
+    spec: dict[str, Any]  # everything that decides the scores: cases, mode, engine settings
+    metrics: dict[str, Any]  # accuracy with its Wilson interval, by specialty and incidence, errors
+    reference: str  # the reference variant's type
+    paired: dict[str, Any] | None  # against the reference: flips, McNemar p, difference with interval
+    drift: dict[str, Any] | None  # KL divergence, top-1 agreement, perplexity on the drift text
+    per_case: list[dict[str, Any]]
+    key: str
+    created: str
+    seconds: float
+
+    @staticmethod
+    def make_key(variant_sha256: str, spec: dict[str, Any], host_id: str) -> str:
+        payload = {"variant": variant_sha256, "spec": spec, "host": host_id}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
 @dataclass
 class ResultsFile:
     hosts: dict[str, HostFingerprint] = field(default_factory=dict)
     records: list[ProfileRecord] = field(default_factory=list)
+    evaluations: list[EvalRecord] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def by_key(self) -> dict[str, ProfileRecord]:
@@ -132,7 +157,7 @@ class ResultsFile:
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": self.schema_version, "hosts": {k: asdict(v) for k, v in self.hosts.items()},
-                "records": [asdict(r) for r in self.records]}
+                "records": [asdict(r) for r in self.records], "evaluations": [asdict(e) for e in self.evaluations]}
 
     def save(self, path: Path) -> None:
         write_json(path, self.to_dict())
@@ -180,7 +205,18 @@ def load_results(path: Path) -> ResultsFile | None:
         raise InvalidInputError(f"{path}: 'hosts' must be an object and 'records' a list")
     parsed_hosts = {k: dataclass_from_dict(HostFingerprint, v, f"{path}: hosts.{k}") for k, v in hosts.items()}
     parsed = [_record(r, f"{path}: records[{i}]") for i, r in enumerate(records)]
-    unknown = sorted({r.host for r in parsed} - parsed_hosts.keys())
+    raw_evaluations = data.get("evaluations", [])
+    if not isinstance(raw_evaluations, list):
+        raise InvalidInputError(f"{path}: 'evaluations' must be a list")
+    evaluations = [_evaluation(e, f"{path}: evaluations[{i}]") for i, e in enumerate(raw_evaluations)]
+    unknown = sorted(({r.host for r in parsed} | {e.host for e in evaluations}) - parsed_hosts.keys())
     if unknown:
         raise InvalidInputError(f"{path}: records name host(s) {', '.join(unknown)} that 'hosts' does not describe")
-    return ResultsFile(parsed_hosts, parsed)
+    return ResultsFile(parsed_hosts, parsed, evaluations)
+
+
+def _evaluation(data: Any, where: str) -> EvalRecord:
+    record = dataclass_from_dict(EvalRecord, data, where)
+    if not all(isinstance(c, dict) and isinstance(c.get("id"), str) and isinstance(c.get("correct"), bool) for c in record.per_case):
+        raise InvalidInputError(f"{where}: per_case entries need an 'id' and a boolean 'correct'")
+    return replace(record, variant=dataclass_from_dict(VariantRef, record.variant, f"{where}.variant"))

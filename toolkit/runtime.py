@@ -35,8 +35,12 @@ class Runtime(Protocol):
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]: ...
     def chat_prompt(self, user_message: str) -> str: ...
     def reset(self) -> None: ...  # empty the KV cache
+    def truncate(self, n_tokens: int) -> None: ...  # keep the first n_tokens of the context, drop the rest
     def eval(self, tokens: list[int]) -> None: ...  # append to the context, in batches
+    def eval_logits(self, tokens: list[int]) -> Any: ...  # append, returning every token's next-token logits (len x n_vocab)
     def logits(self) -> Any: ...  # numpy float32 array: the last evaluated token's next-token logits
+    def detokenize(self, tokens: list[int]) -> str: ...
+    def is_end(self, token: int) -> bool: ...  # end of generation (EOS, end of turn)
     def bos(self) -> int: ...
     def engine_log(self) -> list[str]: ...  # what the engine said while loading (buffer sizes)
     def close(self) -> None: ...
@@ -76,6 +80,7 @@ class GgufRuntime:
         self._log = list(log)
         self.n_vocab = self._llm.n_vocab()
         self._n_batch, self._n_ctx = settings.n_batch, settings.n_ctx
+        self._n_past = 0
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
@@ -96,16 +101,53 @@ class GgufRuntime:
         import llama_cpp
 
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._llm.ctx), True)
+        self._n_past = 0
+
+    def truncate(self, n_tokens: int) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._llm.ctx), 0, n_tokens, -1)
+        self._n_past = min(self._n_past, n_tokens)
+
+    def _check_room(self, n: int) -> None:
+        if self._n_past + n > self._n_ctx:
+            raise EngineError(f"{self._n_past + n} tokens do not fit the context of {self._n_ctx}; use a longer --ctx")
 
     def eval(self, tokens: list[int]) -> None:
         import llama_cpp
 
+        self._check_room(len(tokens))
         for start in range(0, len(tokens), self._n_batch):
             chunk = tokens[start : start + self._n_batch]
             ids = (llama_cpp.llama_token * len(chunk))(*chunk)
             status = llama_cpp.llama_decode(self._llm.ctx, llama_cpp.llama_batch_get_one(ids, len(chunk)))
             if status != 0:
-                raise EngineError(f"llama_decode failed with status {status} (is the context of {self._n_ctx} full?)")
+                raise EngineError(f"llama_decode failed with status {status}")
+            self._n_past += len(chunk)
+
+    def eval_logits(self, tokens: list[int]) -> Any:
+        import llama_cpp
+        import numpy as np
+
+        self._check_room(len(tokens))
+        rows = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
+        for start in range(0, len(tokens), self._n_batch):
+            chunk = tokens[start : start + self._n_batch]
+            batch = llama_cpp.llama_batch_init(len(chunk), 0, 1)
+            try:
+                for i, token in enumerate(chunk):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, self._n_past + i, 1, True
+                    batch.seq_id[i][0] = 0
+                batch.n_tokens = len(chunk)
+                status = llama_cpp.llama_decode(self._llm.ctx, batch)
+                if status != 0:
+                    raise EngineError(f"llama_decode failed with status {status}")
+                for i in range(len(chunk)):
+                    rows[start + i] = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._llm.ctx, i), shape=(self.n_vocab,))
+            finally:
+                llama_cpp.llama_batch_free(batch)
+            self._n_past += len(chunk)
+        return rows
 
     def logits(self) -> Any:
         """A view of llama.cpp's logits for the last evaluated token: valid until the next eval."""
@@ -113,6 +155,14 @@ class GgufRuntime:
         import numpy as np
 
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._llm.ctx, -1), shape=(self.n_vocab,))
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self._llm.detokenize(tokens).decode("utf-8", errors="replace")
+
+    def is_end(self, token: int) -> bool:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(self._llm.model), token))
 
     def bos(self) -> int:
         return int(self._llm.token_bos())

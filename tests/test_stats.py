@@ -1,0 +1,46 @@
+"""Statistics against hand-computed values."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgecds.stats import mcnemar_exact, paired_comparison, wilson_interval
+
+
+@pytest.mark.parametrize("k, n, low, high", [
+    (5, 10, 0.2366, 0.7634),  # symmetric around 0.5
+    (0, 10, 0.0, 0.2775),  # 3.8415 / 13.8415: never below 0, unlike the normal interval
+    (10, 10, 0.7225, 1.0),
+    (81, 100, 0.7222, 0.8749),  # centre (0.81 + 0.019208) / 1.038415 = 0.7985, half 0.0763
+])
+def test_wilson_interval(k: int, n: int, low: float, high: float) -> None:
+    got = wilson_interval(k, n)
+    assert got == pytest.approx((low, high), abs=1e-4)
+
+
+@pytest.mark.parametrize("b, c, p", [
+    (0, 0, 1.0),
+    (1, 9, 2 * (1 + 10) / 1024),  # 2 * P(X <= 1), X ~ Bin(10, 1/2) = 0.021484375
+    (0, 5, 2 / 32),  # 2 * P(X = 0) with 5 discordant cases
+    (3, 3, 1.0),  # 2 * P(X <= 3) with n = 6 is 1.3125: capped at 1
+    (2, 8, 2 * (1 + 10 + 45) / 1024),  # 0.109375
+])
+def test_exact_mcnemar(b: int, c: int, p: float) -> None:
+    assert mcnemar_exact(b, c) == pytest.approx(p, abs=1e-12)
+    assert mcnemar_exact(c, b) == pytest.approx(p, abs=1e-12)  # two-sided: symmetric
+
+
+def test_paired_comparison_hand_computed() -> None:
+    # 20 cases: 12 right with both, 1 lost (ref right, variant wrong), 5 gained, 2 wrong with both
+    reference = [True] * 12 + [True] * 1 + [False] * 5 + [False] * 2
+    variant = [True] * 12 + [False] * 1 + [True] * 5 + [False] * 2
+    c = paired_comparison(reference, variant)
+    assert (c.n, c.lost, c.gained) == (20, 1, 5)
+    assert c.flip_rate == pytest.approx(6 / 20)
+    assert c.difference == pytest.approx(4 / 20)
+    # half-width 1.96 * sqrt(6 - 16/20) / 20 = 1.96 * 2.28035 / 20 = 0.22347
+    assert (c.low, c.high) == pytest.approx((0.2 - 0.22347, 0.2 + 0.22347), abs=1e-4)
+    assert c.p_value == pytest.approx(2 * (1 + 6) / 64)  # 0.21875
+    assert c.verdict == "not significantly different"
+    worse = paired_comparison([True] * 12, [False] * 12)
+    assert worse.p_value == pytest.approx(2 / 4096) and worse.verdict == "significantly worse"

@@ -1,0 +1,426 @@
+"""`edgecds eval`: clinical accuracy of every variant, and how far it drifted from the reference.
+
+Scoring, per case:
+- `loglik` (default; works for tiny models): each option's log-probability after the vignette
+  and question, from the engine's own logits, summed and divided by the option's length in bytes
+  (length-normalised, as lm-evaluation-harness's acc_norm). The vignette is evaluated once and
+  its KV cache reused for every option.
+- `generate`: the greedy answer to the case in the model's chat template, matched to the options
+  and accepted synonyms after normalisation; an answer matching nothing is wrong, and counted.
+- `topk`: the model lists k diagnoses; right if the answer is among them.
+
+Per variant: accuracy with a Wilson interval, by specialty and incidence, errors split into
+plausible differentials and off-topic answers; paired with the reference (the float variant):
+flips, exact McNemar p-value and the accuracy difference with its interval; drift on a fixed
+clinical text (mean KL divergence, top-1 agreement, perplexity), computed as llama.cpp's
+perplexity tool does. Records go into results.json beside the profile's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from edgecds.atomic import atomic_path, folder_lock
+from edgecds.cases import Case, CaseSet, drift_text, load_cases, prompt_for
+from edgecds.errors import InvalidInputError, UsageError
+from edgecds.progress import Reporter
+from edgecds.results import RESULTS_FILE, EvalRecord, ResultsFile, VariantRef, load_results
+from edgecds.runtime import EngineSettings, Runtime, open_runtime
+from edgecds.stats import paired_comparison, wilson_interval
+from edgecds.variants import VARIANTS_FILE, VariantRecord, load_variants, variant_file
+
+MODES = ("loglik", "generate", "topk")
+DRIFT_CTX = 512  # llama.cpp perplexity's default chunk; the second half of each chunk is scored
+GENERATE_TOKENS = 32
+DRIFT_CACHE = ".edgecds-drift"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    variants: Path
+    cases: Path | None = None  # None: the shipped case set
+    mode: str = "loglik"
+    k: int = 5  # for topk
+    types: tuple[str, ...] = ()
+    limit: int | None = None  # the first N cases only
+    n_ctx: int = 2048
+    threads: int | None = None
+    drift: bool = True
+    force: bool = False
+    output: Path | None = None
+    root: Path = Path("/")
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    id: str
+    correct: bool
+    chosen: int | None  # option index; None: a generated answer that matched no option
+    scores: list[float] = field(default_factory=list)  # loglik: summed log-probability of each option
+    normalized_scores: list[float] = field(default_factory=list)  # divided by the option's bytes
+    correct_normalized: bool | None = None
+    answer: str = ""  # generate/topk: what the model said
+    error: str | None = None  # plausible, off_topic, unmatched, unlabelled (None when correct)
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+
+def _log_softmax(row: Any) -> Any:
+    import numpy as np
+
+    shifted = row.astype(np.float64) - row.max()
+    return shifted - math.log(float(np.exp(shifted).sum()))
+
+
+def option_logprobs(runtime: Runtime, case: Case, reuse_prefix: bool = True) -> tuple[list[float], list[int]]:
+    """Each option's summed log-probability after the case's prompt, and its length in bytes.
+    With `reuse_prefix` the prompt is evaluated once and the cache cut back to it for each option;
+    without, each option is evaluated after the whole prompt from an empty cache."""
+    prefix = runtime.tokenize(prompt_for(case))
+    scores, lengths = [], []
+    if reuse_prefix:
+        runtime.reset()
+        runtime.eval(prefix)
+        first = _log_softmax(runtime.logits())
+    for option in case.options:
+        text = " " + option.text
+        tokens = runtime.tokenize(text, add_bos=False)
+        if reuse_prefix:
+            runtime.truncate(len(prefix))
+        else:
+            runtime.reset()
+            runtime.eval(prefix)
+            first = _log_softmax(runtime.logits())
+        total = float(first[tokens[0]])
+        if len(tokens) > 1:
+            rows = runtime.eval_logits(tokens[:-1])
+            total += sum(float(_log_softmax(rows[i])[tokens[i + 1]]) for i in range(len(tokens) - 1))
+        scores.append(total)
+        lengths.append(len(text.encode("utf-8")))
+    return scores, lengths
+
+
+def _normalize(text: str) -> str:
+    words = re.sub(r"[^a-z0-9]+", " ", text.casefold()).split()
+    return " ".join(w for w in words if w not in ("a", "an", "the", "of"))
+
+
+def match_option(answer: str, case: Case) -> int | None:
+    """The option a free-text answer names: the one whose text (or, for the correct option, an
+    accepted synonym) appears in the answer, the longest such match winning; None if none does."""
+    said = _normalize(answer)
+    if not said:
+        return None
+    best: tuple[int, int] | None = None
+    for i, option in enumerate(case.options):
+        names = [option.text, *(case.accepted_answers if i == case.answer_index else ())]
+        for name in (_normalize(n) for n in names):
+            if name and (f" {name} " in f" {said} " or (len(said) >= 4 and f" {said} " in f" {name} ")):
+                if best is None or len(name) > best[1]:
+                    best = (i, len(name))
+    return best[0] if best else None
+
+
+def _generate(runtime: Runtime, user_message: str, max_tokens: int, stop_at_newline: bool) -> str:
+    import numpy as np
+
+    runtime.reset()
+    runtime.eval(runtime.tokenize(runtime.chat_prompt(user_message)))
+    out: list[int] = []
+    for _ in range(max_tokens):
+        token = int(np.argmax(runtime.logits()))
+        if runtime.is_end(token):
+            break
+        out.append(token)
+        if stop_at_newline and "\n" in runtime.detokenize(out).strip(" "):
+            break
+        runtime.eval([token])
+    return runtime.detokenize(out).strip()
+
+
+def _error_kind(case: Case, chosen: int | None) -> str | None:
+    if chosen == case.answer_index:
+        return None
+    if chosen is None:
+        return "unmatched"
+    return case.options[chosen].kind or "unlabelled"
+
+
+def score_case(runtime: Runtime, case: Case, mode: str, k: int = 5) -> CaseResult:
+    if mode == "loglik":
+        scores, lengths = option_logprobs(runtime, case)
+        normalized = [s / n for s, n in zip(scores, lengths, strict=True)]
+        best = max(range(len(scores)), key=lambda i: scores[i])
+        best_norm = max(range(len(normalized)), key=lambda i: normalized[i])
+        return CaseResult(case.id, best == case.answer_index, best, [round(s, 5) for s in scores], [round(s, 6) for s in normalized],
+                          best_norm == case.answer_index, "", _error_kind(case, best))
+    question = f"{case.vignette}\n{case.question}".strip()
+    if mode == "generate":
+        answer = _generate(runtime, f"{question}\nAnswer with the diagnosis only, in a few words.", GENERATE_TOKENS, True)
+        chosen = match_option(answer, case)
+        return CaseResult(case.id, chosen == case.answer_index, chosen, answer=answer, error=_error_kind(case, chosen))
+    answer = _generate(runtime, f"{question}\nList the {k} most likely diagnoses, most likely first, one per line, without explanations.",
+                       GENERATE_TOKENS * k, False)
+    lines = [re.sub(r"^\s*(\d+[.)]|[-*])\s*", "", line) for line in answer.splitlines() if line.strip()][:k]
+    picks = [match_option(line, case) for line in lines]
+    chosen = case.answer_index if case.answer_index in picks else next((p for p in picks if p is not None), None)
+    return CaseResult(case.id, case.answer_index in picks, chosen, answer=answer, error=_error_kind(case, chosen))
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+def _share(results: list[CaseResult]) -> dict[str, Any]:
+    n, right = len(results), sum(r.correct for r in results)
+    low, high = wilson_interval(right, n)
+    return {"n": n, "correct": right, "accuracy": round(right / n, 4) if n else 0.0, "low": round(low, 4), "high": round(high, 4)}
+
+
+def metrics(cases: list[Case], results: list[CaseResult]) -> dict[str, Any]:
+    by_id = {c.id: c for c in cases}
+    groups: dict[str, dict[str, list[CaseResult]]] = {"specialty": {}, "incidence": {}}
+    for r in results:
+        case = by_id[r.id]
+        groups["specialty"].setdefault(case.specialty or "unspecified", []).append(r)
+        groups["incidence"].setdefault(case.incidence or "unspecified", []).append(r)
+    errors: dict[str, int] = {}
+    for r in results:
+        if r.error:
+            errors[r.error] = errors.get(r.error, 0) + 1
+    out = {**_share(results), "errors": errors,
+           "by_specialty": {k: _share(v) for k, v in sorted(groups["specialty"].items())},
+           "by_incidence": {k: _share(v) for k, v in sorted(groups["incidence"].items())}}
+    if results and results[0].correct_normalized is not None:
+        right = sum(bool(r.correct_normalized) for r in results)
+        low, high = wilson_interval(right, len(results))
+        out["normalized"] = {"correct": right, "accuracy": round(right / len(results), 4), "low": round(low, 4), "high": round(high, 4)}
+    return out
+
+
+def paired(reference: list[CaseResult], variant: list[CaseResult]) -> dict[str, Any]:
+    c = paired_comparison([r.correct for r in reference], [v.correct for v in variant])
+    return {"n": c.n, "lost": c.lost, "gained": c.gained, "flip_rate": round(c.flip_rate, 4), "difference": round(c.difference, 4),
+            "low": round(c.low, 4), "high": round(c.high, 4), "p_value": round(c.p_value, 6), "verdict": c.verdict}
+
+
+# --- drift --------------------------------------------------------------------------------------
+
+
+def drift_logprobs(runtime: Runtime, text: str) -> tuple[Any, Any]:
+    """(log-probabilities at every scored position, the token that followed each), as llama.cpp's
+    perplexity tool scores: chunks of DRIFT_CTX tokens, each starting with BOS, the second half scored."""
+    import numpy as np
+
+    tokens = runtime.tokenize(text, add_bos=False)
+    n_chunks = len(tokens) // DRIFT_CTX
+    if n_chunks < 1:
+        raise InvalidInputError(f"the drift text has {len(tokens)} tokens, fewer than one chunk of {DRIFT_CTX}")
+    first = DRIFT_CTX // 2
+    rows, targets = [], []
+    for c in range(n_chunks):
+        chunk = tokens[c * DRIFT_CTX : (c + 1) * DRIFT_CTX]
+        chunk[0] = runtime.bos()
+        runtime.reset()
+        logits = runtime.eval_logits(chunk)
+        for j in range(first, DRIFT_CTX - 1):
+            rows.append(_log_softmax(logits[j]).astype(np.float32))
+            targets.append(chunk[j + 1])
+    return np.stack(rows), np.array(targets)
+
+
+def drift_against(reference: Any, variant: Any, targets: Any) -> dict[str, Any]:
+    import numpy as np
+
+    ref = reference.astype(np.float64)
+    var = variant.astype(np.float64)
+    kl = (np.exp(ref) * (ref - var)).sum(axis=1)
+    picked = np.arange(len(targets))
+    return {"tokens_scored": int(len(targets)), "kl_mean": round(float(kl.mean()), 6), "kl_p99": round(float(np.percentile(kl, 99)), 6),
+            "top1_agreement": round(float((ref.argmax(axis=1) == var.argmax(axis=1)).mean()), 4),
+            "perplexity": round(float(np.exp(-var[picked, targets].mean())), 4),
+            "reference_perplexity": round(float(np.exp(-ref[picked, targets].mean())), 4)}
+
+
+def _drift_cache(folder: Path, reference: VariantRecord, text: str) -> Path:
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return folder / DRIFT_CACHE / f"{reference.sha256[:16]}-{digest}-ctx{DRIFT_CTX}.npz"
+
+
+def _save_reference(path: Path, logprobs: Any, targets: Any) -> None:
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # float16: 2 bytes a vocabulary entry and position
+        np.savez(fh, logprobs=logprobs.astype(np.float16), targets=targets)
+
+
+def _load_reference(path: Path) -> tuple[Any, Any] | None:
+    import numpy as np
+
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return data["logprobs"].astype(np.float32), data["targets"]
+
+
+# --- the pipeline -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    record: EvalRecord
+    reused: bool
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    results_file: str
+    cases: str
+    mode: str
+    reference: str
+    outcomes: tuple[EvalOutcome, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"results_file": self.results_file, "cases": self.cases, "mode": self.mode, "reference": self.reference,
+                "evaluations": [dict(asdict(o.record), reused=o.reused) for o in self.outcomes]}
+
+
+def _reference_of(records: list[VariantRecord]) -> VariantRecord:
+    from edgecds.quant.types import QUANT_TYPE_BY_NAME
+
+    floats = [v for v in records if v.type in QUANT_TYPE_BY_NAME and QUANT_TYPE_BY_NAME[v.type].is_float]
+    if not floats:
+        raise UsageError("no float variant (F16, BF16 or F32) to compare with; run `edgecds quantize` with F16 among --types")
+    return max(floats, key=lambda v: v.file_size)
+
+
+def run_eval(config: EvalConfig, reporter: Reporter | None = None) -> EvalResult:
+    from edgecds.devices import load_profiles
+    from edgecds.host import detect_host, nearest_profile
+    from edgecds.profile import fingerprint
+
+    if config.mode not in MODES:
+        raise UsageError(f"unknown mode {config.mode!r}; known: {', '.join(MODES)}")
+    folder = config.variants.parent if config.variants.name == VARIANTS_FILE else config.variants
+    variants = load_variants(folder)
+    if variants is None:
+        raise InvalidInputError(f"{folder / VARIANTS_FILE} does not exist; run `edgecds quantize -o {folder}` first")
+    case_set = load_cases(config.cases)
+    cases = list(case_set.cases[: config.limit] if config.limit else case_set.cases)
+    gguf = [v for v in variants.variants if v.format == "gguf"]
+    reference = _reference_of(gguf)
+    chosen = gguf
+    if config.types:
+        wanted = {t.upper() for t in config.types}
+        unknown = sorted(wanted - {v.type for v in gguf})
+        if unknown:
+            raise UsageError(f"{folder / VARIANTS_FILE} has no GGUF variant(s) {', '.join(unknown)}")
+        chosen = [v for v in gguf if v.type in wanted or v is reference]  # the reference is always scored: flips need it
+    chosen = [reference] + [v for v in chosen if v is not reference]
+
+    host = detect_host(config.root)
+    fp = fingerprint(host, nearest_profile(host, load_profiles()))
+    settings = EngineSettings(n_ctx=max(config.n_ctx, DRIFT_CTX), threads=config.threads)
+    text = drift_text()
+    output = config.output or folder / RESULTS_FILE
+    spec = {"cases": case_set.name, "cases_sha256": case_set.sha256, "n_cases": len(cases), "mode": config.mode,
+            "k": config.k if config.mode == "topk" else None, "drift": config.drift, "settings": asdict(settings)}
+    with folder_lock(output.parent):
+        results = load_results(output) or ResultsFile()
+        results.hosts[fp.id] = fp
+        done: list[EvalOutcome] = []
+        per_case: dict[str, list[CaseResult]] = {}
+        for n, variant in enumerate(chosen, 1):
+            key = EvalRecord.make_key(variant.sha256, spec, fp.id)
+            previous = next((e for e in results.evaluations if e.key == key), None)
+            if previous is not None and not config.force:
+                if reporter:
+                    reporter.note(f"[{n}/{len(chosen)}] {variant.type}: already evaluated on these cases on this host, reused")
+                per_case[variant.type] = [CaseResult(**c) for c in previous.per_case]
+                done.append(EvalOutcome(previous, True))
+                continue
+            record, per_case[variant.type] = _evaluate(folder, variant, reference, cases, case_set, config, settings, spec, key, fp.id, text,
+                                                       reporter, f"[{n}/{len(chosen)}] {variant.type}")
+            results.evaluations = [e for e in results.evaluations if e.key != key] + [record]
+            results.save(output)
+            done.append(EvalOutcome(record, False))
+        # pair every variant with the reference, now that both are scored on the same cases
+        final = []
+        for outcome in done:
+            rec = outcome.record
+            pairing = None if rec.variant.type == reference.type else paired(per_case[reference.type], per_case[rec.variant.type])
+            if pairing != rec.paired:
+                rec = replace(rec, paired=pairing, reference=reference.type)
+                results.evaluations = [e for e in results.evaluations if e.key != rec.key] + [rec]
+            final.append(EvalOutcome(rec, outcome.reused))
+        results.save(output)
+    return EvalResult(str(output), case_set.name, config.mode, reference.type, tuple(final))
+
+
+def _evaluate(folder: Path, variant: VariantRecord, reference: VariantRecord, cases: list[Case], case_set: CaseSet, config: EvalConfig,
+              settings: EngineSettings, spec: dict[str, Any], key: str, host_id: str, text: str, reporter: Reporter | None,
+              label: str) -> tuple[EvalRecord, list[CaseResult]]:
+    from edgecds.digest import sha256_file
+    from edgecds.quant.gguf_file import read_gguf
+
+    start = time.perf_counter()
+    path = variant_file(folder, variant)
+    if sha256_file(path) != variant.sha256:
+        raise InvalidInputError(f"{path} changed since `edgecds quantize` recorded it (sha256 differs); run quantize again")
+    read_gguf(path)  # the bounded header check, before the engine sees the file
+    runtime = open_runtime(path, settings)
+    try:
+        results: list[CaseResult] = []
+        if reporter:
+            reporter.start(f"{label}: {len(cases)} cases ({config.mode})", len(cases))
+        for i, case in enumerate(cases):
+            results.append(score_case(runtime, case, config.mode, config.k))
+            if reporter:
+                reporter.advance_to(i + 1)
+        if reporter:
+            reporter.finish()
+        drift = _drift(folder, runtime, variant, reference, text, reporter, label) if config.drift else None
+    finally:
+        runtime.close()
+    ref = VariantRef(variant.name, variant.type, variant.format, variant.path, variant.sha256, variant.file_size)
+    record = EvalRecord(
+        variant=ref, host=host_id, cases={"name": case_set.name, "sha256": case_set.sha256, "n": len(cases), "style": case_set.imported_from},
+        mode=config.mode, spec=spec, metrics=metrics(cases, results), reference=reference.type, paired=None, drift=drift,
+        per_case=[asdict(r) for r in results], key=key, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        seconds=round(time.perf_counter() - start, 2),
+    )
+    return record, results
+
+
+def _drift(folder: Path, runtime: Runtime, variant: VariantRecord, reference: VariantRecord, text: str, reporter: Reporter | None,
+           label: str) -> dict[str, Any] | None:
+    if reporter:
+        reporter.note(f"{label}: drift on the clinical text")
+    logprobs, targets = drift_logprobs(runtime, text)
+    cache = _drift_cache(folder, reference, text)
+    if variant.sha256 == reference.sha256:
+        _save_reference(cache, logprobs, targets)
+        base = _load_reference(cache)  # compare with what later variants will read: float16 on disk
+    else:
+        base = _load_reference(cache)
+        if base is None:  # cannot happen in one run (the reference goes first); a deleted cache
+            raise InvalidInputError(f"{cache} is missing; run `edgecds eval --force` to score the reference again")
+    assert base is not None
+    return drift_against(base[0], logprobs, base[1])
+
+
+def score_timing(runtime: Runtime, cases: list[Case], reuse_prefix: bool, clock: Callable[[], float] = time.perf_counter) -> tuple[float, list[list[float]]]:
+    """Seconds to score `cases` by log-likelihood, with or without reusing the prompt's cache (the
+    benchmark's two arms), and the scores, which must agree."""
+    start = clock()
+    scores = [option_logprobs(runtime, case, reuse_prefix)[0] for case in cases]
+    return clock() - start, scores
+
