@@ -21,7 +21,7 @@ from edgecds.results import RESULTS_FILE, load_results
 HOSTS = Path(__file__).resolve().parent / "fixtures" / "hosts"
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 # small work, so the real engine runs in seconds: 2 fresh processes, pp64, tg16, context 512
-QUICK = ["--ctx", "512", "-p", "64", "-n", "16", "-r", "2", "-q"]
+QUICK = ["--ctx", "512", "-p", "64", "-n", "16", "-r", "2", "--no-accuracy", "-q"]
 
 
 @pytest.fixture
@@ -241,7 +241,8 @@ def test_a_damaged_results_file_is_named_and_nothing_is_measured(variants: Path,
     path.write_text(json.dumps(data))
     before = path.read_bytes()
     with pytest.raises(InvalidInputError) as err:
-        run_profile(ProfileConfig(variants=variants, types=("Q4_K_M",), n_ctx=512, prompt_tokens=64, decode_tokens=16, repeats=1, force=True))
+        run_profile(ProfileConfig(variants=variants, types=("Q4_K_M",), n_ctx=512, prompt_tokens=64, decode_tokens=16, repeats=1, force=True,
+                                accuracy=False))
     assert str(path) in str(err.value) and message in str(err.value)
     assert path.read_bytes() == before
 

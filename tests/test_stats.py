@@ -38,9 +38,16 @@ def test_paired_comparison_hand_computed() -> None:
     assert (c.n, c.lost, c.gained) == (20, 1, 5)
     assert c.flip_rate == pytest.approx(6 / 20)
     assert c.difference == pytest.approx(4 / 20)
-    # half-width 1.96 * sqrt(6 - 16/20) / 20 = 1.96 * 2.28035 / 20 = 0.22347
-    assert (c.low, c.high) == pytest.approx((0.2 - 0.22347, 0.2 + 0.22347), abs=1e-4)
+    # Newcombe's method 10, by hand: Wilson(17/20) = (0.63960, 0.94765), Wilson(13/20) = (0.43286, 0.81882),
+    # phi = (12*2 - 1*5) / sqrt(13*7*17*3) = 0.27890;
+    # below = sqrt(0.21040^2 - 2*0.27890*0.21040*0.16882 + 0.16882^2) = 0.23012
+    # above = sqrt(0.09765^2 - 2*0.27890*0.09765*0.21714 + 0.21714^2) = 0.21180
+    assert (c.low, c.high) == pytest.approx((0.2 - 0.23012, 0.2 + 0.21180), abs=2e-4)
     assert c.p_value == pytest.approx(2 * (1 + 6) / 64)  # 0.21875
     assert c.verdict == "not significantly different"
     worse = paired_comparison([True] * 12, [False] * 12)
     assert worse.p_value == pytest.approx(2 / 4096) and worse.verdict == "significantly worse"
+    assert worse.difference == -1.0 and worse.low == -1.0 and worse.high < -0.5
+    # nothing flipped: no difference found, but the interval is not zero-width (the Wald one would be)
+    same = paired_comparison([True] * 10 + [False] * 30, [True] * 10 + [False] * 30)
+    assert same.difference == 0 and same.low < -0.03 and same.high > 0.03 and same.verdict == "not significantly different"

@@ -166,7 +166,7 @@ def _medmcqa_case(data: dict[str, Any], line: int, problems: _Problems, one_base
 
 
 def _style(data: dict[str, Any]) -> str:
-    if "vignette" in data:
+    if "vignette" in data or "answer_index" in data:
         return "edgecds"
     if "opa" in data and "cop" in data:
         return "medmcqa"

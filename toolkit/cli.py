@@ -368,6 +368,8 @@ def plan(variants: Path, device_id: str, n_ctx: int | None, kv_type: str, profil
 @click.option("--decode-tokens", "-n", "decode_tokens", type=click.IntRange(min=1), default=128, show_default=True, help="Generation test size (llama-bench -n).")
 @click.option("--repeats", "-r", type=click.IntRange(min=1), default=3, show_default=True, help="Repeats after a warm-up; median and range are reported.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=600, show_default=True, help="Seconds one variant may take; then it is killed and recorded as failed.")
+@click.option("--no-accuracy", is_flag=True, help="Measure memory and speed only; skip the clinical accuracy (edgecds eval).")
+@click.option("--cases", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="Cases for the accuracy.  [default: the shipped set]")
 @click.option("--measure-anyway", is_flag=True, help="Measure on a machine that is not the --device; results are marked as measured on this machine.")
 @click.option("--force", is_flag=True, help="Measure again variants already measured with the same settings on this machine.")
 @click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), help="Results file.  [default: results.json beside variants.json]")
@@ -377,8 +379,9 @@ def plan(variants: Path, device_id: str, n_ctx: int | None, kv_type: str, profil
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int | None, threads: int | None, n_gpu_layers: int | None,
             kv_type: str, flash_attn: bool, prompt_tokens: int, decode_tokens: int, repeats: int, timeout: float,
-            measure_anyway: bool, force: bool, output: Path | None, profiles_dirs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
-    """Measure every variant on this device: load time, peak memory, prompt and decode speed.
+            no_accuracy: bool, cases: Path | None, measure_anyway: bool, force: bool, output: Path | None, profiles_dirs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
+    """Measure every variant on this device: load time, peak memory, prompt and decode speed,
+    then clinical accuracy (as `edgecds eval`; --no-accuracy skips it).
 
     Run it on the target device itself. Each variant runs in a fresh process; a variant predicted
     not to fit the device's memory is skipped, one that crashes or times out is recorded as
@@ -398,7 +401,7 @@ def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int |
         types=tuple(t.strip() for t in types_text.split(",") if t.strip()) if types_text else (),
         n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, cache_type=kv_type, flash_attn=flash_attn,
         prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, repeats=repeats, timeout=timeout,
-        measure_anyway=measure_anyway, force=force, output=output,
+        measure_anyway=measure_anyway, force=force, output=output, accuracy=not no_accuracy, cases=cases,
     )
     result = run_profile(config, make_reporter(quiet))
     if as_json:
@@ -434,6 +437,8 @@ def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int |
     _table(title, columns, rows)
     for reason in reasons:
         click.echo(reason)
+    if result.evaluation is not None:
+        _print_eval_table(result.evaluation)
     click.echo(f"Recorded in {result.results_file}")
 
 
@@ -488,18 +493,19 @@ def _print_eval_table(result: Any) -> None:
         rows.append([r.variant.type, f"{m['accuracy'] * 100:.1f} [{m['low'] * 100:.0f}-{m['high'] * 100:.0f}]",
                      f"{m['normalized']['accuracy'] * 100:.1f}" if "normalized" in m else "",
                      f"{m['errors'].get('plausible', 0)}/{m['errors'].get('off_topic', 0)}",
-                     f"{p['lost']}/{p['gained']}" if p else "ref", f"{p['difference'] * 100:+.1f}[{p['low'] * 100:+.0f},{p['high'] * 100:+.0f}]" if p else "",
+                     f"{p['lost']}/{p['gained']}" if p else "ref", f"{p['difference'] * 100:+.1f}" if p else "",
                      f"{p['p_value']:.3f}" if p else "", f"{d['kl_mean']:.4f}" if d and p else "", f"{d['top1_agreement']:.3f}" if d and p else "",
                      f"{d['perplexity']:.2f}" if d else ""])
     n = result.outcomes[0].record.cases["n"] if result.outcomes else 0
     _table(f"Accuracy on {result.cases} ({n} cases, {result.mode}), % with 95% Wilson interval; paired with {result.reference}",
-           ["variant", "acc [CI]", "norm", "P/O", "lost/gain", "diff [CI]", "p", "KL", "top-1", "PPL"], rows)
+           ["variant", "acc [CI]", "norm", "P/O", "lost/gain", "diff", "p", "KL", "top-1", "PPL"], rows)
     click.echo("norm: length-normalised; P/O: wrong answers that were plausible differentials/off-topic; lost/gain: flips against "
                f"{result.reference}; diff in points; p: exact McNemar; KL, top-1, PPL: drift on the clinical text")
     for outcome in result.outcomes:
         p = outcome.record.paired
         if p:
-            click.echo(f"{outcome.record.variant.type}: {p['verdict']} from {result.reference} (p = {p['p_value']:.3f}, flip rate {p['flip_rate']:.1%})")
+            click.echo(f"{outcome.record.variant.type}: {p['verdict']} from {result.reference}: {p['difference'] * 100:+.1f} points "
+                       f"[{p['low'] * 100:+.1f}, {p['high'] * 100:+.1f}], p = {p['p_value']:.3f}, flip rate {p['flip_rate']:.1%}")
 
 
 @cli.command()

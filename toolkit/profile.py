@@ -56,6 +56,8 @@ class ProfileConfig:
     force: bool = False  # measure again what is already recorded
     output: Path | None = None  # default: results.json beside variants.json
     root: Path = Path("/")  # where /proc and /sys are read (tests pass captured trees)
+    accuracy: bool = True  # then score the measured variants' clinical accuracy (edgecds eval)
+    cases: Path | None = None  # for the accuracy: None is the shipped case set
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,13 @@ class ProfileResult:
     differences: tuple[str, ...]
     outcomes: tuple[Outcome, ...]
     notes: tuple[str, ...] = field(default_factory=tuple)
+    evaluation: Any = None  # an evaluate.EvalResult when accuracy was scored
 
     def to_dict(self) -> dict[str, Any]:
         return {"results_file": self.results_file, "device": self.device, "on_target": self.on_target,
                 "host": asdict(self.host), "differences": list(self.differences), "notes": list(self.notes),
-                "records": [dict(asdict(o.record), reused=o.reused) for o in self.outcomes]}
+                "records": [dict(asdict(o.record), reused=o.reused) for o in self.outcomes],
+                "accuracy": self.evaluation.to_dict() if self.evaluation else None}
 
 
 def _llama_version() -> str:
@@ -198,7 +202,15 @@ def run_profile(config: ProfileConfig, reporter: Reporter | None = None) -> Prof
                 reporter.note(f"[{n}/{len(chosen)}] {variant.type}: {record.status}: {record.reason}")
             outcomes.append(Outcome(record, False))
         results.save(output)
-    return ProfileResult(str(output), device_id, on_target, fp, match.differences, tuple(outcomes), tuple(notes))
+    evaluation = None
+    measured = tuple(o.record.variant.type for o in outcomes if o.record.status == "measured" and o.record.variant.format == "gguf")
+    if config.accuracy and measured:
+        from edgecds.evaluate import EvalConfig, run_eval
+
+        # on the device's settings; the float reference is scored too, for the paired statistics
+        evaluation = run_eval(EvalConfig(variants=folder, cases=config.cases, types=measured, threads=settings.threads,
+                                         output=output, root=config.root), reporter)
+    return ProfileResult(str(output), device_id, on_target, fp, match.differences, tuple(outcomes), tuple(notes), evaluation)
 
 
 def _profile_one(folder: Path, variant: VariantRecord, device_id: str, device: DeviceProfile, on_target: bool, settings: Any,

@@ -59,15 +59,26 @@ class PairedComparison:
 
 
 def paired_comparison(reference: list[bool], variant: list[bool], z: float = Z95) -> PairedComparison:
-    """Flips, exact McNemar p-value, and the accuracy difference with its 95% interval (the Wald
-    interval for paired proportions: d +/- z * sqrt(b + c - (c - b)^2 / n) / n)."""
+    """Flips, exact McNemar p-value, and the accuracy difference (variant - reference) with its 95%
+    interval by Newcombe's hybrid score method for paired proportions (Stat Med 1998;17:2635,
+    method 10): built from the two Wilson intervals and the correlation of the paired outcomes,
+    it stays inside [-1, 1] and, unlike the Wald interval, is not zero-width when nothing flipped."""
     if len(reference) != len(variant):
         raise ValueError("paired results must cover the same cases")
     n = len(reference)
-    lost = sum(r and not v for r, v in zip(reference, variant, strict=True))
-    gained = sum(v and not r for r, v in zip(reference, variant, strict=True))
     if n == 0:
-        return PairedComparison(0, 0, 0, 0.0, 0.0, 0.0, 1.0)
-    difference = (gained - lost) / n
-    half = z * math.sqrt(max(0.0, lost + gained - (gained - lost) ** 2 / n)) / n
-    return PairedComparison(n, lost, gained, difference, difference - half, difference + half, mcnemar_exact(lost, gained))
+        return PairedComparison(0, 0, 0, 0.0, -1.0, 1.0, 1.0)
+    pairs = list(zip(reference, variant, strict=True))
+    both = sum(r and v for r, v in pairs)
+    lost = sum(r and not v for r, v in pairs)
+    gained = sum(v and not r for r, v in pairs)
+    neither = n - both - lost - gained
+    p_ref, p_var = (both + lost) / n, (both + gained) / n
+    l_ref, u_ref = wilson_interval(both + lost, n, z)
+    l_var, u_var = wilson_interval(both + gained, n, z)
+    margins = (both + lost) * (gained + neither) * (both + gained) * (lost + neither)
+    phi = (both * neither - lost * gained) / math.sqrt(margins) if margins else 0.0
+    difference = p_var - p_ref
+    below = math.sqrt(max(0.0, (p_var - l_var) ** 2 - 2 * phi * (p_var - l_var) * (u_ref - p_ref) + (u_ref - p_ref) ** 2))
+    above = math.sqrt(max(0.0, (u_var - p_var) ** 2 - 2 * phi * (u_var - p_var) * (p_ref - l_ref) + (p_ref - l_ref) ** 2))
+    return PairedComparison(n, lost, gained, difference, max(-1.0, difference - below), min(1.0, difference + above), mcnemar_exact(lost, gained))
