@@ -508,6 +508,129 @@ def _print_eval_table(result: Any) -> None:
                        f"[{p['low'] * 100:+.1f}, {p['high'] * 100:+.1f}], p = {p['p_value']:.3f}, flip rate {p['flip_rate']:.1%}")
 
 
+@cli.command("bundle")
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--device", "device_id", required=True, help="The device the bundle is for (its measurements must come from it).")
+@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), help="Bundle folder; the archive is written beside it.  [default: ./bundles/<model>-<type>-<device>]")
+@click.option("--min-accuracy", type=click.FloatRange(0, 100), help="Minimum accuracy, percent, on the lower bound of its 95% interval.")
+@click.option("--on-point", is_flag=True, help="Apply --min-accuracy to the accuracy itself, not its lower bound.")
+@click.option("--max-drop", type=click.FloatRange(0, 100), help="Largest accuracy drop against the reference, percentage points.")
+@click.option("--max-flip-rate", type=click.FloatRange(0, 100), help="Largest share of cases flipped against the reference, percent.")
+@click.option("--min-decode", type=click.FloatRange(min=0), help="Minimum decode speed, tokens/s.")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="Context length the clinic needs.")
+@click.option("--formats", default="gguf,onnx", show_default=True, help="Allowed formats.")
+@click.option("--allow-significantly-worse", is_flag=True, help="Accept a variant significantly worse than the reference.")
+@click.option("--allow-predicted", is_flag=True, help="Choose from predicted figures where nothing was measured on the device (the bundle says so).")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="Sign the manifest with this ed25519 key (`edgecds keygen`).")
+@click.option("--profiles-dir", "profiles_dirs", multiple=True, type=click.Path(path_type=Path, file_okay=False), help="Your own device profiles.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def bundle_command(results: tuple[Path, ...], device_id: str, output: Path | None, min_accuracy: float | None, on_point: bool,
+                   max_drop: float | None, max_flip_rate: float | None, min_decode: float | None, n_ctx: int | None, formats: str,
+                   allow_significantly_worse: bool, allow_predicted: bool, sign_key: Path | None, profiles_dirs: tuple[Path, ...],
+                   as_json: bool) -> None:
+    """Choose the best variant measured on a device and pack it for the clinic.
+
+    The most accurate variant that meets every constraint wins; ties go to the faster, then the
+    smaller. Every rejected variant is listed with its reason. The bundle (folder and a
+    reproducible .tar.gz) holds the model, manifest.json, runtime.json, MODEL_CARD.md and the
+    model's licence.
+
+    \b
+    Examples:
+      edgecds bundle edgecds-out/SmolLM2-135M-Instruct/results.json --device laptop-x86-16gb
+      edgecds bundle a/results.json b/results.json --device jetson-orin-nano-8gb --min-accuracy 60 --max-drop 2 --sign key.pem
+    """
+    from edgecds.bundle import Constraints, choose, write_bundle
+    from edgecds.devices import find_profile
+
+    device = find_profile(device_id, profiles_dirs)
+    constraints = Constraints(
+        min_accuracy=min_accuracy / 100 if min_accuracy is not None else None, on_point=on_point,
+        max_drop=max_drop / 100 if max_drop is not None else None, max_flip_rate=max_flip_rate / 100 if max_flip_rate is not None else None,
+        min_decode_tps=min_decode, n_ctx=n_ctx, formats=tuple(f.strip() for f in formats.split(",") if f.strip()),
+        allow_significantly_worse=allow_significantly_worse, allow_predicted=allow_predicted,
+    )
+    choice = choose(list(results), device, constraints)
+    if choice.chosen is None:
+        for r in choice.rejected:
+            click.echo(f"{r.variant}: {'; '.join(r.reasons)}", err=True)
+        raise UsageError(choice.advice)
+    target = output or Path("bundles") / f"{choice.chosen.variant}-{device.id}"
+    result = write_bundle(choice, device, target, sign_key)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if as_json:
+        _print_json(asdict(result))
+        return
+    c = choice.chosen
+    accuracy = f"accuracy {c.accuracy:.1%} (lower bound {c.accuracy_low:.1%})" if c.accuracy is not None else "no accuracy measured"
+    click.echo(f"Chosen for {device.id}: {c.variant}: {accuracy}, {c.decode_tps:.1f} tokens/s, peak {c.peak_bytes / 2**20:.0f} MiB"
+               + (" (PREDICTED, not measured)" if c.predicted_only else ""))
+    for r in choice.rejected:
+        click.echo(f"  {r.variant}: {'; '.join(r.reasons)}")
+    click.echo(f"Bundle: {result.folder}\nArchive: {result.archive} (sha256 {result.archive_sha256})" + ("\nSigned." if result.signed else ""))
+
+
+@cli.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True))
+@click.option("--key", "trusted_key", help="The signer's public key (hex, from KEY.pem.pub); the bundle must be signed by it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify_command(bundle: Path, trusted_key: str | None, as_json: bool) -> None:
+    """Check a bundle (folder or .tar.gz) byte for byte against its manifest; exit 0 only if all holds.
+
+    \b
+    Examples:
+      edgecds verify bundles/Q4_K_M-laptop-x86-16gb.tar.gz
+      edgecds verify bundles/Q4_K_M-laptop-x86-16gb --key $(cat key.pem.pub)
+    """
+    from edgecds.bundle import verify_bundle
+
+    result = verify_bundle(bundle, trusted_key)
+    if as_json:
+        _print_json(asdict(result))
+        return
+    signer = f"signed by {result.signer}" + (" (the trusted key)" if result.trusted_signer else " (not checked against a trusted key: pass --key)") \
+        if result.signed else "not signed"
+    click.echo(f"OK: {result.files} files match the manifest; {signer}")
+
+
+@cli.command("run")
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--prompt", "-p", help="The question; without it, read from standard input.")
+@click.option("--max-tokens", "-n", type=click.IntRange(min=1), help="Tokens to generate.  [default: the bundle's]")
+@click.option("--no-verify", is_flag=True, help="Skip checking the bundle against its manifest first.")
+def run_command(bundle: Path, prompt: str | None, max_tokens: int | None, no_verify: bool) -> None:
+    """Answer a prompt with a bundle's model and runtime config, offline.
+
+    \b
+    Example:
+      edgecds run bundles/Q4_K_M-laptop-x86-16gb -p "Fever, neck stiffness and a purpuric rash: differential?"
+    """
+    import sys
+
+    from edgecds.bundle import run_prompt
+
+    text = prompt if prompt is not None else sys.stdin.read()
+    if not text.strip():
+        raise UsageError("no prompt: pass --prompt or write it on standard input")
+    click.echo(run_prompt(bundle, text, max_tokens, verify=not no_verify))
+
+
+@cli.command("keygen")
+@click.argument("private_key", type=click.Path(path_type=Path, dir_okay=False))
+def keygen_command(private_key: Path) -> None:
+    """Make an ed25519 key pair for signing bundles: PRIVATE_KEY (mode 0600) and PRIVATE_KEY.pub.
+
+    \b
+    Example:
+      edgecds keygen ~/.edgecds/signing-key.pem
+    """
+    from edgecds.bundle import generate_key
+
+    public = generate_key(private_key)
+    click.echo(f"Private key: {private_key} (keep it on the build machine)\nPublic key: {public}: {public.read_text().strip()}")
+
+
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")

@@ -168,6 +168,10 @@ def run_profile(config: ProfileConfig, reporter: Reporter | None = None) -> Prof
             raise UsageError(f"{folder / VARIANTS_FILE} has no variant(s) {', '.join(unknown)}; it has {', '.join(v.type for v in chosen)}")
         chosen = [v for v in chosen if v.type in wanted]
 
+    if config.accuracy:
+        from edgecds.cases import load_cases
+
+        load_cases(config.cases)  # a bad case file stops the run now, not after the measurements
     host = detect_host(config.root)
     match = nearest_profile(host, load_profiles(config.profiles_dirs))
     device_id, device, on_target = _resolve_device(config, match)

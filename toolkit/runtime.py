@@ -33,7 +33,7 @@ class Runtime(Protocol):
     n_vocab: int
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]: ...
-    def chat_prompt(self, user_message: str) -> str: ...
+    def chat_prompt(self, user_message: str, system: str | None = None) -> str: ...
     def reset(self) -> None: ...  # empty the KV cache
     def truncate(self, n_tokens: int) -> None: ...  # keep the first n_tokens of the context, drop the rest
     def eval(self, tokens: list[int]) -> None: ...  # append to the context, in batches
@@ -85,17 +85,19 @@ class GgufRuntime:
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
 
-    def chat_prompt(self, user_message: str) -> str:
-        """The user message in the model's own chat template (from the GGUF), ready for the reply."""
+    def chat_prompt(self, user_message: str, system: str | None = None) -> str:
+        """The message (after a system message, if given) in the model's own chat template (from
+        the GGUF), ready for the reply."""
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         template = self._llm.metadata.get("tokenizer.chat_template")
         if not template:
-            return user_message
+            return f"{system}\n\n{user_message}" if system else user_message
         llm = self._llm
         formatter = Jinja2ChatFormatter(template=template, eos_token=llm.detokenize([llm.token_eos()]).decode(errors="replace"),
                                         bos_token=llm.detokenize([llm.token_bos()]).decode(errors="replace"))
-        return str(formatter(messages=[{"role": "user", "content": user_message}]).prompt)
+        messages: list[Any] = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]
+        return str(formatter(messages=messages).prompt)
 
     def reset(self) -> None:
         import llama_cpp

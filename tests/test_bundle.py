@@ -1,0 +1,172 @@
+"""`edgecds bundle`, `verify` and `run` on real profile results of the default model."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import socket
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from edgecds.bundle import VerifyError, run_prompt, safe_extract, verify_bundle
+from edgecds.cli import cli
+from edgecds.quantize import QuantizeResult
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def profiled(default_variants: QuantizeResult, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Real profile results (memory, speed and accuracy on 4 cases) for Q4_K_M and Q8_0."""
+    folder = tmp_path_factory.mktemp("bundle") / "variants"
+    shutil.copytree(default_variants.output_dir, folder)
+    cases = folder.parent / "cases.jsonl"
+    cases.write_text("\n".join((ROOT / "toolkit" / "clinical" / "cases-v1.jsonl").read_text().splitlines()[:4]) + "\n")
+    code, out = invoke("profile", str(folder), "--types", "Q4_K_M,Q8_0", "--ctx", "512", "-p", "32", "-n", "8", "-r", "1",
+                       "--cases", str(cases), "--json", "-q")
+    assert code == 0, out
+    return folder / "results.json", json.loads(out)["device"]
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    private = tmp_path_factory.mktemp("key") / "signing.pem"
+    code, out = invoke("keygen", str(private))
+    assert code == 0, out
+    return private, (private.parent / "signing.pem.pub").read_text().strip()
+
+
+def build(results: Path, device: str, out: Path, *extra: str) -> dict[str, Any]:
+    code, text = invoke("bundle", str(results), "--device", device, "-o", str(out), "--json", *extra)
+    assert code == 0, text
+    return dict(json.loads(text[text.index("{"):]))
+
+
+def test_bundle_verifies_and_says_what_it_chose(profiled: tuple[Path, str], key: tuple[Path, str], tmp_path: Path) -> None:
+    results, device = profiled
+    made = build(results, device, tmp_path / "b", "--sign", str(key[0]))
+    choice = made["choice"]
+    assert choice["chosen"]["variant"] in ("Q4_K_M", "Q8_0") and len(choice["rejected"]) == 1
+    assert choice["rejected"][0]["reasons"]  # why the other lost
+    folder = Path(made["folder"])
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1 and manifest["model"]["licence"] == "Apache-2.0"
+    files = set(manifest["files"])
+    models = [f for f in files if f.startswith("model/") and f.endswith(".gguf")]
+    assert len(models) == 1 and files == {"LICENSE", "MODEL_CARD.md", "runtime.json", *models}
+    assert manifest["measurements"]["host"]["id"] == manifest["measurements"]["record"]["host"]
+    assert manifest["accuracy"]["cases"]["n"] == 4 and manifest["accuracy"]["paired"] is not None
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "not a diagnosis" in card or "does not make a diagnosis" in card
+    assert "95% Wilson interval" in card and "Known limits" in card
+    runtime = json.loads((folder / "runtime.json").read_text())
+    assert runtime["n_ctx"] == 512 and runtime["sampling"]["temperature"] == 0.0
+
+    for target in (folder, Path(made["archive"])):
+        code, out = invoke("verify", str(target), "--key", key[1])
+        assert code == 0 and "the trusted key" in out, out
+    code, out = invoke("verify", str(folder), "--key", "00" * 32)
+    assert code == 1 and "not by the trusted key" in out
+
+
+@pytest.mark.parametrize("victim", ["model", "manifest.json", "runtime.json", "MODEL_CARD.md", "LICENSE", "signature.json"])
+def test_one_flipped_byte_in_each_kind_of_file_is_named(profiled: tuple[Path, str], key: tuple[Path, str], tmp_path: Path, victim: str) -> None:
+    results, device = profiled
+    folder = Path(build(results, device, tmp_path / "b", "--sign", str(key[0]))["folder"])
+    path = next((folder / "model").glob("*.gguf")) if victim == "model" else folder / victim
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    code, out = invoke("verify", str(folder))
+    assert code == 1
+    named = "manifest.json" if victim == "signature.json" else path.name  # a damaged signature no longer matches the manifest
+    assert named in out, out
+
+
+def test_missing_extra_and_symlinked_files_are_named(profiled: tuple[Path, str], tmp_path: Path) -> None:
+    results, device = profiled
+    folder = Path(build(results, device, tmp_path / "b")["folder"])
+    (folder / "notes.txt").write_text("hello")
+    with pytest.raises(VerifyError, match="notes.txt: not listed in the manifest"):
+        verify_bundle(folder)
+    (folder / "notes.txt").unlink()
+    (folder / "LICENSE").rename(tmp_path / "LICENSE")
+    with pytest.raises(VerifyError, match="LICENSE: listed in the manifest but missing"):
+        verify_bundle(folder)
+    (folder / "LICENSE").symlink_to(tmp_path / "LICENSE")
+    with pytest.raises(VerifyError, match="LICENSE: a symlink"):
+        verify_bundle(folder)
+
+
+def _archive(path: Path, members: list[tarfile.TarInfo]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for m in members:
+            tar.addfile(m, io.BytesIO(b"x" * m.size) if m.isfile() else None)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "hardlink", "device"])
+def test_a_malicious_archive_is_refused(tmp_path: Path, kind: str) -> None:
+    ok = tarfile.TarInfo("b/manifest.json")
+    ok.size = 1
+    bad = tarfile.TarInfo({"dotdot": "b/../../evil", "absolute": "/tmp/evil"}.get(kind, "b/evil"))
+    if kind in ("dotdot", "absolute"):
+        bad.size = 1
+    elif kind == "symlink":
+        bad.type, bad.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    elif kind == "hardlink":
+        bad.type, bad.linkname = tarfile.LNKTYPE, "b/manifest.json"
+    else:
+        bad.type, bad.devmajor, bad.devminor = tarfile.CHRTYPE, 1, 3
+    archive = _archive(tmp_path / "evil.tar.gz", [ok, bad])
+    into = tmp_path / "into"
+    into.mkdir()
+    with pytest.raises(VerifyError, match="refused, nothing extracted"):
+        safe_extract(archive, into)
+    assert list(into.iterdir()) == [] and not (tmp_path / "evil").exists()
+    code, out = invoke("verify", str(archive))
+    assert code == 1 and "refused" in out
+
+
+def test_same_inputs_give_byte_identical_archives(profiled: tuple[Path, str], tmp_path: Path) -> None:
+    results, device = profiled
+    first = build(results, device, tmp_path / "one" / "bundle")
+    second = build(results, device, tmp_path / "two" / "bundle")
+    assert first["archive_sha256"] == second["archive_sha256"]
+    assert hashlib.sha256(Path(first["archive"]).read_bytes()).hexdigest() == first["archive_sha256"]
+    with tarfile.open(first["archive"]) as tar:
+        names = tar.getnames()
+        assert names == sorted(names) and all(m.mtime == 0 and m.uid == 0 and m.gid == 0 for m in tar.getmembers())
+
+
+def test_constraints_explain_and_only_the_device_counts(profiled: tuple[Path, str], tmp_path: Path) -> None:
+    results, device = profiled
+    code, out = invoke("bundle", str(results), "--device", device, "--min-decode", "1000000", "-o", str(tmp_path / "b"))
+    assert code == 2 and "too slow" in out and "closest:" in out and "relax" in out
+    other = "jetson-orin-nano-8gb" if device != "jetson-orin-nano-8gb" else "rtx-3060-12gb"
+    code, out = invoke("bundle", str(results), "--device", other, "-o", str(tmp_path / "c"))
+    assert code == 1 and f"no variant was measured on {other}" in out
+
+
+def test_run_answers_offline_with_sockets_blocked(profiled: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    results, device = profiled
+    folder = Path(build(results, device, tmp_path / "b")["folder"])
+
+    def no_network(self: socket.socket, address: Any) -> None:
+        raise AssertionError(f"network access attempted: {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket.socket, "connect_ex", no_network)
+    answer = run_prompt(folder, "A 19-year-old has fever, neck stiffness and a purpuric rash. What is the most likely diagnosis?", 24)
+    assert len(answer.split()) >= 3
