@@ -1,5 +1,6 @@
 # The two commands of the README:
-#   make demo   installs everything, pulls the default model, quantizes it to GGUF
+#   make demo   installs everything, pulls the default model, quantizes it to GGUF, profiles every
+#               variant here (memory, speed, clinical accuracy), bundles the best one and verifies it
 #   make test   installs everything, runs the whole test suite
 # Both start from nothing on a fresh machine; a second run reuses the virtual environment.
 
@@ -28,6 +29,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(BIN)/edgecds models pull default
 	$(BIN)/edgecds quantize --output edgecds-out/SmolLM2-135M-Instruct
+	$(BIN)/edgecds profile edgecds-out/SmolLM2-135M-Instruct --device auto
+	$(BIN)/edgecds bundle edgecds-out/SmolLM2-135M-Instruct/results.json --device auto --output edgecds-out/bundle
+	$(BIN)/edgecds verify edgecds-out/bundle.tar.gz
 
 test: install
 	$(BIN)/ruff check toolkit quant hwbench tests

@@ -510,7 +510,8 @@ def _print_eval_table(result: Any) -> None:
 
 @cli.command("bundle")
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False, exists=True))
-@click.option("--device", "device_id", required=True, help="The device the bundle is for (its measurements must come from it).")
+@click.option("--device", "device_id", default="auto", show_default=True,
+              help="The device the bundle is for (its measurements must come from it); 'auto': the one detected here.")
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), help="Bundle folder; the archive is written beside it.  [default: ./bundles/<model>-<type>-<device>]")
 @click.option("--min-accuracy", type=click.FloatRange(0, 100), help="Minimum accuracy, percent, on the lower bound of its 95% interval.")
 @click.option("--on-point", is_flag=True, help="Apply --min-accuracy to the accuracy itself, not its lower bound.")
@@ -543,6 +544,11 @@ def bundle_command(results: tuple[Path, ...], device_id: str, output: Path | Non
     from edgecds.bundle import Constraints, choose, write_bundle
     from edgecds.devices import find_profile
 
+    if device_id == "auto":
+        from edgecds.devices import load_profiles
+        from edgecds.host import detect_host, nearest_profile
+
+        device_id = nearest_profile(detect_host(), load_profiles(profiles_dirs)).profile.id
     device = find_profile(device_id, profiles_dirs)
     constraints = Constraints(
         min_accuracy=min_accuracy / 100 if min_accuracy is not None else None, on_point=on_point,
@@ -569,6 +575,7 @@ def bundle_command(results: tuple[Path, ...], device_id: str, output: Path | Non
     for r in choice.rejected:
         click.echo(f"  {r.variant}: {'; '.join(r.reasons)}")
     click.echo(f"Bundle: {result.folder}\nArchive: {result.archive} (sha256 {result.archive_sha256})" + ("\nSigned." if result.signed else ""))
+    click.echo(f"Why: {choice.explanation()['rule']}; the bundle's MODEL_CARD.md and manifest.json say the rest.")
 
 
 @cli.command("verify")
