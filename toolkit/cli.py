@@ -623,6 +623,42 @@ def run_command(bundle: Path, prompt: str | None, max_tokens: int | None, no_ver
     click.echo(run_prompt(bundle, text, max_tokens, verify=not no_verify))
 
 
+@cli.command("serve")
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback exposes the model to the network.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--token", help="Bearer token every request must carry.  [default: $EDGECDS_SERVE_TOKEN, else a new random one, printed once]")
+@click.option("--slots", type=click.IntRange(min=1), default=1, show_default=True, help="Requests answered at once.")
+@click.option("--queue", type=click.IntRange(min=0), default=4, show_default=True, help="Requests allowed to wait; more are answered 503.")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Cap on each answer's tokens.  [default: the bundle's]")
+@click.option("--timeout", "request_seconds", type=click.FloatRange(min=1), default=120, show_default=True, help="Seconds a request may wait for its answer to start.")
+@click.option("--no-verify", is_flag=True, help="Skip checking the bundle against its manifest at start.")
+def serve_command(bundle: Path, host: str, port: int, token: str | None, slots: int, queue: int, max_tokens: int | None,
+                  request_seconds: float, no_verify: bool) -> None:
+    """Serve a bundle's model as an OpenAI-compatible chat endpoint (POST /v1/chat/completions).
+
+    Loopback only by default; every request needs the bearer token; prompts and answers are never
+    logged or written to disk.
+
+    \b
+    Example:
+      EDGECDS_SERVE_TOKEN=s3cret edgecds serve edgecds-out/bundle --port 8080
+    """
+    import os
+
+    from edgecds.serve import TOKEN_ENV, ServeConfig, serve
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: binding to {host}: other machines can reach the model (the token is still required)", err=True)
+    if token is None and not os.environ.get(TOKEN_ENV):
+        import secrets
+
+        token = secrets.token_urlsafe(24)
+        click.echo(f"token (shown once, not stored): {token}", err=True)
+    serve(ServeConfig(bundle=bundle, host=host, port=port, token=token, slots=slots, queue=queue, max_tokens=max_tokens,
+                      request_seconds=request_seconds, verify=not no_verify))
+
+
 @cli.command("keygen")
 @click.argument("private_key", type=click.Path(path_type=Path, dir_okay=False))
 def keygen_command(private_key: Path) -> None:
