@@ -64,6 +64,7 @@ def test_eval_scores_real_variants_with_statistics_and_drift(variants: Path) -> 
         else:
             p = e["paired"]
             flips = [(a["correct"], b["correct"]) for a, b in zip(by_type["F16"]["per_case"], e["per_case"], strict=True)]
+            assert [c["flipped"] for c in e["per_case"]] == [r != v for r, v in flips]
             assert p["lost"] == sum(r and not v for r, v in flips) and p["gained"] == sum(v and not r for r, v in flips)
             assert p["low"] <= p["difference"] <= p["high"] and p["verdict"] != "equivalent"
     # drift: the finer quantization stays closer to the reference

@@ -607,7 +607,8 @@ def verify_command(bundle: Path, trusted_key: str | None, as_json: bool) -> None
 @click.option("--max-tokens", "-n", type=click.IntRange(min=1), help="Tokens to generate.  [default: the bundle's]")
 @click.option("--no-verify", is_flag=True, help="Skip checking the bundle against its manifest first.")
 def run_command(bundle: Path, prompt: str | None, max_tokens: int | None, no_verify: bool) -> None:
-    """Answer a prompt with a bundle's model and runtime config, offline.
+    """Answer a prompt with a bundle's model and runtime config, offline; on a terminal without
+    --prompt, a question a line until an empty line.
 
     \b
     Example:
@@ -617,6 +618,18 @@ def run_command(bundle: Path, prompt: str | None, max_tokens: int | None, no_ver
 
     from edgecds.bundle import run_prompt
 
+    if prompt is None and sys.stdin.isatty():  # a chat on a terminal: one question a line, empty line or Ctrl-D ends
+        verified = no_verify
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            click.echo(run_prompt(bundle, line, max_tokens, verify=not verified))
+            verified = True
+        return
     text = prompt if prompt is not None else sys.stdin.read()
     if not text.strip():
         raise UsageError("no prompt: pass --prompt or write it on standard input")

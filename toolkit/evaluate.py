@@ -344,7 +344,7 @@ def run_eval(config: EvalConfig, reporter: Reporter | None = None) -> EvalResult
             if previous is not None and not config.force:
                 if reporter:
                     reporter.note(f"[{n}/{len(chosen)}] {variant.type}: already evaluated on these cases on this host, reused")
-                per_case[variant.type] = [CaseResult(**c) for c in previous.per_case]
+                per_case[variant.type] = [CaseResult(**{k: v for k, v in c.items() if k != "flipped"}) for c in previous.per_case]
                 done.append(EvalOutcome(previous, True))
                 continue
             record, per_case[variant.type] = _evaluate(folder, variant, reference, cases, case_set, config, settings, spec, key, fp.id, text,
@@ -354,11 +354,14 @@ def run_eval(config: EvalConfig, reporter: Reporter | None = None) -> EvalResult
             done.append(EvalOutcome(record, False))
         # pair every variant with the reference, now that both are scored on the same cases
         final = []
+        reference_correct = {c.id: c.correct for c in per_case[reference.type]}
         for outcome in done:
             rec = outcome.record
             pairing = None if rec.variant.type == reference.type else paired(per_case[reference.type], per_case[rec.variant.type])
-            if pairing != rec.paired:
-                rec = replace(rec, paired=pairing, reference=reference.type)
+            # each case says whether it flipped against the reference, so a reviewer sees which
+            cases_flipped = [{**c, "flipped": c["correct"] != reference_correct[c["id"]]} for c in rec.per_case]
+            if pairing != rec.paired or cases_flipped != rec.per_case:
+                rec = replace(rec, paired=pairing, reference=reference.type, per_case=cases_flipped)
                 results.evaluations = [e for e in results.evaluations if e.key != rec.key] + [rec]
             final.append(EvalOutcome(rec, outcome.reused))
         results.save(output)
