@@ -29,7 +29,7 @@ from edgecds.atomic import write_json
 from edgecds.cases import drift_text, load_cases
 from edgecds.evaluate import DRIFT_CTX, drift_against, drift_logprobs, option_logprobs
 from edgecds.runtime import EngineSettings, GgufRuntime
-from edgecds.variants import load_variants, variant_file
+from edgecds.variants import open_variants, variant_file
 
 SPEEDUP_TARGET = 2.0
 DRIFT_ORDER = ("Q8_0", "Q6_K", "Q4_K_M", "Q2_K")
@@ -44,11 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=Path("bench-results/eval.json"))
     args = parser.parse_args(argv)
 
-    folder = args.variants.parent if args.variants.name == "variants.json" else args.variants
-    record = load_variants(folder)
-    if record is None:
-        print(f"no variants.json in {folder}", file=sys.stderr)
-        return 2
+    folder, record = open_variants(args.variants)
     by_type = record.by_type()
     missing = [t for t in ("F16", args.type, *DRIFT_ORDER) if t not in by_type]
     if missing:

@@ -29,7 +29,7 @@ from edgecds.hwbench.measure import ONE_PASS, RunSettings, measure_in_subprocess
 from edgecds.hwbench.predict import MIB, load_calibrations, percent_error, predict
 from edgecds.quant.gguf_file import read_gguf
 from edgecds.quant.gguf_quantize import llama_cpp_version
-from edgecds.variants import load_variants, variant_file
+from edgecds.variants import open_variants, variant_file
 
 TOLERANCE_PERCENT = 5.0
 
@@ -51,11 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=Path("bench-results/predict.json"))
     args = parser.parse_args(argv)
 
-    folder = args.variants.parent if args.variants.name == "variants.json" else args.variants
-    record = load_variants(folder)
-    if record is None:
-        print(f"no variants.json in {folder}", file=sys.stderr)
-        return 2
+    folder, record = open_variants(args.variants)
     contexts = [int(c) for c in args.ctx.split(",")]
     calibrations = load_calibrations()
     bandwidth = memory_bandwidth_gbs()

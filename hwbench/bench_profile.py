@@ -37,7 +37,7 @@ from edgecds import __version__
 from edgecds.atomic import write_json
 from edgecds.hwbench.measure import PEAK_RSS_RESOLUTION, RunSettings, Workload, measure_in_subprocess, measure_repeated
 from edgecds.results import Stat
-from edgecds.variants import load_variants, variant_file
+from edgecds.variants import open_variants, variant_file
 
 DECODE_TARGET = 0.97
 MEMORY_TOLERANCE_PERCENT = 2.0
@@ -94,9 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=Path("bench-results/profile.json"))
     args = parser.parse_args(argv)
 
-    folder = args.variants.parent if args.variants.name == "variants.json" else args.variants
-    record = load_variants(folder)
-    if record is None or args.type not in record.by_type():
+    folder, record = open_variants(args.variants)
+    if args.type not in record.by_type():
         print(f"no {args.type} variant recorded in {folder}", file=sys.stderr)
         return 2
     model = variant_file(folder, record.by_type()[args.type])

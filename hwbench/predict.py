@@ -491,12 +491,9 @@ def plan(variants_json: Path, device: DeviceProfile, n_ctx: int | None = None, k
          calibrations: dict[str, Calibration] | None = None) -> Plan:
     """Predict every variant recorded in `variants_json` on `device`, from the files alone."""
     from edgecds.quant.gguf_file import read_gguf
-    from edgecds.variants import VARIANTS_FILE, load_variants, variant_file
+    from edgecds.variants import open_variants, variant_file
 
-    folder = variants_json.parent if variants_json.name == VARIANTS_FILE else variants_json
-    record = load_variants(folder)
-    if record is None:
-        raise InvalidInputError(f"{folder / VARIANTS_FILE} does not exist; run `edgecds quantize -o {folder}` first")
+    folder, record = open_variants(variants_json)
     cache_type(kv_type)  # an unknown cache type fails here, listing the known ones
     settings = settings_for(device, n_ctx, type_k=kv_type.lower(), type_v=kv_type.lower())
     entries = []

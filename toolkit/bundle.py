@@ -60,6 +60,7 @@ class Constraints:
 @dataclass(frozen=True)
 class Candidate:
     variant: str  # type
+    format: str
     sha256: str
     file_size: int
     results_file: str
@@ -126,7 +127,7 @@ def _candidates(results_files: list[Path], device: DeviceProfile, constraints: C
                 decode = float(record.predicted.get("decode_tps", 0.0)) if record else 0.0
                 peak = int(record.predicted.get("peak_bytes", 0)) if record else 0
                 only_predicted = True
-            found.append(Candidate(ref.type, sha, ref.file_size, str(path), record if record and record.measured else None, evaluation,
+            found.append(Candidate(ref.type, ref.format, sha, ref.file_size, str(path), record if record and record.measured else None, evaluation,
                                    results.hosts.get(record.host) if record else None, only_predicted,
                                    metrics.get("accuracy"), metrics.get("low"), decode, peak))
     return found
@@ -135,9 +136,8 @@ def _candidates(results_files: list[Path], device: DeviceProfile, constraints: C
 def _violations(c: Candidate, device: DeviceProfile, k: Constraints) -> list[str]:
     budget = int(device.budget_gib * 1024**3)
     out = []
-    fmt = "onnx" if c.variant.lower().startswith(("int", "fp")) else "gguf"
-    if fmt not in k.formats:
-        out.append(f"format {fmt} not allowed")
+    if c.format not in k.formats:
+        out.append(f"format {c.format} not allowed")
     if c.predicted_only and not k.allow_predicted:
         out.append("not measured on the device")
     if c.peak_bytes and c.peak_bytes > budget:

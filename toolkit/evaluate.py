@@ -22,7 +22,6 @@ import hashlib
 import math
 import re
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,7 +34,7 @@ from edgecds.progress import Reporter
 from edgecds.results import RESULTS_FILE, EvalRecord, ResultsFile, VariantRef, load_results
 from edgecds.runtime import EngineSettings, Runtime, open_runtime
 from edgecds.stats import paired_comparison, wilson_interval
-from edgecds.variants import VARIANTS_FILE, VariantRecord, load_variants, variant_file
+from edgecds.variants import VARIANTS_FILE, VariantRecord, open_variants, variant_file
 
 MODES = ("loglik", "generate", "topk")
 DRIFT_CTX = 512  # llama.cpp perplexity's default chunk; the second half of each chunk is scored
@@ -309,10 +308,7 @@ def run_eval(config: EvalConfig, reporter: Reporter | None = None) -> EvalResult
 
     if config.mode not in MODES:
         raise UsageError(f"unknown mode {config.mode!r}; known: {', '.join(MODES)}")
-    folder = config.variants.parent if config.variants.name == VARIANTS_FILE else config.variants
-    variants = load_variants(folder)
-    if variants is None:
-        raise InvalidInputError(f"{folder / VARIANTS_FILE} does not exist; run `edgecds quantize -o {folder}` first")
+    folder, variants = open_variants(config.variants)
     case_set = load_cases(config.cases)
     cases = list(case_set.cases[: config.limit] if config.limit else case_set.cases)
     gguf = [v for v in variants.variants if v.format == "gguf"]
@@ -418,12 +414,3 @@ def _drift(folder: Path, runtime: Runtime, variant: VariantRecord, reference: Va
             raise InvalidInputError(f"{cache} is missing; run `edgecds eval --force` to score the reference again")
     assert base is not None
     return drift_against(base[0], logprobs, base[1])
-
-
-def score_timing(runtime: Runtime, cases: list[Case], reuse_prefix: bool, clock: Callable[[], float] = time.perf_counter) -> tuple[float, list[list[float]]]:
-    """Seconds to score `cases` by log-likelihood, with or without reusing the prompt's cache (the
-    benchmark's two arms), and the scores, which must agree."""
-    start = clock()
-    scores = [option_logprobs(runtime, case, reuse_prefix)[0] for case in cases]
-    return clock() - start, scores
-

@@ -32,7 +32,7 @@ from edgecds.results import (
     VariantRef,
     load_results,
 )
-from edgecds.variants import VARIANTS_FILE, VariantRecord, load_variants, variant_file
+from edgecds.variants import VARIANTS_FILE, VariantRecord, open_variants, variant_file
 
 AUTO = "auto"
 
@@ -152,10 +152,7 @@ def run_profile(config: ProfileConfig, reporter: Reporter | None = None) -> Prof
     from edgecds.hwbench.measure import Workload
     from edgecds.hwbench.predict import cache_type
 
-    folder = config.variants.parent if config.variants.name == VARIANTS_FILE else config.variants
-    variants = load_variants(folder)
-    if variants is None:
-        raise InvalidInputError(f"{folder / VARIANTS_FILE} does not exist; run `edgecds quantize -o {folder}` first")
+    folder, variants = open_variants(config.variants)
     if cache_type(config.cache_type).block_size > 1 and not config.flash_attn:  # unknown types fail here too
         raise UsageError(f"a quantized KV cache ({config.cache_type}) needs --flash-attn: llama.cpp refuses a quantized V cache without it")
     if config.repeats < 1 or config.prompt_tokens < 1 or config.decode_tokens < 1:

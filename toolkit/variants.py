@@ -128,3 +128,13 @@ def variant_file(folder: Path, record: VariantRecord) -> Path:
     if relative.is_absolute() or ".." in relative.parts:
         raise InvalidInputError(f"{folder / VARIANTS_FILE}: variant {record.name!r} has path {record.path!r} outside its folder")
     return folder / relative
+
+
+def open_variants(path: Path) -> tuple[Path, VariantsFile]:
+    """The variants folder and its record, given the folder or its variants.json; an error saying
+    what to run when there is none."""
+    folder = path.parent if path.name == VARIANTS_FILE else path
+    record = load_variants(folder)
+    if record is None:
+        raise InvalidInputError(f"{folder / VARIANTS_FILE} does not exist; run `edgecds quantize -o {folder}` first")
+    return folder, record
