@@ -497,7 +497,8 @@ def _check_signature(bundle: Path, manifest_bytes: bytes) -> str:
     try:
         public.verify(signature, manifest_bytes)
     except InvalidSignature:
-        raise VerifyError(f"{bundle / MANIFEST}: changed after signing (the signature does not match)") from None
+        # Either file may be the damaged one; name both so the clinic knows what to re-fetch.
+        raise VerifyError(f"{bundle / MANIFEST}: does not match {SIGNATURE} (the manifest changed after signing, or the signature is damaged)") from None
     return str(sig["public_key"]).lower()
 
 
