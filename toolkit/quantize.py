@@ -23,7 +23,8 @@ from edgecds.errors import InvalidInputError, NotEnoughDiskError, UsageError
 from edgecds.progress import Reporter
 from edgecds.quant.gguf_file import GgufInfo, read_gguf
 from edgecds.quant.gguf_quantize import QuantizerOptions
-from edgecds.quant.types import DEFAULT_TYPES, QUANT_TYPE_BY_NAME, QuantType
+from edgecds.quant.onnx_build import OnnxOptions
+from edgecds.quant.types import DEFAULT_FORMAT, QUANT_TYPE_BY_NAME, QuantType, default_types
 from edgecds.variants import VARIANTS_FILE, SourceRecord, VariantRecord, VariantsFile, load_variants, variant_file
 
 METADATA_ALLOWANCE = 16 << 20  # bytes of header and vocabulary on top of the tensors
@@ -35,8 +36,10 @@ DISK_MARGIN = 64 << 20
 class QuantizeConfig:
     source: Path | None = None  # None: the embedded default model
     output: Path | None = None
-    types: tuple[QuantType, ...] | None = None  # None: the table's default set
+    types: tuple[QuantType, ...] | None = None  # None: the table's default set of each format
+    formats: tuple[str, ...] = (DEFAULT_FORMAT,)
     quantizer: QuantizerOptions = field(default_factory=QuantizerOptions)
+    onnx: OnnxOptions = field(default_factory=OnnxOptions)
     check_tokens: int = 8
 
 
@@ -101,10 +104,11 @@ def _resolve_source(config: QuantizeConfig, reporter: Reporter | None) -> _Sourc
     return _Source(path, "hf", name, folder.architecture, folder.n_parameters, None)
 
 
-def _plan(source: _Source, requested: tuple[QuantType, ...] | None, options: QuantizerOptions) -> tuple[QuantType | None, list[QuantType], list[str]]:
-    """The float variant to convert first (None for GGUF sources) and the quantized ones after it."""
+def _plan(source: _Source, types: tuple[QuantType, ...], requested: bool, options: QuantizerOptions) -> tuple[QuantType | None, list[QuantType], list[str]]:
+    """The float GGUF to convert first (None for GGUF sources) and the quantized ones after it."""
     warnings: list[str] = []
-    types = requested if requested is not None else tuple(QUANT_TYPE_BY_NAME[n] for n in DEFAULT_TYPES)
+    if not types:
+        return None, [], warnings
     floats = [t for t in types if t.is_float]
     quants = [t for t in types if not t.is_float]
     if source.gguf is None:
@@ -112,7 +116,7 @@ def _plan(source: _Source, requested: tuple[QuantType, ...] | None, options: Qua
         if len(floats) > 1:
             raise UsageError(f"choose one float type to convert to, not {', '.join(t.name for t in floats)}")
         return base, quants, warnings
-    if floats and requested is not None:
+    if floats and requested:
         raise UsageError(
             f"{', '.join(t.name for t in floats)} come from llama.cpp's converter, which reads Hugging Face folders; "
             "a GGUF source can only be quantized: drop them from --types"
@@ -166,23 +170,28 @@ def default_output_dir(source_name: str) -> Path:
 
 def run_quantize(config: QuantizeConfig, reporter: Reporter | None = None) -> QuantizeResult:
     src = _resolve_source(config, reporter)
-    base, quants, warnings = _plan(src, config.types, config.quantizer)
+    types = config.types if config.types is not None else default_types(config.formats)
+    base, quants, warnings = _plan(src, tuple(t for t in types if t.format == "gguf"), config.types is not None, config.quantizer)
+    onnx_types = tuple(t for t in types if t.format == "onnx")
+    if onnx_types and src.kind != "hf":
+        raise UsageError(f"{src.path.name} is a GGUF file; the ONNX export reads a Hugging Face folder (safetensors): pass the model's "
+                         "folder, or no SOURCE for the default model")
     out = config.output or default_output_dir(src.name)
     if out.exists() and not out.is_dir():
         raise InvalidInputError(f"--output {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out):
-        return _run_locked(config, src, base, quants, warnings, out, reporter)
+        return _run_locked(config, src, base, quants, onnx_types, warnings, out, reporter)
 
 
 def _run_locked(
-    config: QuantizeConfig, src: _Source, base: QuantType | None, quants: list[QuantType], warnings: list[str],
-    out: Path, reporter: Reporter | None,
+    config: QuantizeConfig, src: _Source, base: QuantType | None, quants: list[QuantType], onnx_types: tuple[QuantType, ...],
+    warnings: list[str], out: Path, reporter: Reporter | None,
 ) -> QuantizeResult:
     from edgecds.quant import gguf_convert, gguf_quantize
 
     if not (out / VARIANTS_FILE).exists():  # nothing to reuse: check the disk before reading the whole source
-        _check_disk(out, sum(_estimate_bytes(src.n_parameters, q) for q in ([base] if base else []) + quants))
+        _check_disk(out, sum(_estimate_bytes(src.n_parameters, q) for q in ([base] if base else []) + quants + list(onnx_types)))
     source = src.record()
     removed = remove_stale_temporaries(out)
     if removed and reporter:
@@ -267,6 +276,10 @@ def _run_locked(
         key = key_for(q, parent_sha)
         reused = quant_reused[q.name] if parent_sha == quant_parent else _reusable(recorded.get(q.name), key, out)
         finish(recorded[q.name] if reused else build(q, parent_path, parent_sha, key), reused)
+    if onnx_types:
+        from edgecds.quantize_onnx import build_onnx
+
+        build_onnx(onnx_types, src.path, source, state, out, config.onnx, config.check_tokens, reporter, finish)
 
     if not (out / VARIANTS_FILE).exists():
         state.save(out)

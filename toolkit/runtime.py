@@ -180,6 +180,8 @@ def open_runtime(path: Path, settings: EngineSettings) -> Runtime:
     """The runtime for a variant's format, chosen by its file."""
     if path.suffix == ".gguf":
         return GgufRuntime(path, settings)
-    if path.suffix == ".onnx" or path.is_dir():
-        raise UsageError(f"{path.name}: ONNX variants have no runtime in this edgecds yet; profile the GGUF variants")
-    raise UsageError(f"{path.name}: not a variant edgecds can run (expected a .gguf file)")
+    if path.is_dir() or path.suffix == ".onnx":
+        from edgecds.onnx_runtime import OnnxRuntime
+
+        return OnnxRuntime(path if path.is_dir() else path.parent, settings)
+    raise UsageError(f"{path.name}: not a variant edgecds can run (expected a .gguf file or an ONNX variant's folder)")

@@ -49,6 +49,11 @@ class VariantRecord:
     load_check: dict[str, Any]
     created: str
     warnings: list[str] = field(default_factory=list)
+    # ONNX variants are folders: each file's sha256 (the graph, external data, tokenizer, configs);
+    # `sha256` is then the folder's digest over all of them.
+    files: dict[str, str] = field(default_factory=dict)
+    # Quantized ONNX variants: drift from the fp32 export on the clinical text, and whether it is flagged.
+    parity: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -128,6 +133,13 @@ def variant_file(folder: Path, record: VariantRecord) -> Path:
     if relative.is_absolute() or ".." in relative.parts:
         raise InvalidInputError(f"{folder / VARIANTS_FILE}: variant {record.name!r} has path {record.path!r} outside its folder")
     return folder / relative
+
+
+def variant_digest(path: Path) -> str:
+    """What a record's sha256 is taken over: the file, or every file of an ONNX variant's folder."""
+    from edgecds.digest import sha256_file, sha256_folder
+
+    return sha256_folder(path) if path.is_dir() else sha256_file(path)
 
 
 def open_variants(path: Path) -> tuple[Path, VariantsFile]:

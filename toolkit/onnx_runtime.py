@@ -1,0 +1,228 @@
+"""An ONNX variant in onnxruntime, behind the same `Runtime` interface as llama.cpp.
+
+Device side: onnxruntime, `tokenizers` and numpy; no torch, no transformers, no Optimum. The
+graph is Optimum's `text-generation-with-past` layout (input_ids, attention_mask, position_ids,
+past_key_values.N.key/value in; logits, present.N.key/value out). The KV cache stays in
+onnxruntime's own buffers between steps (IO binding): each step's presents are bound as the next
+step's pasts without a round trip through numpy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edgecds.errors import EngineError, InvalidInputError, UsageError
+from edgecds.runtime import EngineSettings
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def _json(folder: Path, name: str) -> dict[str, Any]:
+    path = folder / name
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInputError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"{path}: expected a JSON object")
+    return data
+
+
+def _int(data: dict[str, Any], key: str, where: str) -> int:
+    value = data.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InvalidInputError(f"{where}: {key!r} must be a positive integer, not {value!r}")
+    return value
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config.json names special tokens as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def execution_provider(settings: EngineSettings) -> str:
+    """CUDA when layers are to be offloaded, else the CPU; an error when that provider is not installed."""
+    import onnxruntime as ort
+
+    wanted = PROVIDERS["cuda"] if settings.n_gpu_layers != 0 else PROVIDERS["cpu"]
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise UsageError(
+            f"onnxruntime {ort.__version__} here offers {', '.join(available)}, not {wanted}; install onnxruntime-gpu for CUDA, "
+            "or run on the CPU with -ngl 0"
+        )
+    return wanted
+
+
+class OnnxRuntime:
+    format = "onnx"
+
+    def __init__(self, folder: Path, settings: EngineSettings) -> None:
+        import numpy as np
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        from edgecds.quant.onnx_model import MODEL_FILE, check_onnx_folder
+
+        check_onnx_folder(folder)  # before onnxruntime follows any external-data name
+        config = _json(folder, "config.json")
+        where = str(folder / "config.json")
+        self._n_layers = _int(config, "num_hidden_layers", where)
+        n_heads = _int(config, "num_attention_heads", where)
+        self._n_kv_heads = int(config.get("num_key_value_heads") or n_heads)
+        self._head_dim = int(config.get("head_dim") or _int(config, "hidden_size", where) // n_heads)
+        if not (folder / "tokenizer.json").is_file():
+            raise InvalidInputError(f"{folder}: no tokenizer.json (the ONNX variant's tokenizer)")
+        try:
+            self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as exc:  # the Rust side raises a plain Exception on malformed files
+            raise InvalidInputError(f"{folder / 'tokenizer.json'}: not a tokenizer ({exc})") from None
+        tok_config = _json(folder, "tokenizer_config.json")
+        self._template = tok_config.get("chat_template") if isinstance(tok_config.get("chat_template"), str) else None
+        if self._template is None and (folder / "chat_template.jinja").is_file():
+            self._template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        self._bos_text = _token_text(tok_config.get("bos_token"))
+        self._eos_text = _token_text(tok_config.get("eos_token"))
+        self._add_bos = bool(tok_config.get("add_bos_token", False))
+        self._bos_id = self._tokenizer.token_to_id(self._bos_text) if self._bos_text else None
+        eos = _json(folder, "generation_config.json").get("eos_token_id", config.get("eos_token_id"))
+        ids = eos if isinstance(eos, list) else [eos]
+        self._end_ids = {i for i in ids if isinstance(i, int)}
+        if self._eos_text and self._tokenizer.token_to_id(self._eos_text) is not None:
+            self._end_ids.add(self._tokenizer.token_to_id(self._eos_text))
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = settings.threads or 0
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only; onnxruntime's warnings about unused initializers are noise here
+        provider = execution_provider(settings)
+        try:
+            self._session = ort.InferenceSession(str(folder / MODEL_FILE), options, providers=[provider])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... classes
+            raise EngineError(f"{folder.name}: onnxruntime could not load it ({type(exc).__name__}: {exc})") from None
+        self._provider = provider
+        names = {i.name for i in self._session.get_inputs()}
+        self._past_names = [f"past_key_values.{i}.{kv}" for i in range(self._n_layers) for kv in ("key", "value")]
+        self._present_names = [f"present.{i}.{kv}" for i in range(self._n_layers) for kv in ("key", "value")]
+        missing = [n for n in ["input_ids", "attention_mask", *self._past_names] if n not in names]
+        if missing:
+            raise InvalidInputError(f"{folder / MODEL_FILE}: not a text-generation-with-past graph (no input {missing[0]!r})")
+        self._has_positions = "position_ids" in names
+        past_type = next(i.type for i in self._session.get_inputs() if i.name == self._past_names[0])
+        self._kv_dtype = np.float16 if past_type == "tensor(float16)" else np.float32
+        logits_shape = next(o.shape for o in self._session.get_outputs() if o.name == "logits")
+        vocab = logits_shape[-1] if isinstance(logits_shape[-1], int) else self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self.n_vocab = int(vocab)
+        self._n_ctx, self._n_batch = settings.n_ctx, settings.n_batch
+        self._log = [f"onnxruntime {ort.__version__}, {provider}, {options.intra_op_num_threads or 'default'} threads, graph optimization all"]
+        self._last: Any = None
+        self.reset()
+
+    # --- tokens and text ----------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+        if add_bos and self._add_bos and self._bos_id is not None:
+            ids.insert(0, self._bos_id)
+        return ids
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return str(self._tokenizer.decode(tokens, skip_special_tokens=False))
+
+    def chat_prompt(self, user_message: str, system: str | None = None) -> str:
+        """The model's own chat template, rendered in a sandbox: the template is untrusted input."""
+        if not self._template:
+            return f"{system}\n\n{user_message}" if system else user_message
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]
+        return env.from_string(self._template).render(messages=messages, add_generation_prompt=True,
+                                                      bos_token=self._bos_text or "", eos_token=self._eos_text or "")
+
+    def is_end(self, token: int) -> bool:
+        return token in self._end_ids
+
+    def bos(self) -> int:
+        return int(self._bos_id if self._bos_id is not None else min(self._end_ids, default=0))
+
+    # --- context --------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        import numpy as np
+        import onnxruntime as ort
+
+        empty = np.zeros((1, self._n_kv_heads, 0, self._head_dim), dtype=self._kv_dtype)
+        self._past = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self._past_names]
+        self._n_past = 0
+
+    def truncate(self, n_tokens: int) -> None:
+        import numpy as np
+        import onnxruntime as ort
+
+        if n_tokens >= self._n_past:
+            return
+        self._past = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :n_tokens, :])) for v in self._past]
+        self._n_past = n_tokens
+
+    def _step(self, tokens: list[int]) -> Any:
+        """Run one batch and keep its KV cache; the batch's logits (n x n_vocab, float32)."""
+        import numpy as np
+
+        n = len(tokens)
+        binding = self._session.io_binding()
+        binding.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ones((1, self._n_past + n), dtype=np.int64))
+        if self._has_positions:
+            binding.bind_cpu_input("position_ids", np.arange(self._n_past, self._n_past + n, dtype=np.int64)[None, :])
+        for name, value in zip(self._past_names, self._past, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits")
+        for name in self._present_names:
+            binding.bind_output(name)
+        try:
+            self._session.run_with_iobinding(binding)
+        except Exception as exc:
+            raise EngineError(f"onnxruntime failed on {n} tokens after {self._n_past}: {type(exc).__name__}: {exc}") from None
+        outputs = binding.get_outputs()
+        self._past = outputs[1:]
+        self._n_past += n
+        return outputs[0].numpy()[0]
+
+    def _check_room(self, n: int) -> None:
+        if self._n_past + n > self._n_ctx:
+            raise EngineError(f"{self._n_past + n} tokens do not fit the context of {self._n_ctx}; use a longer --ctx")
+
+    def eval(self, tokens: list[int]) -> None:
+        self._check_room(len(tokens))
+        for start in range(0, len(tokens), self._n_batch):
+            self._last = self._step(tokens[start : start + self._n_batch])[-1]
+
+    def eval_logits(self, tokens: list[int]) -> Any:
+        import numpy as np
+
+        self._check_room(len(tokens))
+        rows = [self._step(tokens[start : start + self._n_batch]) for start in range(0, len(tokens), self._n_batch)]
+        self._last = rows[-1][-1]
+        return np.concatenate(rows).astype(np.float32, copy=False)
+
+    def logits(self) -> Any:
+        import numpy as np
+
+        if self._last is None:
+            raise EngineError("no token evaluated yet")
+        return np.asarray(self._last, dtype=np.float32)
+
+    def engine_log(self) -> list[str]:
+        return self._log
+
+    def close(self) -> None:
+        self._session = None  # type: ignore[assignment]
+        self._past = []
