@@ -21,6 +21,7 @@ Run directly: python -m edgecds.hwbench.measure MODEL.gguf --ctx 2048
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import signal
@@ -177,7 +178,8 @@ def _time_first_token(runtime: Runtime, text: str) -> tuple[int, float]:
 def measure_here(model_path: Path, settings: RunSettings, workload: Workload = Workload()) -> Measurement:
     """In this process: load, warm up, then the timed work; the caller must be a fresh process."""
     stages = {"start": _proc_status()}
-    import llama_cpp  # noqa: F401  (imported here so the import's memory is its own stage)
+    # the engine imported here so the import's memory is its own stage
+    importlib.import_module("onnxruntime" if model_path.is_dir() else "llama_cpp")
 
     stages["import"] = _proc_status()
     start = time.perf_counter()

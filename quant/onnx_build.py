@@ -166,7 +166,8 @@ def _embedding_from_head(model: Any, embedding: str, bits: int) -> bool:
             helper.make_node("Reshape", [f"{p}/pairs", f"{p}/block_shape"], [f"{p}/codes"], name=f"{p}/codes"),
         ]
         graph.initializer.extend([numpy_helper.from_array(np.array(15, np.uint8), f"{p}/low_mask"),
-                                  numpy_helper.from_array(np.array(4, np.uint8), f"{p}/four")])
+                                  numpy_helper.from_array(np.array(4, np.uint8), f"{p}/four"),
+                                  numpy_helper.from_array(np.array([0, 0, -(-k // block), block], np.int64), f"{p}/block_shape")])
     else:
         nodes.append(helper.make_node("Identity", [f"{p}/packed"], [f"{p}/codes"], name=f"{p}/codes"))
     nodes += [
@@ -182,7 +183,6 @@ def _embedding_from_head(model: Any, embedding: str, bits: int) -> bool:
     n_blocks = -(-k // block)
     graph.initializer.extend([
         numpy_helper.from_array(np.array([-1], np.int64), f"{p}/last"),
-        numpy_helper.from_array(np.array([0, 0, n_blocks, block], np.int64), f"{p}/block_shape"),
         numpy_helper.from_array(np.array(2 ** (bits - 1), np.float32), f"{p}/zero_point"),
         numpy_helper.from_array(np.array([-1, n_blocks], np.int64), f"{p}/scale_shape"),
         numpy_helper.from_array(np.array([0, 0, n_blocks * block], np.int64), f"{p}/row_shape"),

@@ -34,7 +34,7 @@ from edgecds.progress import Reporter
 from edgecds.results import RESULTS_FILE, EvalRecord, ResultsFile, VariantRef, load_results
 from edgecds.runtime import EngineSettings, Runtime, open_runtime
 from edgecds.stats import paired_comparison, wilson_interval
-from edgecds.variants import VARIANTS_FILE, VariantRecord, open_variants, variant_file
+from edgecds.variants import VARIANTS_FILE, VariantRecord, open_variants, variant_digest, variant_file
 
 MODES = ("loglik", "generate", "topk")
 DRIFT_CTX = 512  # llama.cpp perplexity's default chunk; the second half of each chunk is scored
@@ -367,14 +367,14 @@ def run_eval(config: EvalConfig, reporter: Reporter | None = None) -> EvalResult
 def _evaluate(folder: Path, variant: VariantRecord, reference: VariantRecord, cases: list[Case], case_set: CaseSet, config: EvalConfig,
               settings: EngineSettings, spec: dict[str, Any], key: str, host_id: str, text: str, reporter: Reporter | None,
               label: str) -> tuple[EvalRecord, list[CaseResult]]:
-    from edgecds.digest import sha256_file
     from edgecds.quant.gguf_file import read_gguf
 
     start = time.perf_counter()
     path = variant_file(folder, variant)
-    if sha256_file(path) != variant.sha256:
+    if variant_digest(path) != variant.sha256:
         raise InvalidInputError(f"{path} changed since `edgecds quantize` recorded it (sha256 differs); run quantize again")
-    read_gguf(path)  # the bounded header check, before the engine sees the file
+    if variant.format == "gguf":
+        read_gguf(path)  # the bounded header check, before the engine sees the file (ONNX: the runtime checks its folder)
     runtime = open_runtime(path, settings)
     try:
         results: list[CaseResult] = []

@@ -18,7 +18,6 @@ from typing import Any
 from edgecds import __version__
 from edgecds.atomic import folder_lock
 from edgecds.devices import HOST_ID, DeviceProfile, find_profile, load_profiles
-from edgecds.digest import sha256_file
 from edgecds.errors import EngineError, InvalidInputError, UsageError, WrongDeviceError
 from edgecds.host import HostInfo, HostMatch, detect_host, host_profile, nearest_profile
 from edgecds.progress import Reporter
@@ -32,7 +31,7 @@ from edgecds.results import (
     VariantRef,
     load_results,
 )
-from edgecds.variants import VARIANTS_FILE, VariantRecord, open_variants, variant_file
+from edgecds.variants import VARIANTS_FILE, VariantRecord, open_variants, variant_digest, variant_file
 
 AUTO = "auto"
 
@@ -230,23 +229,24 @@ def _profile_one(folder: Path, variant: VariantRecord, device_id: str, device: D
     if variant.format not in device.formats:
         return record("skipped", f"{device.id} runs {', '.join(device.formats)}, not {variant.format}")
     path = variant_file(folder, variant)
-    if variant.format != "gguf":
-        return record("skipped", f"no {variant.format} runtime in this edgecds yet")
-    # the results will name this file by its hash: it must still be the file quantize recorded
-    if not path.is_file():
+    # the results will name this variant by its hash: it must still be what quantize recorded
+    if not (path.is_dir() if variant.format == "onnx" else path.is_file()):
         return record("failed", f"{path} is missing; run `edgecds quantize` again to rebuild it")
-    if sha256_file(path) != variant.sha256:
+    if variant_digest(path) != variant.sha256:
         return record("failed", f"{path} changed since `edgecds quantize` recorded it (sha256 differs); run quantize again")
-    # predicted at the full context the device runs, not just the benchmark's few hundred tokens
-    at_context = replace(settings, prompt_tokens=None, decode_tokens=1)
-    try:
-        prediction = predict(read_gguf(path), at_context, device)
-    except InvalidInputError as exc:
-        return record("failed", str(exc))
-    predicted = {"peak_bytes": prediction.memory.peak_bytes, "budget_bytes": prediction.budget_bytes, "gpu_layers": prediction.memory.gpu_layers,
-                 "decode_tps": round(prediction.speed.decode_tps, 2), "n_ctx": settings.n_ctx, "fits": prediction.fits}
-    if not prediction.fits:
-        return record("skipped", f"predicted not to fit: {prediction.why_not}", predicted)
+    predicted: dict[str, Any] = {}
+    if variant.format == "gguf":  # the predictor models llama.cpp's buffers; ONNX graphs are measured only
+        # predicted at the full context the device runs, not just the benchmark's few hundred tokens
+        at_context = replace(settings, prompt_tokens=None, decode_tokens=1)
+        try:
+            prediction = predict(read_gguf(path), at_context, device)
+        except InvalidInputError as exc:
+            return record("failed", str(exc))
+        predicted = {"peak_bytes": prediction.memory.peak_bytes, "budget_bytes": prediction.budget_bytes,
+                     "gpu_layers": prediction.memory.gpu_layers, "decode_tps": round(prediction.speed.decode_tps, 2),
+                     "n_ctx": settings.n_ctx, "fits": prediction.fits}
+        if not prediction.fits:
+            return record("skipped", f"predicted not to fit: {prediction.why_not}", predicted)
     unified = device.memory_kind == "unified" and device.device_class == "jetson"
     try:
         runs = measure_repeated(path, settings, config.repeats, timeout=config.timeout, unified_memory=unified,

@@ -1,0 +1,246 @@
+"""The ONNX path on the real default model: Optimum's export, onnxruntime's quantizer and runtime.
+
+Parity: the fp32 export against transformers (next-token logits within 1e-3, greedy continuations
+identical for 32 tokens); every quantized variant's drift from fp32 recorded in variants.json;
+sizes that prove the embedding and LM head were quantized. Hostile external-data references are
+refused before onnxruntime opens a session.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgecds.cli import cli
+from edgecds.digest import sha256_file, sha256_folder
+from edgecds.errors import InvalidInputError, UsageError
+from edgecds.quantize import QuantizeConfig, QuantizeResult, run_quantize
+from edgecds.quantize_onnx import PARITY_LIMITS
+from edgecds.runtime import EngineSettings, open_runtime
+from edgecds.variants import load_variants
+from tests.test_parity import CLINICAL_SENTENCES, GREEDY_PROMPTS
+
+PARITY_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def onnx_variants(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> QuantizeResult:
+    out = tmp_path_factory.mktemp("onnx")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGECDS_HOME", str(model_store))
+        return run_quantize(QuantizeConfig(output=out, formats=("onnx",)))
+
+
+def folder_of(result: QuantizeResult, type_name: str) -> Path:
+    return Path(result.output_dir) / next(o.record.path for o in result.outcomes if o.record.type == type_name)
+
+
+def test_default_onnx_variants_are_recorded_file_by_file(onnx_variants: QuantizeResult) -> None:
+    records = {o.record.type: o.record for o in onnx_variants.outcomes}
+    assert list(records) == ["ONNX_FP32", "ONNX_INT8", "ONNX_INT4"]
+    on_disk = load_variants(Path(onnx_variants.output_dir))
+    assert on_disk is not None and [v.type for v in on_disk.variants] == list(records)
+    for record in records.values():
+        folder = Path(onnx_variants.output_dir) / record.path
+        assert record.format == "onnx"
+        assert {"model.onnx", "tokenizer.json", "tokenizer_config.json", "config.json"} <= set(record.files)
+        assert record.files == {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+        assert record.sha256 == sha256_folder(folder)
+        assert record.file_size == sum(p.stat().st_size for p in folder.iterdir())
+        assert record.load_check["tokens_generated"] > 0
+        assert {"optimum-onnx", "onnxruntime", "onnx"} <= set(record.tools)
+    assert records["ONNX_INT8"].tensor_types.get("MatMulNBits/8bit") == 211  # 30 layers x 7 matrices + the LM head
+    assert records["ONNX_INT4"].tensor_types.get("MatMulNBits/4bit") == 210 and records["ONNX_INT4"].tensor_types.get("MatMulNBits/8bit") == 1
+    assert records["ONNX_INT4"].options["block_size"] == 32 and records["ONNX_INT4"].options["accuracy_level"] == 4
+
+
+def test_quantized_sizes_prove_embedding_and_head_were_quantized(onnx_variants: QuantizeResult) -> None:
+    records = {o.record.type: o.record for o in onnx_variants.outcomes}
+    fp32 = records["ONNX_FP32"].file_size
+    assert records["ONNX_INT8"].file_size <= 0.30 * fp32
+    assert records["ONNX_INT4"].file_size <= 0.35 * fp32
+    # every variant counts the same weights: the tied table once
+    assert records["ONNX_INT8"].n_parameters == records["ONNX_INT4"].n_parameters == records["ONNX_FP32"].n_parameters
+
+
+def test_drift_from_fp32_is_recorded_and_flagged_by_the_stated_limits(onnx_variants: QuantizeResult) -> None:
+    for o in onnx_variants.outcomes:
+        parity = o.record.parity
+        if o.record.type == "ONNX_FP32":
+            assert parity == {}
+            continue
+        assert parity["reference"] == "ONNX_FP32" and parity["tokens_scored"] >= 1000
+        breaks = parity["kl_mean"] > PARITY_LIMITS["kl_mean_max"] or parity["top1_agreement"] < PARITY_LIMITS["top1_agreement_min"]
+        assert parity["flagged"] is breaks
+        assert ("flagged" in " ".join(o.record.warnings)) is breaks
+    int8 = next(o.record.parity for o in onnx_variants.outcomes if o.record.type == "ONNX_INT8")
+    assert int8["flagged"] is False and int8["kl_mean"] < 0.02 and int8["top1_agreement"] > 0.9
+
+
+def test_fp32_logits_match_transformers(onnx_variants: QuantizeResult, hf_folder: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
+    model.eval()
+    runtime = open_runtime(folder_of(onnx_variants, "ONNX_FP32"), EngineSettings(n_ctx=512))
+    worst = 0.0
+    for prompt in GREEDY_PROMPTS[:6]:
+        runtime.reset()
+        tokens = runtime.tokenize(runtime.chat_prompt(prompt))
+        ours = runtime.eval_logits(tokens)
+        with torch.no_grad():
+            theirs = model(torch.tensor([tokens])).logits[0].numpy()
+        worst = max(worst, float(np.abs(ours - theirs).max()))
+    assert worst < 1e-3, worst
+
+
+def test_fp32_greedy_continuations_match_transformers(onnx_variants: QuantizeResult, hf_folder: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgecds.hwbench.load_check import generate_greedy
+
+    model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
+    model.eval()
+    folder = folder_of(onnx_variants, "ONNX_FP32")
+    for prompt in GREEDY_PROMPTS[:4]:
+        ours = generate_greedy(folder, prompt, PARITY_TOKENS)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ours.prompt_tokens]), max_new_tokens=PARITY_TOKENS, do_sample=False, pad_token_id=2,
+                                 eos_token_id=2, attention_mask=torch.ones(1, len(ours.prompt_tokens), dtype=torch.long))
+        theirs = out[0, len(ours.prompt_tokens):].tolist()
+        assert ours.tokens == theirs[: len(ours.tokens)] and len(ours.tokens) == len(theirs), prompt
+
+
+def test_onnx_runtime_tokenizes_like_transformers_and_generates_quantized(onnx_variants: QuantizeResult, hf_folder: Path) -> None:
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(hf_folder)
+    runtime = open_runtime(folder_of(onnx_variants, "ONNX_INT4"), EngineSettings(n_ctx=512))
+    for sentence in CLINICAL_SENTENCES:
+        assert runtime.tokenize(sentence) == hf(sentence)["input_ids"], sentence
+        assert runtime.detokenize(runtime.tokenize(sentence)) == sentence
+    prompt = runtime.chat_prompt("What is the first drug to give in anaphylaxis?")
+    assert prompt == hf.apply_chat_template([{"role": "user", "content": "What is the first drug to give in anaphylaxis?"}],
+                                            tokenize=False, add_generation_prompt=True)
+    runtime.eval(runtime.tokenize(prompt))
+    first = int(np.argmax(runtime.logits()))
+    assert 0 <= first < runtime.n_vocab
+    runtime.truncate(3)  # the KV cache keeps its first 3 positions and decoding goes on from there
+    runtime.eval([first])
+    assert runtime.logits().shape == (runtime.n_vocab,)
+
+
+def test_a_second_run_rebuilds_nothing(onnx_variants: QuantizeResult, model_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGECDS_HOME", str(model_store))
+    again = run_quantize(QuantizeConfig(output=Path(onnx_variants.output_dir), formats=("onnx",)))
+    assert again.all_reused and len(again.outcomes) == 3
+
+
+def test_onnx_from_a_gguf_source_says_what_to_pass(source_gguf: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="Hugging Face folder"):
+        run_quantize(QuantizeConfig(source=source_gguf, output=tmp_path / "o", formats=("onnx",)))
+
+
+def test_cli_refuses_an_unknown_format_and_a_type_of_another_format() -> None:
+    runner = CliRunner()
+    result = runner.invoke(cli, ["quantize", "--format", "tflite"])
+    assert result.exit_code == 2 and "choose from gguf, onnx" in result.output
+    result = runner.invoke(cli, ["quantize", "--format", "gguf", "--types", "ONNX_INT4"])
+    assert result.exit_code == 2 and "add their format to --format" in result.output
+
+
+# --- hostile external data (no model needed) -----------------------------------------------------------
+
+
+def _graph_with_external(folder: Path, location: str, offset: int = 0, length: int = 16) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    weight = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4])
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    node = helper.make_node("Add", ["x", "w"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [weight])
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph), str(folder / "model.onnx"))
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "hardlink", "past_end", "missing"])
+def test_hostile_external_data_is_refused_before_any_session(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime
+
+    from edgecds.quant.onnx_model import check_onnx_folder
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\0" * 64)
+    folder = tmp_path / "variant"
+    folder.mkdir()
+    location = {"dotdot": "../secret.bin", "absolute": str(secret)}.get(kind, "weights.bin")
+    if kind == "symlink":
+        (folder / "weights.bin").symlink_to(secret)
+    elif kind == "hardlink":
+        os.link(secret, folder / "weights.bin")
+    elif kind == "past_end":
+        (folder / "weights.bin").write_bytes(b"\0" * 8)
+    _graph_with_external(folder, location)
+    (folder / "config.json").write_text('{"num_hidden_layers": 1, "num_attention_heads": 1, "hidden_size": 4}')
+
+    def no_session(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an onnxruntime session was created for a hostile model")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", no_session)
+    with pytest.raises(InvalidInputError, match="external data"):
+        check_onnx_folder(folder)
+    with pytest.raises(InvalidInputError, match="external data"):
+        open_runtime(folder, EngineSettings())
+
+
+def test_a_sound_external_data_reference_is_accepted(tmp_path: Path) -> None:
+    from edgecds.quant.onnx_model import check_onnx_folder
+
+    folder = tmp_path / "variant"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    _graph_with_external(folder, "weights.bin")
+    check_onnx_folder(folder)
+
+
+def test_a_cuda_request_without_the_cuda_provider_says_what_to_install() -> None:
+    import onnxruntime
+
+    from edgecds.onnx_runtime import execution_provider
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(UsageError, match="install onnxruntime-gpu"):
+        execution_provider(EngineSettings(n_gpu_layers=-1))
+    assert execution_provider(EngineSettings()) == "CPUExecutionProvider"
+
+
+def test_a_4_bit_shared_table_unpacks_like_the_8_bit_one(onnx_variants: QuantizeResult, tmp_path: Path) -> None:
+    """--head-bits 4: the embedding unpacks two codes per byte from the LM head's table."""
+    from edgecds.quant.onnx_build import OnnxOptions, copy_side_files, quantize_weights
+    from edgecds.quant.onnx_model import read_onnx_folder
+    from edgecds.quant.types import quant_type
+
+    fp32 = folder_of(onnx_variants, "ONNX_FP32")
+    out = tmp_path / "int4-head4"
+    out.mkdir()
+    quantize_weights(fp32, out, quant_type("ONNX_INT4"), OnnxOptions(head_bits=4))
+    copy_side_files(fp32, out)
+    assert read_onnx_folder(out, hash_files=False).tensor_types.get("MatMulNBits/4bit") == 211
+    assert (out / "model.onnx").stat().st_size <= 0.20 * (fp32 / "model.onnx").stat().st_size
+    text = "The patient has a fever, a productive cough and crackles at the right lung base, suggesting pneumonia."
+    ref, var = (open_runtime(f, EngineSettings(n_ctx=256)) for f in (fp32, out))
+    a, b = ref.eval_logits(ref.tokenize(text)), var.eval_logits(var.tokenize(text))
+    agreement = float((a.argmax(axis=1) == b.argmax(axis=1)).mean())
+    assert agreement >= 0.5, agreement  # an unpacking mistake (nibble order, zero point) scrambles every embedding: ~0
