@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--output", type=Path, default=Path("bench-results/onnx.json"))
+    parser.add_argument("--types", help="Only these ONNX types (comma list); the GGUF table is then skipped.")
     parser.add_argument("--child", choices=RUNTIMES)
     args = parser.parse_args(argv)
     if args.child:
@@ -182,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     if not onnx:
         parser.error(f"{folder} has no ONNX variants; run `edgecds quantize --format gguf,onnx -o {folder}` first")
     similar = [v for v in variants.variants if v.format == "gguf" and v.type in SIMILAR_GGUF]
+    if args.types:
+        wanted = {t.strip().upper() for t in args.types.split(",")}
+        onnx, similar = [v for v in onnx if v.type in wanted], []
     table = []
     for record in onnx + similar:
         print(f"measuring {record.type} ...", file=sys.stderr, flush=True)

@@ -3,8 +3,9 @@
 Device side: onnxruntime, `tokenizers` and numpy; no torch, no transformers, no Optimum. The
 graph is Optimum's `text-generation-with-past` layout (input_ids, attention_mask, position_ids,
 past_key_values.N.key/value in; logits, present.N.key/value out). The KV cache stays in
-onnxruntime's own buffers between steps (IO binding): each step's presents are bound as the next
-step's pasts without a round trip through numpy.
+onnxruntime's own buffers between steps: each step's presents are passed as the next
+step's pasts as OrtValues, without a round trip through numpy (`run_with_ort_values`: 1-3% faster
+decode here than an IO binding rebuilt every step).
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ class OnnxRuntime:
         names = {i.name for i in self._session.get_inputs()}
         self._past_names = [f"past_key_values.{i}.{kv}" for i in range(self._n_layers) for kv in ("key", "value")]
         self._present_names = [f"present.{i}.{kv}" for i in range(self._n_layers) for kv in ("key", "value")]
+        self._output_names = ["logits", *self._present_names]
         missing = [n for n in ["input_ids", "attention_mask", *self._past_names] if n not in names]
         if missing:
             raise InvalidInputError(f"{folder / MODEL_FILE}: not a text-generation-with-past graph (no input {missing[0]!r})")
@@ -175,24 +177,19 @@ class OnnxRuntime:
     def _step(self, tokens: list[int]) -> Any:
         """Run one batch and keep its KV cache; the batch's logits (n x n_vocab, float32)."""
         import numpy as np
+        import onnxruntime as ort
 
         n = len(tokens)
-        binding = self._session.io_binding()
-        binding.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", np.ones((1, self._n_past + n), dtype=np.int64))
+        feed = {"input_ids": ort.OrtValue.ortvalue_from_numpy(np.asarray([tokens], dtype=np.int64)),
+                "attention_mask": ort.OrtValue.ortvalue_from_numpy(np.ones((1, self._n_past + n), dtype=np.int64))}
         if self._has_positions:
-            binding.bind_cpu_input("position_ids", np.arange(self._n_past, self._n_past + n, dtype=np.int64)[None, :])
-        for name, value in zip(self._past_names, self._past, strict=True):
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits")
-        for name in self._present_names:
-            binding.bind_output(name)
+            feed["position_ids"] = ort.OrtValue.ortvalue_from_numpy(np.arange(self._n_past, self._n_past + n, dtype=np.int64)[None, :])
+        feed.update(zip(self._past_names, self._past, strict=True))
         try:
-            self._session.run_with_iobinding(binding)
+            outputs = self._session.run_with_ort_values(self._output_names, feed)
         except Exception as exc:
             raise EngineError(f"onnxruntime failed on {n} tokens after {self._n_past}: {type(exc).__name__}: {exc}") from None
-        outputs = binding.get_outputs()
-        self._past = outputs[1:]
+        self._past = list(outputs[1:])
         self._n_past += n
         return outputs[0].numpy()[0]
 
