@@ -176,9 +176,17 @@ class GgufRuntime:
         self._llm.close()
 
 
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
 def open_runtime(path: Path, settings: EngineSettings) -> Runtime:
     """The runtime for a variant's format, chosen by its file."""
-    if path.suffix == ".gguf":
+    if path.suffix == ".gguf" or _starts_with(path, b"GGUF"):  # by content too: load checks run on temporaries
         return GgufRuntime(path, settings)
     if path.is_dir() or path.suffix == ".onnx":
         from edgecds.onnx_runtime import OnnxRuntime
