@@ -9,18 +9,14 @@ that edgecds publishes only once the converter has succeeded.
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import signal
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 from edgecds.atomic import write_limit_reached
-from edgecds.child import die_with_parent
+from edgecds.child import run_offline_tool
 from edgecds.errors import EngineError
-from edgecds.progress import Reporter, watch_file_growth
+from edgecds.progress import Reporter
 from edgecds.quant.gguf_quantize import EngineRun
 from edgecds.quant.types import QuantType
 
@@ -45,33 +41,10 @@ def convert(model_dir: Path, outfile: Path, qtype: QuantType, expected_bytes: in
             model_name: str | None = None) -> EngineRun:
     """Run the converter into `outfile` (a temporary the caller publishes)."""
     converter_version()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    with tempfile.TemporaryFile(mode="w+", prefix="edgecds-convert-") as log:
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            converter_command(model_dir, outfile, qtype, model_name), stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent()
-        )
-        try:
-            watch_file_growth(lambda timeout: _exited(proc, timeout), outfile, expected_bytes, reporter)
-            returncode = proc.wait()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        elapsed = time.perf_counter() - start
-        if returncode != 0:
-            log.seek(0)
-            tail = "\n".join(log.read().strip().splitlines()[-12:])
-            raise EngineError(_explain_failure(returncode, outfile, tail, model_dir))
+    returncode, tail, elapsed = run_offline_tool(converter_command(model_dir, outfile, qtype, model_name), outfile, expected_bytes, reporter)
+    if returncode != 0:
+        raise EngineError(_explain_failure(returncode, outfile, tail, model_dir))
     return EngineRun(elapsed)
-
-
-def _exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:
-    try:
-        proc.wait(timeout)
-        return True
-    except subprocess.TimeoutExpired:
-        return False
 
 
 def _explain_failure(returncode: int, outfile: Path, tail: str, model_dir: Path) -> str:

@@ -19,18 +19,15 @@ fp16 (for GPU device profiles) is onnxruntime's float16 converter with fp32 inpu
 from __future__ import annotations
 
 import importlib.metadata
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgecds.child import die_with_parent
+from edgecds.child import run_offline_tool
 from edgecds.errors import EngineError, InvalidInputError
-from edgecds.progress import Reporter, watch_file_growth
+from edgecds.progress import Reporter
 from edgecds.quant.onnx_model import MODEL_FILE, SIDE_FILES
 from edgecds.quant.types import QuantType
 
@@ -74,32 +71,12 @@ def export_command(model_dir: Path, out_dir: Path) -> list[str]:
 def export_fp32(model_dir: Path, out_dir: Path, expected_bytes: int, reporter: Reporter | None = None) -> float:
     """Run Optimum's exporter into `out_dir` (a temporary folder the caller publishes); seconds taken."""
     tool_versions()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    with tempfile.TemporaryFile(mode="w+", prefix="edgecds-export-") as log:
-        start = time.perf_counter()
-        proc = subprocess.Popen(export_command(model_dir, out_dir), stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent())
-        try:
-            watch_file_growth(lambda timeout: _exited(proc, timeout), out_dir / MODEL_FILE, expected_bytes, reporter)
-            code = proc.wait()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        if code != 0:
-            log.seek(0)
-            tail = "\n".join(log.read().strip().splitlines()[-12:])
-            raise EngineError(f"Optimum's ONNX export of {model_dir.name} failed (exit {code}); nothing was published. Its last words:\n{tail}")
+    code, tail, seconds = run_offline_tool(export_command(model_dir, out_dir), out_dir / MODEL_FILE, expected_bytes, reporter)
+    if code != 0:
+        raise EngineError(f"Optimum's ONNX export of {model_dir.name} failed (exit {code}); nothing was published. Its last words:\n{tail}")
     if not (out_dir / MODEL_FILE).is_file():
         raise EngineError(f"Optimum's export of {model_dir.name} wrote no {MODEL_FILE}")
-    return time.perf_counter() - start
-
-
-def _exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:
-    try:
-        proc.wait(timeout)
-        return True
-    except subprocess.TimeoutExpired:
-        return False
+    return seconds
 
 
 def copy_side_files(src: Path, dst: Path) -> None:

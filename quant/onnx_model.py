@@ -9,7 +9,6 @@ session is created (the path-traversal class of onnx CVE-2024-27318).
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +118,3 @@ def read_onnx_folder(folder: Path, hash_files: bool = True) -> OnnxInfo:
     files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     digests = {name: (sha256_file(folder / name) if hash_files else "") for name in files}
     return OnnxInfo(folder, n_parameters, weight_bytes, dict(sorted(types.items())), digests)
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(os.path.getsize(folder / name) for name in os.listdir(folder) if (folder / name).is_file())

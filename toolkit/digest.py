@@ -18,10 +18,16 @@ def sha256_file(path: Path) -> str:
 
 def sha256_folder(folder: Path) -> str:
     """One hash over every regular file's relative path and content, in sorted order."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return digest_of_files({p.relative_to(folder).as_posix(): sha256_file(p) for p in files})
+
+
+def digest_of_files(digests: dict[str, str]) -> str:
+    """`sha256_folder` from per-file hashes already taken (relative path -> sha256)."""
     h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        h.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        h.update(sha256_file(path).encode() + b"\n")
+    for name in sorted(digests):
+        h.update(name.encode() + b"\0")
+        h.update(digests[name].encode() + b"\n")
     return h.hexdigest()
 
 

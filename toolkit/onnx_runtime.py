@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecds.errors import EngineError, InvalidInputError, UsageError
-from edgecds.runtime import EngineSettings
+from edgecds.runtime import EngineSettings, check_room
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -193,19 +193,15 @@ class OnnxRuntime:
         self._n_past += n
         return outputs[0].numpy()[0]
 
-    def _check_room(self, n: int) -> None:
-        if self._n_past + n > self._n_ctx:
-            raise EngineError(f"{self._n_past + n} tokens do not fit the context of {self._n_ctx}; use a longer --ctx")
-
     def eval(self, tokens: list[int]) -> None:
-        self._check_room(len(tokens))
+        check_room(self._n_past, len(tokens), self._n_ctx)
         for start in range(0, len(tokens), self._n_batch):
             self._last = self._step(tokens[start : start + self._n_batch])[-1]
 
     def eval_logits(self, tokens: list[int]) -> Any:
         import numpy as np
 
-        self._check_room(len(tokens))
+        check_room(self._n_past, len(tokens), self._n_ctx)
         rows = [self._step(tokens[start : start + self._n_batch]) for start in range(0, len(tokens), self._n_batch)]
         self._last = rows[-1][-1]
         return np.concatenate(rows).astype(np.float32, copy=False)

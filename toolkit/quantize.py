@@ -25,7 +25,7 @@ from edgecds.quant.gguf_file import GgufInfo, read_gguf
 from edgecds.quant.gguf_quantize import QuantizerOptions
 from edgecds.quant.onnx_build import OnnxOptions
 from edgecds.quant.types import DEFAULT_FORMAT, QUANT_TYPE_BY_NAME, QuantType, default_types
-from edgecds.variants import VARIANTS_FILE, SourceRecord, VariantRecord, VariantsFile, load_variants, variant_file
+from edgecds.variants import VARIANTS_FILE, SourceRecord, VariantRecord, VariantsFile, load_variants, variant_digest, variant_file
 
 METADATA_ALLOWANCE = 16 << 20  # bytes of header and vocabulary on top of the tensors
 FALLBACK_FACTOR = 1.4  # llama.cpp keeps tensors it cannot block-quantize wider (6.2 vs 4.5 bits seen)
@@ -143,16 +143,16 @@ def _cache_key(parts: dict[str, object]) -> str:
 
 
 def _estimate_bytes(n_parameters: int, qtype: QuantType) -> int:
-    factor = 1.0 if qtype.is_float else FALLBACK_FACTOR
+    factor = 1.0 if qtype.is_float or qtype.format != "gguf" else FALLBACK_FACTOR
     return int(n_parameters * qtype.nominal_bits_per_weight / 8 * factor) + METADATA_ALLOWANCE
 
 
 def _reusable(existing: VariantRecord | None, key: str, folder: Path) -> bool:
-    """A recorded variant is reused only if its key matches and the file still hashes the same."""
+    """A recorded variant is reused only if its key matches and its file (or ONNX folder) still hashes the same."""
     if existing is None or existing.cache_key != key:
         return False
     path = variant_file(folder, existing)
-    return path.is_file() and path.stat().st_size == existing.file_size and sha256_file(path) == existing.sha256
+    return path.exists() and (path.is_dir() or path.stat().st_size == existing.file_size) and variant_digest(path) == existing.sha256
 
 
 def _check_disk(folder: Path, needed: int) -> None:

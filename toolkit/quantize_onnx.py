@@ -11,18 +11,18 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from edgecds import __version__
 from edgecds.atomic import atomic_path
-from edgecds.digest import sha256_folder, sha256_text
+from edgecds.digest import digest_of_files, sha256_text
 from edgecds.progress import Reporter
 from edgecds.quant.onnx_build import OnnxOptions
 from edgecds.quant.types import QUANT_TYPE_BY_NAME, QuantType
-from edgecds.variants import SourceRecord, VariantRecord, VariantsFile, variant_digest, variant_file
+from edgecds.quantize import _estimate_bytes, _reusable
+from edgecds.variants import SourceRecord, VariantRecord, VariantsFile, variant_file
 
 # Drift limits for flagging a quantized ONNX variant, on the same text and measure `edgecds eval`
 # uses. llama.cpp's recommended 4-bit type (Q4_K_M) drifted KL 0.057 from F16 on the default model;
@@ -33,26 +33,9 @@ REFERENCE = "ONNX_FP32"
 PARITY_CTX = 2048
 
 
-@dataclass(frozen=True)
-class OnnxOutcome:
-    record: VariantRecord
-    reused: bool
-
-
 def _key(q: QuantType, parent_sha: str, options: OnnxOptions, tools: dict[str, str]) -> str:
     parts = {"type": q.name, "parent": parent_sha, "tools": tools, "options": options.as_key() if q.bits else {}}
     return sha256_text(json.dumps(parts, sort_keys=True))
-
-
-def _reusable(existing: VariantRecord | None, key: str, folder: Path) -> bool:
-    if existing is None or existing.cache_key != key:
-        return False
-    path = variant_file(folder, existing)
-    return path.is_dir() and variant_digest(path) == existing.sha256
-
-
-def _estimate_bytes(n_parameters: int, q: QuantType) -> int:
-    return int(n_parameters * q.nominal_bits_per_weight / 8) + (16 << 20)
 
 
 def build_onnx(
@@ -118,7 +101,7 @@ def _build(
         parity = _parity(temp, out / f"{source.name}-{REFERENCE}", reference) if reference is not None else {}
         if parity.get("flagged"):
             notes.append(f"flagged: drift from fp32 past the limits ({parity['why']}); measure its clinical accuracy with `edgecds eval` before use")
-        digest = sha256_folder(temp)
+        digest = digest_of_files(info.files)  # the folder's digest, from the per-file hashes just taken
         verify_s = time.perf_counter() - start
         record = VariantRecord(
             name=final.name, path=final.name, format=q.format, type=q.name, file_size=info.file_size, sha256=digest,

@@ -28,6 +28,11 @@ class EngineSettings:
     flash_attn: bool = False
 
 
+def check_room(n_past: int, n: int, n_ctx: int) -> None:
+    if n_past + n > n_ctx:
+        raise EngineError(f"{n_past + n} tokens do not fit the context of {n_ctx}; use a longer --ctx")
+
+
 class Runtime(Protocol):
     format: str
     n_vocab: int
@@ -111,14 +116,10 @@ class GgufRuntime:
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._llm.ctx), 0, n_tokens, -1)
         self._n_past = min(self._n_past, n_tokens)
 
-    def _check_room(self, n: int) -> None:
-        if self._n_past + n > self._n_ctx:
-            raise EngineError(f"{self._n_past + n} tokens do not fit the context of {self._n_ctx}; use a longer --ctx")
-
     def eval(self, tokens: list[int]) -> None:
         import llama_cpp
 
-        self._check_room(len(tokens))
+        check_room(self._n_past, len(tokens), self._n_ctx)
         for start in range(0, len(tokens), self._n_batch):
             chunk = tokens[start : start + self._n_batch]
             ids = (llama_cpp.llama_token * len(chunk))(*chunk)
@@ -131,7 +132,7 @@ class GgufRuntime:
         import llama_cpp
         import numpy as np
 
-        self._check_room(len(tokens))
+        check_room(self._n_past, len(tokens), self._n_ctx)
         rows = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
         for start in range(0, len(tokens), self._n_batch):
             chunk = tokens[start : start + self._n_batch]
