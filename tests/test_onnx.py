@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from edgecds.cases import drift_text
 from edgecds.cli import cli
 from edgecds.digest import sha256_file, sha256_folder
 from edgecds.errors import InvalidInputError, UsageError
@@ -239,8 +240,10 @@ def test_a_4_bit_shared_table_unpacks_like_the_8_bit_one(onnx_variants: Quantize
     copy_side_files(fp32, out)
     assert read_onnx_folder(out, hash_files=False).tensor_types.get("MatMulNBits/4bit") == 211
     assert (out / "model.onnx").stat().st_size <= 0.20 * (fp32 / "model.onnx").stat().st_size
-    text = "The patient has a fever, a productive cough and crackles at the right lung base, suggesting pneumonia."
-    ref, var = (open_runtime(f, EngineSettings(n_ctx=256)) for f in (fp32, out))
-    a, b = ref.eval_logits(ref.tokenize(text)), var.eval_logits(var.tokenize(text))
+    ref, var = (open_runtime(f, EngineSettings(n_ctx=512)) for f in (fp32, out))
+    tokens = ref.tokenize(drift_text())[:512]
+    a, b = ref.eval_logits(tokens), var.eval_logits(tokens)
     agreement = float((a.argmax(axis=1) == b.argmax(axis=1)).mean())
-    assert agreement >= 0.5, agreement  # an unpacking mistake (nibble order, zero point) scrambles every embedding: ~0
+    # measured 0.56 on the drift text (all-4-bit int4 drifts that far); an unpacking mistake (nibble
+    # order, zero point) scrambles every embedding and leaves agreement near chance
+    assert agreement >= 0.35, agreement
