@@ -8,6 +8,7 @@ import json
 import shutil
 import socket
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ def invoke(*args: str) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def profiled(default_variants: QuantizeResult, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def profiled(default_variants: QuantizeResult, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
     """Real profile results (memory, speed and accuracy on 4 cases) for Q4_K_M and Q8_0."""
     folder = tmp_path_factory.mktemp("bundle") / "variants"
     shutil.copytree(default_variants.output_dir, folder)
@@ -36,7 +37,8 @@ def profiled(default_variants: QuantizeResult, tmp_path_factory: pytest.TempPath
     code, out = invoke("profile", str(folder), "--types", "Q4_K_M,Q8_0", "--ctx", "512", "-p", "32", "-n", "8", "-r", "1",
                        "--cases", str(cases), "--json", "-q")
     assert code == 0, out
-    return folder / "results.json", json.loads(out)["device"]
+    yield folder / "results.json", json.loads(out)["device"]
+    shutil.rmtree(folder.parent, ignore_errors=True)  # a 1 GB copy: free it when the module is done
 
 
 @pytest.fixture(scope="module")

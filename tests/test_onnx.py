@@ -9,6 +9,8 @@ refused before onnxruntime opens a session.
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +31,13 @@ PARITY_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def onnx_variants(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> QuantizeResult:
+def onnx_variants(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuantizeResult]:
     out = tmp_path_factory.mktemp("onnx")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDGECDS_HOME", str(model_store))
-        return run_quantize(QuantizeConfig(output=out, formats=("onnx",)))
+        result = run_quantize(QuantizeConfig(output=out, formats=("onnx",)))
+    yield result
+    shutil.rmtree(out, ignore_errors=True)  # 1.3 GB: free it when the module is done
 
 
 def folder_of(result: QuantizeResult, type_name: str) -> Path:

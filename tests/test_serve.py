@@ -6,6 +6,7 @@ import json
 import shutil
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bundle(default_variants: QuantizeResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bundle(default_variants: QuantizeResult, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     folder = tmp_path_factory.mktemp("serve") / "variants"
     shutil.copytree(default_variants.output_dir, folder)
     cases = folder.parent / "cases.jsonl"
@@ -31,7 +32,8 @@ def bundle(default_variants: QuantizeResult, tmp_path_factory: pytest.TempPathFa
     target = folder.parent / "bundle"
     out = runner.invoke(cli, ["bundle", str(folder / "results.json"), "-o", str(target)])
     assert out.exit_code == 0, out.output
-    return target
+    yield target
+    shutil.rmtree(folder.parent, ignore_errors=True)  # a 1 GB copy: free it when the module is done
 
 
 def _post(port: int, token: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
