@@ -15,7 +15,7 @@ LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAM
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF $(CMAKE_ARGS)
 JOBS   := $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install demo test clean
+.PHONY: install browser demo test clean
 
 install: $(VENV)/.installed
 
@@ -30,10 +30,17 @@ demo: install
 	$(BIN)/edgecds models pull default
 	$(BIN)/edgecds quantize --output edgecds-out/SmolLM2-135M-Instruct
 	$(BIN)/edgecds profile edgecds-out/SmolLM2-135M-Instruct --device auto
+	$(BIN)/edgecds report edgecds-out/SmolLM2-135M-Instruct/results.json -o edgecds-out/report.html
 	$(BIN)/edgecds bundle edgecds-out/SmolLM2-135M-Instruct/results.json --device auto --output edgecds-out/bundle
 	$(BIN)/edgecds verify edgecds-out/bundle.tar.gz
 
-test: install
+# The report test opens the page in Debian's chromium (no browser download: playwright drives this one).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium for the report test"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
+test: install browser
 	$(BIN)/ruff check toolkit quant hwbench tests
 	$(BIN)/mypy toolkit quant hwbench
 	$(BIN)/python -m pytest -v $(PYTEST_ARGS)

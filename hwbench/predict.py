@@ -464,13 +464,14 @@ class PlanEntry:
     format: str
     prediction: Prediction | None
     why_not: str = ""
+    unknown: bool = False  # no predictor for this format: whether it fits is for `profile` to measure
 
     @property
     def fits(self) -> bool:
         return self.prediction is not None and self.prediction.fits
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "type": self.type, "format": self.format, "fits": self.fits,
+        return {"name": self.name, "type": self.type, "format": self.format, "fits": None if self.unknown else self.fits,
                 "why_not": self.prediction.why_not if self.prediction else self.why_not,
                 "prediction": self.prediction.to_dict() if self.prediction else None}
 
@@ -504,7 +505,7 @@ def plan(variants_json: Path, device: DeviceProfile, n_ctx: int | None = None, k
         elif device.quant_types and variant.type not in device.quant_types:
             entries.append(PlanEntry(variant.name, variant.type, variant.format, None, f"{variant.type} is not among the types {device.id} runs"))
         elif variant.format != "gguf":
-            entries.append(PlanEntry(variant.name, variant.type, variant.format, None, f"no predictor for {variant.format} yet"))
+            entries.append(PlanEntry(variant.name, variant.type, variant.format, None, f"no predictor for {variant.format} yet: `edgecds profile` measures it", unknown=True))
         else:
             info = read_gguf(variant_file(folder, variant))
             entries.append(PlanEntry(variant.name, variant.type, variant.format, predict(info, settings, device, calibrations)))

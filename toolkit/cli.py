@@ -8,6 +8,7 @@ Library errors are mapped to exit codes in one place, `EdgecdsGroup.invoke`.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -36,27 +37,10 @@ def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return text in ("", "reused")
-    return True
-
-
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from edgecds.tables import Table, print_table
 
-    def numeric(i: int) -> bool:
-        return all(_is_number(row[i]) for row in rows)
-
-    table = Table(title=title, title_justify="left")
-    for i, col in enumerate(columns):
-        table.add_column(col, justify="right" if rows and numeric(i) else "left")
-    for row in rows:
-        table.add_row(*row)
-    Console(width=max(100, Console().width)).print(table)
+    print_table(Table(title, columns, rows))
 
 
 @click.group(cls=EdgecdsGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -347,7 +331,6 @@ def plan(variants: Path, device_id: str, n_ctx: int | None, kv_type: str, profil
       edgecds plan --device rtx-3060-12gb variants.json --ctx 8192 --cache-type q8_0 --json
     """
     from edgecds.devices import find_profile
-    from edgecds.hwbench.predict import MIB
     from edgecds.hwbench.predict import plan as make_plan
 
     device = find_profile(device_id, profiles_dirs)
@@ -355,27 +338,9 @@ def plan(variants: Path, device_id: str, n_ctx: int | None, kv_type: str, profil
     if as_json:
         _print_json(result.to_dict())
         return
-    settings = result.settings
-    rows, reasons = [], []
-    for entry in result.entries:
-        p = entry.prediction
-        if not entry.fits:
-            reasons.append(f"{entry.type}: {p.why_not if p else entry.why_not}")
-        if p is None:
-            rows.append([entry.type, entry.format, "", "", "", "", "", "no"])
-            continue
-        gpu = f"{p.memory.gpu_layers}/{p.memory.total_layers}" if p.memory.backend != "cpu" else "cpu"
-        prompt = f"{p.speed.prompt_tps:.0f}" if p.speed.prompt_tps else ""
-        rows.append([entry.type, entry.format, f"{p.memory.peak_bytes / MIB:.0f}", f"{p.headroom_bytes / MIB:.0f}", gpu,
-                     f"{p.speed.decode_tps:.0f}", prompt, "yes" if p.fits else "no"])
-    title = (f"Predicted, not measured: {device.id} ({device.budget_gib:g} GiB budget), context {settings.n_ctx}, "
-             f"KV cache {settings.type_k}, {settings.threads} threads")
-    _table(title, ["variant", "format", "peak MiB", "headroom MiB", "GPU layers", "decode tok/s", "prompt tok/s", "fits"], rows)
-    click.echo(f"power mode: {device.power_mode}")
-    for reason in reasons:
-        click.echo(f"does not fit: {reason}")
-    if any(e.prediction and not e.prediction.speed.calibrated for e in result.entries):
-        click.echo("note: speeds on this backend use assumed efficiencies, not edgecds measurements (hwbench/calibration.json)")
+    from edgecds.tables import plan_table, print_table
+
+    print_table(plan_table(result, device))
 
 
 @cli.command()
@@ -434,33 +399,11 @@ def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int |
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
 
-    def stat(s: Any, scale: float = 1.0, digits: int = 1) -> str:
-        if not s:
-            return ""
-        spread = f" ±{s.spread * scale / 2:.{digits}f}" if len(s.samples) > 1 else ""
-        return f"{s.median * scale:.{digits}f}{spread}"
+    from edgecds.tables import measurements_table, print_table
 
-    show_gpu = any(o.record.measured and o.record.measured.gpu_peak_bytes is not None for o in result.outcomes)
-    rows, reasons = [], []
-    for outcome in result.outcomes:
-        r = outcome.record
-        m = r.measured
-        if m is None:
-            rows.append([r.variant.type, r.status, *[""] * (5 + show_gpu)])
-            reasons.append(f"{r.variant.type}: {r.status}: {r.reason}")
-            continue
-        gpu = [f"{m.gpu_peak_bytes / 2**20:.0f}" if m.gpu_peak_bytes is not None else ""] if show_gpu else []
-        rows.append([r.variant.type, "reused" if outcome.reused else r.status, stat(m.load_seconds, 1, 2), f"{m.peak_rss_bytes.high / 2**20:.0f}",
-                     *gpu, stat(m.prompt_tps), stat(m.decode_tps), stat(m.ttft_seconds, 1000, 0)])
-    s = result.outcomes[0].record.settings if result.outcomes else {}
     where = "" if result.on_target else f" (measured on {result.host.detected_profile}, not the device)"
-    title = (f"Measured on {result.device}{where}: ctx {s.get('n_ctx')}, {s.get('threads')} threads, {s.get('n_gpu_layers')} GPU layers; "
-             f"median ±half-range of {s.get('repeats')}")
-    columns = ["variant", "status", "load s", "peak MiB", *(["GPU MiB"] if show_gpu else []),
-               f"pp{s.get('prompt_tokens')} tok/s", f"tg{s.get('decode_tokens')} tok/s", "TTFT ms"]
-    _table(title, columns, rows)
-    for reason in reasons:
-        click.echo(reason)
+    print_table(measurements_table([o.record for o in result.outcomes], f"Measured on {result.device}{where}",
+                                   [o.reused for o in result.outcomes]))
     if result.evaluation is not None:
         _print_eval_table(result.evaluation)
     click.echo(f"Recorded in {result.results_file}")
@@ -510,26 +453,43 @@ def eval_command(variants: Path, cases: Path | None, mode: str, k: int, types_te
 
 
 def _print_eval_table(result: Any) -> None:
-    rows = []
-    for outcome in result.outcomes:
-        r = outcome.record
-        m, p, d = r.metrics, r.paired, r.drift
-        rows.append([r.variant.type, f"{m['accuracy'] * 100:.1f} [{m['low'] * 100:.0f}-{m['high'] * 100:.0f}]",
-                     f"{m['normalized']['accuracy'] * 100:.1f}" if "normalized" in m else "",
-                     f"{m['errors'].get('plausible', 0)}/{m['errors'].get('off_topic', 0)}",
-                     f"{p['lost']}/{p['gained']}" if p else "ref", f"{p['difference'] * 100:+.1f}" if p else "",
-                     f"{p['p_value']:.3f}" if p else "", f"{d['kl_mean']:.4f}" if d and p else "", f"{d['top1_agreement']:.3f}" if d and p else "",
-                     f"{d['perplexity']:.2f}" if d else ""])
-    n = result.outcomes[0].record.cases["n"] if result.outcomes else 0
-    _table(f"Accuracy on {result.cases} ({n} cases, {result.mode}), % with 95% Wilson interval; paired with {result.reference}",
-           ["variant", "acc [CI]", "norm", "P/O", "lost/gain", "diff", "p", "KL", "top-1", "PPL"], rows)
-    click.echo("norm: length-normalised; P/O: wrong answers that were plausible differentials/off-topic; lost/gain: flips against "
-               f"{result.reference}; diff in points; p: exact McNemar; KL, top-1, PPL: drift on the clinical text")
-    for outcome in result.outcomes:
-        p = outcome.record.paired
-        if p:
-            click.echo(f"{outcome.record.variant.type}: {p['verdict']} from {result.reference}: {p['difference'] * 100:+.1f} points "
-                       f"[{p['low'] * 100:+.1f}, {p['high'] * 100:+.1f}], p = {p['p_value']:.3f}, flip rate {p['flip_rate']:.1%}")
+    from edgecds.tables import accuracy_table, print_table
+
+    print_table(accuracy_table([o.record for o in result.outcomes], result.cases, result.mode, result.reference))
+
+
+def constraint_options(func: Any) -> Any:
+    """`bundle`'s choice rules, shared by `report` (which shows what bundle would choose)."""
+    options = [
+        click.option("--min-accuracy", type=click.FloatRange(0, 100), help="Minimum accuracy, percent, on the lower bound of its 95% interval."),
+        click.option("--on-point", is_flag=True, help="Apply --min-accuracy to the accuracy itself, not its lower bound."),
+        click.option("--max-drop", type=click.FloatRange(0, 100), help="Largest accuracy drop against the reference, percentage points."),
+        click.option("--max-flip-rate", type=click.FloatRange(0, 100), help="Largest share of cases flipped against the reference, percent."),
+        click.option("--min-decode", type=click.FloatRange(min=0), help="Minimum decode speed, tokens/s."),
+        click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="Context length the clinic needs."),
+        click.option("--formats", default="gguf,onnx", show_default=True, help="Allowed formats."),
+        click.option("--allow-significantly-worse", is_flag=True, help="Accept a variant significantly worse than the reference."),
+        click.option("--allow-predicted", is_flag=True, help="Choose from predicted figures where nothing was measured on the device (said wherever shown)."),
+    ]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, min_accuracy: float | None, on_point: bool, max_drop: float | None, max_flip_rate: float | None,
+                min_decode: float | None, n_ctx: int | None, formats: str, allow_significantly_worse: bool, allow_predicted: bool,
+                **kwargs: Any) -> Any:
+        from edgecds.bundle import Constraints
+
+        def fraction(percent: float | None) -> float | None:
+            return percent / 100 if percent is not None else None
+
+        kwargs["constraints"] = Constraints(
+            min_accuracy=fraction(min_accuracy), on_point=on_point, max_drop=fraction(max_drop), max_flip_rate=fraction(max_flip_rate),
+            min_decode_tps=min_decode, n_ctx=n_ctx, formats=tuple(f.strip() for f in formats.split(",") if f.strip()),
+            allow_significantly_worse=allow_significantly_worse, allow_predicted=allow_predicted)
+        return func(*args, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 @cli.command("bundle")
@@ -537,22 +497,12 @@ def _print_eval_table(result: Any) -> None:
 @click.option("--device", "device_id", default="auto", show_default=True,
               help="The device the bundle is for (its measurements must come from it); 'auto': the one detected here.")
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), help="Bundle folder; the archive is written beside it.  [default: ./bundles/<model>-<type>-<device>]")
-@click.option("--min-accuracy", type=click.FloatRange(0, 100), help="Minimum accuracy, percent, on the lower bound of its 95% interval.")
-@click.option("--on-point", is_flag=True, help="Apply --min-accuracy to the accuracy itself, not its lower bound.")
-@click.option("--max-drop", type=click.FloatRange(0, 100), help="Largest accuracy drop against the reference, percentage points.")
-@click.option("--max-flip-rate", type=click.FloatRange(0, 100), help="Largest share of cases flipped against the reference, percent.")
-@click.option("--min-decode", type=click.FloatRange(min=0), help="Minimum decode speed, tokens/s.")
-@click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="Context length the clinic needs.")
-@click.option("--formats", default="gguf,onnx", show_default=True, help="Allowed formats.")
-@click.option("--allow-significantly-worse", is_flag=True, help="Accept a variant significantly worse than the reference.")
-@click.option("--allow-predicted", is_flag=True, help="Choose from predicted figures where nothing was measured on the device (the bundle says so).")
+@constraint_options
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="Sign the manifest with this ed25519 key (`edgecds keygen`).")
 @click.option("--profiles-dir", "profiles_dirs", multiple=True, type=click.Path(path_type=Path, file_okay=False), help="Your own device profiles.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def bundle_command(results: tuple[Path, ...], device_id: str, output: Path | None, min_accuracy: float | None, on_point: bool,
-                   max_drop: float | None, max_flip_rate: float | None, min_decode: float | None, n_ctx: int | None, formats: str,
-                   allow_significantly_worse: bool, allow_predicted: bool, sign_key: Path | None, profiles_dirs: tuple[Path, ...],
-                   as_json: bool) -> None:
+def bundle_command(results: tuple[Path, ...], device_id: str, output: Path | None, constraints: Any, sign_key: Path | None,
+                   profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
     """Choose the best variant measured on a device and pack it for the clinic.
 
     The most accurate variant that meets every constraint wins; ties go to the faster, then the
@@ -565,7 +515,7 @@ def bundle_command(results: tuple[Path, ...], device_id: str, output: Path | Non
       edgecds bundle edgecds-out/SmolLM2-135M-Instruct/results.json --device laptop-x86-16gb
       edgecds bundle a/results.json b/results.json --device jetson-orin-nano-8gb --min-accuracy 60 --max-drop 2 --sign key.pem
     """
-    from edgecds.bundle import Constraints, choose, write_bundle
+    from edgecds.bundle import choose, write_bundle
     from edgecds.devices import find_profile
 
     if device_id == "auto":
@@ -574,12 +524,6 @@ def bundle_command(results: tuple[Path, ...], device_id: str, output: Path | Non
 
         device_id = nearest_profile(detect_host(), load_profiles(profiles_dirs)).profile.id
     device = find_profile(device_id, profiles_dirs)
-    constraints = Constraints(
-        min_accuracy=min_accuracy / 100 if min_accuracy is not None else None, on_point=on_point,
-        max_drop=max_drop / 100 if max_drop is not None else None, max_flip_rate=max_flip_rate / 100 if max_flip_rate is not None else None,
-        min_decode_tps=min_decode, n_ctx=n_ctx, formats=tuple(f.strip() for f in formats.split(",") if f.strip()),
-        allow_significantly_worse=allow_significantly_worse, allow_predicted=allow_predicted,
-    )
     choice = choose(list(results), device, constraints)
     if choice.chosen is None:
         for r in choice.rejected:
@@ -592,14 +536,44 @@ def bundle_command(results: tuple[Path, ...], device_id: str, output: Path | Non
     if as_json:
         _print_json(asdict(result))
         return
-    c = choice.chosen
-    accuracy = f"accuracy {c.accuracy:.1%} (lower bound {c.accuracy_low:.1%})" if c.accuracy is not None else "no accuracy measured"
-    click.echo(f"Chosen for {device.id}: {c.variant}: {accuracy}, {c.decode_tps:.1f} tokens/s, peak {c.peak_bytes / 2**20:.0f} MiB"
-               + (" (PREDICTED, not measured)" if c.predicted_only else ""))
-    for r in choice.rejected:
-        click.echo(f"  {r.variant}: {'; '.join(r.reasons)}")
+    from edgecds.tables import choice_table, print_table
+
+    print_table(choice_table(choice, device.budget_gib))
+    if choice.chosen.predicted_only:
+        click.echo(f"{choice.chosen.variant}: PREDICTED figures, not measured on {device.id}")
     click.echo(f"Bundle: {result.folder}\nArchive: {result.archive} (sha256 {result.archive_sha256})" + ("\nSigned." if result.signed else ""))
-    click.echo(f"Why: {choice.explanation()['rule']}; the bundle's MODEL_CARD.md and manifest.json say the rest.")
+    click.echo("The bundle's MODEL_CARD.md and manifest.json say the rest.")
+
+
+@cli.command("report")
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), help="The HTML file.  [default: report.html beside the results]")
+@constraint_options
+@click.option("--profiles-dir", "profiles_dirs", multiple=True, type=click.Path(path_type=Path, file_okay=False), help="Your own device profiles.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def report_command(results: tuple[Path, ...], output: Path | None, constraints: Any, profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
+    """One offline HTML page: accuracy against memory and speed for every device measured.
+
+    For each device in the results: charts of accuracy (95% interval) against peak memory, with
+    the device's budget, and against decode speed; the Pareto front; the variant `edgecds
+    bundle` would choose (with the same constraint options) and why the others were not; then
+    the measurement, choice, accuracy-by-specialty and drift tables. The page fetches nothing:
+    open it on a machine with no network, or print it.
+
+    \b
+    Examples:
+      edgecds report edgecds-out/SmolLM2-135M-Instruct/results.json
+      edgecds report a/results.json b/results.json --min-accuracy 60 -o clinic-report.html
+    """
+    from edgecds.report import build_report, default_output
+
+    files = list(results)
+    made = build_report(files, output or default_output(files), profiles_dirs, constraints)
+    if as_json:
+        _print_json(asdict(made))
+        return
+    drawn = ", ".join(f"{d}: {n} variants drawn" for d, n in made.points.items()) or "no device measured"
+    click.echo(f"Report: {made.output} ({made.bytes / 2**20:.1f} MiB, self-contained); {drawn}")
 
 
 @cli.command("verify")

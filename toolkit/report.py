@@ -1,0 +1,231 @@
+"""`edgecds report`: one self-contained HTML page of the accuracy/memory/speed trade-off per device.
+
+The page reads results.json files only (what `profile` and `eval` recorded), asks `bundle.choose`
+what it would pick for each device with its default constraints, and draws with Plotly (its
+JavaScript inlined once, so the page fetches nothing and works offline). Tables come from
+edgecds.tables, the same the terminal shows. Everything taken from a results file is escaped:
+results.json is untrusted input (variant names and reasons end up in the page).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgecds import __version__
+from edgecds.atomic import atomic_path
+from edgecds.bundle import Candidate, Choice, Constraints, choose
+from edgecds.devices import DeviceProfile, find_profile
+from edgecds.errors import InvalidInputError
+from edgecds.results import EvalRecord, HostFingerprint, ProfileRecord, ResultsFile, load_results
+from edgecds.tables import Table, accuracy_table, choice_table, measurements_table, specialty_table
+
+MIB = 2**20
+# one colour per format, fixed so a format looks the same in every chart of every report
+FORMAT_COLOURS = {"gguf": "#1f77b4", "onnx": "#d62728"}
+OTHER_COLOUR = "#7f7f7f"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One variant on one device: where it sits in the charts, and why it was or was not chosen."""
+
+    variant: str
+    format: str
+    accuracy: float  # fraction
+    low: float
+    high: float
+    peak_mib: float
+    decode_tps: float
+    decode_spread: float
+    predicted: bool  # figures from the predictor, not measured on the device
+    chosen: bool
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DeviceSection:
+    device: DeviceProfile
+    points: list[Point]
+    off_chart: list[str]  # variants measured but not drawn, with why (no accuracy, failed)
+    tables: list[Table]
+    charts: list[str] = field(default_factory=list)  # HTML divs, filled by render
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    output: str
+    devices: list[str]
+    points: dict[str, int]  # device -> variants drawn
+    bytes: int
+
+
+def _latest_evaluations(results: ResultsFile) -> list[EvalRecord]:
+    """The newest log-likelihood evaluation of each variant file, as `bundle` counts them."""
+    latest: dict[str, EvalRecord] = {}
+    for e in results.evaluations:
+        if e.mode == "loglik" and (e.variant.sha256 not in latest or e.created >= latest[e.variant.sha256].created):
+            latest[e.variant.sha256] = e
+    return sorted(latest.values(), key=lambda e: -e.variant.file_size)
+
+
+def _latest_records(results: ResultsFile, device: str) -> list[ProfileRecord]:
+    latest: dict[str, ProfileRecord] = {}
+    for r in results.records:
+        if r.device == device and (r.variant.sha256 not in latest or r.created >= latest[r.variant.sha256].created):
+            latest[r.variant.sha256] = r
+    return sorted(latest.values(), key=lambda r: -r.variant.file_size)
+
+
+def _point(c: Candidate, chosen: Candidate | None) -> Point | None:
+    if c.accuracy is None or c.accuracy_low is None or c.evaluation is None:
+        return None
+    spread = c.profile.measured.decode_tps.spread if c.profile and c.profile.measured else 0.0
+    return Point(c.variant, c.format, c.accuracy, c.accuracy_low, float(c.evaluation.metrics.get("high", c.accuracy)),
+                 c.peak_bytes / MIB, c.decode_tps, spread, c.predicted_only, chosen is not None and c.sha256 == chosen.sha256, c.reasons)
+
+
+def pareto(points: list[Point], x: str, higher_x_better: bool) -> list[Point]:
+    """The points no other point beats on both accuracy and `x` (ties kept), sorted by `x`."""
+    def better_or_equal(a: Point, b: Point) -> bool:
+        ax, bx = getattr(a, x), getattr(b, x)
+        return a.accuracy >= b.accuracy and (ax >= bx if higher_x_better else ax <= bx)
+
+    front = [p for p in points if not any(better_or_equal(q, p) and (q.accuracy, getattr(q, x)) != (p.accuracy, getattr(p, x))
+                                          for q in points)]
+    return sorted(front, key=lambda p: getattr(p, x))
+
+
+def _figure(points: list[Point], x: str, title: str, x_title: str, higher_x_better: bool, budget_mib: float | None) -> Any:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for fmt in sorted({p.format for p in points}):
+        mine = [p for p in points if p.format == fmt]
+        hover = []
+        for p in mine:
+            verdict = "CHOSEN by bundle" if p.chosen else ("not chosen: " + "; ".join(p.reasons) if p.reasons else "")
+            hover.append(f"{p.variant} ({p.format}{', PREDICTED' if p.predicted else ''})<br>accuracy {p.accuracy:.1%} "
+                         f"[{p.low:.1%}, {p.high:.1%}]<br>peak {p.peak_mib:.0f} MiB, decode {p.decode_tps:.1f} tok/s<br>{verdict}")
+        fig.add_trace(go.Scatter(
+            x=[getattr(p, x) for p in mine], y=[p.accuracy * 100 for p in mine], mode="markers+text", name=fmt.upper(),
+            uid=f"variants-{fmt}", text=[p.variant for p in mine],
+            textposition="middle right", hovertext=hover, hoverinfo="text",
+            marker={"size": 11, "color": FORMAT_COLOURS.get(fmt, OTHER_COLOUR), "symbol": ["diamond" if p.predicted else "circle" for p in mine]},
+            error_y={"type": "data", "symmetric": False, "array": [(p.high - p.accuracy) * 100 for p in mine],
+                     "arrayminus": [(p.accuracy - p.low) * 100 for p in mine], "thickness": 1.2},
+        ))
+    front = pareto(points, x, higher_x_better)
+    if len(front) > 1:
+        fig.add_trace(go.Scatter(x=[getattr(p, x) for p in front], y=[p.accuracy * 100 for p in front], mode="lines", uid="pareto",
+                                 name="Pareto front", line={"dash": "dot", "color": "#555"}, hoverinfo="skip"))
+    chosen = [p for p in points if p.chosen]
+    if chosen:
+        fig.add_trace(go.Scatter(x=[getattr(p, x) for p in chosen], y=[p.accuracy * 100 for p in chosen], mode="markers", uid="chosen",
+                                 name="chosen by bundle", hoverinfo="skip",
+                                 marker={"size": 24, "symbol": "circle-open", "color": "#2ca02c", "line": {"width": 3}}))
+    xs = [getattr(p, x) for p in points]
+    right = max([*xs, budget_mib or 0.0]) * 1.18  # room for the labels right of the points
+    log = budget_mib is not None and budget_mib > 4 * max(xs)  # a far budget would squash the points: log axis
+    if log:
+        fig.update_xaxes(type="log", range=[math.log10(min(xs) * 0.8), math.log10(right)])
+    else:
+        fig.update_xaxes(range=[0, right])
+    if budget_mib is not None:
+        fig.add_vline(x=budget_mib, line_dash="dash", line_color="#d62728")
+        # add_vline's own annotation lands wrongly on a log axis (it is not log-transformed): place it by hand
+        fig.add_annotation(x=math.log10(budget_mib) if log else budget_mib, y=1, yref="paper", xanchor="right", yanchor="top",
+                           showarrow=False, text=f"budget {budget_mib / 1024:.1f} GiB", font={"color": "#d62728"})
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title="accuracy, % (95% Wilson interval)", template="plotly_white",
+                      height=430, margin={"l": 60, "r": 20, "t": 50, "b": 50}, legend={"orientation": "h", "y": -0.18})
+    return fig
+
+
+def _device_section(files: list[Path], loaded: list[ResultsFile], device: DeviceProfile, constraints: Constraints) -> DeviceSection:
+    records = [r for res in loaded for r in _latest_records(res, device.id)]
+    tables = [measurements_table(records, f"Measured on {device.id}")]
+    choice: Choice | None
+    try:
+        choice = choose(files, device, constraints)
+    except InvalidInputError:  # nothing measured on the device itself: the table says what there is
+        choice = None
+    points: list[Point] = []
+    off_chart = [f"{r.variant.type}: {r.status}: {r.reason}" for r in records if r.status != "measured"]
+    if choice is not None:
+        tables.append(choice_table(choice, device.budget_gib))
+        for c in ([choice.chosen] if choice.chosen else []) + list(choice.rejected):
+            point = _point(c, choice.chosen)
+            if point is None:
+                off_chart.append(f"{c.variant}: no clinical accuracy measured (run `edgecds eval`), so not on the charts")
+            else:
+                points.append(point)
+    else:
+        off_chart.append(f"nothing was measured on {device.id} itself; `edgecds profile --device {device.id}` on the device")
+    return DeviceSection(device, points, off_chart, tables)
+
+
+def _host_line(h: HostFingerprint) -> str:
+    gpus = ", ".join(h.gpus) if h.gpus else "no GPU"
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(h.versions.items()))
+    return f"{h.cpu} ({h.cpu_cores} cores, {h.ram_gib:g} GiB), {gpus}, {h.os}; detected as {h.detected_profile}; {versions}"
+
+
+def build_report(results_files: list[Path], output: Path, profiles_dirs: tuple[Path, ...] = (),
+                 constraints: Constraints | None = None) -> ReportResult:
+    import plotly.io as pio
+    from jinja2 import Environment, PackageLoader, select_autoescape
+    from plotly.offline import get_plotlyjs
+
+    constraints = constraints or Constraints()
+    loaded: list[ResultsFile] = []
+    for path in results_files:
+        results = load_results(path)
+        if results is None:
+            raise InvalidInputError(f"{path} does not exist; run `edgecds profile` first")
+        loaded.append(results)
+    device_ids = sorted({r.device for res in loaded for r in res.records})
+    if not device_ids and not any(res.evaluations for res in loaded):
+        raise InvalidInputError(f"{', '.join(map(str, results_files))}: nothing measured yet; run `edgecds profile` first")
+    sections = [_device_section(results_files, loaded, find_profile(d, profiles_dirs), constraints) for d in device_ids]
+    for i, section in enumerate(sections):
+        if not section.points:
+            continue
+        budget = section.device.budget_gib * 1024
+        figures = [
+            _figure(section.points, "peak_mib", f"{section.device.id}: accuracy against peak memory", "peak memory, MiB (highest of the repeats)",
+                    False, budget),
+            _figure(section.points, "decode_tps", f"{section.device.id}: accuracy against decode speed", "decode, tokens/s (median)", True, None),
+        ]
+        section.charts.extend(pio.to_html(fig, full_html=False, include_plotlyjs=False, div_id=f"chart-{i}-{j}",
+                                          config={"displaylogo": False, "responsive": True}) for j, fig in enumerate(figures))
+
+    evaluation_groups: list[list[Table]] = []
+    for res in loaded:
+        evals = _latest_evaluations(res)
+        for key in sorted({(e.cases["name"], e.mode, e.reference) for e in evals}):
+            group = [e for e in evals if (e.cases["name"], e.mode, e.reference) == key]
+            evaluation_groups.append([accuracy_table(group, key[0], key[1], key[2]), specialty_table(group),
+                                      specialty_table(group, "by_incidence")])
+    hosts = {h.id: h for res in loaded for h in res.hosts.values()}
+    created = sorted(r.created for res in loaded for r in res.records) + sorted(e.created for res in loaded for e in res.evaluations)
+    predicted = any(p.predicted for s in sections for p in s.points)
+    env = Environment(loader=PackageLoader("edgecds", "."), autoescape=select_autoescape(["html", "j2"]))
+    html = env.get_template("report.html.j2").render(
+        sections=sections, evaluation_groups=evaluation_groups, hosts=[_host_line(h) for h in hosts.values()],
+        files=[str(p) for p in results_files], generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        measured_from=min(created)[:10] if created else "", measured_to=max(created)[:10] if created else "", version=__version__,
+        predicted=predicted, plotly_js=get_plotlyjs(), format_colours=FORMAT_COLOURS,
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    data = html.encode("utf-8")
+    with atomic_path(output) as temp:  # an interrupted run leaves the previous report whole
+        temp.write_bytes(data)
+    return ReportResult(str(output), device_ids, {s.device.id: len(s.points) for s in sections}, len(data))
+
+
+def default_output(results_files: list[Path]) -> Path:
+    return Path(os.path.commonpath([str(p.resolve().parent) for p in results_files])) / "report.html"

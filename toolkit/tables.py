@@ -1,0 +1,160 @@
+"""The result tables, defined once: the terminal (rich) and the HTML report render the same rows.
+
+Each function takes records (results.json's dataclasses, a plan or a bundle choice) and returns a
+`Table` of strings; `print_table` draws it on a terminal at 100 columns or wider, and the report
+turns the same object into an HTML table, so a figure reads the same in both places.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgecds.results import EvalRecord, ProfileRecord, Stat
+
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)  # lines shown under the table: legends and reasons
+
+    def numeric(self, i: int) -> bool:
+        """A column of numbers (or blanks) is right-aligned."""
+        return bool(self.rows) and all(_is_number(row[i]) for row in self.rows)
+
+
+def _is_number(text: str) -> bool:
+    head = text.split(" ")[0].lstrip("±+-")
+    try:
+        float(head)
+    except ValueError:
+        return text in ("", "reused")
+    return True
+
+
+def print_table(table: Table) -> None:
+    from rich.console import Console
+    from rich.table import Table as RichTable
+
+    out = RichTable(title=table.title, title_justify="left")
+    for i, col in enumerate(table.columns):
+        out.add_column(col, justify="right" if table.numeric(i) else "left")
+    for row in table.rows:
+        out.add_row(*row)
+    console = Console(width=max(100, Console().width))
+    console.print(out)
+    for note in table.notes:
+        console.print(note, markup=False, highlight=False)
+
+
+def stat_cell(s: Stat | None, scale: float = 1.0, digits: int = 1) -> str:
+    """Median ± half the range of the repeats: the spread a reader must allow for."""
+    if not s:
+        return ""
+    spread = f" ±{s.spread * scale / 2:.{digits}f}" if len(s.samples) > 1 else ""
+    return f"{s.median * scale:.{digits}f}{spread}"
+
+
+def measurements_table(records: Sequence[ProfileRecord], title: str, reused: Iterable[bool] | None = None) -> Table:
+    """Memory and speed of each variant measured on one device (`edgecds profile`)."""
+    reused_flags = list(reused) if reused is not None else [False] * len(records)
+    show_gpu = any(r.measured and r.measured.gpu_peak_bytes is not None for r in records)
+    rows, notes = [], []
+    for r, was_reused in zip(records, reused_flags, strict=True):
+        m = r.measured
+        if m is None:
+            rows.append([r.variant.type, r.variant.format, r.status, *[""] * (5 + show_gpu)])
+            notes.append(f"{r.variant.type}: {r.status}: {r.reason}")
+            continue
+        gpu = [f"{m.gpu_peak_bytes / MIB:.0f}" if m.gpu_peak_bytes is not None else ""] if show_gpu else []
+        rows.append([r.variant.type, r.variant.format, "reused" if was_reused else r.status, stat_cell(m.load_seconds, 1, 2),
+                     f"{m.peak_rss_bytes.high / MIB:.0f}", *gpu, stat_cell(m.prompt_tps), stat_cell(m.decode_tps),
+                     stat_cell(m.ttft_seconds, 1000, 0)])
+    s = records[0].settings if records else {}
+    columns = ["variant", "format", "status", "load s", "peak MiB", *(["GPU MiB"] if show_gpu else []),
+               f"pp{s.get('prompt_tokens')} tok/s", f"tg{s.get('decode_tokens')} tok/s", "TTFT ms"]
+    full_title = (f"{title}: ctx {s.get('n_ctx')}, {s.get('threads')} threads, {s.get('n_gpu_layers')} GPU layers; "
+                  f"median ±half-range of {s.get('repeats')} fresh processes; peak is the highest")
+    return Table(full_title, columns, rows, notes)
+
+
+def accuracy_table(records: Sequence[EvalRecord], cases: str, mode: str, reference: str) -> Table:
+    """Accuracy with its interval, flips against the reference and drift (`edgecds eval`)."""
+    rows, notes = [], []
+    for r in records:
+        m, p, d = r.metrics, r.paired, r.drift
+        rows.append([r.variant.type, f"{m['accuracy'] * 100:.1f} [{m['low'] * 100:.0f}-{m['high'] * 100:.0f}]",
+                     f"{m['normalized']['accuracy'] * 100:.1f}" if "normalized" in m else "",
+                     f"{m['errors'].get('plausible', 0)}/{m['errors'].get('off_topic', 0)}",
+                     f"{p['lost']}/{p['gained']}" if p else "ref", f"{p['difference'] * 100:+.1f}" if p else "",
+                     f"{p['p_value']:.3f}" if p else "", f"{d['kl_mean']:.4f}" if d and p else "", f"{d['top1_agreement']:.3f}" if d and p else "",
+                     f"{d['perplexity']:.2f}" if d else ""])
+        if p:
+            notes.append(f"{r.variant.type}: {p['verdict']} from {reference}: {p['difference'] * 100:+.1f} points "
+                         f"[{p['low'] * 100:+.1f}, {p['high'] * 100:+.1f}], p = {p['p_value']:.3f}, flip rate {p['flip_rate']:.1%}")
+    n = records[0].cases["n"] if records else 0
+    legend = ("norm: length-normalised; P/O: wrong answers that were plausible differentials/off-topic; lost/gain: flips against "
+              f"{reference}; diff in points; p: exact McNemar; KL, top-1, PPL: drift on the clinical text")
+    return Table(f"Accuracy on {cases} ({n} cases, {mode}), % with 95% Wilson interval; paired with {reference}",
+                 ["variant", "acc [CI]", "norm", "P/O", "lost/gain", "diff", "p", "KL", "top-1", "PPL"], rows, [legend, *notes])
+
+
+def specialty_table(records: Sequence[EvalRecord], key: str = "by_specialty") -> Table:
+    """Accuracy by specialty (or by incidence): one row a group, one column a variant."""
+    groups = sorted({g for r in records for g in r.metrics.get(key, {})})
+    rows = []
+    for g in groups:
+        cells = []
+        for r in records:
+            m = r.metrics.get(key, {}).get(g)
+            cells.append(f"{m['accuracy'] * 100:.0f} [{m['low'] * 100:.0f}-{m['high'] * 100:.0f}]" if m else "")
+        n = next((r.metrics[key][g]["n"] for r in records if g in r.metrics.get(key, {})), 0)
+        rows.append([g.replace("_", " "), str(n), *cells])
+    what = "specialty" if key == "by_specialty" else "incidence"
+    return Table(f"Accuracy by {what}, % with 95% Wilson interval", [what, "cases", *(r.variant.type for r in records)], rows)
+
+
+def plan_table(result: Any, device: Any) -> Table:
+    """Predicted memory and speed of every variant on a device (`edgecds plan`); labelled predicted."""
+    rows, notes = [], []
+    for entry in result.entries:
+        p = entry.prediction
+        if entry.unknown:
+            notes.append(f"not predicted: {entry.type}: {entry.why_not}")
+        elif not entry.fits:
+            notes.append(f"does not fit: {entry.type}: {p.why_not if p else entry.why_not}")
+        if p is None:
+            rows.append([entry.type, entry.format, "", "", "", "", "", "unknown" if entry.unknown else "no"])
+            continue
+        gpu = f"{p.memory.gpu_layers}/{p.memory.total_layers}" if p.memory.backend != "cpu" else "cpu"
+        prompt = f"{p.speed.prompt_tps:.0f}" if p.speed.prompt_tps else ""
+        rows.append([entry.type, entry.format, f"{p.memory.peak_bytes / MIB:.0f}", f"{p.headroom_bytes / MIB:.0f}", gpu,
+                     f"{p.speed.decode_tps:.0f}", prompt, "yes" if p.fits else "no"])
+    settings = result.settings
+    title = (f"Predicted, not measured: {device.id} ({device.budget_gib:g} GiB budget), context {settings.n_ctx}, "
+             f"KV cache {settings.type_k}, {settings.threads} threads")
+    notes.insert(0, f"power mode: {device.power_mode}")
+    if any(e.prediction and not e.prediction.speed.calibrated for e in result.entries):
+        notes.append("note: speeds on this backend use assumed efficiencies, not edgecds measurements (hwbench/calibration.json)")
+    return Table(title, ["variant", "format", "peak MiB", "headroom MiB", "GPU layers", "decode tok/s", "prompt tok/s", "fits"], rows, notes)
+
+
+def choice_table(choice: Any, budget_gib: float) -> Table:
+    """What `bundle` chose for a device and why every other variant was not chosen."""
+    rows = []
+    for c in ([choice.chosen] if choice.chosen else []) + list(choice.rejected):
+        acc = f"{c.accuracy * 100:.1f}" if c.accuracy is not None else ""
+        low = f"{c.accuracy_low * 100:.1f}" if c.accuracy_low is not None else ""
+        verdict = "CHOSEN" if c is choice.chosen else "; ".join(c.reasons)
+        rows.append([c.variant, c.format, acc, low, f"{c.decode_tps:.1f}", f"{c.peak_bytes / MIB:.0f}",
+                     "predicted" if c.predicted_only else "measured", verdict])
+    notes = ["rule: the most accurate variant meeting every constraint; ties go to the faster, then the smaller"]
+    if choice.advice:
+        notes.append(choice.advice)
+    return Table(f"Choice for {choice.device} ({budget_gib:g} GiB budget)",
+                 ["variant", "format", "acc %", "low %", "decode tok/s", "peak MiB", "figures", "verdict"], rows, notes)
