@@ -11,16 +11,18 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgecds.cases import drift_text
+from edgecds.cases import drift_text, load_cases
 from edgecds.cli import cli
 from edgecds.digest import sha256_file, sha256_folder
 from edgecds.errors import InvalidInputError, UsageError
+from edgecds.evaluate import EvalConfig, run_eval
 from edgecds.quantize import QuantizeConfig, QuantizeResult, run_quantize
 from edgecds.quantize_onnx import PARITY_LIMITS
 from edgecds.runtime import EngineSettings, open_runtime
@@ -251,3 +253,26 @@ def test_a_4_bit_shared_table_unpacks_like_the_8_bit_one(onnx_variants: Quantize
     # measured 0.56 on the drift text (all-4-bit int4 drifts that far); an unpacking mistake (nibble
     # order, zero point) scrambles every embedding and leaves agreement near chance
     assert agreement >= 0.35, agreement
+
+
+def test_eval_scores_onnx_variants_against_the_fp32_export(onnx_variants: QuantizeResult) -> None:
+    """Clinical accuracy and drift for ONNX variants, from onnxruntime's own logits, paired with fp32."""
+    folder = Path(onnx_variants.output_dir)
+    config = EvalConfig(variants=folder, types=("ONNX_INT8",), limit=6, threads=2)
+    result = run_eval(config)
+    by_type = {o.record.variant.type: o.record for o in result.outcomes}
+    assert set(by_type) == {"ONNX_FP32", "ONNX_INT8"} and result.reference == "ONNX_FP32"
+    ref, q = by_type["ONNX_FP32"], by_type["ONNX_INT8"]
+    assert ref.paired is None and q.reference == "ONNX_FP32" and q.paired is not None and q.paired["n"] == 6
+    cases = load_cases().cases[:6]
+    for record in (ref, q):
+        assert [c["id"] for c in record.per_case] == [c.id for c in cases]
+        for scored, case in zip(record.per_case, cases, strict=True):
+            assert len(scored["scores"]) == len(case.options) and all(s < 0 for s in scored["scores"])
+            assert scored["chosen"] == int(np.argmax(scored["scores"])) and scored["correct"] == (scored["chosen"] == case.answer_index)
+    # eval's drift is quantize's parity measure on the same text (eval reads fp32 back as float16: near, not equal)
+    parity = next(v.parity for v in load_variants(folder).variants if v.type == "ONNX_INT8")
+    assert q.drift is not None and q.drift["kl_mean"] == pytest.approx(parity["kl_mean"], rel=0.1, abs=5e-4)
+    assert q.drift["top1_agreement"] == pytest.approx(parity["top1_agreement"], abs=0.01)
+    again = run_eval(replace(config, force=True))  # deterministic: scored again, the same numbers
+    assert [o.record.per_case for o in again.outcomes] == [o.record.per_case for o in result.outcomes]

@@ -416,7 +416,7 @@ def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int |
 @click.option("--mode", type=click.Choice(["loglik", "generate", "topk"]), default="loglik", show_default=True,
               help="loglik: each option's log-probability (works for tiny models); generate: the model's own answer; topk: k differentials.")
 @click.option("-k", "k", type=click.IntRange(min=1, max=10), default=5, show_default=True, help="Differentials listed in topk mode.")
-@click.option("--types", "types_text", metavar="LIST", help="Only these variants (the float reference is always scored). Default: all GGUF.")
+@click.option("--types", "types_text", metavar="LIST", help="Only these variants (each format's float reference is always scored). Default: all.")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N cases.")
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=512), default=2048, show_default=True, help="Context length.")
 @click.option("--threads", "-t", type=click.IntRange(min=1), help="Threads.  [default: llama.cpp's]")

@@ -311,17 +311,22 @@ def run_eval(config: EvalConfig, reporter: Reporter | None = None) -> EvalResult
     folder, variants = open_variants(config.variants)
     case_set = load_cases(config.cases)
     cases = list(case_set.cases[: config.limit] if config.limit else case_set.cases)
-    gguf = [v for v in variants.variants if v.format == "gguf"]
-    reference = _reference_of(gguf)
-    chosen = gguf
-    if config.types:
-        wanted = {t.upper() for t in config.types}
-        unknown = sorted(wanted - {v.type for v in gguf})
-        if unknown:
-            raise UsageError(f"{folder / VARIANTS_FILE} has no GGUF variant(s) {', '.join(unknown)}")
-        chosen = [v for v in gguf if v.type in wanted or v is reference]  # the reference is always scored: flips need it
-    chosen = [reference] + [v for v in chosen if v is not reference]
-
+    # each format is paired with its own float reference (F16 GGUF, fp32 ONNX): the engines differ,
+    # so a flip across formats would mix quantization with engine differences
+    wanted = {t.upper() for t in config.types}
+    unknown = sorted(wanted - {v.type for v in variants.variants})
+    if unknown:
+        raise UsageError(f"{folder / VARIANTS_FILE} has no variant(s) {', '.join(unknown)}")
+    references: dict[str, VariantRecord] = {}
+    chosen: list[VariantRecord] = []
+    for fmt in sorted({v.format for v in variants.variants}, key=lambda f: f != "gguf"):
+        group = [v for v in variants.variants if v.format == fmt]
+        picked = [v for v in group if not wanted or v.type in wanted]
+        if not picked:
+            continue
+        reference = _reference_of(group)  # always scored: flips need it
+        references[fmt] = reference
+        chosen += [reference] + [v for v in picked if v is not reference]
     host = detect_host(config.root)
     fp = fingerprint(host, nearest_profile(host, load_profiles()))
     settings = EngineSettings(n_ctx=max(config.n_ctx, DRIFT_CTX), threads=config.threads)
@@ -335,6 +340,7 @@ def run_eval(config: EvalConfig, reporter: Reporter | None = None) -> EvalResult
         done: list[EvalOutcome] = []
         per_case: dict[str, list[CaseResult]] = {}
         for n, variant in enumerate(chosen, 1):
+            reference = references[variant.format]
             key = EvalRecord.make_key(variant.sha256, spec, fp.id)
             previous = next((e for e in results.evaluations if e.key == key), None)
             if previous is not None and not config.force:
@@ -348,11 +354,12 @@ def run_eval(config: EvalConfig, reporter: Reporter | None = None) -> EvalResult
             results.evaluations = [e for e in results.evaluations if e.key != key] + [record]
             results.save(output)
             done.append(EvalOutcome(record, False))
-        # pair every variant with the reference, now that both are scored on the same cases
+        # pair every variant with its reference, now that both are scored on the same cases
         final = []
-        reference_correct = {c.id: c.correct for c in per_case[reference.type]}
         for outcome in done:
             rec = outcome.record
+            reference = references[rec.variant.format]
+            reference_correct = {c.id: c.correct for c in per_case[reference.type]}
             pairing = None if rec.variant.type == reference.type else paired(per_case[reference.type], per_case[rec.variant.type])
             # each case says whether it flipped against the reference, so a reviewer sees which
             cases_flipped = [{**c, "flipped": c["correct"] != reference_correct[c["id"]]} for c in rec.per_case]
@@ -361,7 +368,7 @@ def run_eval(config: EvalConfig, reporter: Reporter | None = None) -> EvalResult
                 results.evaluations = [e for e in results.evaluations if e.key != rec.key] + [rec]
             final.append(EvalOutcome(rec, outcome.reused))
         results.save(output)
-    return EvalResult(str(output), case_set.name, config.mode, reference.type, tuple(final))
+    return EvalResult(str(output), case_set.name, config.mode, ", ".join(r.type for r in references.values()), tuple(final))
 
 
 def _evaluate(folder: Path, variant: VariantRecord, reference: VariantRecord, cases: list[Case], case_set: CaseSet, config: EvalConfig,

@@ -203,7 +203,7 @@ def run_profile(config: ProfileConfig, reporter: Reporter | None = None) -> Prof
             outcomes.append(Outcome(record, False))
         results.save(output)
     evaluation = None
-    measured = tuple(o.record.variant.type for o in outcomes if o.record.status == "measured" and o.record.variant.format == "gguf")
+    measured = tuple(o.record.variant.type for o in outcomes if o.record.status == "measured")
     if config.accuracy and measured:
         from edgecds.evaluate import EvalConfig, run_eval
 
