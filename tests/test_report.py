@@ -22,13 +22,14 @@ from edgecds.bundle import Constraints, choose
 from edgecds.cli import cli
 from edgecds.devices import find_profile
 from edgecds.quantize import QuantizeResult
-from edgecds.report import Point, pareto
+from edgecds.report import Point, escape, pareto
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("EDGECDS_ARTIFACTS", ROOT / "test-artifacts"))
 TYPES = ("Q8_0", "Q4_K_M", "Q2_K")
 # markup a results file could carry: it must reach the page as text, and fetch nothing (TEST-NET address)
 HOSTILE = '<img src="http://198.51.100.7/x.png"><script>fetch("http://198.51.100.7/y")</script>'
+HOSTILE_TYPE = 'Q2_K<a href="http://198.51.100.7/z">x</a>'  # Plotly reads tags in its text: this must stay text
 # Debian's chromium with the flags that keep it off the network (env notes: no background fetches)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", "--disable-sync"]
@@ -79,6 +80,7 @@ def open_in_chromium(page_file: Path, screenshot: Path) -> dict[str, Any]:
                 drawn: Object.fromEntries(Array.from(gd.querySelectorAll('g.trace')).map(t =>
                     [t.getAttribute('class').split(' ').pop(), t.querySelectorAll('path.point').length])),
                 labels: Array.from(gd.querySelectorAll('g.trace g.textpoint text')).map(t => t.textContent),
+                links: gd.querySelectorAll('a').length,
                 hover: gd.data.filter(d => d.uid.startsWith('variants-')).flatMap(d => d.hovertext),
                 shapes: (gd.layout.shapes || []).map(s => s.x0),
             }))""")
@@ -93,6 +95,10 @@ def test_report_draws_every_variant_offline_in_chromium(results: Path, tmp_path:
     data = json.loads(results.read_text())
     for host in data["hosts"].values():
         host["cpu"] = HOSTILE
+    for item in data["records"] + data["evaluations"]:
+        if item["variant"]["type"] == "Q2_K":
+            item["variant"]["type"] = HOSTILE_TYPE
+    shown = [HOSTILE_TYPE if t == "Q2_K" else t for t in TYPES]
     hostile = tmp_path / "results.json"
     hostile.write_text(json.dumps(data))
     page_file = tmp_path / "report.html"
@@ -116,12 +122,12 @@ def test_report_draws_every_variant_offline_in_chromium(results: Path, tmp_path:
     memory_chart, speed_chart = seen["charts"]
     for chart in (memory_chart, speed_chart):
         assert chart["drawn"]["tracevariants-gguf"] == len(TYPES), chart  # one point per variant
-        assert chart["drawn"]["tracechosen"] == 1 and sorted(chart["labels"]) == sorted(TYPES)
+        assert chart["drawn"]["tracechosen"] == 1 and sorted(chart["labels"]) == sorted(shown) and chart["links"] == 0
         for reject in choice.rejected:  # each rejected variant says why on hover
-            assert any(reject.variant in h and reject.reasons[0] in h for h in chart["hover"]), (reject, chart["hover"])
+            assert any(escape(reject.variant) in h and escape(reject.reasons[0]) in h for h in chart["hover"]), (reject, chart["hover"])
     assert memory_chart["shapes"] == [pytest.approx(budget_mib)] and speed_chart["shapes"] == []
     text = seen["text"]
-    assert HOSTILE in text  # shown as text, not run
+    assert HOSTILE in text and HOSTILE_TYPE in text  # shown as text, not run
     assert f"{choice.chosen.variant}\tgguf" in text and "CHOSEN" in text
     for reject in choice.rejected:
         assert reject.reasons[0] in text

@@ -13,6 +13,7 @@ import datetime as dt
 import math
 import os
 from dataclasses import dataclass, field
+from html import escape as _escape
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,11 @@ MIB = 2**20
 # one colour per format, fixed so a format looks the same in every chart of every report
 FORMAT_COLOURS = {"gguf": "#1f77b4", "onnx": "#d62728"}
 OTHER_COLOUR = "#7f7f7f"
+
+
+def escape(text: str) -> str:
+    """For Plotly's text, which reads tags (<a href>, <b>) but not quotes."""
+    return _escape(text, quote=False)
 
 
 @dataclass(frozen=True)
@@ -107,13 +113,13 @@ def _figure(points: list[Point], x: str, title: str, x_title: str, higher_x_bett
     for fmt in sorted({p.format for p in points}):
         mine = [p for p in points if p.format == fmt]
         hover = []
-        for p in mine:
+        for p in mine:  # Plotly reads tags (<a href>, <b>) in text: names and reasons from results.json are escaped
             verdict = "CHOSEN by bundle" if p.chosen else ("not chosen: " + "; ".join(p.reasons) if p.reasons else "")
-            hover.append(f"{p.variant} ({p.format}{', PREDICTED' if p.predicted else ''})<br>accuracy {p.accuracy:.1%} "
-                         f"[{p.low:.1%}, {p.high:.1%}]<br>peak {p.peak_mib:.0f} MiB, decode {p.decode_tps:.1f} tok/s<br>{verdict}")
+            hover.append(f"{escape(p.variant)} ({escape(p.format)}{', PREDICTED' if p.predicted else ''})<br>accuracy {p.accuracy:.1%} "
+                         f"[{p.low:.1%}, {p.high:.1%}]<br>peak {p.peak_mib:.0f} MiB, decode {p.decode_tps:.1f} tok/s<br>{escape(verdict)}")
         fig.add_trace(go.Scatter(
-            x=[getattr(p, x) for p in mine], y=[p.accuracy * 100 for p in mine], mode="markers+text", name=fmt.upper(),
-            uid=f"variants-{fmt}", text=[p.variant for p in mine],
+            x=[getattr(p, x) for p in mine], y=[p.accuracy * 100 for p in mine], mode="markers+text", name=escape(fmt.upper()),
+            uid=f"variants-{fmt}", text=[escape(p.variant) for p in mine],
             textposition="middle right", hovertext=hover, hoverinfo="text",
             marker={"size": 11, "color": FORMAT_COLOURS.get(fmt, OTHER_COLOUR), "symbol": ["diamond" if p.predicted else "circle" for p in mine]},
             error_y={"type": "data", "symmetric": False, "array": [(p.high - p.accuracy) * 100 for p in mine],
@@ -130,9 +136,10 @@ def _figure(points: list[Point], x: str, title: str, x_title: str, higher_x_bett
                                  marker={"size": 24, "symbol": "circle-open", "color": "#2ca02c", "line": {"width": 3}}))
     xs = [getattr(p, x) for p in points]
     right = max([*xs, budget_mib or 0.0]) * 1.18  # room for the labels right of the points
-    log = budget_mib is not None and budget_mib > 4 * max(xs)  # a far budget would squash the points: log axis
+    positive = [v for v in xs if v > 0] or [1.0]
+    log = budget_mib is not None and budget_mib > 4 * max(positive)  # a far budget would squash the points: log axis
     if log:
-        fig.update_xaxes(type="log", range=[math.log10(min(xs) * 0.8), math.log10(right)])
+        fig.update_xaxes(type="log", range=[math.log10(min(positive) * 0.8), math.log10(right)])
     else:
         fig.update_xaxes(range=[0, right])
     if budget_mib is not None:
