@@ -276,3 +276,100 @@ def test_eval_scores_onnx_variants_against_the_fp32_export(onnx_variants: Quanti
     assert q.drift["top1_agreement"] == pytest.approx(parity["top1_agreement"], abs=0.01)
     again = run_eval(replace(config, force=True))  # deterministic: scored again, the same numbers
     assert [o.record.per_case for o in again.outcomes] == [o.record.per_case for o in result.outcomes]
+
+
+# --- fused attention: the runtime's compiled graph ----------------------------------------------------
+
+
+def _compiled_model(home: Path) -> tuple[Path, dict[str, object]]:
+    import json
+
+    (entry,) = [d for d in (home / "compiled").iterdir() if not d.name.startswith(".")]
+    return entry / "model.onnx", json.loads((entry / "fusion.json").read_text())
+
+
+def test_the_runtime_compiles_a_fused_graph_once_and_reuses_it(onnx_variants: QuantizeResult, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    import onnx
+
+    monkeypatch.setenv("EDGECDS_HOME", str(tmp_path / "home"))
+    folder = folder_of(onnx_variants, "ONNX_INT4")
+    runtime = open_runtime(folder, EngineSettings(n_ctx=512))
+    assert "graph compiled with fused attention (compiled now): 30 layers" in " ".join(runtime.engine_log())
+    path, record = _compiled_model(tmp_path / "home")
+    fused = onnx.load(str(path), load_external_data=False)
+    ops = [n.op_type for n in fused.graph.node]
+    original = len(onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node)
+    assert ops.count("GroupQueryAttention") == 30 and "Expand" not in ops and len(ops) < original / 3, (len(ops), original)
+    assert "position_ids" not in {i.name for i in fused.graph.input}
+    # every quantized weight is carried over unchanged
+    assert ops.count("MatMulNBits") == [n.op_type for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node].count("MatMulNBits")
+    verify = record["fused"]["verify"]  # type: ignore[index]
+    assert verify["passed"] and verify["top1_agreement"] >= 0.9 and verify["positions"] == 72
+
+    def no_child(*args: object, **kwargs: object) -> None:
+        raise AssertionError("compiled again although the cache holds it")
+
+    monkeypatch.setattr(subprocess, "run", no_child)
+    again = open_runtime(folder, EngineSettings(n_ctx=512))
+    assert "(from the cache)" in " ".join(again.engine_log())
+    # a damaged cache entry is compiled again, not loaded
+    monkeypatch.undo()
+    monkeypatch.setenv("EDGECDS_HOME", str(tmp_path / "home"))
+    path.write_bytes(b"not a graph")
+    third = open_runtime(folder, EngineSettings(n_ctx=512))
+    assert "(compiled now)" in " ".join(third.engine_log())
+
+
+def test_fused_fp32_runs_like_the_exported_graph_through_batches_truncation_and_decode(onnx_variants: QuantizeResult) -> None:
+    folder = folder_of(onnx_variants, "ONNX_FP32")
+    fused, exported = (open_runtime(folder, EngineSettings(n_ctx=512, n_batch=24, fuse_attention=f)) for f in (True, False))
+    assert "fused attention" in fused.engine_log()[1] and "fused attention off" in exported.engine_log()[1]
+    tokens = fused.tokenize(drift_text())[:100]
+    rows = []
+    for rt in (fused, exported):
+        a = rt.eval_logits(tokens[:60])  # three batches, the later ones after a cache
+        rt.truncate(40)  # drop the last 20 positions and go on from position 40
+        b = rt.eval_logits(tokens[60:70])
+        steps = []
+        for t in tokens[70:78]:
+            rt.eval([t])
+            steps.append(rt.logits())
+        rows.append(np.concatenate([a, b, np.stack(steps)]))
+    assert float(np.abs(rows[0] - rows[1]).max()) < 1e-3
+
+
+def test_verification_refuses_a_wrongly_fused_graph(onnx_variants: QuantizeResult, tmp_path: Path) -> None:
+    import onnx
+
+    from edgecds.quant.onnx_fuse import compile_folder, verification_tokens, verify
+
+    folder = folder_of(onnx_variants, "ONNX_INT8")
+    report = compile_folder(folder, tmp_path)
+    assert report.verify["passed"] and report.nodes_after < report.nodes_before / 3
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "GroupQueryAttention" and attr.name == "rotary_interleaved":
+                attr.i = 1  # the rotary halves in the wrong layout (measured on int4: top-1 0.43, KL 1.65)
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    wrong = verify(folder / "model.onnx", tmp_path / "model.onnx", verification_tokens(folder))
+    assert not wrong["passed"] and wrong["top1_agreement"] < 0.8, wrong
+
+
+def test_a_layout_the_rewrite_does_not_know_runs_as_exported(onnx_variants: QuantizeResult, tmp_path: Path) -> None:
+    import json
+
+    folder = tmp_path / "variant"
+    shutil.copytree(folder_of(onnx_variants, "ONNX_INT4"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "qwen2"}))
+    runtime = open_runtime(folder, EngineSettings(n_ctx=256))
+    note = runtime.engine_log()[1]
+    assert note.startswith("graph as exported (model_type 'qwen2' is not one of llama, mistral") and "to retry" in note
+    runtime.eval(runtime.tokenize("Chest pain radiating to the left arm"))
+    assert runtime.logits().shape == (runtime.n_vocab,)
+    _, record = _compiled_model(Path(os.environ["EDGECDS_HOME"]))
+    assert "declined" in record  # remembered: the next load does not try again

@@ -26,6 +26,7 @@ class EngineSettings:
     type_k: str = "f16"
     type_v: str = "f16"
     flash_attn: bool = False
+    fuse_attention: bool = True  # ONNX on a CPU: run a compiled copy of the graph with fused attention (onnx_fuse.py)
 
 
 def check_room(n_past: int, n: int, n_ctx: int) -> None:

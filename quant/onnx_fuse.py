@@ -1,0 +1,356 @@
+"""An Optimum llama-style decoder graph, rewritten to run on onnxruntime's fused attention.
+
+Optimum's `text-generation-with-past` export spells each layer's attention out in about 100
+small ops (shape arithmetic, rotary halves, the KV repeat for grouped heads, the causal mask);
+on a CPU each op costs a few microseconds of dispatch whatever its size, and at decode that is
+most of a small model's step (profiled: 3,160 nodes, the matmuls under a third of the time).
+This rewrite replaces every layer's attention with one `com.microsoft.GroupQueryAttention` (the
+op onnxruntime-genai's model builder emits): rotary applied inside from cos/sin tables, KV heads
+shared without copies, causal masking built in. Projections, norms and MLP are untouched, so
+every weight and quantized block stays byte-for-byte what was exported and quantized.
+
+The rewritten graph is a derived file the runtime compiles once per variant and caches (the
+variant on disk stays Optimum's layout, which any runtime reads). It is trusted only after
+`verify` compares its logits with the original graph's on clinical text. What it assumes is what
+edgecds's runtime does: one unpadded sequence whose positions run 0, 1, 2, ...
+
+    python -m edgecds.quant.onnx_fuse SRC_FOLDER DST_FOLDER   (the child the runtime starts)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+FUSION_VERSION = 1  # part of the cache key: a change to the rewrite recompiles every variant
+MODEL_TYPES = ("llama", "mistral")  # rotary, grouped heads, no bias and no q/k norm: what the matcher knows
+MATMULS = ("MatMul", "MatMulNBits")
+DOMAIN = "com.microsoft"
+# Compiled vs original logits on 72 positions of the clinical text. A graph whose MatMulNBits
+# quantizes its activations (accuracy_level 4) turns the last-bit differences of a fused softmax
+# into a different int8 rounding now and then: measured on the default model, int4 top-1 agreement
+# 0.986 and mean KL 0.0056, int8 0.986 and 0.0042 (each as far from fp32 as before: on the 1,020-
+# token drift text KL 0.2958 fused vs 0.2951 as exported); fp32 agrees to 5e-5 (KL 0).
+# The rotary halves laid out wrongly (interleaved) scores top-1 0.43, KL 1.65.
+VERIFY_LIMITS = {"top1_agreement_min": 0.9, "kl_mean_max": 0.05}
+VERIFY_CHUNKS = (32, 16) + (1,) * 24  # a prompt in two batches (the second after a cache), then decode
+
+
+class CannotFuse(Exception):
+    """The graph is not the layout this rewrite knows; the runtime then runs it as exported."""
+
+
+@dataclass(frozen=True)
+class FusionReport:
+    layers: int
+    nodes_before: int
+    nodes_after: int
+    max_positions: int
+    seconds: float
+    verify: dict[str, Any]
+
+
+def _check(condition: bool, why: str) -> None:
+    if not condition:
+        raise CannotFuse(why)
+
+
+class _Graph:
+    """Who produces and who consumes each tensor, built once."""
+
+    def __init__(self, graph: Any) -> None:
+        self.graph = graph
+        self.producer = {out: node for node in graph.node for out in node.output}
+        self.consumers: dict[str, list[Any]] = defaultdict(list)
+        for node in graph.node:
+            for name in node.input:
+                self.consumers[name].append(node)
+        self.weights = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+
+    def is_projection(self, node: Any) -> bool:
+        return node is not None and node.op_type in MATMULS and node.input[1] in self.weights
+
+    def projection_behind(self, tensor: str) -> Any:
+        """The weight matmul whose output, reshaped into heads and transposed, `tensor` comes from."""
+        found, seen, todo = [], set(), [tensor]
+        while todo:
+            node = self.producer.get(todo.pop())
+            if node is None or id(node) in seen or node.op_type in MATMULS:
+                continue
+            seen.add(id(node))
+            if node.op_type == "Transpose":
+                reshape = self.producer.get(node.input[0])
+                if reshape is not None and reshape.op_type == "Reshape" and self.is_projection(self.producer.get(reshape.input[0])):
+                    found.append(self.producer[reshape.input[0]])
+                    continue
+            todo.extend(node.input)
+        _check(len(found) == 1, f"{tensor}: expected one projection feeding it, found {len(found)}")
+        return found[0]
+
+    def first_projection_after(self, tensor: str) -> Any:
+        """The first weight matmul downstream of `tensor` (a layer's output projection)."""
+        seen, todo = set(), [tensor]
+        while todo:
+            for node in self.consumers.get(todo.pop(0), []):
+                if id(node) in seen:
+                    continue
+                seen.add(id(node))
+                if self.is_projection(node):
+                    return node
+                todo.extend(node.output)
+        raise CannotFuse(f"no output projection after {tensor}")
+
+    def subgraph(self, model: Any, source: str, outputs: list[str]) -> Any:
+        """A model of the nodes computing `outputs` from the input `source` and weights alone."""
+        from onnx import TensorProto, helper
+
+        inits = {t.name: t for t in self.graph.initializer}
+        nodes: dict[int, Any] = {}
+        todo = list(outputs)
+        while todo:
+            name = todo.pop()
+            node = self.producer.get(name)
+            if node is None:
+                _check(name in inits or name in ("", source), f"the rotary table depends on {name!r}, not only on positions")
+                continue
+            if id(node) not in nodes:
+                nodes[id(node)] = node
+                todo.extend(node.input)
+        order = [n for n in self.graph.node if id(n) in nodes]  # the graph's own order is topological
+        used = {i for n in order for i in n.input}
+        graph = helper.make_graph(order, "rope", [helper.make_tensor_value_info(source, TensorProto.INT64, [1, None])],
+                                  [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+                                  [inits[name] for name in used if name in inits])
+        return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+    def end_of_chain(self, node: Any) -> str:
+        """Follow a single-consumer chain of elementwise scaling and casts (cos -> *scale -> cast)."""
+        out = node.output[0]
+        while len(self.consumers.get(out, [])) == 1 and self.consumers[out][0].op_type in ("Mul", "Cast"):
+            out = self.consumers[out][0].output[0]
+        return str(out)
+
+
+def _rope_tables(model: Any, g: _Graph, head_dim: int, positions: int) -> tuple[Any, Any]:
+    """cos and sin per position, computed by the graph's own rotary subgraph (so any scaling baked
+    into its inverse frequencies carries over), halved as GroupQueryAttention's tables are."""
+    import numpy as np
+    import onnxruntime as ort
+
+    cos = [n for n in g.graph.node if n.op_type == "Cos"]
+    sin = [n for n in g.graph.node if n.op_type == "Sin"]
+    _check(len(cos) == 1 and len(sin) == 1, "expected one shared rotary table (one Cos and one Sin op)")
+    names = [g.end_of_chain(cos[0]), g.end_of_chain(sin[0])]
+    try:
+        session = ort.InferenceSession(g.subgraph(model, "position_ids", names).SerializeToString(), providers=["CPUExecutionProvider"])
+        c, s = session.run(names, {"position_ids": np.arange(positions, dtype=np.int64)[None, :]})
+    except Exception as exc:  # onnxruntime's own error classes: the subgraph is not a float rotary table
+        raise CannotFuse(f"the rotary subgraph does not run on its own ({type(exc).__name__}: {exc})") from None
+    c, s = np.asarray(c, np.float32).reshape(positions, -1), np.asarray(s, np.float32).reshape(positions, -1)
+    _check(c.shape[1] == head_dim, f"rotary covers {c.shape[1]} of {head_dim} dimensions (partial rotary is not supported)")
+    half = head_dim // 2
+    _check(np.allclose(c[:, :half], c[:, half:]), "the rotary table is not rotate-half layout")
+    return np.ascontiguousarray(c[:, :half]), np.ascontiguousarray(s[:, :half])
+
+
+def _concat_of_past(g: _Graph, layer: int, kv: str) -> Any:
+    cat = g.producer.get(f"present.{layer}.{kv}")
+    if cat is None or cat.op_type != "Concat" or list(cat.input) != [f"past_key_values.{layer}.{kv}", cat.input[-1]]:
+        raise CannotFuse(f"present.{layer}.{kv} is not Concat(past, new)")
+    return cat
+
+
+def fuse_attention(model: Any, config: dict[str, Any]) -> tuple[int, int]:
+    """Rewrite `model` (an onnx ModelProto, weights loaded) in place; (layers fused, max positions)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    _check(config.get("model_type") in MODEL_TYPES, f"model_type {config.get('model_type')!r} is not one of {', '.join(MODEL_TYPES)}")
+    _check(not config.get("sliding_window"), "sliding-window attention is not supported")
+    n_layers, n_heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_heads)
+    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // n_heads)
+    positions = int(config.get("max_position_embeddings") or 4096)
+    graph = model.graph
+    inputs = {i.name: i for i in graph.input}
+    for name in ("input_ids", "attention_mask", "position_ids", "past_key_values.0.key"):
+        _check(name in inputs, f"no graph input {name!r}")
+    _check(inputs["past_key_values.0.key"].type.tensor_type.elem_type == TensorProto.FLOAT, "the KV cache is not float32")
+    _check(not any(n.domain == DOMAIN and n.op_type == "GroupQueryAttention" for n in graph.node), "already fused")
+    g = _Graph(graph)
+    cos, sin = _rope_tables(model, g, head_dim, positions)
+
+    p = "/edgecds/gqa"
+    graph.initializer.extend([
+        numpy_helper.from_array(cos, f"{p}/cos_cache"), numpy_helper.from_array(sin, f"{p}/sin_cache"),
+        numpy_helper.from_array(np.array([1], np.int64), f"{p}/axis1"), numpy_helper.from_array(np.array(1, np.int64), f"{p}/one"),
+    ])
+    # Sequence lengths from the mask, as genai's builder derives them: seqlens_k = tokens - 1, and the total.
+    shared = [
+        helper.make_node("ReduceSum", ["attention_mask", f"{p}/axis1"], [f"{p}/tokens"], name=f"{p}/tokens", keepdims=0),
+        helper.make_node("Sub", [f"{p}/tokens", f"{p}/one"], [f"{p}/last"], name=f"{p}/last"),
+        helper.make_node("Cast", [f"{p}/last"], [f"{p}/seqlens_k"], name=f"{p}/seqlens_k", to=TensorProto.INT32),
+        helper.make_node("Shape", ["attention_mask"], [f"{p}/mask_shape"], name=f"{p}/mask_shape"),
+        helper.make_node("Gather", [f"{p}/mask_shape", f"{p}/one"], [f"{p}/total64"], name=f"{p}/total64", axis=0),
+        helper.make_node("Cast", [f"{p}/total64"], [f"{p}/total"], name=f"{p}/total", to=TensorProto.INT32),
+    ]
+    replaced: set[int] = set()
+    fused = []
+    for i in range(n_layers):
+        key_cat, value_cat = (_concat_of_past(g, i, kv) for kv in ("key", "value"))
+        k_proj, v_proj = g.projection_behind(key_cat.input[1]), g.projection_behind(value_cat.input[1])
+        _check(k_proj.input[0] == v_proj.input[0], f"layer {i}: K and V read different inputs")
+        q_proj = [n for n in g.consumers[k_proj.input[0]] if g.is_projection(n) and n is not k_proj and n is not v_proj]
+        _check(len(q_proj) == 1, f"layer {i}: expected one Q projection beside K and V, found {len(q_proj)}")
+        o_proj = g.first_projection_after(f"present.{i}.value")
+        out = f"{p}/{i}/attention"
+        fused.append(helper.make_node(
+            "GroupQueryAttention",
+            [q_proj[0].output[0], k_proj.output[0], v_proj.output[0], f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+             f"{p}/seqlens_k", f"{p}/total", f"{p}/cos_cache", f"{p}/sin_cache"],
+            [out, f"present.{i}.key", f"present.{i}.value"], name=f"{p}/{i}", domain=DOMAIN,
+            num_heads=n_heads, kv_num_heads=n_kv, do_rotary=1, rotary_interleaved=0, scale=float(head_dim) ** -0.5))
+        o_proj.input[0] = out
+        replaced |= {id(key_cat), id(value_cat)}
+    nodes = [n for n in graph.node if id(n) not in replaced] + shared + fused
+    _replace_nodes(graph, nodes)
+    # The fused op takes positions from the sequence lengths: position_ids is no longer read.
+    graph.input.remove(inputs["position_ids"])
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return n_layers, positions
+
+
+def _replace_nodes(graph: Any, nodes: list[Any]) -> None:
+    """Keep the nodes the outputs need, in an order where each follows its inputs; drop unused weights."""
+    producer = {out: n for n in nodes for out in n.output}
+    live: dict[int, Any] = {}
+    todo = [o.name for o in graph.output]
+    while todo:
+        node = producer.get(todo.pop())
+        if node is not None and id(node) not in live:
+            live[id(node)] = node
+            todo.extend(node.input)
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    ordered, pending = [], [n for n in nodes if id(n) in live]
+    while pending:
+        waiting = []
+        for node in pending:
+            if all(name in ready for name in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                waiting.append(node)
+        _check(len(waiting) < len(pending), "the rewritten graph has a cycle")
+        pending = waiting
+    used = {name for n in ordered for name in n.input}
+    weights = [t for t in graph.initializer if t.name in used]
+    del graph.node[:]
+    graph.node.extend(ordered)
+    del graph.initializer[:]
+    graph.initializer.extend(weights)
+
+
+# --- verification -----------------------------------------------------------------------------------
+
+
+def _run_chunks(path: Path, tokens: list[int], chunks: tuple[int, ...]) -> Any:
+    """Every position's logits, feeding `tokens` in `chunks` with the KV cache carried between them."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    past_inputs = sorted(n for n in names if n.startswith("past_key_values."))
+    past_shape = next(i.shape for i in session.get_inputs() if i.name == past_inputs[0])
+    empty = np.zeros((1, past_shape[1], 0, past_shape[3]), np.float32)
+    past = {n: empty for n in past_inputs}
+    rows, n_past, start = [], 0, 0
+    for size in chunks:
+        ids = tokens[start : start + size]
+        feed = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, n_past + size), np.int64), **past}
+        if "position_ids" in names:
+            feed["position_ids"] = np.arange(n_past, n_past + size, dtype=np.int64)[None, :]
+        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed), strict=True))
+        past = {n: outputs[n.replace("past_key_values.", "present.")] for n in past_inputs}
+        rows.append(outputs["logits"][0])
+        n_past, start = n_past + size, start + size
+    return np.concatenate(rows).astype(np.float64)
+
+
+def verify(original: Path, fused: Path, tokens: list[int]) -> dict[str, Any]:
+    """Top-1 agreement, mean KL and max |difference| of the fused graph's logits against the original's."""
+    import numpy as np
+
+    a, b = _run_chunks(original, tokens, VERIFY_CHUNKS), _run_chunks(fused, tokens, VERIFY_CHUNKS)
+
+    def log_softmax(x: Any) -> Any:
+        x = x - x.max(axis=1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+    la, lb = log_softmax(a), log_softmax(b)
+    result = {"positions": len(a), "top1_agreement": round(float((a.argmax(1) == b.argmax(1)).mean()), 4),
+              "kl_mean": round(float((np.exp(la) * (la - lb)).sum(axis=1).mean()), 6), "max_abs_diff": round(float(np.abs(a - b).max()), 6)}
+    result["passed"] = result["top1_agreement"] >= VERIFY_LIMITS["top1_agreement_min"] and result["kl_mean"] <= VERIFY_LIMITS["kl_mean_max"]
+    return result
+
+
+def verification_tokens(folder: Path) -> list[int]:
+    """The opening of the clinical drift text in the variant's own tokenizer."""
+    from tokenizers import Tokenizer
+
+    from edgecds.cases import drift_text
+
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(drift_text(), add_special_tokens=False).ids
+    _check(len(ids) >= sum(VERIFY_CHUNKS), "the verification text is too short for this tokenizer")
+    return list(ids[: sum(VERIFY_CHUNKS)])
+
+
+def compile_folder(src: Path, dst: Path) -> FusionReport:
+    """Fuse `src`'s graph into `dst/model.onnx` and verify it; CannotFuse when either step declines."""
+    import onnx
+
+    from edgecds.quant.onnx_model import MODEL_FILE, check_onnx_folder
+
+    start = time.perf_counter()
+    check_onnx_folder(src)  # external data locations, before onnx follows them
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    _check(isinstance(config, dict), "config.json is not an object")
+    model = onnx.load(str(src / MODEL_FILE))
+    before = len(model.graph.node)
+    try:
+        layers, positions = fuse_attention(model, config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CannotFuse(f"unexpected graph or config ({type(exc).__name__}: {exc})") from None
+    large = model.ByteSize() > (1 << 31) - (64 << 20)  # protobuf's 2 GiB: weights go beside the graph
+    onnx.save(model, str(dst / MODEL_FILE), save_as_external_data=large, location=f"{MODEL_FILE}.data" if large else None)
+    after = len(model.graph.node)
+    del model
+    check = verify(src / MODEL_FILE, dst / MODEL_FILE, verification_tokens(src))
+    if not check["passed"]:
+        raise CannotFuse(f"the fused graph disagrees with the original (top-1 {check['top1_agreement']}, KL {check['kl_mean']})")
+    return FusionReport(layers, before, after, positions, round(time.perf_counter() - start, 2), check)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Child entry point: one JSON line, {"fused": {...}} or {"declined": reason}; exit 0 either way."""
+    args = sys.argv[1:] if argv is None else argv
+    src, dst = Path(args[0]), Path(args[1])
+    try:
+        report = compile_folder(src, dst)
+    except CannotFuse as exc:
+        print(json.dumps({"declined": str(exc)}))
+        return 0
+    print(json.dumps({"fused": asdict(report)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
