@@ -10,7 +10,9 @@ In one run on this machine:
    onnxruntime-genai's own runtime (its `Generator`, given a genai_config.json describing the same
    files), on each ONNX variant: each in a fresh process, the same chat prompt, 128 greedy tokens
    after the first, `--rounds` alternating rounds. Target: edgecds's median at least the best
-   baseline's.
+   baseline's. edgecds runs its compiled graph (fused attention, onnx_fuse.py; compiled before the
+   timing starts); for information, genai is also timed on that compiled graph
+   (`genai_on_compiled`), which shows how much of the difference is the graph and how much the loop.
 
     python -m edgecds.hwbench.bench_onnx edgecds-out/SmolLM2-135M-Instruct
 
@@ -42,7 +44,8 @@ from edgecds.variants import VariantRecord, open_variants, variant_file
 SIMILAR_GGUF = ("F16", "Q8_0", "Q4_K_M", "IQ4_NL")
 PROMPT = "A 58-year-old man has crushing chest pain radiating to the left arm for 40 minutes. What is the most likely diagnosis?"
 DECODE = 128
-RUNTIMES = ("edgecds", "optimum", "genai")
+RUNTIMES = ("edgecds", "optimum", "genai", "genai_on_compiled")
+BASELINES = ("optimum", "genai")  # on the same files as edgecds; genai_on_compiled is for information
 
 
 # --- children: one runtime, one fresh process, one JSON line ----------------------------------------
@@ -89,7 +92,7 @@ def _child_optimum(folder: Path, threads: int) -> dict[str, Any]:
     return {"decode_tps": DECODE / (generate(DECODE + 1) - first)}
 
 
-def genai_config(folder: Path, threads: int) -> dict[str, Any]:
+def genai_config(folder: Path, threads: int, positions: bool = True) -> dict[str, Any]:
     """A genai_config.json describing Optimum's graph layout, so onnxruntime-genai runs the very same files."""
     config = json.loads((folder / "config.json").read_text())
     heads = config["num_attention_heads"]
@@ -103,7 +106,8 @@ def genai_config(folder: Path, threads: int) -> dict[str, Any]:
                 "filename": "model.onnx", "head_size": config["hidden_size"] // heads, "hidden_size": config["hidden_size"],
                 "num_attention_heads": heads, "num_hidden_layers": config["num_hidden_layers"],
                 "num_key_value_heads": config.get("num_key_value_heads", heads),
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           **({"position_ids": "position_ids"} if positions else {}),
                            "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
             },
@@ -113,14 +117,14 @@ def genai_config(folder: Path, threads: int) -> dict[str, Any]:
     }
 
 
-def _child_genai(folder: Path, threads: int) -> dict[str, Any]:
+def _child_genai(folder: Path, threads: int, graph: Path | None = None) -> dict[str, Any]:
     import onnxruntime_genai as og
 
     with tempfile.TemporaryDirectory(prefix="edgecds-genai-") as tmp:
         view = Path(tmp)
         for item in folder.iterdir():  # the same files, beside genai's config
-            (view / item.name).symlink_to(item.resolve())
-        (view / "genai_config.json").write_text(json.dumps(genai_config(folder, threads)))
+            (view / item.name).symlink_to((graph if graph and item.name == "model.onnx" else item).resolve())
+        (view / "genai_config.json").write_text(json.dumps(genai_config(folder, threads, positions=graph is None)))
         model = og.Model(str(view))
         tokenizer = og.Tokenizer(model)
         template = (folder / "chat_template.jinja").read_text() if (folder / "chat_template.jinja").exists() else None
@@ -142,7 +146,18 @@ def _child_genai(folder: Path, threads: int) -> dict[str, Any]:
         return {"decode_tps": DECODE / run(DECODE)}
 
 
-CHILDREN = {"edgecds": _child_edgecds, "optimum": _child_optimum, "genai": _child_genai}
+def _child_genai_fused(folder: Path, threads: int) -> dict[str, Any]:
+    """Not a baseline: genai's runtime on edgecds's compiled graph, to show how much of edgecds's
+    speed is the fused graph and how much its own loop."""
+    from edgecds.onnx_runtime import compiled_graph
+
+    graph, note = compiled_graph(folder, 1024)
+    if graph.parent == folder:
+        raise SystemExit(f"no compiled graph: {note}")
+    return _child_genai(folder, threads, graph)
+
+
+CHILDREN = {"edgecds": _child_edgecds, "optimum": _child_optimum, "genai": _child_genai, "genai_on_compiled": _child_genai_fused}
 
 
 def _in_child(runtime: str, folder: Path, threads: int) -> dict[str, Any]:
@@ -197,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         speeds: dict[str, list[float]] = {name: [] for name in RUNTIMES}
         errors: dict[str, str] = {}
         for r in range(args.rounds):
-            order = RUNTIMES[r % 3:] + RUNTIMES[: r % 3]  # each goes first in turn
+            order = RUNTIMES[r % len(RUNTIMES):] + RUNTIMES[: r % len(RUNTIMES)]  # each goes first in turn
             for name in order:
                 if name in errors:
                     continue
@@ -208,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     speeds[name].append(got["decode_tps"])
         medians = {name: round(statistics.median(v), 1) for name, v in speeds.items() if v}
-        baselines = [medians[n] for n in ("optimum", "genai") if n in medians]
+        baselines = [medians[n] for n in BASELINES if n in medians]
         runtimes[record.type] = {
             "decode_tps_per_round": {n: [round(x, 1) for x in v] for n, v in speeds.items()}, "decode_tps_median": medians,
             "errors": errors,
