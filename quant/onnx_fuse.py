@@ -286,18 +286,17 @@ def _run_chunks(path: Path, tokens: list[int], chunks: tuple[int, ...]) -> Any:
 
 
 def verify(original: Path, fused: Path, tokens: list[int]) -> dict[str, Any]:
-    """Top-1 agreement, mean KL and max |difference| of the fused graph's logits against the original's."""
+    """The fused graph's drift from the original, measured as `eval` and quantize's parity measure
+    drift (mean KL, top-1 agreement), plus the largest logit difference."""
     import numpy as np
 
+    from edgecds.evaluate import _log_softmax, drift_against
+
+    n = sum(VERIFY_CHUNKS)
     a, b = _run_chunks(original, tokens, VERIFY_CHUNKS), _run_chunks(fused, tokens, VERIFY_CHUNKS)
-
-    def log_softmax(x: Any) -> Any:
-        x = x - x.max(axis=1, keepdims=True)
-        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
-
-    la, lb = log_softmax(a), log_softmax(b)
-    result = {"positions": len(a), "top1_agreement": round(float((a.argmax(1) == b.argmax(1)).mean()), 4),
-              "kl_mean": round(float((np.exp(la) * (la - lb)).sum(axis=1).mean()), 6), "max_abs_diff": round(float(np.abs(a - b).max()), 6)}
+    drift = drift_against(np.stack([_log_softmax(r) for r in a]), np.stack([_log_softmax(r) for r in b]), np.asarray(tokens[1 : n + 1]))
+    result = {"positions": n, "top1_agreement": drift["top1_agreement"], "kl_mean": drift["kl_mean"],
+              "max_abs_diff": round(float(np.abs(a - b).max()), 6)}
     result["passed"] = result["top1_agreement"] >= VERIFY_LIMITS["top1_agreement_min"] and result["kl_mean"] <= VERIFY_LIMITS["kl_mean_max"]
     return result
 
@@ -309,8 +308,9 @@ def verification_tokens(folder: Path) -> list[int]:
     from edgecds.cases import drift_text
 
     ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(drift_text(), add_special_tokens=False).ids
-    _check(len(ids) >= sum(VERIFY_CHUNKS), "the verification text is too short for this tokenizer")
-    return list(ids[: sum(VERIFY_CHUNKS)])
+    n = sum(VERIFY_CHUNKS) + 1  # the positions fed, and the token after the last
+    _check(len(ids) >= n, "the verification text is too short for this tokenizer")
+    return list(ids[:n])
 
 
 def compile_folder(src: Path, dst: Path) -> FusionReport:
