@@ -9,15 +9,12 @@ Run directly: python -m edgecds.hwbench.load_check MODEL.gguf|ONNX_FOLDER --toke
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgecds.child import die_with_parent
+from edgecds.child import emit_json, run_json_child
 from edgecds.errors import EngineError
 
 CHECK_PROMPT = "A 58-year-old man has crushing chest pain radiating to the left arm. The most likely diagnosis is"
@@ -34,25 +31,17 @@ class LoadCheck:
     generate_seconds: float
 
 
-def generate_greedy(model_path: Path, prompt: str, n_tokens: int, n_ctx: int = 512, threads: int | None = None) -> LoadCheck:
+def load_and_generate(model_path: Path, prompt: str, n_tokens: int, n_ctx: int = 512, threads: int | None = None) -> LoadCheck:
     """In this process: load, tokenize as the engine does, and decode `n_tokens` greedily."""
-    import numpy as np
-
-    from edgecds.runtime import EngineSettings, open_runtime
+    from edgecds.engine import EngineSettings, generate_greedy
+    from edgecds.engine.factory import open_runtime
 
     start = time.perf_counter()
     runtime = open_runtime(model_path, EngineSettings(n_ctx=n_ctx, threads=threads))
     loaded = time.perf_counter()
     # add_bos=True adds BOS only where the vocabulary asks for it
     prompt_tokens = runtime.tokenize(prompt, add_bos=True)
-    runtime.eval(prompt_tokens)
-    out: list[int] = []
-    while len(out) < n_tokens:
-        token = int(np.argmax(runtime.logits()))
-        if runtime.is_end(token):
-            break
-        out.append(token)
-        runtime.eval([token])
+    out = generate_greedy(runtime, prompt_tokens, n_tokens)
     done = time.perf_counter()
     text = runtime.detokenize(out)
     runtime.close()
@@ -60,23 +49,9 @@ def generate_greedy(model_path: Path, prompt: str, n_tokens: int, n_ctx: int = 5
 
 
 def check_in_subprocess(model_path: Path, n_tokens: int = DEFAULT_TOKENS, prompt: str = CHECK_PROMPT) -> LoadCheck:
-    """Run `generate_greedy` in a child process; a crash or hang becomes an EngineError."""
+    """Run `load_and_generate` in a child process; a crash or hang becomes an EngineError."""
     cmd = [sys.executable, "-m", "edgecds.hwbench.load_check", str(model_path), "--tokens", str(n_tokens), "--prompt", prompt]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_SECONDS, check=False, preexec_fn=die_with_parent())
-    except subprocess.TimeoutExpired:
-        raise EngineError(f"{model_path.name}: the engine did not load and generate within {TIMEOUT_SECONDS} s") from None
-    if proc.returncode != 0:
-        if proc.returncode < 0:
-            cause = f"the engine crashed ({signal.Signals(-proc.returncode).name})"
-        else:
-            cause = f"exit {proc.returncode}"
-        tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
-        raise EngineError(f"{model_path.name}: loading it failed: {cause}; the variant is not usable\n{tail}")
-    try:
-        data = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        raise EngineError(f"{model_path.name}: the load check printed no result") from None
+    data = run_json_child(cmd, f"{model_path.name}: the load check (load the variant in its engine and generate; unusable if this fails)", TIMEOUT_SECONDS)
     result = LoadCheck(**data)
     if not result.tokens:
         raise EngineError(f"{model_path.name}: loaded but generated no token")
@@ -91,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS)
     parser.add_argument("--prompt", default=CHECK_PROMPT)
     args = parser.parse_args(argv)
-    result = generate_greedy(args.model, args.prompt, args.tokens)
-    print(json.dumps(asdict(result)))
+    emit_json(asdict(load_and_generate(args.model, args.prompt, args.tokens)))
     return 0
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib
 import json
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,9 +33,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgecds.child import die_with_parent
+from edgecds.child import die_with_parent, emit_json, exit_cause, result_line, stderr_tail
+from edgecds.engine import RunSettings, Runtime, greedy_token
+from edgecds.engine.factory import open_runtime
 from edgecds.errors import EdgecdsError, EngineError
-from edgecds.runtime import EngineSettings, Runtime, open_runtime
 
 # A clinical text repeated to the prompt length: token ids do not change speed or memory, and real
 # prose is what a clinic runs.
@@ -51,7 +51,6 @@ CLINICAL_PROMPT = (
     "and neck stiffness. Blood pressure 178/96, temperature 37.1 C, no focal deficit. What is the most "
     "likely diagnosis, and what is the next investigation?"
 )
-DEFAULT_DECODE = 32
 # Identical processes peak up to ~0.3 MiB apart (allocator and thread-stack placement: 316 KiB
 # over 10 runs of Q4_K_M here), so peak memory is told apart to 1 MiB, not to the page.
 PEAK_RSS_RESOLUTION = 1 << 20
@@ -59,20 +58,6 @@ TIMEOUT_SECONDS = 600
 SAMPLE_SECONDS = 0.05
 
 _BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|compute|output) buffer size =\s+([\d.]+) MiB")
-
-
-@dataclass(frozen=True)
-class RunSettings(EngineSettings):
-    """Engine settings plus the size of the work: what predict.py predicts and measure.py runs."""
-
-    prompt_tokens: int | None = None  # None: fill the context, leaving room for the decode
-    decode_tokens: int = DEFAULT_DECODE
-
-    @property
-    def effective_prompt_tokens(self) -> int:
-        if self.prompt_tokens is not None:
-            return self.prompt_tokens
-        return max(1, self.n_ctx - self.decode_tokens)
 
 
 @dataclass(frozen=True)
@@ -126,7 +111,7 @@ class Measurement:
         return statistics.median(samples) if samples else 0.0
 
 
-def _proc_status() -> dict[str, int]:
+def proc_status() -> dict[str, int]:
     wanted = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
     found: dict[str, int] = {}
     with open("/proc/self/status", encoding="ascii") as f:
@@ -140,12 +125,6 @@ def _proc_status() -> dict[str, int]:
 def _fill_tokens(runtime: Runtime, n: int) -> list[int]:
     unit = runtime.tokenize(FILL_TEXT, add_bos=False)
     return (unit * (n // len(unit) + 1))[:n]
-
-
-def _greedy(runtime: Runtime) -> int:
-    import numpy as np
-
-    return int(np.argmax(runtime.logits()))
 
 
 def _time_prompt(runtime: Runtime, tokens: list[int]) -> float:
@@ -162,7 +141,7 @@ def _time_decode(runtime: Runtime, n: int, first: int, from_empty: bool = True) 
     start = time.perf_counter()
     for _ in range(n):
         runtime.eval([token])
-        token = _greedy(runtime)
+        token = greedy_token(runtime)
     return time.perf_counter() - start
 
 
@@ -171,21 +150,21 @@ def _time_first_token(runtime: Runtime, text: str) -> tuple[int, float]:
     start = time.perf_counter()
     tokens = runtime.tokenize(text)
     runtime.eval(tokens)
-    _greedy(runtime)
+    greedy_token(runtime)
     return len(tokens), time.perf_counter() - start
 
 
 def measure_here(model_path: Path, settings: RunSettings, workload: Workload = Workload()) -> Measurement:
     """In this process: load, warm up, then the timed work; the caller must be a fresh process."""
-    stages = {"start": _proc_status()}
+    stages = {"start": proc_status()}
     # the engine imported here so the import's memory is its own stage
     importlib.import_module("onnxruntime" if model_path.is_dir() else "llama_cpp")
 
-    stages["import"] = _proc_status()
+    stages["import"] = proc_status()
     start = time.perf_counter()
     runtime = open_runtime(model_path, settings)
     load_seconds = time.perf_counter() - start
-    stages["load"] = _proc_status()
+    stages["load"] = proc_status()
     n_prompt, n_decode = settings.effective_prompt_tokens, settings.decode_tokens
     depth = n_prompt + n_decode if workload.decode_after_prompt else max(n_prompt, n_decode)
     if depth > settings.n_ctx:
@@ -199,12 +178,12 @@ def measure_here(model_path: Path, settings: RunSettings, workload: Workload = W
     ttft_tokens = 0
     for _ in range(workload.repeats):
         prompt_seconds.append(_time_prompt(runtime, prompt))
-        stages["prompt"] = _proc_status()
+        stages["prompt"] = proc_status()
         if workload.decode_after_prompt:
-            decode_seconds.append(_time_decode(runtime, n_decode, _greedy(runtime), from_empty=False))
+            decode_seconds.append(_time_decode(runtime, n_decode, greedy_token(runtime), from_empty=False))
         else:
             decode_seconds.append(_time_decode(runtime, n_decode, runtime.bos()))
-        stages["decode"] = _proc_status()
+        stages["decode"] = proc_status()
         if workload.ttft:
             ttft_tokens, seconds = _time_first_token(runtime, chat)
             ttft_seconds.append(seconds)
@@ -216,7 +195,7 @@ def measure_here(model_path: Path, settings: RunSettings, workload: Workload = W
         if match and "expectation" not in line:
             key = f"{match.group(1)} {match.group(2)}".replace("_Mapped", "").replace("_REPACK", " repack")
             buffers[key] = buffers.get(key, 0.0) + float(match.group(3))
-    stages["end"] = _proc_status()
+    stages["end"] = proc_status()
     return Measurement(
         model=model_path.name, settings=settings, workload=workload, peak_rss_bytes=stages["end"]["VmHWM"], stages=stages,
         llama_buffers_mib=buffers, load_seconds=load_seconds, prompt_tokens=n_prompt, prompt_seconds=prompt_seconds,
@@ -338,17 +317,10 @@ def measure_in_subprocess(model_path: Path, settings: RunSettings, workload: Wor
     if timed_out:
         raise EngineError(f"{model_path.name}: not measured within {timeout:.0f} s (timed out, killed)")
     if code != 0:
-        if code < 0:
-            name = signal.Signals(-code).name
-            cause = f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
-        else:
-            cause = f"exit {code}"
-        tail = "\n".join(out.get("stderr", "").strip().splitlines()[-6:])
-        raise EngineError(f"measuring failed ({cause}): {tail}")
-    try:
-        data = json.loads(out.get("stdout", "").strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        raise EngineError(f"{model_path.name}: the measuring process printed no result") from None
+        raise EngineError(f"measuring failed ({exit_cause(code)}): {stderr_tail(out.get('stderr', ''))}")
+    data = result_line(out.get("stdout", ""))
+    if data is None:
+        raise EngineError(f"{model_path.name}: the measuring process printed no result")
     data["settings"] = RunSettings(**data["settings"])
     data["workload"] = Workload(**data["workload"])
     data["gpu_peak_bytes"] = sampler.gpu_peak
@@ -384,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     except EdgecdsError as exc:  # the parent reports this message as the cause
         print(exc, file=sys.stderr)
         return 1
-    print(json.dumps(asdict(result)))
+    emit_json(asdict(result))
     return 0
 
 

@@ -14,7 +14,7 @@ llama.cpp (the version llama-cpp-python pins) lays its memory out:
   micro-batch against the cells in use, the activations, and the CPU backend's work buffer (the
   softmax converted to the V cache's dot type);
 - runtime: the process before loading (interpreter and engine libraries), the vocabulary, and a
-  fixed per-context part; measured by `python -m edgecds.hwbench.calibrate` and stored in
+  fixed per-context part; measured by `python -m edgecds.hwbench.bench.calibrate` and stored in
   calibration.json with where and how they were measured.
 
 Speed is a roofline: decode reads every weight byte and the KV cells in use once per token, so
@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from edgecds.devices import CPU_ISAS, DeviceProfile
+from edgecds.engine import RunSettings, device_backend, settings_for
 from edgecds.errors import InvalidInputError, UnknownNameError
-from edgecds.hwbench.measure import RunSettings
 from edgecds.quant.gguf_file import GgufInfo, TensorInfo
 from edgecds.quant.types import GGML_TYPE_BY_NAME, GgmlType
 
@@ -342,14 +342,9 @@ class Prediction:
         return data
 
 
-def backend_for(device: DeviceProfile) -> str:
-    """The engine backend edgecds runs GGUF on for this device: its first listed one."""
-    return device.backends[0]
-
-
 def predict_memory(info: GgufInfo, settings: RunSettings, device: DeviceProfile, calibration: Calibration) -> MemoryPrediction:
     shape = ModelShape.from_gguf(info)
-    backend = backend_for(device)
+    backend = device_backend(device)
     kv = kv_cache_bytes(shape, padded_ctx(settings.n_ctx), settings.type_k, settings.type_v)
     output = shape.n_vocab * 4  # logits of one sequence's last token
     runtime = calibration.runtime_base_bytes + round(calibration.vocab_bytes_per_token * shape.n_vocab) + calibration.context_fixed_bytes
@@ -408,14 +403,14 @@ def predict_speed(info: GgufInfo, settings: RunSettings, device: DeviceProfile, 
     avg_kv = settings.effective_prompt_tokens / 2
     attention = 2 * 2 * shape.n_layers * shape.n_head * (shape.head_dim_k + shape.head_dim_v) // 2 * avg_kv
     flops_per_token = int(2 * matmul_parameters(info) + attention)
-    gflops = device.gpu_tflops_fp32 * 1000 if backend_for(device) != "cpu" and device.gpu_tflops_fp32 else device.cpu_gflops_fp32
+    gflops = device.gpu_tflops_fp32 * 1000 if device_backend(device) != "cpu" and device.gpu_tflops_fp32 else device.cpu_gflops_fp32
     prompt = calibration.prompt_efficiency * gflops * 1e9 / flops_per_token if gflops else None
     return SpeedPrediction(decode_tps=decode, prompt_tps=prompt, bytes_per_token=bytes_per_token,
                            flops_per_token=flops_per_token, calibrated=calibration.measured)
 
 
 def predict(info: GgufInfo, settings: RunSettings, device: DeviceProfile, calibrations: dict[str, Calibration] | None = None) -> Prediction:
-    calibration = calibration_for(backend_for(device), calibrations)
+    calibration = calibration_for(device_backend(device), calibrations)
     memory = predict_memory(info, settings, device, calibration)
     speed = predict_speed(info, settings, device, calibration)
     budget = int(device.budget_gib * GIB)
@@ -437,15 +432,6 @@ def predict(info: GgufInfo, settings: RunSettings, device: DeviceProfile, calibr
         reasons.append(f"context {settings.n_ctx} is over what the model was trained for ({ModelShape.from_gguf(info).context_train})")
     fits = peak_in_budget and not reasons
     return Prediction(info.path.name, device.id, settings, memory, speed, budget, fits, "; ".join(reasons))
-
-
-def settings_for(device: DeviceProfile, n_ctx: int | None = None, **overrides: Any) -> RunSettings:
-    """The settings a device runs with: its default context, one thread a core, every layer on its
-    GPU if it has one."""
-    values: dict[str, Any] = {"n_ctx": n_ctx or device.default_ctx, "threads": device.cpu_cores,
-                              "n_gpu_layers": 0 if backend_for(device) == "cpu" else -1}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return RunSettings(**values)
 
 
 def percent_error(predicted: float, measured: float) -> float:

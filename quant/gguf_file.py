@@ -222,6 +222,17 @@ def _parse(buf: mmap.mmap, path: Path, size: int) -> GgufInfo:
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1) or alignment > 1 << 20:
         raise cur.fail(f"general.alignment {alignment!r} is not a power of two")
 
+    raw_tensors = _tensor_headers(cur, n_tensors)
+    data_offset = -(-cur.pos // alignment) * alignment
+    if data_offset > size:
+        raise cur.fail("the header runs past the end of the file")
+    tensors = [_checked_tensor(cur, raw, alignment, size - data_offset) for raw in raw_tensors]
+    _reject_overlaps(tensors, cur)
+    return GgufInfo(path, version, size, alignment, data_offset, metadata, tuple(tensors))
+
+
+def _tensor_headers(cur: _Cursor, n_tensors: int) -> list[tuple[str, tuple[int, ...], int, int]]:
+    """Each tensor's (name, shape, type id, offset), names unique and dimension counts sane."""
     raw_tensors = []
     names: set[str] = set()
     for i in range(n_tensors):
@@ -236,35 +247,30 @@ def _parse(buf: mmap.mmap, path: Path, size: int) -> GgufInfo:
         type_id = cur.u32(f"type of {name}")
         offset = cur.u64(f"offset of {name}")
         raw_tensors.append((name, shape, type_id, offset))
+    return raw_tensors
 
-    data_offset = -(-cur.pos // alignment) * alignment
-    if data_offset > size:
-        raise cur.fail("the header runs past the end of the file")
-    data_size = size - data_offset
 
-    tensors = []
-    for name, shape, type_id, offset in raw_tensors:
-        ggml_type = GGML_TYPES.get(type_id)
-        if ggml_type is None:
-            raise cur.fail(f"tensor {name} has unknown ggml type {type_id}")
-        n_elements = 1
-        for dim in shape:
-            if dim == 0 or dim > data_size * 8:  # no real tensor packs more than 8 weights a byte... or has 0 rows
-                raise cur.fail(f"tensor {name} has impossible shape {shape}")
-            n_elements *= dim
-            if n_elements > data_size * 8:
-                raise cur.fail(f"tensor {name} has impossible shape {shape}")
-        if shape[0] % ggml_type.block_size:
-            raise cur.fail(f"tensor {name}: row length {shape[0]} is not a multiple of {ggml_type.name}'s block of {ggml_type.block_size}")
-        n_bytes = n_elements // ggml_type.block_size * ggml_type.type_size
-        if offset % alignment:
-            raise cur.fail(f"tensor {name} offset {offset} is not aligned to {alignment}")
-        if offset + n_bytes > data_size:
-            raise cur.fail(f"tensor {name} (bytes {offset}..{offset + n_bytes}) lies outside the file's {data_size} data bytes")
-        tensors.append(TensorInfo(name, shape, type_id, offset, n_elements, n_bytes))
-
-    _reject_overlaps(tensors, cur)
-    return GgufInfo(path, version, size, alignment, data_offset, metadata, tuple(tensors))
+def _checked_tensor(cur: _Cursor, raw: tuple[str, tuple[int, ...], int, int], alignment: int, data_size: int) -> TensorInfo:
+    """A tensor whose type is known, whose shape is possible and whose bytes lie inside the file."""
+    name, shape, type_id, offset = raw
+    ggml_type = GGML_TYPES.get(type_id)
+    if ggml_type is None:
+        raise cur.fail(f"tensor {name} has unknown ggml type {type_id}")
+    n_elements = 1
+    for dim in shape:
+        if dim == 0 or dim > data_size * 8:  # no real tensor packs more than 8 weights a byte... or has 0 rows
+            raise cur.fail(f"tensor {name} has impossible shape {shape}")
+        n_elements *= dim
+        if n_elements > data_size * 8:
+            raise cur.fail(f"tensor {name} has impossible shape {shape}")
+    if shape[0] % ggml_type.block_size:
+        raise cur.fail(f"tensor {name}: row length {shape[0]} is not a multiple of {ggml_type.name}'s block of {ggml_type.block_size}")
+    n_bytes = n_elements // ggml_type.block_size * ggml_type.type_size
+    if offset % alignment:
+        raise cur.fail(f"tensor {name} offset {offset} is not aligned to {alignment}")
+    if offset + n_bytes > data_size:
+        raise cur.fail(f"tensor {name} (bytes {offset}..{offset + n_bytes}) lies outside the file's {data_size} data bytes")
+    return TensorInfo(name, shape, type_id, offset, n_elements, n_bytes)
 
 
 def _reject_overlaps(tensors: list[TensorInfo], cur: _Cursor) -> None:

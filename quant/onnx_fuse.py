@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from edgecds.child import emit_json
+
 FUSION_VERSION = 1  # part of the cache key: a change to the rewrite recompiles every variant
 MODEL_TYPES = ("llama", "mistral")  # rotary, grouped heads, no bias and no q/k norm: what the matcher knows
 MATMULS = ("MatMul", "MatMulNBits")
@@ -286,15 +288,15 @@ def _run_chunks(path: Path, tokens: list[int], chunks: tuple[int, ...]) -> Any:
 
 
 def verify(original: Path, fused: Path, tokens: list[int]) -> dict[str, Any]:
-    """The fused graph's drift from the original, measured as `eval` and quantize's parity measure
+    """The fused graph's drift from the original, measured as `eval` and quantize measure
     drift (mean KL, top-1 agreement), plus the largest logit difference."""
     import numpy as np
 
-    from edgecds.evaluate import _log_softmax, drift_against
+    from edgecds.drift import drift_of_logits
 
     n = sum(VERIFY_CHUNKS)
     a, b = _run_chunks(original, tokens, VERIFY_CHUNKS), _run_chunks(fused, tokens, VERIFY_CHUNKS)
-    drift = drift_against(np.stack([_log_softmax(r) for r in a]), np.stack([_log_softmax(r) for r in b]), np.asarray(tokens[1 : n + 1]))
+    drift = drift_of_logits(a, b, tokens[1 : n + 1])
     result = {"positions": n, "top1_agreement": drift["top1_agreement"], "kl_mean": drift["kl_mean"],
               "max_abs_diff": round(float(np.abs(a - b).max()), 6)}
     result["passed"] = result["top1_agreement"] >= VERIFY_LIMITS["top1_agreement_min"] and result["kl_mean"] <= VERIFY_LIMITS["kl_mean_max"]
@@ -346,9 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = compile_folder(src, dst)
     except CannotFuse as exc:
-        print(json.dumps({"declined": str(exc)}))
+        emit_json({"declined": str(exc)})
         return 0
-    print(json.dumps({"fused": asdict(report)}))
+    emit_json({"fused": asdict(report)})
     return 0
 
 

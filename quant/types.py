@@ -75,6 +75,8 @@ Format = Literal["gguf", "onnx"]
 # quantizer (MatMulNBits) or its float16 converter.
 Producer = Literal["converter", "quantizer", "optimum", "ort-matmulnbits", "ort-float16"]
 ONNX_BLOCK = 32  # default MatMulNBits block; each block stores one float32 scale
+METADATA_ALLOWANCE = 16 << 20  # bytes of header and vocabulary on top of the tensors
+FALLBACK_FACTOR = 1.4  # llama.cpp keeps tensors it cannot block-quantize wider (6.2 vs 4.5 bits seen)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,12 @@ class QuantType:
     @property
     def is_float(self) -> bool:
         return self.producer in ("converter", "optimum", "ort-float16")
+
+    def estimated_bytes(self, n_parameters: int) -> int:
+        """A variant's file size before it is built, for the disk check and progress bars:
+        llama.cpp keeps tensors it cannot block-quantize wider, hence the GGUF allowance."""
+        factor = 1.0 if self.is_float or self.format != "gguf" else FALLBACK_FACTOR
+        return int(n_parameters * self.nominal_bits_per_weight / 8 * factor) + METADATA_ALLOWANCE
 
 
 QUANT_TYPES: tuple[QuantType, ...] = (
@@ -161,3 +169,9 @@ def parse_type_list(text: str) -> tuple[QuantType, ...]:
         q = quant_type(name)
         seen.setdefault(q.name, q)
     return tuple(seen.values())
+
+
+def parse_type_names(text: str | None) -> tuple[str, ...]:
+    """`--types` of commands that pick recorded variants (profile, eval): the table's names, in
+    order; an empty tuple (all) when not given. Unknown names fail here, listing the known ones."""
+    return tuple(q.name for q in parse_type_list(text)) if text is not None else ()

@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from edgecds.bundle import VerifyError, run_prompt, safe_extract, verify_bundle
+from edgecds.bundle.layout import VerifyError
+from edgecds.bundle.run import run_prompt
+from edgecds.bundle.verify import safe_extract, verify_bundle
 from edgecds.cli import cli
 from edgecds.quantize import QuantizeResult
 

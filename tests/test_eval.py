@@ -12,10 +12,12 @@ from click.testing import CliRunner
 
 from edgecds.cases import load_cases
 from edgecds.cli import cli
-from edgecds.evaluate import EvalConfig, drift_against, match_option, option_logprobs, run_eval
+from edgecds.drift import drift_against
+from edgecds.engine import EngineSettings
+from edgecds.engine.gguf_runtime import GgufRuntime
+from edgecds.evaluate import EvalConfig, match_option, option_logprobs, run_eval
 from edgecds.quantize import QuantizeResult
 from edgecds.results import RESULTS_FILE, load_results
-from edgecds.runtime import EngineSettings, GgufRuntime
 
 LIMIT = 12
 

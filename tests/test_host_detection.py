@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from edgecds.cli import cli
 from edgecds.devices import find_profile, load_profiles
 from edgecds.host import detect_host, host_profile, nearest_profile
+from edgecds.target import resolve_target
 
 HOSTS = Path(__file__).resolve().parent / "fixtures" / "hosts"
 
@@ -78,7 +79,7 @@ def test_host_profile_takes_detected_memory_and_cores() -> None:
     assert profile.id == "host" and profile.cpu_cores == 4
     assert profile.total_gib == pytest.approx(7.6, abs=0.01)
     assert profile.sources["compute.cpu_cores"].startswith("detected")
-    assert find_profile("host").id == "host"  # the live machine
+    assert resolve_target("host").device.id == "host"  # the live machine
 
 
 @pytest.mark.parametrize("name, isa, mhz, gflops", [

@@ -21,11 +21,12 @@ from click.testing import CliRunner
 from edgecds.cases import drift_text, load_cases
 from edgecds.cli import cli
 from edgecds.digest import sha256_file, sha256_folder
+from edgecds.engine import EngineSettings
+from edgecds.engine.factory import open_runtime
 from edgecds.errors import InvalidInputError, UsageError
 from edgecds.evaluate import EvalConfig, run_eval
 from edgecds.quantize import QuantizeConfig, QuantizeResult, run_quantize
-from edgecds.quantize_onnx import PARITY_LIMITS
-from edgecds.runtime import EngineSettings, open_runtime
+from edgecds.quantize_onnx import DRIFT_LIMITS
 from edgecds.variants import load_variants
 from tests.test_parity import CLINICAL_SENTENCES, GREEDY_PROMPTS
 
@@ -76,15 +77,15 @@ def test_quantized_sizes_prove_embedding_and_head_were_quantized(onnx_variants: 
 
 def test_drift_from_fp32_is_recorded_and_flagged_by_the_stated_limits(onnx_variants: QuantizeResult) -> None:
     for o in onnx_variants.outcomes:
-        parity = o.record.parity
+        drift = o.record.drift
         if o.record.type == "ONNX_FP32":
-            assert parity == {}
+            assert drift == {}
             continue
-        assert parity["reference"] == "ONNX_FP32" and parity["tokens_scored"] >= 1000
-        breaks = parity["kl_mean"] > PARITY_LIMITS["kl_mean_max"] or parity["top1_agreement"] < PARITY_LIMITS["top1_agreement_min"]
-        assert parity["flagged"] is breaks
+        assert drift["reference"] == "ONNX_FP32" and drift["tokens_scored"] >= 1000
+        breaks = drift["kl_mean"] > DRIFT_LIMITS["kl_mean_max"] or drift["top1_agreement"] < DRIFT_LIMITS["top1_agreement_min"]
+        assert drift["flagged"] is breaks
         assert ("flagged" in " ".join(o.record.warnings)) is breaks
-    int8 = next(o.record.parity for o in onnx_variants.outcomes if o.record.type == "ONNX_INT8")
+    int8 = next(o.record.drift for o in onnx_variants.outcomes if o.record.type == "ONNX_INT8")
     assert int8["flagged"] is False and int8["kl_mean"] < 0.02 and int8["top1_agreement"] > 0.9
 
 
@@ -110,13 +111,13 @@ def test_fp32_greedy_continuations_match_transformers(onnx_variants: QuantizeRes
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgecds.hwbench.load_check import generate_greedy
+    from edgecds.hwbench.load_check import load_and_generate
 
     model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
     model.eval()
     folder = folder_of(onnx_variants, "ONNX_FP32")
     for prompt in GREEDY_PROMPTS[:4]:
-        ours = generate_greedy(folder, prompt, PARITY_TOKENS)
+        ours = load_and_generate(folder, prompt, PARITY_TOKENS)
         with torch.no_grad():
             out = model.generate(torch.tensor([ours.prompt_tokens]), max_new_tokens=PARITY_TOKENS, do_sample=False, pad_token_id=2,
                                  eos_token_id=2, attention_mask=torch.ones(1, len(ours.prompt_tokens), dtype=torch.long))
@@ -224,7 +225,7 @@ def test_a_sound_external_data_reference_is_accepted(tmp_path: Path) -> None:
 def test_a_cuda_request_without_the_cuda_provider_says_what_to_install() -> None:
     import onnxruntime
 
-    from edgecds.onnx_runtime import execution_provider
+    from edgecds.engine.onnx_runtime import execution_provider
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
@@ -270,10 +271,10 @@ def test_eval_scores_onnx_variants_against_the_fp32_export(onnx_variants: Quanti
         for scored, case in zip(record.per_case, cases, strict=True):
             assert len(scored["scores"]) == len(case.options) and all(s < 0 for s in scored["scores"])
             assert scored["chosen"] == int(np.argmax(scored["scores"])) and scored["correct"] == (scored["chosen"] == case.answer_index)
-    # eval's drift is quantize's parity measure on the same text (eval reads fp32 back as float16: near, not equal)
-    parity = next(v.parity for v in load_variants(folder).variants if v.type == "ONNX_INT8")
-    assert q.drift is not None and q.drift["kl_mean"] == pytest.approx(parity["kl_mean"], rel=0.1, abs=5e-4)
-    assert q.drift["top1_agreement"] == pytest.approx(parity["top1_agreement"], abs=0.01)
+    # eval's drift is quantize's drift measure on the same text (eval reads fp32 back as float16: near, not equal)
+    recorded = next(v.drift for v in load_variants(folder).variants if v.type == "ONNX_INT8")
+    assert q.drift is not None and q.drift["kl_mean"] == pytest.approx(recorded["kl_mean"], rel=0.1, abs=5e-4)
+    assert q.drift["top1_agreement"] == pytest.approx(recorded["top1_agreement"], abs=0.01)
     again = run_eval(replace(config, force=True))  # deterministic: scored again, the same numbers
     assert [o.record.per_case for o in again.outcomes] == [o.record.per_case for o in result.outcomes]
 

@@ -106,13 +106,13 @@ def test_greedy_continuations_agree_between_transformers_and_llama_cpp(hf_folder
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgecds.hwbench.load_check import generate_greedy
+    from edgecds.hwbench.load_check import load_and_generate
 
     model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
     model.eval()
     results = []
     for prompt in GREEDY_PROMPTS:
-        ours = generate_greedy(f16_gguf, prompt, GREEDY_TOKENS)
+        ours = load_and_generate(f16_gguf, prompt, GREEDY_TOKENS)
         with torch.no_grad():
             out = model.generate(
                 torch.tensor([ours.prompt_tokens]), max_new_tokens=GREEDY_TOKENS, do_sample=False,

@@ -58,7 +58,7 @@ def test_equals_what_llama_cpp_allocates(f16_gguf: Path, cache: str, n_ctx: int)
 from dataclasses import replace  # noqa: E402
 
 from edgecds.devices import find_profile  # noqa: E402
-from edgecds.hwbench.measure import RunSettings  # noqa: E402
+from edgecds.engine import RunSettings  # noqa: E402
 from edgecds.hwbench.predict import (  # noqa: E402
     GIB,
     compute_reserved_bytes,
@@ -169,7 +169,7 @@ def test_unified_memory_holds_everything_in_one_pool(f16_gguf: Path) -> None:
 
 def test_prediction_within_five_percent_of_a_fresh_process(default_variants: object) -> None:
     """The benchmark's claim, on one variant at one context: predicted peak vs the child's VmHWM."""
-    from edgecds.hwbench.bench_predict import host_device
+    from edgecds.hwbench.bench.bench_predict import host_device
     from edgecds.hwbench.measure import ONE_PASS, measure_in_subprocess
 
     path = _variant(default_variants, "Q4_K_M")

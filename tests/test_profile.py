@@ -161,8 +161,9 @@ def test_a_crash_or_timeout_is_recorded_and_the_run_goes_on(variants: Path) -> N
 
 
 def test_an_engine_failure_in_the_child_is_an_error_with_llama_cpp_s_reason(default_variants: QuantizeResult) -> None:
+    from edgecds.engine import RunSettings
     from edgecds.errors import EngineError
-    from edgecds.hwbench.measure import RunSettings, measure_in_subprocess
+    from edgecds.hwbench.measure import measure_in_subprocess
 
     path = Path(default_variants.output_dir) / next(o.record.path for o in default_variants.outcomes if o.record.type == "Q4_K_M")
     with pytest.raises(EngineError) as err:  # a quantized V cache without flash attention: llama.cpp refuses the context

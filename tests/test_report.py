@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from edgecds.bundle import Constraints, choose
+from edgecds.bundle.choose import Constraints, choose
 from edgecds.cli import cli
 from edgecds.devices import find_profile
 from edgecds.quantize import QuantizeResult

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgecds.cli import cli
-from edgecds.hwbench.bench_serve import run_load, start_server
+from edgecds.hwbench.bench.bench_serve import run_load, start_server
 from edgecds.quantize import QuantizeResult
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,13 +1,18 @@
-"""Child processes that cannot outlive edgecds.
+"""Child processes that cannot outlive edgecds, and the one way a child reports back.
 
-The converter and the load check run as children. If edgecds is killed (out of memory, a
-signal), an orphaned converter would go on writing a temporary file that the next run is about
-to remove, so on Linux each child asks the kernel to kill it when its parent dies.
+The converter, the load check, a measurement and the ONNX compile step run as children. If
+edgecds is killed (out of memory, a signal), an orphaned converter would go on writing a
+temporary file that the next run is about to remove, so on Linux each child asks the kernel to
+kill it when its parent dies. A child that computes something prints it as one JSON object on
+its last stdout line (`emit_json`); the parent reads it with `run_json_child` (or
+`result_line` and `exit_cause` when it must watch the child while it runs), and a crash, a
+kill, a timeout or a missing result becomes an EngineError that says which.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +22,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from edgecds.errors import EngineError
 
 _PR_SET_PDEATHSIG = 1
 
@@ -60,3 +67,46 @@ def run_offline_tool(cmd: list[str], watched: Path, expected_bytes: int, reporte
             log.seek(0)
             tail = "\n".join(log.read().strip().splitlines()[-12:])
     return code, tail, elapsed
+
+
+def emit_json(result: Any) -> None:
+    """Child side: the result, as the one JSON line the parent reads."""
+    print(json.dumps(result), flush=True)
+
+
+def exit_cause(code: int) -> str:
+    """How a child ended, in words: the signal that killed it, or its exit code."""
+    if code < 0:
+        name = signal.Signals(-code).name
+        return f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    return f"exit {code}"
+
+
+def result_line(stdout: str) -> dict[str, Any] | None:
+    """The child's result: the JSON object on its last stdout line; None when there is none."""
+    lines = stdout.strip().splitlines()
+    try:
+        data = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def stderr_tail(stderr: str, lines: int = 6) -> str:
+    return "\n".join(stderr.strip().splitlines()[-lines:])
+
+
+def run_json_child(cmd: list[str], what: str, timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `cmd` as a child that dies with this process and return its JSON result. A timeout,
+    a crash, a non-zero exit or no result raises an EngineError that starts with `what` and
+    ends with the child's last lines on stderr."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env, preexec_fn=die_with_parent())
+    except subprocess.TimeoutExpired:
+        raise EngineError(f"{what}: not done within {timeout:g} s (timed out, killed)") from None
+    if proc.returncode != 0:
+        raise EngineError(f"{what}: failed ({exit_cause(proc.returncode)})\n{stderr_tail(proc.stderr)}".rstrip())
+    data = result_line(proc.stdout)
+    if data is None:
+        raise EngineError(f"{what}: the child process printed no result")
+    return data

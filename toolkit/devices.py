@@ -242,15 +242,10 @@ def load_profiles(extra_dirs: Iterable[Path] = ()) -> dict[str, DeviceProfile]:
     return profiles
 
 
-HOST_ID = "host"  # the machine edgecds runs on, filled in by detection
-
-
 def find_profile(device_id: str, extra_dirs: Iterable[Path] = ()) -> DeviceProfile:
+    """A profile by id, shipped or the user's. `auto` and `host`, which need this machine
+    detected, are resolved by edgecds.target.resolve_target."""
     profiles = load_profiles(extra_dirs)
-    if device_id == HOST_ID and HOST_ID not in profiles:
-        from edgecds.host import detect_host, host_profile, nearest_profile
-
-        return host_profile(nearest_profile(detect_host(), profiles))
     if device_id not in profiles:
-        raise UnknownNameError("device", device_id, [*sorted(profiles), HOST_ID])
+        raise UnknownNameError("device", device_id, sorted(profiles))
     return profiles[device_id]

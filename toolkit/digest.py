@@ -1,9 +1,11 @@
-"""Content hashes: what caching, resuming and verification compare."""
+"""Content hashes: what caching, resuming and verification compare, and the one cache key."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 _CHUNK = 1 << 20
 
@@ -33,3 +35,9 @@ def digest_of_files(digests: dict[str, str]) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cache_key(parts: Any, length: int = 64) -> str:
+    """The key of a cached or recorded result: the sha256 of its inputs as canonical JSON (keys
+    sorted), cut to `length` hex digits. Every cache and record key in edgecds is made here."""
+    return sha256_text(json.dumps(parts, sort_keys=True))[:length]

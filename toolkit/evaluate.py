@@ -18,8 +18,6 @@ perplexity tool does. Records go into results.json beside the profile's.
 
 from __future__ import annotations
 
-import hashlib
-import math
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -29,15 +27,18 @@ from typing import Any
 
 from edgecds.atomic import atomic_path, folder_lock
 from edgecds.cases import Case, CaseSet, drift_text, load_cases, prompt_for
+from edgecds.digest import cache_key
+from edgecds.drift import DRIFT_CTX, drift_against, drift_logprobs, log_softmax
+from edgecds.engine import DEFAULT_CTX, EngineSettings, Runtime, generate_greedy
+from edgecds.engine.factory import open_runtime
 from edgecds.errors import InvalidInputError, UsageError
 from edgecds.progress import Reporter
 from edgecds.results import RESULTS_FILE, EvalRecord, ResultsFile, VariantRef, load_results
-from edgecds.runtime import EngineSettings, Runtime, open_runtime
 from edgecds.stats import paired_comparison, wilson_interval
-from edgecds.variants import VARIANTS_FILE, VariantRecord, open_variants, variant_digest, variant_file
+from edgecds.target import Target, resolve_target
+from edgecds.variants import VariantRecord, VariantsFile, check_unchanged, open_variants
 
 MODES = ("loglik", "generate", "topk")
-DRIFT_CTX = 512  # llama.cpp perplexity's default chunk; the second half of each chunk is scored
 GENERATE_TOKENS = 32
 DRIFT_CACHE = ".edgecds-drift"
 
@@ -50,12 +51,14 @@ class EvalConfig:
     k: int = 5  # for topk
     types: tuple[str, ...] = ()
     limit: int | None = None  # the first N cases only
-    n_ctx: int = 2048
+    n_ctx: int = DEFAULT_CTX
     threads: int | None = None
     drift: bool = True
     force: bool = False
     output: Path | None = None
-    root: Path = Path("/")
+    root: Path = Path("/")  # where /proc and /sys are read for the host record (tests pass captured trees)
+    device: str = "auto"  # the target whose host record the scores carry (edgecds.target)
+    profiles_dirs: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,13 +76,6 @@ class CaseResult:
 # --- scoring ------------------------------------------------------------------------------------
 
 
-def _log_softmax(row: Any) -> Any:
-    import numpy as np
-
-    shifted = row.astype(np.float64) - row.max()
-    return shifted - math.log(float(np.exp(shifted).sum()))
-
-
 def option_logprobs(runtime: Runtime, case: Case, reuse_prefix: bool = True) -> tuple[list[float], list[int]]:
     """Each option's summed log-probability after the case's prompt, and its length in bytes.
     With `reuse_prefix` the prompt is evaluated once and the cache cut back to it for each option;
@@ -89,7 +85,7 @@ def option_logprobs(runtime: Runtime, case: Case, reuse_prefix: bool = True) -> 
     if reuse_prefix:
         runtime.reset()
         runtime.eval(prefix)
-        first = _log_softmax(runtime.logits())
+        first = log_softmax(runtime.logits())
     for option in case.options:
         text = " " + option.text
         tokens = runtime.tokenize(text, add_bos=False)
@@ -98,11 +94,11 @@ def option_logprobs(runtime: Runtime, case: Case, reuse_prefix: bool = True) -> 
         else:
             runtime.reset()
             runtime.eval(prefix)
-            first = _log_softmax(runtime.logits())
+            first = log_softmax(runtime.logits())
         total = float(first[tokens[0]])
         if len(tokens) > 1:
             rows = runtime.eval_logits(tokens[:-1])
-            total += sum(float(_log_softmax(rows[i])[tokens[i + 1]]) for i in range(len(tokens) - 1))
+            total += sum(float(log_softmax(rows[i])[tokens[i + 1]]) for i in range(len(tokens) - 1))
         scores.append(total)
         lengths.append(len(text.encode("utf-8")))
     return scores, lengths
@@ -130,19 +126,10 @@ def match_option(answer: str, case: Case) -> int | None:
 
 
 def _generate(runtime: Runtime, user_message: str, max_tokens: int, stop_at_newline: bool) -> str:
-    import numpy as np
+    def at_newline(out: list[int]) -> bool:
+        return "\n" in runtime.detokenize(out).strip(" ")
 
-    runtime.reset()
-    runtime.eval(runtime.tokenize(runtime.chat_prompt(user_message)))
-    out: list[int] = []
-    for _ in range(max_tokens):
-        token = int(np.argmax(runtime.logits()))
-        if runtime.is_end(token):
-            break
-        out.append(token)
-        if stop_at_newline and "\n" in runtime.detokenize(out).strip(" "):
-            break
-        runtime.eval([token])
+    out = generate_greedy(runtime, runtime.tokenize(runtime.chat_prompt(user_message)), max_tokens, at_newline if stop_at_newline else None)
     return runtime.detokenize(out).strip()
 
 
@@ -214,44 +201,8 @@ def paired(reference: list[CaseResult], variant: list[CaseResult]) -> dict[str, 
 # --- drift --------------------------------------------------------------------------------------
 
 
-def drift_logprobs(runtime: Runtime, text: str) -> tuple[Any, Any]:
-    """(log-probabilities at every scored position, the token that followed each), as llama.cpp's
-    perplexity tool scores: chunks of DRIFT_CTX tokens, each starting with BOS, the second half scored."""
-    import numpy as np
-
-    tokens = runtime.tokenize(text, add_bos=False)
-    n_chunks = len(tokens) // DRIFT_CTX
-    if n_chunks < 1:
-        raise InvalidInputError(f"the drift text has {len(tokens)} tokens, fewer than one chunk of {DRIFT_CTX}")
-    first = DRIFT_CTX // 2
-    rows, targets = [], []
-    for c in range(n_chunks):
-        chunk = tokens[c * DRIFT_CTX : (c + 1) * DRIFT_CTX]
-        chunk[0] = runtime.bos()
-        runtime.reset()
-        logits = runtime.eval_logits(chunk)
-        for j in range(first, DRIFT_CTX - 1):
-            rows.append(_log_softmax(logits[j]).astype(np.float32))
-            targets.append(chunk[j + 1])
-    return np.stack(rows), np.array(targets)
-
-
-def drift_against(reference: Any, variant: Any, targets: Any) -> dict[str, Any]:
-    import numpy as np
-
-    ref = reference.astype(np.float64)
-    var = variant.astype(np.float64)
-    kl = (np.exp(ref) * (ref - var)).sum(axis=1)
-    picked = np.arange(len(targets))
-    return {"tokens_scored": int(len(targets)), "kl_mean": round(float(kl.mean()), 6), "kl_p99": round(float(np.percentile(kl, 99)), 6),
-            "top1_agreement": round(float((ref.argmax(axis=1) == var.argmax(axis=1)).mean()), 4),
-            "perplexity": round(float(np.exp(-var[picked, targets].mean())), 4),
-            "reference_perplexity": round(float(np.exp(-ref[picked, targets].mean())), 4)}
-
-
 def _drift_cache(folder: Path, reference: VariantRecord, text: str) -> Path:
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    return folder / DRIFT_CACHE / f"{reference.sha256[:16]}-{digest}-ctx{DRIFT_CTX}.npz"
+    return folder / DRIFT_CACHE / f"{reference.sha256[:16]}-{cache_key(text, length=12)}-ctx{DRIFT_CTX}.npz"
 
 
 def _save_reference(path: Path, logprobs: Any, targets: Any) -> None:
@@ -301,34 +252,33 @@ def _reference_of(records: list[VariantRecord]) -> VariantRecord:
     return max(floats, key=lambda v: v.file_size)
 
 
-def run_eval(config: EvalConfig, reporter: Reporter | None = None) -> EvalResult:
-    from edgecds.devices import load_profiles
-    from edgecds.host import detect_host, nearest_profile
-    from edgecds.profile import fingerprint
+def _with_references(variants: VariantsFile, folder: Path, types: tuple[str, ...]) -> tuple[dict[str, VariantRecord], list[VariantRecord]]:
+    """The float reference of each format, and the variants to score, each format's reference
+    first. Each format is paired with its own reference (F16 GGUF, fp32 ONNX): the engines differ,
+    so a flip across formats would mix quantization with engine differences."""
+    picked = variants.select(types, folder)
+    references: dict[str, VariantRecord] = {}
+    chosen: list[VariantRecord] = []
+    for fmt in sorted({v.format for v in variants.variants}, key=lambda f: f != "gguf"):
+        wanted = [v for v in picked if v.format == fmt]
+        if not wanted:
+            continue
+        reference = _reference_of([v for v in variants.variants if v.format == fmt])  # always scored: flips need it
+        references[fmt] = reference
+        chosen += [reference] + [v for v in wanted if v is not reference]
+    return references, chosen
 
+
+def run_eval(config: EvalConfig, reporter: Reporter | None = None, target: Target | None = None) -> EvalResult:
+    """Score the variants; `target` is the caller's resolved target (profile passes its own, so
+    both record the same host), resolved from the config when not given."""
     if config.mode not in MODES:
         raise UsageError(f"unknown mode {config.mode!r}; known: {', '.join(MODES)}")
     folder, variants = open_variants(config.variants)
     case_set = load_cases(config.cases)
     cases = list(case_set.cases[: config.limit] if config.limit else case_set.cases)
-    # each format is paired with its own float reference (F16 GGUF, fp32 ONNX): the engines differ,
-    # so a flip across formats would mix quantization with engine differences
-    wanted = {t.upper() for t in config.types}
-    unknown = sorted(wanted - {v.type for v in variants.variants})
-    if unknown:
-        raise UsageError(f"{folder / VARIANTS_FILE} has no variant(s) {', '.join(unknown)}")
-    references: dict[str, VariantRecord] = {}
-    chosen: list[VariantRecord] = []
-    for fmt in sorted({v.format for v in variants.variants}, key=lambda f: f != "gguf"):
-        group = [v for v in variants.variants if v.format == fmt]
-        picked = [v for v in group if not wanted or v.type in wanted]
-        if not picked:
-            continue
-        reference = _reference_of(group)  # always scored: flips need it
-        references[fmt] = reference
-        chosen += [reference] + [v for v in picked if v is not reference]
-    host = detect_host(config.root)
-    fp = fingerprint(host, nearest_profile(host, load_profiles()))
+    references, chosen = _with_references(variants, folder, config.types)
+    fp = (target or resolve_target(config.device, config.profiles_dirs, config.root)).fingerprint
     settings = EngineSettings(n_ctx=max(config.n_ctx, DRIFT_CTX), threads=config.threads)
     text = drift_text()
     output = config.output or folder / RESULTS_FILE
@@ -340,35 +290,39 @@ def run_eval(config: EvalConfig, reporter: Reporter | None = None) -> EvalResult
         done: list[EvalOutcome] = []
         per_case: dict[str, list[CaseResult]] = {}
         for n, variant in enumerate(chosen, 1):
-            reference = references[variant.format]
+            label = f"[{n}/{len(chosen)}] {variant.type}"
             key = EvalRecord.make_key(variant.sha256, spec, fp.id)
             previous = next((e for e in results.evaluations if e.key == key), None)
             if previous is not None and not config.force:
                 if reporter:
-                    reporter.note(f"[{n}/{len(chosen)}] {variant.type}: already evaluated on these cases on this host, reused")
+                    reporter.note(f"{label}: already evaluated on these cases on this host, reused")
                 per_case[variant.type] = [CaseResult(**{k: v for k, v in c.items() if k != "flipped"}) for c in previous.per_case]
                 done.append(EvalOutcome(previous, True))
                 continue
-            record, per_case[variant.type] = _evaluate(folder, variant, reference, cases, case_set, config, settings, spec, key, fp.id, text,
-                                                       reporter, f"[{n}/{len(chosen)}] {variant.type}")
+            record, per_case[variant.type] = _evaluate(folder, variant, references[variant.format], cases, case_set, config, settings, spec,
+                                                       key, fp.id, text, reporter, label)
             results.evaluations = [e for e in results.evaluations if e.key != key] + [record]
             results.save(output)
             done.append(EvalOutcome(record, False))
-        # pair every variant with its reference, now that both are scored on the same cases
-        final = []
-        for outcome in done:
-            rec = outcome.record
-            reference = references[rec.variant.format]
-            reference_correct = {c.id: c.correct for c in per_case[reference.type]}
-            pairing = None if rec.variant.type == reference.type else paired(per_case[reference.type], per_case[rec.variant.type])
-            # each case says whether it flipped against the reference, so a reviewer sees which
-            cases_flipped = [{**c, "flipped": c["correct"] != reference_correct[c["id"]]} for c in rec.per_case]
-            if pairing != rec.paired or cases_flipped != rec.per_case:
-                rec = replace(rec, paired=pairing, reference=reference.type, per_case=cases_flipped)
-                results.evaluations = [e for e in results.evaluations if e.key != rec.key] + [rec]
-            final.append(EvalOutcome(rec, outcome.reused))
+        final = [_paired_outcome(outcome, references, per_case, results) for outcome in done]
         results.save(output)
     return EvalResult(str(output), case_set.name, config.mode, ", ".join(r.type for r in references.values()), tuple(final))
+
+
+def _paired_outcome(outcome: EvalOutcome, references: dict[str, VariantRecord], per_case: dict[str, list[CaseResult]],
+                    results: ResultsFile) -> EvalOutcome:
+    """The outcome paired with its reference, now that both are scored on the same cases; the
+    record in `results` is replaced when the pairing changed it."""
+    rec = outcome.record
+    reference = references[rec.variant.format]
+    reference_correct = {c.id: c.correct for c in per_case[reference.type]}
+    pairing = None if rec.variant.type == reference.type else paired(per_case[reference.type], per_case[rec.variant.type])
+    # each case says whether it flipped against the reference, so a reviewer sees which
+    cases_flipped = [{**c, "flipped": c["correct"] != reference_correct[c["id"]]} for c in rec.per_case]
+    if pairing != rec.paired or cases_flipped != rec.per_case:
+        rec = replace(rec, paired=pairing, reference=reference.type, per_case=cases_flipped)
+        results.evaluations = [e for e in results.evaluations if e.key != rec.key] + [rec]
+    return EvalOutcome(rec, outcome.reused)
 
 
 def _evaluate(folder: Path, variant: VariantRecord, reference: VariantRecord, cases: list[Case], case_set: CaseSet, config: EvalConfig,
@@ -377,9 +331,7 @@ def _evaluate(folder: Path, variant: VariantRecord, reference: VariantRecord, ca
     from edgecds.quant.gguf_file import read_gguf
 
     start = time.perf_counter()
-    path = variant_file(folder, variant)
-    if variant_digest(path) != variant.sha256:
-        raise InvalidInputError(f"{path} changed since `edgecds quantize` recorded it (sha256 differs); run quantize again")
+    path = check_unchanged(folder, variant)
     if variant.format == "gguf":
         read_gguf(path)  # the bounded header check, before the engine sees the file (ONNX: the runtime checks its folder)
     runtime = open_runtime(path, settings)
@@ -396,9 +348,8 @@ def _evaluate(folder: Path, variant: VariantRecord, reference: VariantRecord, ca
         drift = _drift(folder, runtime, variant, reference, text, reporter, label) if config.drift else None
     finally:
         runtime.close()
-    ref = VariantRef(variant.name, variant.type, variant.format, variant.path, variant.sha256, variant.file_size)
     record = EvalRecord(
-        variant=ref, host=host_id, cases={"name": case_set.name, "sha256": case_set.sha256, "n": len(cases), "style": case_set.imported_from},
+        variant=VariantRef.of(variant), host=host_id, cases={"name": case_set.name, "sha256": case_set.sha256, "n": len(cases), "style": case_set.imported_from},
         mode=config.mode, spec=spec, metrics=metrics(cases, results), reference=reference.type, paired=None, drift=drift,
         per_case=[asdict(r) for r in results], key=key, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         seconds=round(time.perf_counter() - start, 2),

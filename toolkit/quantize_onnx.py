@@ -8,34 +8,29 @@ measured and recorded with it, and a variant past the limits below is flagged.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from edgecds import __version__
 from edgecds.atomic import atomic_path
-from edgecds.digest import digest_of_files, sha256_text
+from edgecds.digest import cache_key, digest_of_files
 from edgecds.progress import Reporter
 from edgecds.quant.onnx_build import OnnxOptions
 from edgecds.quant.types import QUANT_TYPE_BY_NAME, QuantType
-from edgecds.quantize import _estimate_bytes, _reusable
-from edgecds.variants import SourceRecord, VariantRecord, VariantsFile, variant_file
+from edgecds.variants import SourceRecord, VariantRecord, VariantsFile, is_reusable, variant_file
 
 # Drift limits for flagging a quantized ONNX variant, on the same text and measure `edgecds eval`
 # uses. llama.cpp's recommended 4-bit type (Q4_K_M) drifted KL 0.057 from F16 on the default model;
 # a variant drifting about twice that, or changing the top token at more than 1 position in 5,
 # no longer behaves like its reference and its clinical accuracy must be measured before use.
-PARITY_LIMITS = {"kl_mean_max": 0.10, "top1_agreement_min": 0.80}
+DRIFT_LIMITS = {"kl_mean_max": 0.10, "top1_agreement_min": 0.80}
 REFERENCE = "ONNX_FP32"
-PARITY_CTX = 2048
 
 
 def _key(q: QuantType, parent_sha: str, options: OnnxOptions, tools: dict[str, str]) -> str:
-    parts = {"type": q.name, "parent": parent_sha, "tools": tools, "options": options.as_key() if q.bits else {}}
-    return sha256_text(json.dumps(parts, sort_keys=True))
+    return cache_key({"type": q.name, "parent": parent_sha, "tools": tools, "options": options.as_key() if q.bits else {}})
 
 
 def build_onnx(
@@ -51,7 +46,7 @@ def build_onnx(
     wanted = [fp32] + [q for q in types if q.name != REFERENCE]
 
     key = _key(fp32, source.sha256, options, tools)
-    if _reusable(recorded.get(fp32.name), key, out):
+    if is_reusable(recorded.get(fp32.name), key, out):
         base = recorded[fp32.name]
         if fp32 in types:
             on_record(base, True)
@@ -62,7 +57,7 @@ def build_onnx(
     reference: list[Any] = []  # fp32's drift log-probabilities, computed once when first needed
     for q in wanted[1:]:
         key = _key(q, base.sha256, options, tools)
-        if _reusable(recorded.get(q.name), key, out):
+        if is_reusable(recorded.get(q.name), key, out):
             on_record(recorded[q.name], True)
             continue
         on_record(_build(q, base_dir, source, base.sha256, key, tools, out, options, check_tokens, reporter, reference), False)
@@ -77,7 +72,7 @@ def _build(
     from edgecds.quant.onnx_model import read_onnx_folder
 
     final = out / f"{source.name}-{q.name}"
-    expected = _estimate_bytes(source.n_parameters, q)
+    expected = q.estimated_bytes(source.n_parameters)
     notes: list[str] = []
     with atomic_path(final, directory=True) as temp:
         if reporter:
@@ -98,34 +93,31 @@ def _build(
         start = time.perf_counter()
         info = read_onnx_folder(temp)
         check = check_in_subprocess(temp, check_tokens)
-        parity = _parity(temp, out / f"{source.name}-{REFERENCE}", reference) if reference is not None else {}
-        if parity.get("flagged"):
-            notes.append(f"flagged: drift from fp32 past the limits ({parity['why']}); measure its clinical accuracy with `edgecds eval` before use")
+        drift = _drift(temp, out / f"{source.name}-{REFERENCE}", reference) if reference is not None else {}
+        if drift.get("flagged"):
+            notes.append(f"flagged: drift from fp32 past the limits ({drift['why']}); measure its clinical accuracy with `edgecds eval` before use")
         digest = digest_of_files(info.files)  # the folder's digest, from the per-file hashes just taken
-        verify_s = time.perf_counter() - start
-        record = VariantRecord(
-            name=final.name, path=final.name, format=q.format, type=q.name, file_size=info.file_size, sha256=digest,
-            bits_per_weight=round(info.weight_bytes * 8 / max(info.n_parameters, 1), 4), nominal_bits_per_weight=q.nominal_bits_per_weight,
-            n_parameters=info.n_parameters, tensor_types=info.tensor_types, source_sha256=source.sha256, parent_sha256=parent_sha,
-            tools=tools, options=options.as_key() if q.bits else {}, cache_key=key,
-            seconds={"build": round(seconds, 3), "verify": round(verify_s, 3)},
-            load_check={"tokens_generated": len(check.tokens), "load_seconds": round(check.load_seconds, 3),
-                        "generate_seconds": round(check.generate_seconds, 3)},
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), warnings=notes, files=info.files, parity=parity,
+        record = VariantRecord.built(
+            q, check, seconds, time.perf_counter() - start,
+            name=final.name, path=final.name, file_size=info.file_size, sha256=digest,
+            bits_per_weight=round(info.weight_bytes * 8 / max(info.n_parameters, 1), 4), n_parameters=info.n_parameters,
+            tensor_types=info.tensor_types, source_sha256=source.sha256, parent_sha256=parent_sha, tools=tools,
+            options=options.as_key() if q.bits else {}, cache_key=key, warnings=notes, files=info.files, drift=drift,
         )
-    if reporter and parity:
-        reporter.note(f"{q.name}: against fp32, top-1 agreement {parity['top1_agreement']:.3f}, mean KL {parity['kl_mean']:.4f}"
-                      + (" (flagged)" if parity["flagged"] else ""))
+    if reporter and drift:
+        reporter.note(f"{q.name}: against fp32, top-1 agreement {drift['top1_agreement']:.3f}, mean KL {drift['kl_mean']:.4f}"
+                      + (" (flagged)" if drift["flagged"] else ""))
     return record
 
 
-def _parity(variant: Path, fp32: Path, reference: list[Any]) -> dict[str, Any]:
+def _drift(variant: Path, fp32: Path, reference: list[Any]) -> dict[str, Any]:
     """Drift of `variant` from the fp32 export on the clinical drift text (the measure `eval` uses)."""
     from edgecds.cases import drift_text
-    from edgecds.evaluate import drift_against, drift_logprobs
-    from edgecds.runtime import EngineSettings, open_runtime
+    from edgecds.drift import drift_against, drift_logprobs
+    from edgecds.engine import EngineSettings
+    from edgecds.engine.factory import open_runtime
 
-    settings = EngineSettings(n_ctx=PARITY_CTX)
+    settings = EngineSettings()
     text = drift_text()
     if not reference:
         runtime = open_runtime(fp32, settings)
@@ -136,8 +128,8 @@ def _parity(variant: Path, fp32: Path, reference: list[Any]) -> dict[str, Any]:
     runtime.close()
     drift = drift_against(reference[0], logprobs, reference[1])
     why = []
-    if drift["kl_mean"] > PARITY_LIMITS["kl_mean_max"]:
-        why.append(f"mean KL {drift['kl_mean']:.4f} > {PARITY_LIMITS['kl_mean_max']}")
-    if drift["top1_agreement"] < PARITY_LIMITS["top1_agreement_min"]:
-        why.append(f"top-1 agreement {drift['top1_agreement']:.3f} < {PARITY_LIMITS['top1_agreement_min']}")
-    return dict(drift, reference=REFERENCE, limits=PARITY_LIMITS, flagged=bool(why), why="; ".join(why))
+    if drift["kl_mean"] > DRIFT_LIMITS["kl_mean_max"]:
+        why.append(f"mean KL {drift['kl_mean']:.4f} > {DRIFT_LIMITS['kl_mean_max']}")
+    if drift["top1_agreement"] < DRIFT_LIMITS["top1_agreement_min"]:
+        why.append(f"top-1 agreement {drift['top1_agreement']:.3f} < {DRIFT_LIMITS['top1_agreement_min']}")
+    return dict(drift, reference=REFERENCE, limits=DRIFT_LIMITS, flagged=bool(why), why="; ".join(why))

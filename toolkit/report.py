@@ -19,10 +19,10 @@ from typing import Any
 
 from edgecds import __version__
 from edgecds.atomic import atomic_path
-from edgecds.bundle import Candidate, Choice, Constraints, choose
+from edgecds.bundle.choose import Candidate, Choice, Constraints, choose
 from edgecds.devices import DeviceProfile, find_profile
 from edgecds.errors import InvalidInputError
-from edgecds.results import EvalRecord, HostFingerprint, ProfileRecord, ResultsFile, load_results
+from edgecds.results import EvalRecord, HostFingerprint, MeasurementRecord, ResultsFile, load_results
 from edgecds.tables import Table, accuracy_table, choice_table, measurements_table, specialty_table
 
 MIB = 2**20
@@ -79,8 +79,8 @@ def _latest_evaluations(results: ResultsFile) -> list[EvalRecord]:
     return sorted(latest.values(), key=lambda e: -e.variant.file_size)
 
 
-def _latest_records(results: ResultsFile, device: str) -> list[ProfileRecord]:
-    latest: dict[str, ProfileRecord] = {}
+def _latest_records(results: ResultsFile, device: str) -> list[MeasurementRecord]:
+    latest: dict[str, MeasurementRecord] = {}
     for r in results.records:
         if r.device == device and (r.variant.sha256 not in latest or r.created >= latest[r.variant.sha256].created):
             latest[r.variant.sha256] = r
@@ -90,7 +90,7 @@ def _latest_records(results: ResultsFile, device: str) -> list[ProfileRecord]:
 def _point(c: Candidate, chosen: Candidate | None) -> Point | None:
     if c.accuracy is None or c.accuracy_low is None or c.evaluation is None:
         return None
-    spread = c.profile.measured.decode_tps.spread if c.profile and c.profile.measured else 0.0
+    spread = c.measurement.measured.decode_tps.spread if c.measurement and c.measurement.measured else 0.0
     return Point(c.variant, c.format, c.accuracy, c.accuracy_low, float(c.evaluation.metrics.get("high", c.accuracy)),
                  c.peak_bytes / MIB, c.decode_tps, spread, c.predicted_only, chosen is not None and c.sha256 == chosen.sha256, c.reasons)
 

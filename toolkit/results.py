@@ -1,4 +1,4 @@
-"""`results.json`: what `edgecds profile` measured, read back by `bundle` and `report`.
+"""`results.json`: what `edgecds profile` measured and `edgecds eval` scored, read back by `bundle` and `report`.
 
 One dataclass per record is the single definition of its fields. The file holds the hosts that
 measured (fingerprints) and one record per variant, device, settings and host, so results from
@@ -8,7 +8,6 @@ the target. It is validated when read: later steps trust it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 from dataclasses import asdict, dataclass, field, replace
@@ -16,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from edgecds.atomic import write_json
+from edgecds.digest import cache_key
 from edgecds.errors import InvalidInputError
-from edgecds.variants import dataclass_from_dict
+from edgecds.variants import VariantRecord, dataclass_from_dict
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
@@ -68,7 +68,7 @@ class HostFingerprint:
 
     @staticmethod
     def make_id(fields: dict[str, Any]) -> str:
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+        return cache_key(fields, length=16)
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,11 @@ class VariantRef:
     path: str  # relative to the variants folder
     sha256: str
     file_size: int
+
+    @classmethod
+    def of(cls, variant: VariantRecord) -> VariantRef:
+        """How a results record names the variant it measured or scored."""
+        return cls(variant.name, variant.type, variant.format, variant.path, variant.sha256, variant.file_size)
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,7 @@ class Measured:
 
 
 @dataclass(frozen=True)
-class ProfileRecord:
+class MeasurementRecord:
     variant: VariantRef
     device: str  # the device profile the user measured for
     on_target: bool  # False: measured on another machine (`host`), so it never counts for `device`
@@ -114,8 +119,7 @@ class ProfileRecord:
 
     @staticmethod
     def make_key(variant_sha256: str, device: str, settings: dict[str, Any], host_id: str) -> str:
-        payload = {"variant": variant_sha256, "device": device, "settings": settings, "host": host_id}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        return cache_key({"variant": variant_sha256, "device": device, "settings": settings, "host": host_id})
 
 
 @dataclass(frozen=True)
@@ -138,21 +142,20 @@ class EvalRecord:
 
     @staticmethod
     def make_key(variant_sha256: str, spec: dict[str, Any], host_id: str) -> str:
-        payload = {"variant": variant_sha256, "spec": spec, "host": host_id}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        return cache_key({"variant": variant_sha256, "spec": spec, "host": host_id})
 
 
 @dataclass
 class ResultsFile:
     hosts: dict[str, HostFingerprint] = field(default_factory=dict)
-    records: list[ProfileRecord] = field(default_factory=list)
+    records: list[MeasurementRecord] = field(default_factory=list)
     evaluations: list[EvalRecord] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
-    def by_key(self) -> dict[str, ProfileRecord]:
+    def by_key(self) -> dict[str, MeasurementRecord]:
         return {r.key: r for r in self.records}
 
-    def upsert(self, record: ProfileRecord) -> None:
+    def upsert(self, record: MeasurementRecord) -> None:
         self.records = [r for r in self.records if r.key != record.key] + [record]
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,8 +173,8 @@ def _stat(data: Any, where: str) -> Stat:
     return stat
 
 
-def _record(data: Any, where: str) -> ProfileRecord:
-    record = dataclass_from_dict(ProfileRecord, data, where)
+def _record(data: Any, where: str) -> MeasurementRecord:
+    record = dataclass_from_dict(MeasurementRecord, data, where)
     if record.status not in STATUSES:
         raise InvalidInputError(f"{where}: status {record.status!r} is not one of {', '.join(STATUSES)}")
     measured = None
@@ -183,7 +186,7 @@ def _record(data: Any, where: str) -> ProfileRecord:
         measured = Measured(**{**raw.__dict__, **stats})
     if record.status == "measured" and measured is None:
         raise InvalidInputError(f"{where}: a measured record without measurements")
-    return ProfileRecord(**{**record.__dict__, "variant": dataclass_from_dict(VariantRef, record.variant, f"{where}.variant"),
+    return MeasurementRecord(**{**record.__dict__, "variant": dataclass_from_dict(VariantRef, record.variant, f"{where}.variant"),
                             "measured": measured})
 
 

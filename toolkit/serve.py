@@ -116,28 +116,25 @@ def make_app(config: ServeConfig) -> tuple[Any, str]:
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
-    from edgecds.bundle import RUNTIME, verify_bundle
+    from edgecds.bundle.layout import BundleEngineConfig
+    from edgecds.bundle.verify import verify_bundle
+    from edgecds.engine.gguf_runtime import ggml_type
 
     if config.verify:
         verify_bundle(config.bundle)
-    runtime = json.loads((config.bundle / RUNTIME).read_text(encoding="utf-8"))
-    if runtime.get("format") != "gguf":
-        raise UsageError(f"{config.bundle}: serving {runtime.get('format')} bundles is not supported yet; GGUF bundles are")
+    engine = BundleEngineConfig.read(config.bundle)
+    if engine.format != "gguf":
+        raise UsageError(f"{config.bundle}: serving {engine.format} bundles is not supported yet; GGUF bundles are")
     token = config.token or os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
-    import llama_cpp
-
-    def ggml(name: str) -> int:
-        return int(getattr(llama_cpp, f"GGML_TYPE_{name.upper()}"))
-
     model = ModelSettings(
-        model=str(config.bundle / runtime["model"]), model_alias=config.bundle.name, n_ctx=int(runtime["n_ctx"]),
-        n_batch=int(runtime.get("n_batch", 512)), n_threads=runtime.get("threads") or 1, n_threads_batch=runtime.get("threads") or 1,
-        n_gpu_layers=int(runtime.get("n_gpu_layers", 0)), type_k=ggml(runtime.get("type_k", "f16")), type_v=ggml(runtime.get("type_v", "f16")),
-        flash_attn=bool(runtime.get("flash_attn", False)), seed=int(runtime["sampling"].get("seed", 0)), verbose=False,
+        model=str(engine.model_path(config.bundle)), model_alias=config.bundle.name, n_ctx=engine.n_ctx,
+        n_batch=engine.n_batch, n_threads=engine.threads or 1, n_threads_batch=engine.threads or 1,
+        n_gpu_layers=engine.n_gpu_layers, type_k=ggml_type(engine.type_k), type_v=ggml_type(engine.type_v),
+        flash_attn=engine.flash_attn, seed=engine.seed, verbose=False,
     )
     server = ServerSettings(host=config.host, port=config.port, api_key=token, interrupt_requests=True)
     app = create_app(server_settings=server, model_settings=[model])
-    cap = config.max_tokens or int(runtime["sampling"]["max_tokens"])
+    cap = config.max_tokens or engine.max_tokens
     return Guard(app, token, config.slots, config.queue, cap, config.max_body_bytes, config.request_seconds), token
 
 

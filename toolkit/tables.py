@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgecds.results import EvalRecord, ProfileRecord, Stat
+from edgecds.results import EvalRecord, MeasurementRecord, Stat
 
 MIB = 2**20
 
@@ -60,7 +60,7 @@ def stat_cell(s: Stat | None, scale: float = 1.0, digits: int = 1) -> str:
     return f"{s.median * scale:.{digits}f}{spread}"
 
 
-def measurements_table(records: Sequence[ProfileRecord], title: str, reused: Iterable[bool] | None = None) -> Table:
+def measurements_table(records: Sequence[MeasurementRecord], title: str, reused: Iterable[bool] | None = None) -> Table:
     """Memory and speed of each variant measured on one device (`edgecds profile`)."""
     reused_flags = list(reused) if reused is not None else [False] * len(records)
     show_gpu = any(r.measured and r.measured.gpu_peak_bytes is not None for r in records)

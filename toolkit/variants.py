@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from edgecds.atomic import write_json
-from edgecds.errors import InvalidInputError
+from edgecds.digest import sha256_file, sha256_folder
+from edgecds.errors import InvalidInputError, UsageError
+from edgecds.quant.types import QuantType
 
 SCHEMA_VERSION = 1
 VARIANTS_FILE = "variants.json"
@@ -53,7 +56,19 @@ class VariantRecord:
     # `sha256` is then the folder's digest over all of them.
     files: dict[str, str] = field(default_factory=dict)
     # Quantized ONNX variants: drift from the fp32 export on the clinical text, and whether it is flagged.
-    parity: dict[str, Any] = field(default_factory=dict)
+    drift: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def built(cls, q: QuantType, check: Any, build_seconds: float, verify_seconds: float, **fields: Any) -> VariantRecord:
+        """A record for a variant `quantize` just built and verified: `q` fills its type fields,
+        `check` (a load_check.LoadCheck) its load check; `fields` are the rest."""
+        return cls(
+            format=q.format, type=q.name, nominal_bits_per_weight=q.nominal_bits_per_weight,
+            seconds={"build": round(build_seconds, 3), "verify": round(verify_seconds, 3)},
+            load_check={"tokens_generated": len(check.tokens), "load_seconds": round(check.load_seconds, 3),
+                        "generate_seconds": round(check.generate_seconds, 3)},
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields,
+        )
 
 
 @dataclass
@@ -64,6 +79,15 @@ class VariantsFile:
 
     def by_type(self) -> dict[str, VariantRecord]:
         return {v.type: v for v in self.variants}
+
+    def select(self, types: tuple[str, ...], where: Path) -> list[VariantRecord]:
+        """The variants of these types (every one when `types` is empty), in recorded order; a type
+        with no variant is an error naming those there are."""
+        wanted = {t.upper() for t in types}
+        unknown = sorted(wanted - {v.type for v in self.variants})
+        if unknown:
+            raise UsageError(f"{where / VARIANTS_FILE} has no variant(s) {', '.join(unknown)}; it has {', '.join(v.type for v in self.variants)}")
+        return [v for v in self.variants if not wanted or v.type in wanted]
 
     def upsert(self, record: VariantRecord) -> None:
         self.variants = [v for v in self.variants if v.type != record.type] + [record]
@@ -123,6 +147,9 @@ def load_variants(folder: Path) -> VariantsFile | None:
     raw = data.get("variants")
     if not isinstance(raw, list):
         raise InvalidInputError(f"{path}: 'variants' must be a list")
+    # `parity` is what `drift` was called before it had one name everywhere
+    raw = [{("drift" if k == "parity" else k): v for k, v in item.items()} if isinstance(item, dict) and "drift" not in item else item
+           for item in raw]
     variants = [dataclass_from_dict(VariantRecord, item, f"{path}: variants[{i}]") for i, item in enumerate(raw)]
     return VariantsFile(source, variants)
 
@@ -137,8 +164,6 @@ def variant_file(folder: Path, record: VariantRecord) -> Path:
 
 def variant_digest(path: Path) -> str:
     """What a record's sha256 is taken over: the file, or every file of an ONNX variant's folder."""
-    from edgecds.digest import sha256_file, sha256_folder
-
     return sha256_folder(path) if path.is_dir() else sha256_file(path)
 
 
@@ -150,3 +175,22 @@ def open_variants(path: Path) -> tuple[Path, VariantsFile]:
     if record is None:
         raise InvalidInputError(f"{folder / VARIANTS_FILE} does not exist; run `edgecds quantize -o {folder}` first")
     return folder, record
+
+
+def check_unchanged(folder: Path, record: VariantRecord) -> Path:
+    """The variant's path, after checking it is still what `quantize` recorded (by hash): later
+    records name a variant by its hash, so a changed file must not be measured under it."""
+    path = variant_file(folder, record)
+    if not (path.is_dir() if record.format == "onnx" else path.is_file()):
+        raise InvalidInputError(f"{path} is missing; run `edgecds quantize` again to rebuild it")
+    if variant_digest(path) != record.sha256:
+        raise InvalidInputError(f"{path} changed since `edgecds quantize` recorded it (sha256 differs); run quantize again")
+    return path
+
+
+def is_reusable(existing: VariantRecord | None, key: str, folder: Path) -> bool:
+    """A recorded variant is reused only if its key matches and its file (or ONNX folder) still hashes the same."""
+    if existing is None or existing.cache_key != key:
+        return False
+    path = variant_file(folder, existing)
+    return path.exists() and (path.is_dir() or path.stat().st_size == existing.file_size) and variant_digest(path) == existing.sha256

@@ -1,6 +1,9 @@
 """Measure the predictor's constants for the CPU backend on this machine, and store them with their source.
 
-    python -m edgecds.hwbench.calibrate MODEL.gguf [--write hwbench/calibration.json]
+    python -m edgecds.hwbench.bench.calibrate MODEL.gguf [--write [hwbench/calibration.json]]
+
+`--write` alone updates the calibration.json beside the predictor (hwbench/, one folder up from
+this script), the file `edgecds.hwbench.predict.load_calibrations` reads.
 
 Each constant comes from its own small measurement, separate from the workloads the predictor is
 later judged on (bench_predict runs full contexts of 512 to 8,192 cells):
@@ -19,15 +22,13 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edgecds.child import die_with_parent
-from edgecds.errors import EngineError
+from edgecds.child import emit_json, run_json_child
 
 TINY = {"n_ctx": 256, "prompt_tokens": 16, "decode_tokens": 4}
 SPEED = {"n_ctx": 1024, "prompt_tokens": 256, "decode_tokens": 64}
@@ -36,9 +37,9 @@ SPEED = {"n_ctx": 1024, "prompt_tokens": 256, "decode_tokens": 64}
 def _child(kind: str, model: str) -> None:
     import llama_cpp  # noqa: F401  (the import is what is measured)
 
-    from edgecds.hwbench.measure import _proc_status
+    from edgecds.hwbench.measure import proc_status
 
-    after_import = _proc_status()
+    after_import = proc_status()
     result: dict[str, Any] = {"import": after_import}
     if kind == "vocab":
         from llama_cpp import Llama
@@ -47,17 +48,14 @@ def _child(kind: str, model: str) -> None:
 
         with captured_llama_log():
             llm = Llama(model_path=model, vocab_only=True, verbose=False)
-        result["vocab"] = _proc_status()
+        result["vocab"] = proc_status()
         result["n_vocab"] = llm.n_vocab()
-    print(json.dumps(result))
+    emit_json(result)
 
 
 def _run_child(kind: str, model: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "edgecds.hwbench.calibrate", "--child", kind, str(model)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, preexec_fn=die_with_parent())
-    if proc.returncode != 0:
-        raise EngineError(f"calibration probe {kind!r} failed: {proc.stderr.strip()[-500:]}")
-    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+    cmd = [sys.executable, "-m", "edgecds.hwbench.bench.calibrate", "--child", kind, str(model)]
+    return run_json_child(cmd, f"calibration probe {kind!r}", 300)
 
 
 def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
@@ -74,12 +72,12 @@ def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
 
 
 def calibrate(model: Path) -> dict[str, Any]:
-    from edgecds.devices import load_profiles
-    from edgecds.host import detect_host, host_profile, nearest_profile
+    from edgecds.engine import RunSettings
     from edgecds.hwbench import predict
-    from edgecds.hwbench.measure import ONE_PASS, RunSettings, measure_in_subprocess
+    from edgecds.hwbench.measure import ONE_PASS, measure_in_subprocess
     from edgecds.quant.gguf_file import read_gguf
     from edgecds.quant.gguf_quantize import llama_cpp_version
+    from edgecds.target import resolve_target
 
     info = read_gguf(model)
     shape = predict.ModelShape.from_gguf(info)
@@ -87,10 +85,10 @@ def calibrate(model: Path) -> dict[str, Any]:
     vocab_probe = _run_child("vocab", model)
     vocab_per_token = (vocab_probe["vocab"]["VmHWM"] - vocab_probe["import"]["VmHWM"]) / vocab_probe["n_vocab"]
 
-    host = detect_host()
-    device = host_profile(nearest_profile(host, load_profiles()))
+    target = resolve_target("host")  # this machine, as detected
+    host = target.host
     bandwidth = memory_bandwidth_gbs()
-    device = replace(device, bandwidth_gbs=bandwidth)
+    device = replace(target.device, bandwidth_gbs=bandwidth)
     provisional = predict.Calibration("cpu", base, vocab_per_token, 0, 1.0, 1.0)
 
     tiny_settings = RunSettings(**TINY)
@@ -111,7 +109,7 @@ def calibrate(model: Path) -> dict[str, Any]:
         "prompt_efficiency": round(prompt_eff, 4),
         "source": {
             "measured": True,
-            "how": "python -m edgecds.hwbench.calibrate " + model.name,
+            "how": "python -m edgecds.hwbench.bench.calibrate " + model.name,
             "date": datetime.date.today().isoformat(),
             "host": f"{host.cpu_model}, {host.cpu_cores} cores, {host.ram_gib:g} GiB, {platform.system()} {platform.machine()}",
             "host_bandwidth_gbs": round(bandwidth, 2),
@@ -127,13 +125,22 @@ def calibrate(model: Path) -> dict[str, Any]:
     }
 
 
+def calibration_path() -> Path:
+    """The product's calibration file: hwbench/calibration.json, one folder up from this script
+    (bench/); imported lazily, so that the import probe measures the engine alone."""
+    from edgecds.hwbench.predict import CALIBRATION_FILE
+
+    return Path(__file__).resolve().parent.parent / CALIBRATION_FILE
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description="Measure the memory/speed predictor's CPU constants on this machine.")
     parser.add_argument("model", type=Path)
     parser.add_argument("--child", choices=("import", "vocab"), help=argparse.SUPPRESS)
-    parser.add_argument("--write", type=Path, help="update this calibration file's 'cpu' entry")
+    parser.add_argument("--write", type=Path, nargs="?", const=True,
+                        help="update this calibration file's 'cpu' entry (alone: hwbench/calibration.json, which the predictor reads)")
     args = parser.parse_args(argv)
     if args.child:
         _child(args.child, str(args.model))
@@ -143,11 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         from edgecds.atomic import atomic_path
 
+        path: Path = calibration_path() if args.write is True else args.write
         data: dict[str, Any] = (
-            json.loads(args.write.read_text(encoding="utf-8")) if args.write.exists() else {"schema_version": 1, "backends": {}}
+            json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"schema_version": 1, "backends": {}}
         )
         data["backends"]["cpu"] = values
-        with atomic_path(args.write) as tmp:
+        with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return 0
 

@@ -13,7 +13,7 @@ In one run on this machine, for one variant:
    `edgecds profile` takes them); each figure's medians must differ by no more than the spread
    (range of repeats) the runs report.
 
-    python -m edgecds.hwbench.bench_profile edgecds-out/SmolLM2-135M-Instruct --type Q4_K_M
+    python -m edgecds.hwbench.bench.bench_profile edgecds-out/SmolLM2-135M-Instruct --type Q4_K_M
 
 Writes JSON (default bench-results/profile.json).
 """
@@ -35,7 +35,8 @@ from typing import Any
 
 from edgecds import __version__
 from edgecds.atomic import write_json
-from edgecds.hwbench.measure import PEAK_RSS_RESOLUTION, RunSettings, Workload, measure_in_subprocess, measure_repeated
+from edgecds.engine import RunSettings
+from edgecds.hwbench.measure import PEAK_RSS_RESOLUTION, Measurement, Workload, measure_in_subprocess, measure_repeated
 from edgecds.results import Stat
 from edgecds.variants import open_variants, variant_file
 
@@ -84,7 +85,7 @@ def time_v_maxrss(model: Path, settings: RunSettings, workload: Workload) -> int
     return int(match.group(1)) * 1024
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variants", type=Path, help="a variants.json written by edgecds quantize, or its folder")
     parser.add_argument("--type", default="Q4_K_M", help="the variant to measure")
@@ -92,39 +93,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--output", type=Path, default=Path("bench-results/profile.json"))
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    folder, record = open_variants(args.variants)
-    if args.type not in record.by_type():
-        print(f"no {args.type} variant recorded in {folder}", file=sys.stderr)
-        return 2
-    model = variant_file(folder, record.by_type()[args.type])
-    settings = RunSettings(n_ctx=2048, threads=args.threads, prompt_tokens=512, decode_tokens=128)
-    workload = Workload(repeats=args.repeats)
 
+def _alternate(model: Path, settings: RunSettings, workload: Workload, rounds: int) -> tuple[list[float], list[float], list[Measurement]]:
+    """Decode tokens/s of edgecds's measurement and of the bare loop, `rounds` times each, alternating."""
     edgecds_tps: list[float] = []
     bare_tps: list[float] = []
     runs = []
-    for n in range(args.rounds):
+    for n in range(rounds):
         # alternate which goes first, so a drift in the machine's speed favours neither
         if n % 2:
-            bare_tps.append(statistics.median(bare_decode_tps(model, settings, args.repeats)))
+            bare_tps.append(statistics.median(bare_decode_tps(model, settings, workload.repeats)))
         m = measure_in_subprocess(model, settings, workload)
         runs.append(m)
         edgecds_tps.append(m.decode_tps)
         if not n % 2:
-            bare_tps.append(statistics.median(bare_decode_tps(model, settings, args.repeats)))
-        print(f"round {n + 1}/{args.rounds}: decode edgecds {edgecds_tps[-1]:.1f}, bare {bare_tps[-1]:.1f} tok/s", file=sys.stderr)
-    ratio = statistics.median(edgecds_tps) / statistics.median(bare_tps)
-    paired = [e / b for e, b in zip(edgecds_tps, bare_tps, strict=True)]
+            bare_tps.append(statistics.median(bare_decode_tps(model, settings, workload.repeats)))
+        print(f"round {n + 1}/{rounds}: decode edgecds {edgecds_tps[-1]:.1f}, bare {bare_tps[-1]:.1f} tok/s", file=sys.stderr)
+    return edgecds_tps, bare_tps, runs
 
-    edgecds_peak = runs[-1].peak_rss_bytes
-    time_peak = time_v_maxrss(model, settings, workload)
-    memory_error = (edgecds_peak - time_peak) / time_peak * 100
 
-    # repeatability: two profile measurements, as `edgecds profile` takes them; each figure's
-    # medians must differ by no more than the larger range the two report
-    profiles = [measure_repeated(model, settings, args.repeats) for _ in range(2)]
+def _repeatability(model: Path, settings: RunSettings, repeats: int) -> list[dict[str, Any]]:
+    """Two profile measurements, as `edgecds profile` takes them; each figure's medians must
+    differ by no more than the larger range the two report."""
+    profiles = [measure_repeated(model, settings, repeats) for _ in range(2)]
     checks = []
     for name, pick, resolution in (("prompt_tps", lambda m: m.prompt_tps, 0.0), ("decode_tps", lambda m: m.decode_tps, 0.0),
                                    ("ttft_seconds", lambda m: m.ttft_seconds[0], 0.0), ("load_seconds", lambda m: m.load_seconds, 0.0),
@@ -134,6 +127,28 @@ def main(argv: list[str] | None = None) -> int:
         spread = max(a.spread, b.spread)
         checks.append({"figure": name, "run_1": a.samples, "run_2": b.samples,
                        "difference": round(difference, 6), "reported_spread": round(spread, 6), "holds": difference <= spread})
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    folder, record = open_variants(args.variants)
+    if args.type not in record.by_type():
+        print(f"no {args.type} variant recorded in {folder}", file=sys.stderr)
+        return 2
+    model = variant_file(folder, record.by_type()[args.type])
+    settings = RunSettings(n_ctx=2048, threads=args.threads, prompt_tokens=512, decode_tokens=128)
+    workload = Workload(repeats=args.repeats)
+
+    edgecds_tps, bare_tps, runs = _alternate(model, settings, workload, args.rounds)
+    ratio = statistics.median(edgecds_tps) / statistics.median(bare_tps)
+    paired = [e / b for e, b in zip(edgecds_tps, bare_tps, strict=True)]
+
+    edgecds_peak = runs[-1].peak_rss_bytes
+    time_peak = time_v_maxrss(model, settings, workload)
+    memory_error = (edgecds_peak - time_peak) / time_peak * 100
+
+    checks = _repeatability(model, settings, args.repeats)
     report: dict[str, Any] = {
         "schema_version": 1,
         "benchmark": "edgecds profile harness against a bare llama-cpp-python loop and /usr/bin/time -v",

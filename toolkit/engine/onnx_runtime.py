@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edgecds.engine import EngineSettings, check_room
 from edgecds.errors import EngineError, InvalidInputError, UsageError
-from edgecds.runtime import EngineSettings, check_room
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -72,7 +72,7 @@ def _cache_key(folder: Path) -> str:
     inode), the rewrite's version and onnxruntime's. Any change to a file compiles afresh."""
     import onnxruntime as ort
 
-    from edgecds.digest import sha256_text
+    from edgecds.digest import cache_key
     from edgecds.quant.onnx_fuse import FUSION_VERSION
 
     files = []
@@ -80,7 +80,7 @@ def _cache_key(folder: Path) -> str:
         if path.is_file() and not path.name.startswith("."):
             st = path.stat()
             files.append([path.name, st.st_size, st.st_mtime_ns, st.st_ino])
-    return sha256_text(json.dumps([str(folder.resolve()), files, FUSION_VERSION, ort.__version__]))[:24]
+    return cache_key([str(folder.resolve()), files, FUSION_VERSION, ort.__version__], length=24)
 
 
 def compiled_graph(folder: Path, n_ctx: int) -> tuple[Path, str]:
@@ -88,7 +88,7 @@ def compiled_graph(folder: Path, n_ctx: int) -> tuple[Path, str]:
     (edgecds.quant.onnx_fuse, in a child so its memory never counts in a measurement); the graph as
     exported, and why, when the rewrite declines this layout. The path to load and a log line."""
     from edgecds.atomic import atomic_path, remove_stale_temporaries
-    from edgecds.child import die_with_parent
+    from edgecds.child import die_with_parent, exit_cause, result_line
     from edgecds.home import edgecds_home
     from edgecds.quant.onnx_model import MODEL_FILE, check_onnx_folder
 
@@ -102,13 +102,10 @@ def compiled_graph(folder: Path, n_ctx: int) -> tuple[Path, str]:
         with atomic_path(cache, directory=True) as tmp:
             proc = subprocess.run([sys.executable, "-m", "edgecds.quant.onnx_fuse", str(folder), str(tmp)], capture_output=True,
                                   text=True, check=False, preexec_fn=die_with_parent())
-            try:
-                record = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
-            except (IndexError, json.JSONDecodeError):
-                record = None
-            if not isinstance(record, dict):
+            record = result_line(proc.stdout) if proc.returncode == 0 else None
+            if record is None:
                 last = " ".join(proc.stderr.strip().splitlines()[-1:])
-                record = {"declined": f"the compile step failed (exit {proc.returncode}): {last}"}
+                record = {"declined": f"the compile step failed ({exit_cause(proc.returncode)}): {last}"}
             (tmp / "fusion.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         how = "compiled now"
     record = _json(cache, "fusion.json")
@@ -133,11 +130,7 @@ class OnnxRuntime:
     format = "onnx"
 
     def __init__(self, folder: Path, settings: EngineSettings) -> None:
-        import numpy as np
-        import onnxruntime as ort
-        from tokenizers import Tokenizer
-
-        from edgecds.quant.onnx_model import MODEL_FILE, check_onnx_folder
+        from edgecds.quant.onnx_model import check_onnx_folder
 
         check_onnx_folder(folder)  # before onnxruntime follows any external-data name
         config = _json(folder, "config.json")
@@ -146,6 +139,16 @@ class OnnxRuntime:
         n_heads = _int(config, "num_attention_heads", where)
         self._n_kv_heads = int(config.get("num_key_value_heads") or n_heads)
         self._head_dim = int(config.get("head_dim") or _int(config, "hidden_size", where) // n_heads)
+        self._load_tokenizer(folder, config)
+        self._open_session(folder, settings)
+        self._n_ctx, self._n_batch = settings.n_ctx, settings.n_batch
+        self._last: Any = None
+        self.reset()
+
+    def _load_tokenizer(self, folder: Path, config: dict[str, Any]) -> None:
+        """The tokenizer, its special tokens, the end-of-generation ids and the chat template."""
+        from tokenizers import Tokenizer
+
         if not (folder / "tokenizer.json").is_file():
             raise InvalidInputError(f"{folder}: no tokenizer.json (the ONNX variant's tokenizer)")
         try:
@@ -165,6 +168,14 @@ class OnnxRuntime:
         self._end_ids = {i for i in ids if isinstance(i, int)}
         if self._eos_text and self._tokenizer.token_to_id(self._eos_text) is not None:
             self._end_ids.add(self._tokenizer.token_to_id(self._eos_text))
+
+    def _open_session(self, folder: Path, settings: EngineSettings) -> None:
+        """The onnxruntime session (the compiled graph with fused attention where it applies), its
+        input and output names, and the KV cache's type."""
+        import numpy as np
+        import onnxruntime as ort
+
+        from edgecds.quant.onnx_model import MODEL_FILE
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -195,11 +206,8 @@ class OnnxRuntime:
         logits_shape = next(o.shape for o in self._session.get_outputs() if o.name == "logits")
         vocab = logits_shape[-1] if isinstance(logits_shape[-1], int) else self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.n_vocab = int(vocab)
-        self._n_ctx, self._n_batch = settings.n_ctx, settings.n_batch
         self._log = [f"onnxruntime {ort.__version__}, {provider}, {options.intra_op_num_threads or 'default'} threads, graph optimization all",
                      graph_note]
-        self._last: Any = None
-        self.reset()
 
     # --- tokens and text ----------------------------------------------------------------------
 

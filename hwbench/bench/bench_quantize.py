@@ -12,7 +12,7 @@ noisy, so only ratios taken side by side mean anything):
 
 Writes JSON (default bench-results/quantize.json) with every sample, medians and ratios.
 
-    python -m edgecds.hwbench.bench_quantize --repeats 3
+    python -m edgecds.hwbench.bench.bench_quantize --repeats 3
 """
 
 from __future__ import annotations
@@ -83,34 +83,31 @@ def summarise(samples: list[dict[str, float]]) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=Path, help="Hugging Face folder (default: the default model's, built if needed)")
     parser.add_argument("--types", default=",".join(t for t in DEFAULT_TYPES if not QUANT_TYPE_BY_NAME[t].is_float))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", type=Path, default=Path("bench-results/quantize.json"))
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    if args.source is None:
-        from edgecds.default_model import default_hf_folder
 
-        args.source = default_hf_folder()
+def _run_stages(source: Path, quants: tuple[QuantType, ...], repeats: int) -> dict[str, list[dict[str, float]]]:
+    """Every stage's samples, direct and through edgecds, side by side, `repeats` times."""
     base = QUANT_TYPE_BY_NAME["F16"]
-    quants = parse_type_list(args.types)
     stages: dict[str, list[dict[str, float]]] = {"convert F16": []}
     stages.update({f"quantize {q.name}": [] for q in quants})
-
     with tempfile.TemporaryDirectory(prefix="edgecds-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        for repeat in range(args.repeats):
+        for repeat in range(repeats):
             # Alternate which side goes first, so drift on a shared machine does not favour one.
             order = ("direct", "edgecds") if repeat % 2 == 0 else ("edgecds", "direct")
             sample: dict[str, float] = {}
             for side in order:
                 if side == "direct":
-                    sample["direct_s"] = direct_convert(args.source, tmp / "direct-F16.gguf", base)
+                    sample["direct_s"] = direct_convert(source, tmp / "direct-F16.gguf", base)
                 else:
-                    sample.update(through_edgecds(args.source, tmp / f"e-conv-{repeat}", base))
+                    sample.update(through_edgecds(source, tmp / f"e-conv-{repeat}", base))
                     shutil.rmtree(tmp / f"e-conv-{repeat}")
             stages["convert F16"].append(sample)
             f16 = tmp / "direct-F16.gguf"
@@ -124,12 +121,34 @@ def main(argv: list[str] | None = None) -> int:
                         sample.update(through_edgecds(f16, tmp / f"e-{q.name}-{repeat}", q))
                         shutil.rmtree(tmp / f"e-{q.name}-{repeat}")
                 stages[f"quantize {q.name}"].append(sample)
-            print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
+            print(f"repeat {repeat + 1}/{repeats} done", file=sys.stderr)
+    return stages
 
-    summary = {name: summarise(samples) for name, samples in stages.items()}
+
+def _totals(summary: dict[str, dict[str, Any]]) -> dict[str, float]:
     total_direct = sum(s["direct_median_s"] for s in summary.values())
     total_step = sum(s["edgecds_step_median_s"] for s in summary.values())
     total_command = sum(s["edgecds_command_median_s"] for s in summary.values())
+    return {
+        "direct_s": round(total_direct, 3),
+        "edgecds_step_s": round(total_step, 3),
+        "edgecds_command_s": round(total_command, 3),
+        "step_overhead_ratio": round(total_step / total_direct, 4),
+        "command_overhead_ratio": round(total_command / total_direct, 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    if args.source is None:
+        from edgecds.default_model import default_hf_folder
+
+        args.source = default_hf_folder()
+    quants = parse_type_list(args.types)
+    stages = _run_stages(args.source, quants, args.repeats)
+
+    summary = {name: summarise(samples) for name, samples in stages.items()}
+    t = _totals(summary)
     report = {
         "schema_version": 1,
         "benchmark": "quantize overhead",
@@ -139,20 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         "source": str(args.source),
         "repeats": args.repeats,
         "stages": summary,
-        "totals": {
-            "direct_s": round(total_direct, 3),
-            "edgecds_step_s": round(total_step, 3),
-            "edgecds_command_s": round(total_command, 3),
-            "step_overhead_ratio": round(total_step / total_direct, 4),
-            "command_overhead_ratio": round(total_command / total_direct, 4),
-        },
+        "totals": t,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     for name, s in summary.items():
         print(f"{name:18} direct {s['direct_median_s']:7.2f} s  edgecds step {s['edgecds_step_median_s']:7.2f} s "
               f"(x{s['step_overhead_ratio']:.3f})  whole command {s['edgecds_command_median_s']:7.2f} s (x{s['command_overhead_ratio']:.3f})")
-    t = report["totals"]
     print(f"{'total':18} direct {t['direct_s']:7.2f} s  edgecds step {t['edgecds_step_s']:7.2f} s (x{t['step_overhead_ratio']:.3f})  "
           f"whole command {t['edgecds_command_s']:7.2f} s (x{t['command_overhead_ratio']:.3f})")
     print(f"written to {args.output}")

@@ -14,7 +14,7 @@ In one run on this machine:
    timing starts); for information, genai is also timed on that compiled graph
    (`genai_on_compiled`), which shows how much of the difference is the graph and how much the loop.
 
-    python -m edgecds.hwbench.bench_onnx edgecds-out/SmolLM2-135M-Instruct
+    python -m edgecds.hwbench.bench.bench_onnx edgecds-out/SmolLM2-135M-Instruct
 
 Needs the build extra (Optimum) and onnxruntime-genai (`pip install 'edgecds[bench]'`); a baseline
 that is not installed or cannot run the files is recorded as such. Writes JSON (default
@@ -38,7 +38,9 @@ from typing import Any
 
 from edgecds import __version__
 from edgecds.atomic import write_json
-from edgecds.hwbench.measure import RunSettings, Workload, measure_in_subprocess
+from edgecds.child import die_with_parent, emit_json, exit_cause, result_line, stderr_tail
+from edgecds.engine import RunSettings
+from edgecds.hwbench.measure import Workload, measure_in_subprocess
 from edgecds.variants import VariantRecord, open_variants, variant_file
 
 SIMILAR_GGUF = ("F16", "Q8_0", "Q4_K_M", "IQ4_NL")
@@ -54,7 +56,8 @@ BASELINES = ("optimum", "genai")  # on the same files as edgecds; genai_on_compi
 def _child_edgecds(folder: Path, threads: int) -> dict[str, Any]:
     import numpy as np
 
-    from edgecds.runtime import EngineSettings, open_runtime
+    from edgecds.engine import EngineSettings
+    from edgecds.engine.factory import open_runtime
 
     rt = open_runtime(folder, EngineSettings(n_ctx=1024, threads=threads))
     tokens = rt.tokenize(rt.chat_prompt(PROMPT))
@@ -149,7 +152,7 @@ def _child_genai(folder: Path, threads: int, graph: Path | None = None) -> dict[
 def _child_genai_fused(folder: Path, threads: int) -> dict[str, Any]:
     """Not a baseline: genai's runtime on edgecds's compiled graph, to show how much of edgecds's
     speed is the fused graph and how much its own loop."""
-    from edgecds.onnx_runtime import compiled_graph
+    from edgecds.engine.onnx_runtime import compiled_graph
 
     graph, note = compiled_graph(folder, 1024)
     if graph.parent == folder:
@@ -161,11 +164,16 @@ CHILDREN = {"edgecds": _child_edgecds, "optimum": _child_optimum, "genai": _chil
 
 
 def _in_child(runtime: str, folder: Path, threads: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "edgecds.hwbench.bench_onnx", "--child", runtime, str(folder), "--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    """One runtime's result from a fresh child; {"error": ...} when it fails, so that a baseline
+    that cannot run is recorded as such rather than stopping the benchmark."""
+    cmd = [sys.executable, "-m", "edgecds.hwbench.bench.bench_onnx", "--child", runtime, str(folder), "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False, preexec_fn=die_with_parent())
     if proc.returncode != 0:
-        return {"error": "\n".join(proc.stderr.strip().splitlines()[-3:])}
-    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+        return {"error": stderr_tail(proc.stderr, 3) or exit_cause(proc.returncode)}
+    data = result_line(proc.stdout)
+    if data is None:
+        return {"error": "the child process printed no result"}
+    return data
 
 
 # --- the parent -------------------------------------------------------------------------------------
@@ -176,10 +184,10 @@ def _measure_variant(folder: Path, record: VariantRecord, threads: int) -> dict[
     m = measure_in_subprocess(variant_file(folder, record), settings, Workload(repeats=3, ttft=False))
     return {"type": record.type, "format": record.format, "mib": round(record.file_size / 2**20, 1),
             "bits_per_weight": record.bits_per_weight, "prompt_tps": round(m.prompt_tps, 1), "decode_tps": round(m.decode_tps, 1),
-            "peak_rss_mib": round(m.peak_rss_bytes / 2**20, 1), "drift_vs_fp32": record.parity or None}
+            "peak_rss_mib": round(m.peak_rss_bytes / 2**20, 1), "drift_vs_fp32": record.drift or None}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("variants", type=Path, nargs="?")
     parser.add_argument("--rounds", type=int, default=3)
@@ -187,9 +195,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=Path("bench-results/onnx.json"))
     parser.add_argument("--types", help="Only these ONNX types (comma list); the GGUF table is then skipped.")
     parser.add_argument("--child", choices=RUNTIMES)
-    args = parser.parse_args(argv)
+    return parser, parser.parse_args(argv)
+
+
+def _compare_runtimes(record: VariantRecord, path: Path, rounds: int, threads: int) -> dict[str, Any]:
+    """Every runtime's decode speed on one ONNX variant, `rounds` alternating rounds, each in a fresh process."""
+    speeds: dict[str, list[float]] = {name: [] for name in RUNTIMES}
+    errors: dict[str, str] = {}
+    for r in range(rounds):
+        order = RUNTIMES[r % len(RUNTIMES):] + RUNTIMES[: r % len(RUNTIMES)]  # each goes first in turn
+        for name in order:
+            if name in errors:
+                continue
+            print(f"{record.type}: round {r + 1}, {name}", file=sys.stderr, flush=True)
+            got = _in_child(name, path, threads)
+            if "error" in got:
+                errors[name] = got["error"]
+            else:
+                speeds[name].append(got["decode_tps"])
+    medians = {name: round(statistics.median(v), 1) for name, v in speeds.items() if v}
+    baselines = [medians[n] for n in BASELINES if n in medians]
+    return {
+        "decode_tps_per_round": {n: [round(x, 1) for x in v] for n, v in speeds.items()}, "decode_tps_median": medians,
+        "errors": errors,
+        "edgecds_vs_best_baseline": round(medians["edgecds"] / max(baselines), 3) if baselines and "edgecds" in medians else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, args = _parse_args(argv)
     if args.child:
-        print(json.dumps(CHILDREN[args.child](args.variants, args.threads)))
+        emit_json(CHILDREN[args.child](args.variants, args.threads))
         return 0
     if args.variants is None:
         parser.error("give the variants folder")
@@ -206,29 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"measuring {record.type} ...", file=sys.stderr, flush=True)
         table.append(_measure_variant(folder, record, args.threads))
 
-    runtimes: dict[str, Any] = {}
-    for record in onnx:
-        path = variant_file(folder, record)
-        speeds: dict[str, list[float]] = {name: [] for name in RUNTIMES}
-        errors: dict[str, str] = {}
-        for r in range(args.rounds):
-            order = RUNTIMES[r % len(RUNTIMES):] + RUNTIMES[: r % len(RUNTIMES)]  # each goes first in turn
-            for name in order:
-                if name in errors:
-                    continue
-                print(f"{record.type}: round {r + 1}, {name}", file=sys.stderr, flush=True)
-                got = _in_child(name, path, args.threads)
-                if "error" in got:
-                    errors[name] = got["error"]
-                else:
-                    speeds[name].append(got["decode_tps"])
-        medians = {name: round(statistics.median(v), 1) for name, v in speeds.items() if v}
-        baselines = [medians[n] for n in BASELINES if n in medians]
-        runtimes[record.type] = {
-            "decode_tps_per_round": {n: [round(x, 1) for x in v] for n, v in speeds.items()}, "decode_tps_median": medians,
-            "errors": errors,
-            "edgecds_vs_best_baseline": round(medians["edgecds"] / max(baselines), 3) if baselines and "edgecds" in medians else None,
-        }
+    runtimes = {record.type: _compare_runtimes(record, variant_file(folder, record), args.rounds, args.threads) for record in onnx}
     ratios = [r["edgecds_vs_best_baseline"] for r in runtimes.values() if r["edgecds_vs_best_baseline"] is not None]
     result = {
         "benchmark": "onnx", "edgecds": __version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -6,7 +6,7 @@ answer is 200 or 503, that the server still answers afterwards, and that its pea
 stayed within the bundle's device budget. Writes JSON: served, refused, latency percentiles,
 peak memory.
 
-    python -m edgecds.hwbench.bench_serve edgecds-out/bundle --clients 8 --requests 32
+    python -m edgecds.hwbench.bench.bench_serve edgecds-out/bundle --clients 8 --requests 32
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ In one run on this machine:
 2. drift from the F16 reference on the clinical text for Q8_0, Q6_K, Q4_K_M and Q2_K: mean KL
    divergence must order Q8_0 < Q6_K < Q4_K_M < Q2_K.
 
-    python -m edgecds.hwbench.bench_eval edgecds-out/SmolLM2-135M-Instruct
+    python -m edgecds.hwbench.bench.bench_eval edgecds-out/SmolLM2-135M-Instruct
 
 Writes JSON (default bench-results/eval.json).
 """
@@ -26,34 +26,31 @@ from typing import Any
 
 from edgecds import __version__
 from edgecds.atomic import write_json
-from edgecds.cases import drift_text, load_cases
-from edgecds.evaluate import DRIFT_CTX, drift_against, drift_logprobs, option_logprobs
-from edgecds.runtime import EngineSettings, GgufRuntime
-from edgecds.variants import open_variants, variant_file
+from edgecds.cases import Case, drift_text, load_cases
+from edgecds.drift import DRIFT_CTX, drift_against, drift_logprobs
+from edgecds.engine import EngineSettings
+from edgecds.engine.gguf_runtime import GgufRuntime
+from edgecds.evaluate import option_logprobs
+from edgecds.variants import VariantRecord, open_variants, variant_file
 
 SPEEDUP_TARGET = 2.0
 DRIFT_ORDER = ("Q8_0", "Q6_K", "Q4_K_M", "Q2_K")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variants", type=Path, help="a variants.json written by edgecds quantize, or its folder")
     parser.add_argument("--type", default="Q4_K_M", help="the variant whose scoring is timed")
     parser.add_argument("--cases", type=int, default=40, help="how many of the shipped cases to time")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--output", type=Path, default=Path("bench-results/eval.json"))
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    folder, record = open_variants(args.variants)
-    by_type = record.by_type()
-    missing = [t for t in ("F16", args.type, *DRIFT_ORDER) if t not in by_type]
-    if missing:
-        print(f"{folder} lacks variant(s) {', '.join(missing)}; run edgecds quantize with the default types", file=sys.stderr)
-        return 2
-    settings = EngineSettings(n_ctx=2048, threads=args.threads)
-    cases = list(load_cases().cases[: args.cases])
 
-    runtime = GgufRuntime(variant_file(folder, by_type[args.type]), settings)
+def _time_scoring(model: Path, cases: list[Case], threads: int) -> tuple[float, float, float]:
+    """Seconds scoring `cases` with the vignette's cache reused and from scratch, arms alternating
+    case by case, and the largest difference between the two arms' scores."""
+    runtime = GgufRuntime(model, EngineSettings(n_ctx=2048, threads=threads))
     reuse_s, scratch_s, worst_gap = 0.0, 0.0, 0.0
     try:
         option_logprobs(runtime, cases[0])  # warm-up
@@ -71,15 +68,16 @@ def main(argv: list[str] | None = None) -> int:
             worst_gap = max(worst_gap, max(abs(a - b) for a, b in zip(got[True], got[False], strict=True)))
     finally:
         runtime.close()
-    speedup = scratch_s / reuse_s
-    print(f"scoring {len(cases)} cases: reuse {reuse_s / len(cases):.3f} s/case, scratch {scratch_s / len(cases):.3f} s/case, "
-          f"{speedup:.2f}x (largest score difference {worst_gap:.2e})", file=sys.stderr)
+    return reuse_s, scratch_s, worst_gap
 
+
+def _drift_by_type(folder: Path, by_type: dict[str, VariantRecord], threads: int) -> dict[str, Any]:
+    """Each of DRIFT_ORDER's drift from F16 on the clinical text."""
     text = drift_text()
     drift: dict[str, Any] = {}
     base = None
     for qtype in ("F16", *DRIFT_ORDER):
-        runtime = GgufRuntime(variant_file(folder, by_type[qtype]), EngineSettings(n_ctx=DRIFT_CTX, threads=args.threads))
+        runtime = GgufRuntime(variant_file(folder, by_type[qtype]), EngineSettings(n_ctx=DRIFT_CTX, threads=threads))
         try:
             logprobs, targets = drift_logprobs(runtime, text)
         finally:
@@ -90,6 +88,25 @@ def main(argv: list[str] | None = None) -> int:
         drift[qtype] = drift_against(base[0], logprobs, base[1])
         print(f"drift {qtype}: KL {drift[qtype]['kl_mean']:.4f}, top-1 {drift[qtype]['top1_agreement']:.3f}, "
               f"perplexity {drift[qtype]['perplexity']:.2f}", file=sys.stderr)
+    return drift
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    folder, record = open_variants(args.variants)
+    by_type = record.by_type()
+    missing = [t for t in ("F16", args.type, *DRIFT_ORDER) if t not in by_type]
+    if missing:
+        print(f"{folder} lacks variant(s) {', '.join(missing)}; run edgecds quantize with the default types", file=sys.stderr)
+        return 2
+    cases = list(load_cases().cases[: args.cases])
+
+    reuse_s, scratch_s, worst_gap = _time_scoring(variant_file(folder, by_type[args.type]), cases, args.threads)
+    speedup = scratch_s / reuse_s
+    print(f"scoring {len(cases)} cases: reuse {reuse_s / len(cases):.3f} s/case, scratch {scratch_s / len(cases):.3f} s/case, "
+          f"{speedup:.2f}x (largest score difference {worst_gap:.2e})", file=sys.stderr)
+
+    drift = _drift_by_type(folder, by_type, args.threads)
     kls = [drift[t]["kl_mean"] for t in DRIFT_ORDER]
     ordered = all(a < b for a, b in zip(kls, kls[1:], strict=False))
 

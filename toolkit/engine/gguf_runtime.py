@@ -1,55 +1,22 @@
-"""One interface to run a variant, whatever its format: load, tokenize, evaluate, next-token logits.
-
-Profiling, evaluation, `run` and `serve` talk to a `Runtime`, never to an engine directly, so GGUF
-(llama.cpp) and ONNX variants are measured and scored alike. Device side: no torch, no
-transformers; the engine is imported when a runtime is opened.
-"""
+"""A GGUF variant in llama.cpp, behind the engine's `Runtime` interface (edgecds.engine)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from edgecds.engine import EngineSettings, check_room
 from edgecds.errors import EngineError, UsageError
 
 
-@dataclass(frozen=True)
-class EngineSettings:
-    """How the engine is asked to run a variant; recorded with every measurement."""
+def ggml_type(name: str) -> int:
+    """llama.cpp's number for a KV-cache type name (f16, q8_0, ...)."""
+    import llama_cpp
 
-    n_ctx: int = 2048
-    n_batch: int = 512
-    n_ubatch: int = 512
-    threads: int | None = None  # None: the engine's default
-    n_gpu_layers: int = 0  # -1: every layer
-    type_k: str = "f16"
-    type_v: str = "f16"
-    flash_attn: bool = False
-    fuse_attention: bool = True  # ONNX on a CPU: run a compiled copy of the graph with fused attention (onnx_fuse.py)
-
-
-def check_room(n_past: int, n: int, n_ctx: int) -> None:
-    if n_past + n > n_ctx:
-        raise EngineError(f"{n_past + n} tokens do not fit the context of {n_ctx}; use a longer --ctx")
-
-
-class Runtime(Protocol):
-    format: str
-    n_vocab: int
-
-    def tokenize(self, text: str, add_bos: bool = True) -> list[int]: ...
-    def chat_prompt(self, user_message: str, system: str | None = None) -> str: ...
-    def reset(self) -> None: ...  # empty the KV cache
-    def truncate(self, n_tokens: int) -> None: ...  # keep the first n_tokens of the context, drop the rest
-    def eval(self, tokens: list[int]) -> None: ...  # append to the context, in batches
-    def eval_logits(self, tokens: list[int]) -> Any: ...  # append, returning every token's next-token logits (len x n_vocab)
-    def logits(self) -> Any: ...  # numpy float32 array: the last evaluated token's next-token logits
-    def detokenize(self, tokens: list[int]) -> str: ...
-    def is_end(self, token: int) -> bool: ...  # end of generation (EOS, end of turn)
-    def bos(self) -> int: ...
-    def engine_log(self) -> list[str]: ...  # what the engine said while loading (buffer sizes)
-    def close(self) -> None: ...
+    value = getattr(llama_cpp, f"GGML_TYPE_{name.upper()}", None)
+    if not isinstance(value, int):
+        raise UsageError(f"llama-cpp-python does not know the KV-cache type {name!r}")
+    return value
 
 
 class GgufRuntime:
@@ -63,12 +30,6 @@ class GgufRuntime:
         import llama_cpp
 
         from edgecds.quant.gguf_quantize import captured_llama_log
-
-        def ggml_type(name: str) -> int:
-            value = getattr(llama_cpp, f"GGML_TYPE_{name.upper()}", None)
-            if not isinstance(value, int):
-                raise UsageError(f"llama-cpp-python does not know the KV-cache type {name!r}")
-            return value
 
         with captured_llama_log() as log:
             try:
@@ -176,22 +137,3 @@ class GgufRuntime:
 
     def close(self) -> None:
         self._llm.close()
-
-
-def _starts_with(path: Path, magic: bytes) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(len(magic)) == magic
-    except OSError:
-        return False
-
-
-def open_runtime(path: Path, settings: EngineSettings) -> Runtime:
-    """The runtime for a variant's format, chosen by its file."""
-    if path.suffix == ".gguf" or _starts_with(path, b"GGUF"):  # by content too: load checks run on temporaries
-        return GgufRuntime(path, settings)
-    if path.is_dir() or path.suffix == ".onnx":
-        from edgecds.onnx_runtime import OnnxRuntime
-
-        return OnnxRuntime(path if path.is_dir() else path.parent, settings)
-    raise UsageError(f"{path.name}: not a variant edgecds can run (expected a .gguf file or an ONNX variant's folder)")

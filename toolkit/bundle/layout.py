@@ -1,0 +1,92 @@
+"""What a bundle holds: its file names, the manifest's schema, and `runtime.json`.
+
+`runtime.json` says how the clinic device runs the model (engine settings, sampling, the system
+prompt). `BundleEngineConfig` is its one definition: `pack` writes it, `run` and `serve` read it
+here, checked, so a missing or mistyped key is an error naming the file, not a default guessed
+in each reader.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgecds.engine import DEFAULT_BATCH, EngineSettings
+from edgecds.errors import EdgecdsError
+from edgecds.variants import dataclass_from_dict
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SIGNATURE = "signature.json"
+ENGINE_CONFIG = "runtime.json"  # the name bundles already shipped use
+MODEL_CARD = "MODEL_CARD.md"
+MODEL_DIR = "model"
+MAX_CONFIG_BYTES = 1 << 20
+SYSTEM_PROMPT = (
+    "You are a clinical decision-support assistant for a qualified clinician. Suggest differential diagnoses and next steps "
+    "with their reasoning. You do not diagnose; the clinician decides."
+)
+CHAT_TEMPLATE_NOTE = "the model's own, from the GGUF's tokenizer.chat_template, applied by llama-cpp-python's Jinja2 formatter"
+
+
+class VerifyError(EdgecdsError):
+    """A bundle that does not match its manifest, or an archive that must not be extracted."""
+
+
+@dataclass(frozen=True)
+class BundleEngineConfig:
+    """`runtime.json`: how the device runs the bundle's model."""
+
+    format: str
+    model: str  # relative to the bundle folder
+    n_ctx: int
+    threads: int | None
+    n_gpu_layers: int = 0
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: bool = False
+    n_batch: int = DEFAULT_BATCH
+    sampling: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.0, "top_p": 1.0, "max_tokens": 512, "seed": 0})
+    chat_template: str = CHAT_TEMPLATE_NOTE
+    system_prompt: str = SYSTEM_PROMPT
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.sampling.get("max_tokens", 512))
+
+    @property
+    def seed(self) -> int:
+        return int(self.sampling.get("seed", 0))
+
+    def engine_settings(self) -> EngineSettings:
+        return EngineSettings(n_ctx=self.n_ctx, n_batch=self.n_batch, n_ubatch=self.n_batch, threads=self.threads,
+                              n_gpu_layers=self.n_gpu_layers, type_k=self.type_k, type_v=self.type_v, flash_attn=self.flash_attn)
+
+    def model_path(self, bundle: Path) -> Path:
+        """The model inside `bundle`: a path that would leave it is refused."""
+        relative = Path(self.model)
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+            raise VerifyError(f"{bundle / ENGINE_CONFIG}: model {self.model!r} is not a path inside the bundle")
+        return bundle / relative
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def read(cls, bundle: Path) -> BundleEngineConfig:
+        path = bundle / ENGINE_CONFIG
+        try:
+            if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
+                raise VerifyError(f"{path}: missing, not a plain file, or too large; this is not an edgecds bundle")
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise VerifyError(f"{path}: not readable as JSON ({exc})") from None
+        try:
+            config: BundleEngineConfig = dataclass_from_dict(cls, data, str(path))
+        except EdgecdsError as exc:
+            raise VerifyError(str(exc)) from None
+        if not isinstance(config.sampling, dict):
+            raise VerifyError(f"{path}: 'sampling' must be an object")
+        return config

@@ -1,0 +1,214 @@
+"""Writing a bundle: the chosen variant's file, manifest.json, runtime.json, MODEL_CARD.md and the
+model's licence in a folder, and a reproducible .tar.gz of it.
+
+The manifest records every file's sha256 and size, the versions, the device, the measurements,
+the scores, the constraints and the choice; `sign` signs it when a key is given.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import tarfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgecds import __version__
+from edgecds.atomic import atomic_path
+from edgecds.bundle.choose import Choice
+from edgecds.bundle.layout import (
+    ENGINE_CONFIG,
+    MANIFEST,
+    MODEL_CARD,
+    MODEL_DIR,
+    SCHEMA_VERSION,
+    SIGNATURE,
+    BundleEngineConfig,
+    VerifyError,
+)
+from edgecds.bundle.sign import sign_manifest
+from edgecds.devices import DeviceProfile
+from edgecds.digest import sha256_file
+from edgecds.errors import InvalidInputError, UsageError
+
+
+def _model_card(choice: Choice, manifest: dict[str, Any]) -> str:
+    c = choice.chosen
+    assert c is not None
+    e = c.evaluation
+    lines = [f"# {manifest['model']['name']} ({c.variant}) for {choice.device}", ""]
+    if c.predicted_only:
+        lines += ["> **Chosen from predicted figures, not from measurements on the device.** Profile it on the device before clinical use.", ""]
+    lines += [
+        "## Intended use",
+        "",
+        "Decision support for a qualified clinician: it suggests differential diagnoses and next steps for the clinician to weigh.",
+        "It does not make a diagnosis, must not be used by patients, and every suggestion must be checked against the history,",
+        "the examination and the investigations. It runs offline on this device; no patient data leaves it.",
+        "",
+        "## Validation",
+        "",
+    ]
+    if e is not None:
+        m = e.metrics
+        lines += [f"- Case set: {e.cases['name']} ({e.cases['n']} cases, sha256 {e.cases['sha256'][:16]}), scored by {e.mode}.",
+                  f"- Accuracy: {m['accuracy']:.1%} (95% Wilson interval {m['low']:.1%} to {m['high']:.1%});"
+                  f" wrong answers: {m['errors'].get('plausible', 0)} plausible differentials, {m['errors'].get('off_topic', 0)} off-topic."]
+        if e.paired:
+            p = e.paired
+            lines.append(f"- Against {e.reference} (unquantized): {p['verdict']}; difference {p['difference']:+.1%} "
+                         f"(95% interval {p['low']:+.1%} to {p['high']:+.1%}), {p['lost']} cases lost and {p['gained']} gained, McNemar p = {p['p_value']:.3f}.")
+        if e.drift:
+            lines.append(f"- Drift from the reference on a clinical text: KL divergence {e.drift['kl_mean']:.4f}, top-1 agreement {e.drift['top1_agreement']:.1%}.")
+        lines.append("- By specialty: " + ", ".join(f"{k} {v['accuracy']:.0%} (n={v['n']})" for k, v in m["by_specialty"].items()) + ".")
+    else:
+        lines.append("- No clinical accuracy was measured for this variant.")
+    if c.measurement and c.measurement.measured:
+        pm = c.measurement.measured
+        lines += ["", "## On this device", "",
+                  f"- Peak memory {pm.peak_rss_bytes.high / 2**20:.0f} MiB of a {manifest['device']['budget_gib']:g} GiB budget; "
+                  f"decode {pm.decode_tps.median:.1f} tokens/s, prompt {pm.prompt_tps.median:.0f} tokens/s, measured on {c.host.detected_profile if c.host else 'unknown'}."]
+    lines += ["", "## Known limits and failure modes", "",
+              "- Accuracy on a small case set has a wide interval; a variant 'not significantly different' from the reference is not shown to be equivalent.",
+              "- The model can be confidently wrong, can invent findings, and was not trained on your population or guidelines.",
+              "- Quantization changes answers on some cases even when the overall accuracy is similar (see the flips above).",
+              "- Small models score near chance on hard cases; do not deploy one whose lower bound is below what your clinicians accept.",
+              "", "## Choice", "", f"Rule: {choice.explanation()['rule']}.", ""]
+    for r in choice.rejected:
+        lines.append(f"- {r.variant} not chosen: {'; '.join(r.reasons)}")
+    lines += ["", f"Licence: {manifest['model'].get('licence') or 'see the licence files in this bundle'}.", ""]
+    return "\n".join(lines)
+
+
+def _licence_files(source_path: str) -> list[Path]:
+    folder = Path(source_path).parent if Path(source_path).is_file() else Path(source_path)
+    return sorted(p for p in folder.glob("*") if p.is_file() and p.name.upper().startswith(("LICENSE", "LICENCE", "NOTICE", "COPYING")))
+
+
+@dataclass(frozen=True)
+class BundleResult:
+    folder: str
+    archive: str
+    archive_sha256: str
+    choice: dict[str, Any]
+    signed: bool
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _measured_variant(choice: Choice) -> tuple[Any, Any, Path]:
+    """(variants.json, the chosen variant's record, its file), checked against what was measured."""
+    from edgecds.variants import load_variants, variant_file
+
+    c = choice.chosen
+    if c is None:
+        raise UsageError(choice.advice or "no variant to bundle")
+    results_path = Path(c.results_file)
+    variants = load_variants(results_path.parent)
+    if variants is None:
+        raise InvalidInputError(f"{results_path.parent} holds no variants.json beside {results_path.name}: bundle from the variants folder")
+    record = next((v for v in variants.variants if v.sha256 == c.sha256), None)
+    if record is None:
+        raise InvalidInputError(f"{results_path.parent}/variants.json no longer lists the measured {c.variant} (sha256 {c.sha256[:12]})")
+    model_path = variant_file(results_path.parent, record)
+    if sha256_file(model_path) != record.sha256:
+        raise InvalidInputError(f"{model_path} changed since it was measured; quantize and profile again")
+    return variants, record, model_path
+
+
+def _engine_config(choice: Choice, device: DeviceProfile, record: Any, model_path: Path) -> BundleEngineConfig:
+    """The settings the variant was measured with on the device (the clinic's context if it asked
+    for one), so the device runs it as it was measured."""
+    c = choice.chosen
+    assert c is not None
+    settings = dict(c.measurement.settings) if c.measurement else {}
+    return BundleEngineConfig(
+        format=record.format, model=f"{MODEL_DIR}/{model_path.name}",
+        n_ctx=choice.constraints.n_ctx or settings.get("n_ctx") or device.default_ctx, threads=settings.get("threads") or device.cpu_cores,
+        n_gpu_layers=settings.get("n_gpu_layers", 0), type_k=settings.get("type_k", "f16"), type_v=settings.get("type_v", "f16"),
+        flash_attn=settings.get("flash_attn", False), n_batch=settings.get("n_batch", 512),
+    )
+
+
+def _manifest(choice: Choice, device: DeviceProfile, variants: Any, record: Any) -> dict[str, Any]:
+    c = choice.chosen
+    assert c is not None
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "bundle": f"{variants.source.name}-{record.type}-{device.id}",
+        "created_by": f"edgecds {__version__}",
+        "predicted_only": c.predicted_only,
+        "model": {"name": variants.source.name, "architecture": variants.source.architecture, "source_sha256": variants.source.sha256,
+                  "type": record.type, "format": record.format, "bits_per_weight": record.bits_per_weight,
+                  "licence": _licence_id(variants.source.path)},
+        "tools": record.tools,
+        "minimum_runtime": {"llama_cpp_python": record.tools.get("llama_cpp_python", ""), "edgecds": __version__},
+        "device": device.to_dict(),
+        "measurements": ({"record": asdict(c.measurement), "host": asdict(c.host) if c.host else None} if c.measurement else None),
+        "accuracy": ({k: getattr(c.evaluation, k) for k in ("cases", "mode", "metrics", "reference", "paired", "drift")} if c.evaluation else None),
+        "constraints": asdict(choice.constraints),
+        "choice": choice.explanation(),
+        "files": {},
+    }
+    manifest["device"].pop("path", None)  # where the profile lay on the build machine says nothing to the clinic
+    return manifest
+
+
+def write_bundle(choice: Choice, device: DeviceProfile, output: Path, sign_key: Path | None = None) -> BundleResult:
+    variants, record, model_path = _measured_variant(choice)
+    warnings: list[str] = []
+    licences = _licence_files(variants.source.path)
+    if not licences:
+        warnings.append(f"no licence file found beside the source model {variants.source.path}; add the model's licence before shipping")
+    engine = _engine_config(choice, device, record, model_path)
+    manifest = _manifest(choice, device, variants, record)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output, directory=True) as folder:
+        (folder / MODEL_DIR).mkdir()
+        shutil.copyfile(model_path, folder / MODEL_DIR / model_path.name)
+        for lic in licences:
+            shutil.copyfile(lic, folder / lic.name)
+        (folder / ENGINE_CONFIG).write_text(engine.to_json(), encoding="utf-8")
+        (folder / MODEL_CARD).write_text(_model_card(choice, manifest), encoding="utf-8")
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            manifest["files"][path.relative_to(folder).as_posix()] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+        manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        (folder / MANIFEST).write_bytes(manifest_bytes)
+        if sign_key is not None:
+            (folder / SIGNATURE).write_text(json.dumps(sign_manifest(manifest_bytes, sign_key), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    archive = output.with_name(output.name + ".tar.gz")
+    with atomic_path(archive) as tmp:
+        write_reproducible_tar(output, tmp)
+    return BundleResult(str(output), str(archive), sha256_file(archive), choice.explanation(), sign_key is not None, tuple(warnings))
+
+
+def _licence_id(source_path: str) -> str | None:
+    from edgecds.models import MODELS
+
+    parts = Path(source_path).parts
+    for model in MODELS:  # a registry model: its file, or the Hugging Face folder built from it in its store folder
+        if Path(source_path).name == model.filename or model.id in parts:
+            return model.licence
+    return None
+
+
+def write_reproducible_tar(folder: Path, target: Path) -> None:
+    """Same folder contents, same bytes: sorted entries, time 0, owner 0, fixed modes, gzip time 0."""
+    buffer_name = folder.name
+    with open(target, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        entries = sorted(folder.rglob("*"), key=lambda p: p.relative_to(folder).as_posix())
+        for path in [folder, *entries]:
+            name = buffer_name if path == folder else f"{buffer_name}/{path.relative_to(folder).as_posix()}"
+            info = tarfile.TarInfo(name)
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            if path.is_symlink():
+                raise VerifyError(f"{path}: a symlink has no place in a bundle")
+            if path.is_dir():
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            else:
+                info.size, info.mode = path.stat().st_size, 0o644
+                with open(path, "rb") as fh:
+                    tar.addfile(info, fh)

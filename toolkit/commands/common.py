@@ -1,0 +1,81 @@
+"""What the commands share: JSON and table output, and the options several commands take."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar, overload
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+PROFILES_DIR_HELP = "A folder of your own device profiles; repeatable. Also: EDGECDS_PROFILES."
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    from edgecds.tables import Table, print_table
+
+    print_table(Table(title, columns, rows))
+
+
+@overload
+def profiles_dir_option(func: F, /) -> F: ...
+
+
+@overload
+def profiles_dir_option(*, help: str = PROFILES_DIR_HELP) -> Callable[[F], F]: ...
+
+
+def profiles_dir_option(func: F | None = None, /, *, help: str = PROFILES_DIR_HELP) -> F | Callable[[F], F]:
+    """`--profiles-dir` (repeatable, passed as `profiles_dirs`): `@profiles_dir_option`, or
+    `@profiles_dir_option(help=...)` for another help text."""
+    option = click.option("--profiles-dir", "profiles_dirs", multiple=True, type=click.Path(path_type=Path, file_okay=False), help=help)
+    return option(func) if func is not None else option
+
+
+def device_option(help: str, default: str | None = None) -> Callable[[F], F]:
+    """`--device` (passed as `device_id`): required without a default, else the default is shown."""
+    if default is None:
+        return click.option("--device", "device_id", required=True, help=help)
+    return click.option("--device", "device_id", default=default, show_default=True, help=help)
+
+
+def constraint_options(func: Any) -> Any:
+    """`bundle`'s choice rules, shared by `report` (which shows what bundle would choose)."""
+    options = [
+        click.option("--min-accuracy", type=click.FloatRange(0, 100), help="Minimum accuracy, percent, on the lower bound of its 95% interval."),
+        click.option("--on-point", is_flag=True, help="Apply --min-accuracy to the accuracy itself, not its lower bound."),
+        click.option("--max-drop", type=click.FloatRange(0, 100), help="Largest accuracy drop against the reference, percentage points."),
+        click.option("--max-flip-rate", type=click.FloatRange(0, 100), help="Largest share of cases flipped against the reference, percent."),
+        click.option("--min-decode", type=click.FloatRange(min=0), help="Minimum decode speed, tokens/s."),
+        click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="Context length the clinic needs."),
+        click.option("--formats", default="gguf,onnx", show_default=True, help="Allowed formats."),
+        click.option("--allow-significantly-worse", is_flag=True, help="Accept a variant significantly worse than the reference."),
+        click.option("--allow-predicted", is_flag=True, help="Choose from predicted figures where nothing was measured on the device (said wherever shown)."),
+    ]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, min_accuracy: float | None, on_point: bool, max_drop: float | None, max_flip_rate: float | None,
+                min_decode: float | None, n_ctx: int | None, formats: str, allow_significantly_worse: bool, allow_predicted: bool,
+                **kwargs: Any) -> Any:
+        from edgecds.bundle.choose import Constraints
+
+        def fraction(percent: float | None) -> float | None:
+            return percent / 100 if percent is not None else None
+
+        kwargs["constraints"] = Constraints(
+            min_accuracy=fraction(min_accuracy), on_point=on_point, max_drop=fraction(max_drop), max_flip_rate=fraction(max_flip_rate),
+            min_decode_tps=min_decode, n_ctx=n_ctx, formats=tuple(f.strip() for f in formats.split(",") if f.strip()),
+            allow_significantly_worse=allow_significantly_worse, allow_predicted=allow_predicted)
+        return func(*args, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper

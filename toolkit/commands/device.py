@@ -1,0 +1,263 @@
+"""The commands about and on the target device: `devices` (list, detect, show), `plan`, `profile`
+and `eval`. None of them imports the build side (torch, transformers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgecds.commands.common import device_option, print_json, profiles_dir_option, table
+from edgecds.target import AUTO, DEVICE_HELP, resolve_target
+
+
+@click.group()
+@profiles_dir_option(help="A folder of your own device profiles (*.toml), added to the shipped ones; repeatable. Also: EDGECDS_PROFILES.")
+@click.pass_context
+def devices(ctx: click.Context, profiles_dirs: tuple[Path, ...]) -> None:
+    """Device profiles: the memory, bandwidth, compute and runtimes of target devices.
+
+    \b
+    Examples:
+      edgecds devices list
+      edgecds devices show jetson-orin-nano-8gb --json
+      edgecds devices --profiles-dir ./my-profiles list
+    """
+    ctx.obj = profiles_dirs
+
+
+@devices.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_obj
+def devices_list(profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
+    """List the known device profiles with their memory budget.
+
+    \b
+    Example:
+      edgecds devices list
+    """
+    from edgecds.devices import load_profiles
+
+    profiles = load_profiles(profiles_dirs)
+    if as_json:
+        print_json([p.to_dict() for p in profiles.values()])
+        return
+    rows = [[p.id, p.device_class, p.memory_kind, f"{p.total_gib:g}", f"{p.budget_gib:g}", f"{p.bandwidth_gbs:g}", ",".join(p.backends), ",".join(p.formats)]
+            for p in profiles.values()]
+    table("Device profiles", ["id", "class", "memory", "GiB", "budget GiB", "GB/s", "backends", "formats"], rows)
+
+
+@devices.command("detect")
+@click.option("--root", type=click.Path(path_type=Path, file_okay=False, exists=True), default=Path("/"), show_default=True,
+              help="Read /proc, /sys and /etc below this folder (a captured tree of another machine).")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_obj
+def devices_detect(profiles_dirs: tuple[Path, ...], root: Path, as_json: bool) -> None:
+    """Detect this machine and name the nearest device profile, with how they differ.
+
+    \b
+    Examples:
+      edgecds devices detect
+      edgecds devices detect --root ./captured-jetson --json
+    """
+    from edgecds.devices import load_profiles
+    from edgecds.host import detect_host, nearest_profile
+
+    match = nearest_profile(detect_host(root), load_profiles(profiles_dirs))
+    if as_json:
+        print_json({"host": match.host.to_dict(), "profile": match.profile.id, "reason": match.reason, "differences": list(match.differences)})
+        return
+    host = match.host
+    click.echo(f"CPU:      {host.cpu_model}, {host.cpu_cores} cores, {host.ram_gib:g} GiB RAM ({host.machine})")
+    if host.cpu_isa or host.cpu_gflops_fp32:
+        peak = f", {host.cpu_gflops_fp32:g} GFLOPS FP32 peak at {host.cpu_mhz:g} MHz" if host.cpu_gflops_fp32 else ""
+        click.echo(f"          {host.cpu_isa or 'instruction set unknown'}{peak}")
+    if host.jetson_model:
+        click.echo(f"Jetson:   {host.jetson_model}" + (f", {host.l4t_release}" if host.l4t_release else ""))
+    for gpu in host.gpus:
+        memory = f", {gpu.memory_gib:g} GiB" if gpu.memory_gib else ""
+        click.echo(f"GPU:      {gpu.name}{memory}" + (f", driver {gpu.driver}" if gpu.driver else ""))
+    click.echo(f"Nearest:  {match.profile.id} ({match.reason})")
+    for difference in match.differences:
+        click.echo(f"  differs: {difference}")
+    for note in host.notes:
+        click.echo(f"  note: {note}")
+
+
+@devices.command("show")
+@click.argument("device_id")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_obj
+def devices_show(profiles_dirs: tuple[Path, ...], device_id: str, as_json: bool) -> None:
+    """Show one device profile, every figure with its source.
+
+    \b
+    Example:
+      edgecds devices show rtx-3060-12gb
+    """
+    from edgecds.devices import PROFILE_FIELDS
+
+    profile = resolve_target(device_id, profiles_dirs).device
+    data = profile.to_dict()
+    if as_json:
+        print_json(data)
+        return
+    click.echo(f"{profile.name} ({profile.id}), from {profile.path}")
+    click.echo(f"  budget_gib: {profile.budget_gib:g} (memory.total_gib - memory.reserve_gib)")
+    for spec in PROFILE_FIELDS:
+        value = data["fields"].get(spec.path)
+        if value is None:
+            continue
+        shown = ",".join(value) if isinstance(value, list) else value
+        source = profile.sources.get(spec.path)
+        click.echo(f"  {spec.path}: {shown}" + (f"  [{source}]" if source else ""))
+
+
+@click.command()
+@click.argument("variants", type=click.Path(path_type=Path, exists=True))
+@device_option(DEVICE_HELP)
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="Context length.  [default: the device's]")
+@click.option("--cache-type", "kv_type", default="f16", show_default=True,
+              help="KV-cache type for K and V, as llama.cpp's -ctk/-ctv (f16, q8_0, q4_0, ...).")
+@profiles_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def plan(variants: Path, device_id: str, n_ctx: int | None, kv_type: str, profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
+    """Predict which variants fit a device, and how fast they run there, before anything is loaded.
+
+    VARIANTS is a variants.json written by `edgecds quantize` (or its folder). Every figure is a
+    prediction from the files' headers and the device profile, not a measurement; `edgecds
+    profile` measures on the device itself.
+
+    \b
+    Examples:
+      edgecds plan --device jetson-orin-nano-8gb edgecds-out/SmolLM2-135M-Instruct
+      edgecds plan --device rtx-3060-12gb variants.json --ctx 8192 --cache-type q8_0 --json
+    """
+    from edgecds.hwbench.predict import plan as make_plan
+
+    target = resolve_target(device_id, profiles_dirs)
+    result = make_plan(variants, target.device, n_ctx, kv_type)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    from edgecds.tables import plan_table, print_table
+
+    print_table(plan_table(result, target.device))
+
+
+@click.command()
+@click.argument("variants", type=click.Path(path_type=Path, exists=True))
+@device_option("Device profile to measure for; 'auto' takes the one detected here. Another device is refused unless --measure-anyway.",
+               default=AUTO)
+@click.option("--types", "types_text", metavar="LIST", help="Only these variants (comma list of quant types). Default: all.")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="Context length.  [default: the device's]")
+@click.option("--threads", "-t", type=click.IntRange(min=1), help="Threads.  [default: the device's cores]")
+@click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=click.IntRange(min=-1), help="Layers on the GPU, -1 all.  [default: all on a GPU device]")
+@click.option("--cache-type", "kv_type", default="f16", show_default=True, help="KV-cache type for K and V (llama.cpp's -ctk/-ctv).")
+@click.option("--flash-attn/--no-flash-attn", "-fa", default=False, show_default=True, help="llama.cpp's flash attention.")
+@click.option("--prompt-tokens", "-p", "prompt_tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Prompt-processing test size (llama-bench -p).")
+@click.option("--decode-tokens", "-n", "decode_tokens", type=click.IntRange(min=1), default=128, show_default=True, help="Generation test size (llama-bench -n).")
+@click.option("--repeats", "-r", type=click.IntRange(min=1), default=3, show_default=True, help="Repeats after a warm-up; median and range are reported.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=600, show_default=True, help="Seconds one variant may take; then it is killed and recorded as failed.")
+@click.option("--no-accuracy", is_flag=True, help="Measure memory and speed only; skip the clinical accuracy (edgecds eval).")
+@click.option("--cases", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="Cases for the accuracy.  [default: the shipped set]")
+@click.option("--measure-anyway", is_flag=True, help="Measure on a machine that is not the --device; results are marked as measured on this machine.")
+@click.option("--force", is_flag=True, help="Measure again variants already measured with the same settings on this machine.")
+@click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), help="Results file.  [default: results.json beside variants.json]")
+@profiles_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int | None, threads: int | None, n_gpu_layers: int | None,
+            kv_type: str, flash_attn: bool, prompt_tokens: int, decode_tokens: int, repeats: int, timeout: float,
+            no_accuracy: bool, cases: Path | None, measure_anyway: bool, force: bool, output: Path | None, profiles_dirs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
+    """Measure every variant on this device: load time, peak memory, prompt and decode speed,
+    then clinical accuracy (as `edgecds eval`; --no-accuracy skips it).
+
+    Run it on the target device itself. Each variant runs in a fresh process; a variant predicted
+    not to fit the device's memory is skipped, one that crashes or times out is recorded as
+    failed, and the run goes on. Results go to results.json after every variant; a re-run skips
+    what is already measured with the same settings on this machine.
+
+    \b
+    Examples:
+      edgecds profile edgecds-out/SmolLM2-135M-Instruct
+      edgecds profile variants.json --device jetson-orin-nano-8gb --types Q4_K_M,Q8_0 -r 5 --json
+    """
+    from edgecds.profile import ProfileConfig, run_profile
+    from edgecds.progress import make_reporter
+    from edgecds.quant.types import parse_type_names
+
+    config = ProfileConfig(
+        variants=variants, device=device_id, profiles_dirs=profiles_dirs, types=parse_type_names(types_text),
+        n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, cache_type=kv_type, flash_attn=flash_attn,
+        prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, repeats=repeats, timeout=timeout,
+        measure_anyway=measure_anyway, force=force, output=output, accuracy=not no_accuracy, cases=cases,
+    )
+    result = run_profile(config, make_reporter(quiet))
+    if as_json:
+        print_json(result.to_dict())
+        return
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+
+    from edgecds.tables import measurements_table, print_table
+
+    where = "" if result.on_target else f" (measured on {result.host.detected_profile}, not the device)"
+    print_table(measurements_table([o.record for o in result.outcomes], f"Measured on {result.device}{where}",
+                                   [o.reused for o in result.outcomes]))
+    if result.evaluation is not None:
+        _print_eval_table(result.evaluation)
+    click.echo(f"Recorded in {result.results_file}")
+
+
+@click.command("eval")
+@click.argument("variants", type=click.Path(path_type=Path, exists=True))
+@click.option("--cases", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Your own cases: edgecds JSONL, or MedQA- or MedMCQA-style JSONL.  [default: the shipped set, 155 cases]")
+@click.option("--mode", type=click.Choice(["loglik", "generate", "topk"]), default="loglik", show_default=True,
+              help="loglik: each option's log-probability (works for tiny models); generate: the model's own answer; topk: k differentials.")
+@click.option("-k", "k", type=click.IntRange(min=1, max=10), default=5, show_default=True, help="Differentials listed in topk mode.")
+@click.option("--types", "types_text", metavar="LIST", help="Only these variants (each format's float reference is always scored). Default: all.")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N cases.")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=512), default=2048, show_default=True, help="Context length.")
+@click.option("--threads", "-t", type=click.IntRange(min=1), help="Threads.  [default: llama.cpp's]")
+@click.option("--no-drift", is_flag=True, help="Skip the KL divergence and perplexity on the clinical text.")
+@click.option("--force", is_flag=True, help="Score again variants already scored on these cases on this machine.")
+@click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), help="Results file.  [default: results.json beside variants.json]")
+@profiles_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def eval_command(variants: Path, cases: Path | None, mode: str, k: int, types_text: str | None, limit: int | None, n_ctx: int,
+                 threads: int | None, no_drift: bool, force: bool, output: Path | None, profiles_dirs: tuple[Path, ...],
+                 as_json: bool, quiet: bool) -> None:
+    """Clinical accuracy of every variant, and its drift from the float reference.
+
+    Scores each case by the engine's own logits, reports accuracy with a 95% Wilson interval,
+    flips against the reference with an exact McNemar test, and the KL divergence, top-1
+    agreement and perplexity on a fixed clinical text. Results go to results.json.
+
+    \b
+    Examples:
+      edgecds eval edgecds-out/SmolLM2-135M-Instruct
+      edgecds eval variants.json --cases my-hospital-cases.jsonl --types Q4_K_M --json
+    """
+    from edgecds.evaluate import EvalConfig, run_eval
+    from edgecds.progress import make_reporter
+    from edgecds.quant.types import parse_type_names
+
+    config = EvalConfig(variants=variants, cases=cases, mode=mode, k=k, types=parse_type_names(types_text),
+                        limit=limit, n_ctx=n_ctx, threads=threads, drift=not no_drift, force=force, output=output,
+                        profiles_dirs=profiles_dirs)
+    result = run_eval(config, make_reporter(quiet))
+    if as_json:
+        print_json(result.to_dict())
+        return
+    _print_eval_table(result)
+    click.echo(f"Recorded in {result.results_file}")
+
+
+def _print_eval_table(result: Any) -> None:
+    from edgecds.tables import accuracy_table, print_table
+
+    print_table(accuracy_table([o.record for o in result.outcomes], result.cases, result.mode, result.reference))

@@ -1,0 +1,202 @@
+"""What goes to the clinic and runs there: `report`, `bundle`, `keygen`, `verify`, `run` and `serve`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgecds.commands.common import constraint_options, device_option, print_json, profiles_dir_option
+from edgecds.errors import UsageError
+from edgecds.target import AUTO, resolve_target
+
+
+@click.command("report")
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), help="The HTML file.  [default: report.html beside the results]")
+@constraint_options
+@profiles_dir_option(help="Your own device profiles.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def report_command(results: tuple[Path, ...], output: Path | None, constraints: Any, profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
+    """One offline HTML page: accuracy against memory and speed for every device measured.
+
+    For each device in the results: charts of accuracy (95% interval) against peak memory, with
+    the device's budget, and against decode speed; the Pareto front; the variant `edgecds
+    bundle` would choose (with the same constraint options) and why the others were not; then
+    the measurement, choice, accuracy-by-specialty and drift tables. The page fetches nothing:
+    open it on a machine with no network, or print it.
+
+    \b
+    Examples:
+      edgecds report edgecds-out/SmolLM2-135M-Instruct/results.json
+      edgecds report a/results.json b/results.json --min-accuracy 60 -o clinic-report.html
+    """
+    from edgecds.report import build_report, default_output
+
+    files = list(results)
+    made = build_report(files, output or default_output(files), profiles_dirs, constraints)
+    if as_json:
+        print_json(asdict(made))
+        return
+    drawn = ", ".join(f"{d}: {n} variants drawn" for d, n in made.points.items()) or "no device measured"
+    click.echo(f"Report: {made.output} ({made.bytes / 2**20:.1f} MiB, self-contained); {drawn}")
+
+
+@click.command("bundle")
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@device_option("The device the bundle is for (its measurements must come from it); 'auto': the one detected here.", default=AUTO)
+@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), help="Bundle folder; the archive is written beside it.  [default: ./bundles/<model>-<type>-<device>]")
+@constraint_options
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="Sign the manifest with this ed25519 key (`edgecds keygen`).")
+@profiles_dir_option(help="Your own device profiles.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def bundle_command(results: tuple[Path, ...], device_id: str, output: Path | None, constraints: Any, sign_key: Path | None,
+                   profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
+    """Choose the best variant measured on a device and pack it for the clinic.
+
+    The most accurate variant that meets every constraint wins; ties go to the faster, then the
+    smaller. Every rejected variant is listed with its reason. The bundle (folder and a
+    reproducible .tar.gz) holds the model, manifest.json, runtime.json, MODEL_CARD.md and the
+    model's licence.
+
+    \b
+    Examples:
+      edgecds bundle edgecds-out/SmolLM2-135M-Instruct/results.json --device laptop-x86-16gb
+      edgecds bundle a/results.json b/results.json --device jetson-orin-nano-8gb --min-accuracy 60 --max-drop 2 --sign key.pem
+    """
+    from edgecds.bundle.choose import choose
+    from edgecds.bundle.pack import write_bundle
+
+    target = resolve_target(device_id, profiles_dirs)
+    device = target.device
+    choice = choose(list(results), device, constraints)
+    if choice.chosen is None:
+        for r in choice.rejected:
+            click.echo(f"{r.variant}: {'; '.join(r.reasons)}", err=True)
+        raise UsageError(choice.advice)
+    folder = output or Path("bundles") / f"{choice.chosen.variant}-{device.id}"
+    result = write_bundle(choice, device, folder, sign_key)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if as_json:
+        print_json(asdict(result))
+        return
+    from edgecds.tables import choice_table, print_table
+
+    print_table(choice_table(choice, device.budget_gib))
+    if choice.chosen.predicted_only:
+        click.echo(f"{choice.chosen.variant}: PREDICTED figures, not measured on {device.id}")
+    click.echo(f"Bundle: {result.folder}\nArchive: {result.archive} (sha256 {result.archive_sha256})" + ("\nSigned." if result.signed else ""))
+    click.echo("The bundle's MODEL_CARD.md and manifest.json say the rest.")
+
+
+@click.command("keygen")
+@click.argument("private_key", type=click.Path(path_type=Path, dir_okay=False))
+def keygen_command(private_key: Path) -> None:
+    """Make an ed25519 key pair for signing bundles: PRIVATE_KEY (mode 0600) and PRIVATE_KEY.pub.
+
+    \b
+    Example:
+      edgecds keygen ~/.edgecds/signing-key.pem
+    """
+    from edgecds.bundle.sign import generate_key
+
+    public = generate_key(private_key)
+    click.echo(f"Private key: {private_key} (keep it on the build machine)\nPublic key: {public}: {public.read_text().strip()}")
+
+
+@click.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True))
+@click.option("--key", "trusted_key", help="The signer's public key (hex, from KEY.pem.pub); the bundle must be signed by it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify_command(bundle: Path, trusted_key: str | None, as_json: bool) -> None:
+    """Check a bundle (folder or .tar.gz) byte for byte against its manifest; exit 0 only if all holds.
+
+    \b
+    Examples:
+      edgecds verify bundles/Q4_K_M-laptop-x86-16gb.tar.gz
+      edgecds verify bundles/Q4_K_M-laptop-x86-16gb --key $(cat key.pem.pub)
+    """
+    from edgecds.bundle.verify import verify_bundle
+
+    result = verify_bundle(bundle, trusted_key)
+    if as_json:
+        print_json(asdict(result))
+        return
+    signer = f"signed by {result.signer}" + (" (the trusted key)" if result.trusted_signer else " (not checked against a trusted key: pass --key)") \
+        if result.signed else "not signed"
+    click.echo(f"OK: {result.files} files match the manifest; {signer}")
+
+
+@click.command("run")
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--prompt", "-p", help="The question; without it, read from standard input.")
+@click.option("--max-tokens", "-n", type=click.IntRange(min=1), help="Tokens to generate.  [default: the bundle's]")
+@click.option("--no-verify", is_flag=True, help="Skip checking the bundle against its manifest first.")
+def run_command(bundle: Path, prompt: str | None, max_tokens: int | None, no_verify: bool) -> None:
+    """Answer a prompt with a bundle's model and runtime config, offline; on a terminal without
+    --prompt, a question a line until an empty line.
+
+    \b
+    Example:
+      edgecds run bundles/Q4_K_M-laptop-x86-16gb -p "Fever, neck stiffness and a purpuric rash: differential?"
+    """
+    import sys
+
+    from edgecds.bundle.run import run_prompt
+
+    if prompt is None and sys.stdin.isatty():  # a chat on a terminal: one question a line, empty line or Ctrl-D ends
+        verified = no_verify
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            click.echo(run_prompt(bundle, line, max_tokens, verify=not verified))
+            verified = True
+        return
+    text = prompt if prompt is not None else sys.stdin.read()
+    if not text.strip():
+        raise UsageError("no prompt: pass --prompt or write it on standard input")
+    click.echo(run_prompt(bundle, text, max_tokens, verify=not no_verify))
+
+
+@click.command("serve")
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback exposes the model to the network.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--token", help="Bearer token every request must carry.  [default: $EDGECDS_SERVE_TOKEN, else a new random one, printed once]")
+@click.option("--slots", type=click.IntRange(min=1), default=1, show_default=True, help="Requests answered at once.")
+@click.option("--queue", type=click.IntRange(min=0), default=4, show_default=True, help="Requests allowed to wait; more are answered 503.")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Cap on each answer's tokens.  [default: the bundle's]")
+@click.option("--timeout", "request_seconds", type=click.FloatRange(min=1), default=120, show_default=True, help="Seconds a request may wait for its answer to start.")
+@click.option("--no-verify", is_flag=True, help="Skip checking the bundle against its manifest at start.")
+def serve_command(bundle: Path, host: str, port: int, token: str | None, slots: int, queue: int, max_tokens: int | None,
+                  request_seconds: float, no_verify: bool) -> None:
+    """Serve a bundle's model as an OpenAI-compatible chat endpoint (POST /v1/chat/completions).
+
+    Loopback only by default; every request needs the bearer token; prompts and answers are never
+    logged or written to disk.
+
+    \b
+    Example:
+      EDGECDS_SERVE_TOKEN=s3cret edgecds serve edgecds-out/bundle --port 8080
+    """
+    import os
+
+    from edgecds.serve import TOKEN_ENV, ServeConfig, serve
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: binding to {host}: other machines can reach the model (the token is still required)", err=True)
+    if token is None and not os.environ.get(TOKEN_ENV):
+        import secrets
+
+        token = secrets.token_urlsafe(24)
+        click.echo(f"token (shown once, not stored): {token}", err=True)
+    serve(ServeConfig(bundle=bundle, host=host, port=port, token=token, slots=slots, queue=queue, max_tokens=max_tokens,
+                      request_seconds=request_seconds, verify=not no_verify))
+

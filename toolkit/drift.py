@@ -1,0 +1,72 @@
+"""Drift: how far a variant's next-token distributions moved from its reference's.
+
+One measure, named one way everywhere: `quantize` records it for each quantized ONNX variant
+against fp32, `eval` records it for every variant against its format's float reference, and the
+ONNX attention rewrite (quant/onnx_fuse.py) checks its compiled graph with it. It is computed as
+llama.cpp's perplexity tool computes KL divergence: the text in chunks of DRIFT_CTX tokens, each
+starting with BOS, the second half of each chunk scored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from edgecds.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from edgecds.engine import Runtime
+
+DRIFT_CTX = 512  # llama.cpp perplexity's default chunk; the second half of each chunk is scored
+
+
+def log_softmax(row: Any) -> Any:
+    """Log-probabilities from one row of logits, in float64."""
+    import numpy as np
+
+    shifted = row.astype(np.float64) - row.max()
+    return shifted - math.log(float(np.exp(shifted).sum()))
+
+
+def drift_logprobs(runtime: Runtime, text: str) -> tuple[Any, Any]:
+    """(log-probabilities at every scored position, the token that followed each)."""
+    import numpy as np
+
+    tokens = runtime.tokenize(text, add_bos=False)
+    n_chunks = len(tokens) // DRIFT_CTX
+    if n_chunks < 1:
+        raise InvalidInputError(f"the drift text has {len(tokens)} tokens, fewer than one chunk of {DRIFT_CTX}")
+    first = DRIFT_CTX // 2
+    rows, targets = [], []
+    for c in range(n_chunks):
+        chunk = tokens[c * DRIFT_CTX : (c + 1) * DRIFT_CTX]
+        chunk[0] = runtime.bos()
+        runtime.reset()
+        logits = runtime.eval_logits(chunk)
+        for j in range(first, DRIFT_CTX - 1):
+            rows.append(log_softmax(logits[j]).astype(np.float32))
+            targets.append(chunk[j + 1])
+    return np.stack(rows), np.array(targets)
+
+
+def drift_against(reference: Any, variant: Any, targets: Any) -> dict[str, Any]:
+    """Mean and 99th-percentile KL divergence, top-1 agreement and both perplexities, from two
+    arrays of log-probabilities over the same positions."""
+    import numpy as np
+
+    ref = reference.astype(np.float64)
+    var = variant.astype(np.float64)
+    kl = (np.exp(ref) * (ref - var)).sum(axis=1)
+    picked = np.arange(len(targets))
+    return {"tokens_scored": int(len(targets)), "kl_mean": round(float(kl.mean()), 6), "kl_p99": round(float(np.percentile(kl, 99)), 6),
+            "top1_agreement": round(float((ref.argmax(axis=1) == var.argmax(axis=1)).mean()), 4),
+            "perplexity": round(float(np.exp(-var[picked, targets].mean())), 4),
+            "reference_perplexity": round(float(np.exp(-ref[picked, targets].mean())), 4)}
+
+
+def drift_of_logits(reference_logits: Any, variant_logits: Any, targets: Any) -> dict[str, Any]:
+    """`drift_against` from raw logits (rows of n_vocab) rather than log-probabilities."""
+    import numpy as np
+
+    return drift_against(np.stack([log_softmax(r) for r in reference_logits]), np.stack([log_softmax(r) for r in variant_logits]),
+                         np.asarray(targets))

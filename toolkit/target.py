@@ -1,0 +1,101 @@
+"""The resolved target: which device a command works for, and what this machine is.
+
+Every command that names a device (`plan`, `profile`, `eval`, `bundle`, `report`, `devices show`,
+the benchmarks) calls `resolve_target` once, with the user's device argument, profile folders and
+root, and passes the `Target` down: nothing below it detects the host or reads the profiles again.
+
+The device argument is a profile id, `auto` (the shipped profile nearest to this machine) or
+`host` (this machine itself, as detected: its memory and cores, the nearest profile's figures for
+the rest).
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgecds import __version__
+from edgecds.devices import DeviceProfile, load_profiles
+from edgecds.engine import RunSettings, settings_for
+from edgecds.errors import UnknownNameError, WrongDeviceError
+from edgecds.host import HostInfo, HostMatch, detect_host, host_profile, nearest_profile
+from edgecds.results import HostFingerprint
+
+AUTO = "auto"  # the shipped profile nearest to this machine
+HOST = "host"  # this machine as detected
+DEVICE_HELP = "Device profile id (see `edgecds devices list`), 'auto' (the profile nearest to this machine) or 'host' (this machine as detected)."
+
+
+@dataclass(frozen=True)
+class Target:
+    id: str  # the device results are recorded for and bundles are made for
+    device: DeviceProfile  # that device's profile (`host`: this machine's, as detected)
+    here: bool  # whether this machine is that device
+    settings_profile: DeviceProfile  # where engine settings come from: on the device, its detected cores and memory
+    match: HostMatch  # this machine, the profile nearest to it, and how they differ
+    fingerprint: HostFingerprint  # this machine as results record it
+    profiles: dict[str, DeviceProfile]  # every profile the command was given (shipped and the user's)
+
+    @property
+    def host(self) -> HostInfo:
+        return self.match.host
+
+    def engine_settings(self, n_ctx: int | None = None, **overrides: Any) -> RunSettings:
+        """The settings this device runs with (its default context, a thread a core, its GPU layers);
+        `overrides` that are not None replace them."""
+        return settings_for(self.settings_profile, n_ctx, **overrides)
+
+    def require_here(self, measure_anyway: bool) -> None:
+        """Measuring needs the device itself; another machine only with `measure_anyway`."""
+        if self.here or measure_anyway:
+            return
+        host, detected = self.host, self.match.profile
+        gpu = f", GPU {host.gpus[0].name}" if host.gpus else ""
+        raise WrongDeviceError(
+            f"this machine is not a {self.id}: detected {detected.id} (CPU {host.cpu_model}, {host.cpu_cores} cores, "
+            f"{host.ram_gib:g} GiB{gpu}). Run `edgecds profile` on the device itself, or add --measure-anyway to measure here; "
+            f"such results are marked as measured on {detected.id} and never count for {self.id}"
+        )
+
+
+def _llama_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama_cpp_python")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def fingerprint(host: HostInfo, match: HostMatch) -> HostFingerprint:
+    """The machine that measures, and the software it runs; its id hashes the rest."""
+    gpus = [g.name + (f" {g.memory_gib:g} GiB" if g.memory_gib else "") for g in host.gpus]
+    values: dict[str, Any] = {
+        "detected_profile": match.profile.id, "cpu": host.cpu_model, "cpu_cores": host.cpu_cores, "cpu_isa": host.cpu_isa,
+        "ram_gib": host.ram_gib, "machine": host.machine, "gpus": gpus, "gpu_driver": host.gpus[0].driver if host.gpus else None,
+        "jetson": host.jetson_model, "l4t_release": host.l4t_release, "os": f"{platform.system()} {platform.release()}",
+        "versions": {"edgecds": __version__, "llama_cpp_python": _llama_version(), "python": platform.python_version()},
+    }
+    return HostFingerprint(id=HostFingerprint.make_id(values), **values)
+
+
+def resolve_target(device: str = AUTO, profiles_dirs: Iterable[Path] = (), root: Path = Path("/")) -> Target:
+    """The device `device` names, this machine (read below `root`), and whether they are one."""
+    profiles = load_profiles(profiles_dirs)
+    match = nearest_profile(detect_host(root), profiles)
+    detected = match.profile
+    fp = fingerprint(match.host, match)
+    if device in (AUTO, HOST) and device not in profiles:
+        # the settings follow this very machine (its cores, memory); `auto` records its profile's id
+        here_profile = host_profile(match)
+        named = here_profile if device == HOST else detected
+        return Target(named.id, named, True, here_profile, match, fp, profiles)
+    if device not in profiles:
+        raise UnknownNameError("device", device, [*sorted(profiles), AUTO, HOST])
+    named = profiles[device]
+    if named.id == detected.id:
+        return Target(named.id, named, True, host_profile(match) if match.differences else named, match, fp, profiles)
+    return Target(named.id, named, False, named, match, fp, profiles)
