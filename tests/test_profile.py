@@ -105,6 +105,31 @@ def _tiny_profile(tmp_path: Path) -> Path:
     return mine
 
 
+def test_profiles_dir_is_the_one_target_of_measurements_and_evaluations(variants: Path, tmp_path: Path) -> None:
+    """A user profile nearer to this machine than any shipped one is the detected profile of the
+    measurement records and of the evaluation records alike: the profile command resolves its
+    target once and evaluates on it, instead of detecting the host again without the user's folder."""
+    from edgecds.clinical import __file__ as clinical_init
+
+    ram = detect_host().ram_gib
+    text = (PROFILES / "laptop-x86-16gb.toml").read_text()
+    text = text.replace('id = "laptop-x86-16gb"', 'id = "clinic-box"').replace("total_gib = 15.6", f"total_gib = {ram}")
+    mine = tmp_path / "my-profiles"
+    mine.mkdir()
+    (mine / "clinic-box.toml").write_text(text)
+    cases = tmp_path / "three-cases.jsonl"
+    cases.write_text("".join((Path(clinical_init).parent / "cases-v1.jsonl").read_text().splitlines(keepends=True)[:3]))
+    code, out = profile(str(variants), "--types", "Q8_0", "--profiles-dir", str(mine), "--cases", str(cases),
+                        *[a for a in QUICK if a != "--no-accuracy"], "-r", "1")
+    assert code == 0, out
+    stored = load_results(variants / RESULTS_FILE)
+    assert stored is not None and stored.records and stored.evaluations
+    hosts = {r.host for r in stored.records} | {e.host for e in stored.evaluations}
+    assert len(hosts) == 1, hosts
+    assert stored.hosts[hosts.pop()].detected_profile == "clinic-box"
+    assert {r.device for r in stored.records} == {"clinic-box"}
+
+
 def test_another_device_is_refused_naming_what_was_detected(variants: Path, tmp_path: Path) -> None:
     code, out = profile(str(variants), "--device", "jetson-orin-nano-8gb", *QUICK)
     assert code == 1

@@ -20,10 +20,11 @@ from typing import Any
 from edgecds import __version__
 from edgecds.atomic import atomic_path
 from edgecds.bundle.choose import Candidate, Choice, Constraints, choose
-from edgecds.devices import DeviceProfile, find_profile
+from edgecds.devices import DeviceProfile
 from edgecds.errors import InvalidInputError
 from edgecds.results import EvalRecord, HostFingerprint, MeasurementRecord, ResultsFile, load_results
 from edgecds.tables import Table, accuracy_table, choice_table, measurements_table, specialty_table
+from edgecds.target import AUTO, resolve_target
 
 MIB = 2**20
 # one colour per format, fixed so a format looks the same in every chart of every report
@@ -197,7 +198,8 @@ def build_report(results_files: list[Path], output: Path, profiles_dirs: tuple[P
     device_ids = sorted({r.device for res in loaded for r in res.records})
     if not device_ids and not any(res.evaluations for res in loaded):
         raise InvalidInputError(f"{', '.join(map(str, results_files))}: nothing measured yet; run `edgecds profile` first")
-    sections = [_device_section(results_files, loaded, find_profile(d, profiles_dirs), constraints) for d in device_ids]
+    target = resolve_target(AUTO, profiles_dirs) if device_ids else None
+    sections = [_device_section(results_files, loaded, target.profile_of(d), constraints) for d in device_ids if target]
     for i, section in enumerate(sections):
         if not section.points:
             continue

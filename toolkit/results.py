@@ -8,7 +8,6 @@ the target. It is validated when read: later steps trust it.
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 from edgecds.atomic import write_json
 from edgecds.digest import cache_key
 from edgecds.errors import InvalidInputError
-from edgecds.variants import VariantRecord, dataclass_from_dict
+from edgecds.variants import VariantRecord, dataclass_from_dict, read_record_file
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
@@ -194,15 +193,7 @@ def load_results(path: Path) -> ResultsFile | None:
     """The results file, or None when there is none yet; a malformed one is an error naming what."""
     if not path.exists():
         return None
-    if path.stat().st_size > MAX_RESULTS_BYTES:
-        raise InvalidInputError(f"{path}: larger than {MAX_RESULTS_BYTES >> 20} MiB; not a results file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInputError(f"{path}: not valid JSON ({exc}); move it away to start a new results file") from None
-    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-        version = data.get("schema_version") if isinstance(data, dict) else None
-        raise InvalidInputError(f"{path}: schema_version {version!r} is not {SCHEMA_VERSION}; use a matching edgecds")
+    data = read_record_file(path, SCHEMA_VERSION, "move it away to start a new results file", "use a matching edgecds", MAX_RESULTS_BYTES)
     hosts, records = data.get("hosts"), data.get("records")
     if not isinstance(hosts, dict) or not isinstance(records, list):
         raise InvalidInputError(f"{path}: 'hosts' must be an object and 'records' a list")

@@ -48,6 +48,15 @@ class Target:
         `overrides` that are not None replace them."""
         return settings_for(self.settings_profile, n_ctx, **overrides)
 
+    def profile_of(self, device_id: str) -> DeviceProfile:
+        """The profile of a device id a results file names: a known profile, or `host` (the
+        machine that measured, read as this one: its detected figures)."""
+        if device_id in self.profiles:
+            return self.profiles[device_id]
+        if device_id == HOST:
+            return host_profile(self.match)
+        raise UnknownNameError("device", device_id, [*sorted(self.profiles), HOST])
+
     def require_here(self, measure_anyway: bool) -> None:
         """Measuring needs the device itself; another machine only with `measure_anyway`."""
         if self.here or measure_anyway:

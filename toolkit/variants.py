@@ -131,18 +131,28 @@ def dataclass_from_dict(cls: type, data: Any, where: str) -> Any:
     return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def read_record_file(path: Path, schema_version: int, fix: str, use: str, max_bytes: int | None = None) -> dict[str, Any]:
+    """A JSON record file edgecds wrote (variants.json, results.json), as an object of the expected
+    schema; anything else is an error naming the file, with `fix` (not valid JSON) or `use` (another
+    schema) saying what to do."""
+    if max_bytes is not None and path.stat().st_size > max_bytes:
+        raise InvalidInputError(f"{path}: larger than {max_bytes >> 20} MiB; not a {path.name} edgecds wrote")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInputError(f"{path}: not valid JSON ({exc}); {fix}") from None
+    if not isinstance(data, dict) or data.get("schema_version") != schema_version:
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        raise InvalidInputError(f"{path}: schema_version {version!r} is not {schema_version}; {use}")
+    return data
+
+
 def load_variants(folder: Path) -> VariantsFile | None:
     """The folder's variants.json, or None when there is none yet."""
     path = folder / VARIANTS_FILE
     if not path.exists():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInputError(f"{path}: not valid JSON ({exc}); delete it to rebuild the record from scratch") from None
-    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-        version = data.get("schema_version") if isinstance(data, dict) else None
-        raise InvalidInputError(f"{path}: schema_version {version!r} is not {SCHEMA_VERSION}; delete it or use a matching edgecds")
+    data = read_record_file(path, SCHEMA_VERSION, "delete it to rebuild the record from scratch", "delete it or use a matching edgecds")
     source = dataclass_from_dict(SourceRecord, data.get("source"), f"{path}: source")
     raw = data.get("variants")
     if not isinstance(raw, list):

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from edgecds.commands.common import device_option, print_json, profiles_dir_option, table
+from edgecds.engine import DEFAULT_CTX
 from edgecds.target import AUTO, DEVICE_HELP, resolve_target
 
 
@@ -220,7 +221,7 @@ def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int |
 @click.option("-k", "k", type=click.IntRange(min=1, max=10), default=5, show_default=True, help="Differentials listed in topk mode.")
 @click.option("--types", "types_text", metavar="LIST", help="Only these variants (each format's float reference is always scored). Default: all.")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N cases.")
-@click.option("--ctx", "n_ctx", type=click.IntRange(min=512), default=2048, show_default=True, help="Context length.")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=512), default=DEFAULT_CTX, show_default=True, help="Context length.")
 @click.option("--threads", "-t", type=click.IntRange(min=1), help="Threads.  [default: llama.cpp's]")
 @click.option("--no-drift", is_flag=True, help="Skip the KL divergence and perplexity on the clinical text.")
 @click.option("--force", is_flag=True, help="Score again variants already scored on these cases on this machine.")
