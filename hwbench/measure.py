@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,12 @@ CLINICAL_PROMPT = (
 PEAK_RSS_RESOLUTION = 1 << 20
 TIMEOUT_SECONDS = 600
 SAMPLE_SECONDS = 0.05
+# A run is disturbed when other processes used more than a quarter of a core on average while it
+# was timed. llama.cpp runs a spinning thread a core and waits at every barrier for the slowest, so
+# a neighbour taking part of one core slows decode far more than its share (30x measured here with
+# one busy process on 2 cores); an idle machine here shows under 0.05 cores of others' work.
+DISTURBED_CORES = 0.25
+MAX_RERUNS = 2  # a disturbed run is measured again at most this many times; then it is kept, flagged
 
 _BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|compute|output) buffer size =\s+([\d.]+) MiB")
 
@@ -68,6 +75,7 @@ class Workload:
     warmup: bool = True
     ttft: bool = True
     decode_after_prompt: bool = False  # decode at the prompt's depth (the predictor benchmark fills the context)
+    fill_context: bool = False  # after the timed work, fill the context once: the peak the device needs at its n_ctx
 
 
 ONE_PASS = Workload(repeats=1, warmup=False, ttft=False, decode_after_prompt=True)
@@ -91,6 +99,15 @@ class Measurement:
     gpu_peak_bytes: int | None = None  # NVML: the child's GPU memory (or the device's growth), at its peak
     unified_peak_bytes: int | None = None  # Jetson: growth of memory in use (MemTotal - MemAvailable)
     notes: list[str] = field(default_factory=list)
+    # CPU cores other processes used, on average, during each repeat's timed work (None: not readable here)
+    others_cpu_cores: list[float] | None = None
+    full_context_peak_bytes: int | None = None  # VmHWM after filling the context (Workload.fill_context)
+    full_context_tokens: int = 0
+    reruns: int = 0  # disturbed runs measured again before this one was kept (measure_repeated)
+
+    @property
+    def disturbed(self) -> bool:
+        return bool(self.others_cpu_cores) and max(self.others_cpu_cores or [0.0]) > DISTURBED_CORES
 
     @property
     def prompt_tps_samples(self) -> list[float]:
@@ -174,33 +191,72 @@ def measure_here(model_path: Path, settings: RunSettings, workload: Workload = W
     if workload.warmup:  # as llama-bench: one prompt pass and one decoded token, untimed
         _time_prompt(runtime, prompt)
         _time_decode(runtime, 1, runtime.bos())
-    prompt_seconds, decode_seconds, ttft_seconds = [], [], []
-    ttft_tokens = 0
-    for _ in range(workload.repeats):
-        prompt_seconds.append(_time_prompt(runtime, prompt))
-        stages["prompt"] = proc_status()
-        if workload.decode_after_prompt:
-            decode_seconds.append(_time_decode(runtime, n_decode, greedy_token(runtime), from_empty=False))
-        else:
-            decode_seconds.append(_time_decode(runtime, n_decode, runtime.bos()))
-        stages["decode"] = proc_status()
-        if workload.ttft:
-            ttft_tokens, seconds = _time_first_token(runtime, chat)
-            ttft_seconds.append(seconds)
+    timed = _timed_repeats(runtime, prompt, chat, workload, n_decode, stages)
+    stages["end"] = proc_status()
+    full_peak = None
+    if workload.fill_context:  # after the timed work, which it must not slow; its peak is its own figure
+        runtime.reset()
+        runtime.eval(_fill_tokens(runtime, settings.n_ctx - 1))
+        full_peak = proc_status()["VmHWM"]
     log = runtime.engine_log()
     runtime.close()
+    return Measurement(
+        model=model_path.name, settings=settings, workload=workload, peak_rss_bytes=stages["end"]["VmHWM"], stages=stages,
+        llama_buffers_mib=_engine_buffers(log), load_seconds=load_seconds, prompt_tokens=n_prompt, prompt_seconds=timed["prompt"],
+        decode_tokens=n_decode, decode_seconds=timed["decode"], ttft_prompt_tokens=timed["ttft_tokens"], ttft_seconds=timed["ttft"],
+        others_cpu_cores=timed["others"], full_context_peak_bytes=full_peak,
+        full_context_tokens=settings.n_ctx - 1 if workload.fill_context else 0,
+    )
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds every process on this machine has used, this process's own), or None where
+    /proc/stat cannot be read. Time the hypervisor gave other machines (steal) counts as used."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            values = [int(v) for v in fh.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(values) < 5:
+        return None
+    busy = sum(values) - values[3] - values[4]  # all but idle and iowait
+    own = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def _timed_repeats(runtime: Runtime, prompt: list[int], chat: str, workload: Workload, n_decode: int,
+                   stages: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """The timed work, `workload.repeats` times, and how much CPU other processes used meanwhile."""
+    out: dict[str, Any] = {"prompt": [], "decode": [], "ttft": [], "ttft_tokens": 0, "others": []}
+    for _ in range(workload.repeats):
+        before, start = cpu_seconds(), time.perf_counter()
+        out["prompt"].append(_time_prompt(runtime, prompt))
+        stages["prompt"] = proc_status()
+        if workload.decode_after_prompt:
+            out["decode"].append(_time_decode(runtime, n_decode, greedy_token(runtime), from_empty=False))
+        else:
+            out["decode"].append(_time_decode(runtime, n_decode, runtime.bos()))
+        stages["decode"] = proc_status()
+        if workload.ttft:
+            out["ttft_tokens"], seconds = _time_first_token(runtime, chat)
+            out["ttft"].append(seconds)
+        after, wall = cpu_seconds(), time.perf_counter() - start
+        if before is None or after is None or out["others"] is None:
+            out["others"] = None
+        else:
+            out["others"].append(round(max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / max(wall, 1e-6), 3))
+    return out
+
+
+def _engine_buffers(log: list[str]) -> dict[str, float]:
+    """The buffer sizes llama.cpp logged while loading, MiB by buffer."""
     buffers: dict[str, float] = {}
     for line in log:
         match = _BUFFER_LINE.search(line)
         if match and "expectation" not in line:
             key = f"{match.group(1)} {match.group(2)}".replace("_Mapped", "").replace("_REPACK", " repack")
             buffers[key] = buffers.get(key, 0.0) + float(match.group(3))
-    stages["end"] = proc_status()
-    return Measurement(
-        model=model_path.name, settings=settings, workload=workload, peak_rss_bytes=stages["end"]["VmHWM"], stages=stages,
-        llama_buffers_mib=buffers, load_seconds=load_seconds, prompt_tokens=n_prompt, prompt_seconds=prompt_seconds,
-        decode_tokens=n_decode, decode_seconds=decode_seconds, ttft_prompt_tokens=ttft_tokens, ttft_seconds=ttft_seconds,
-    )
+    return buffers
 
 
 class _MemorySampler(threading.Thread):
@@ -330,13 +386,22 @@ def measure_in_subprocess(model_path: Path, settings: RunSettings, workload: Wor
 
 
 def measure_repeated(model_path: Path, settings: RunSettings, repeats: int, timeout: float = TIMEOUT_SECONDS,
-                     unified_memory: bool = False, gpu: bool = False) -> list[Measurement]:
+                     unified_memory: bool = False, gpu: bool = False, fill_context: bool = False) -> list[Measurement]:
     """`repeats` fresh processes, each loading, warming up and timing the work once. Repeating
     whole processes, not passes inside one, makes the spread honest: it then includes what
     changes from one process to the next (where memory lands, clocks, neighbours), which two
-    profile runs would otherwise disagree by."""
-    once = Workload(repeats=1)
-    return [measure_in_subprocess(model_path, settings, once, timeout, unified_memory, gpu) for _ in range(repeats)]
+    profile runs would otherwise disagree by. A run that other processes disturbed is measured
+    again, up to MAX_RERUNS times; the least disturbed is kept, with how many reruns it took.
+    `fill_context`: the first process also fills the context once after its timed work."""
+    runs = []
+    for i in range(repeats):
+        workload = Workload(repeats=1, fill_context=fill_context and i == 0)
+        tries = [measure_in_subprocess(model_path, settings, workload, timeout, unified_memory, gpu)]
+        while tries[-1].disturbed and len(tries) <= MAX_RERUNS:
+            tries.append(measure_in_subprocess(model_path, settings, workload, timeout, unified_memory, gpu))
+        kept = min(tries, key=lambda m: max(m.others_cpu_cores or [0.0]))
+        runs.append(replace(kept, reruns=len(tries) - 1))
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:

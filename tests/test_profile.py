@@ -105,18 +105,27 @@ def _tiny_profile(tmp_path: Path) -> Path:
     return mine
 
 
+def _nearest_profile(tmp_path: Path, reserve_gib: float | None = None) -> Path:
+    """A folder with `clinic-box`, a CPU profile with exactly this machine's RAM: nearer to it than any
+    shipped one, so `--device auto` detects it. `reserve_gib` sets its budget (total less reserve)."""
+    ram = detect_host().ram_gib
+    text = (PROFILES / "laptop-x86-16gb.toml").read_text()
+    text = text.replace('id = "laptop-x86-16gb"', 'id = "clinic-box"').replace("total_gib = 15.6", f"total_gib = {ram}")
+    if reserve_gib is not None:
+        text = text.replace("reserve_gib = 4.0", f"reserve_gib = {reserve_gib}")
+    mine = tmp_path / "my-profiles"
+    mine.mkdir(exist_ok=True)
+    (mine / "clinic-box.toml").write_text(text)
+    return mine
+
+
 def test_profiles_dir_is_the_one_target_of_measurements_and_evaluations(variants: Path, tmp_path: Path) -> None:
     """A user profile nearer to this machine than any shipped one is the detected profile of the
     measurement records and of the evaluation records alike: the profile command resolves its
     target once and evaluates on it, instead of detecting the host again without the user's folder."""
     from edgecds.clinical import __file__ as clinical_init
 
-    ram = detect_host().ram_gib
-    text = (PROFILES / "laptop-x86-16gb.toml").read_text()
-    text = text.replace('id = "laptop-x86-16gb"', 'id = "clinic-box"').replace("total_gib = 15.6", f"total_gib = {ram}")
-    mine = tmp_path / "my-profiles"
-    mine.mkdir()
-    (mine / "clinic-box.toml").write_text(text)
+    mine = _nearest_profile(tmp_path)
     cases = tmp_path / "three-cases.jsonl"
     cases.write_text("".join((Path(clinical_init).parent / "cases-v1.jsonl").read_text().splitlines(keepends=True)[:3]))
     code, out = profile(str(variants), "--types", "Q8_0", "--profiles-dir", str(mine), "--cases", str(cases),
@@ -128,6 +137,98 @@ def test_profiles_dir_is_the_one_target_of_measurements_and_evaluations(variants
     assert len(hosts) == 1, hosts
     assert stored.hosts[hosts.pop()].detected_profile == "clinic-box"
     assert {r.device for r in stored.records} == {"clinic-box"}
+
+
+KV_BYTES_PER_TOKEN = 23040  # SmolLM2-135M: 30 layers x 3 KV heads x 64 x (K and V) x 2 bytes (f16)
+
+
+def test_memory_is_measured_with_the_context_filled_and_the_budget_uses_it(variants: Path, tmp_path: Path) -> None:
+    """The benchmark writes 64 of 2048 KV cells; the figure a budget is held against fills them all.
+    The difference is at least the unwritten KV pages (plus the attention's work buffers, which grow
+    with the cells attended). A device whose budget lies between the two figures is refused."""
+    from edgecds.engine import RunSettings
+    from edgecds.hwbench.predict import ModelShape, compute_touched_bytes
+    from edgecds.quant.gguf_file import read_gguf
+
+    code, out = profile(str(variants), "--types", "Q8_0", "--ctx", "2048", "-p", "64", "-n", "16", "-r", "1", "--no-accuracy", "-q", "--json")
+    assert code == 0, out
+    m = json.loads(out)["records"][0]["measured"]
+    short, full = int(m["peak_rss_bytes"]["high"]), m["full_context_peak_bytes"]
+    assert m["full_context_tokens"] == 2047
+    unwritten_kv = (2047 - 64) * KV_BYTES_PER_TOKEN
+    shape = ModelShape.from_gguf(read_gguf(variants / json.loads(out)["records"][0]["variant"]["path"]))
+    more_compute = compute_touched_bytes(shape, RunSettings(n_ctx=2048, prompt_tokens=None, decode_tokens=1))
+    assert unwritten_kv * 0.95 <= full - short <= unwritten_kv + more_compute + (16 << 20), (short, full, unwritten_kv, more_compute)
+
+    # a device whose budget holds the short run's peak but not the full context's
+    ram = detect_host().ram_gib
+    budget_gib = (short + (full - short) / 2) / 2**30
+    mine = _nearest_profile(tmp_path, reserve_gib=round(ram - budget_gib, 4))
+    results = variants / RESULTS_FILE
+    result = CliRunner().invoke(cli, ["bundle", str(results), "--device", "clinic-box", "--profiles-dir", str(mine), "-o", str(tmp_path / "b")])
+    assert result.exit_code != 0
+    assert "no variant was measured on clinic-box" in result.output  # measured for the profile detected without it
+    code, out = profile(str(variants), "--types", "Q8_0", "--ctx", "2048", "-p", "64", "-n", "16", "-r", "1", "--no-accuracy",
+                        "--profiles-dir", str(mine))
+    assert code == 0, out
+    result = CliRunner().invoke(cli, ["bundle", str(results), "--device", "clinic-box", "--profiles-dir", str(mine), "-o", str(tmp_path / "b")])
+    assert result.exit_code != 0 and "Q8_0: too big by" in result.output, result.output
+
+
+class Burner:
+    """A process that keeps one CPU core busy: another program on the clinic's machine."""
+
+    def __init__(self) -> None:
+        import subprocess
+
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_a_disturbed_run_is_measured_again(default_variants: QuantizeResult, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A neighbour busy during the first run: that run is measured again, once the neighbour is gone."""
+    from edgecds.engine import RunSettings
+    from edgecds.hwbench import measure
+
+    path = Path(default_variants.output_dir) / "SmolLM2-135M-Instruct-Q8_0.gguf"
+    settings = RunSettings(n_ctx=512, prompt_tokens=64, decode_tokens=16, threads=detect_host().cpu_cores)
+    real = measure.measure_in_subprocess
+    burner = Burner()
+    seen: list[measure.Measurement] = []
+
+    def first_one_disturbed(*args: object, **kwargs: object) -> measure.Measurement:
+        result = real(*args, **kwargs)  # type: ignore[arg-type]
+        seen.append(result)
+        burner.stop()  # the neighbour leaves after the first run
+        return result
+
+    monkeypatch.setattr(measure, "measure_in_subprocess", first_one_disturbed)
+    try:
+        runs = measure.measure_repeated(path, settings, 1)
+    finally:
+        burner.stop()
+    assert seen[0].disturbed and max(seen[0].others_cpu_cores or [0]) > measure.DISTURBED_CORES, seen[0].others_cpu_cores
+    assert len(seen) == 2 and runs[0].reruns == 1 and not runs[0].disturbed, [m.others_cpu_cores for m in seen]
+
+
+def test_a_lasting_disturbance_is_recorded_and_min_decode_does_not_trust_it(variants: Path, tmp_path: Path) -> None:
+    burner = Burner()
+    try:
+        code, out = profile(str(variants), "--types", "Q8_0", *QUICK, "-r", "1", "--json")
+    finally:
+        burner.stop()
+    assert code == 0, out
+    m = json.loads(out)["records"][0]["measured"]
+    d = m["disturbance"]
+    assert d["disturbed"] and d["reruns"] == 2 and max(d["others_cpu_cores"]) > d["threshold_cores"], d
+    assert any(note.startswith("disturbed: other processes used up to") for note in m["notes"])
+    result = CliRunner().invoke(cli, ["bundle", str(variants / RESULTS_FILE), "--min-decode", "1", "-o", str(tmp_path / "b")])
+    assert result.exit_code != 0 and "Q8_0: decode speed measured while other processes used the CPU" in result.output, result.output
+    result = CliRunner().invoke(cli, ["bundle", str(variants / RESULTS_FILE), "--min-decode", "1", "--allow-disturbed", "-o", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
 
 
 def test_another_device_is_refused_naming_what_was_detected(variants: Path, tmp_path: Path) -> None:

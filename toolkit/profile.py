@@ -33,6 +33,11 @@ from edgecds.results import (
 from edgecds.target import AUTO, Target, resolve_target
 from edgecds.variants import VariantRecord, check_unchanged, open_variants
 
+# A measured decode speed this many times off the prediction, either way, is flagged with both
+# figures: the predictor lands within about 20% on a quiet device (bench_predict), so 3x is a
+# disturbed run, a throttled device or a profile that does not describe it.
+SPEED_FLAG_RATIO = 3.0
+
 
 @dataclass(frozen=True)
 class ProfileConfig:
@@ -198,10 +203,10 @@ def _profile_one(folder: Path, variant: VariantRecord, target: Target, settings:
     unified = device.memory_kind == "unified" and device.device_class == "jetson"
     try:
         runs = measure_repeated(path, settings, config.repeats, timeout=config.timeout, unified_memory=unified,
-                                gpu=settings.n_gpu_layers != 0)
+                                gpu=settings.n_gpu_layers != 0, fill_context=True)
     except EngineError as exc:
         return record("failed", str(exc), predicted)
-    return record("measured", "", predicted, _summary(runs))
+    return record("measured", "", predicted, _summary(runs, predicted))
 
 
 def _prediction(path: Path, variant: VariantRecord, settings: Any, device: DeviceProfile) -> dict[str, Any]:
@@ -212,25 +217,42 @@ def _prediction(path: Path, variant: VariantRecord, settings: Any, device: Devic
 
     if variant.format != "gguf":
         return {}
-    prediction = predict(read_gguf(path), replace(settings, prompt_tokens=None, decode_tokens=1), device)
+    info = read_gguf(path)
+    prediction = predict(info, replace(settings, prompt_tokens=None, decode_tokens=1), device)
+    benchmark = predict(info, settings, device)  # the speed the timed work itself should show
     return {"peak_bytes": prediction.memory.peak_bytes, "budget_bytes": prediction.budget_bytes,
             "gpu_layers": prediction.memory.gpu_layers, "decode_tps": round(prediction.speed.decode_tps, 2),
+            "benchmark_decode_tps": round(benchmark.speed.decode_tps, 2),
             "n_ctx": settings.n_ctx, "fits": prediction.fits, **({"why_not": prediction.why_not} if not prediction.fits else {})}
 
 
-def _summary(runs: list[Any]) -> Measured:
-    """Each figure's median and range over the fresh processes; memory peaks at the highest."""
-    from edgecds.hwbench.measure import PEAK_RSS_RESOLUTION
+def _summary(runs: list[Any], predicted: dict[str, Any]) -> Measured:
+    """Each figure's median and range over the fresh processes; memory peaks at the highest; how
+    much other processes disturbed the runs; a speed far from the prediction flagged with both."""
+    from edgecds.hwbench.measure import DISTURBED_CORES, PEAK_RSS_RESOLUTION
 
     def highest(values: list[int | None]) -> int | None:
         present = [v for v in values if v is not None]
         return max(present) if present else None
 
+    others = [max(m.others_cpu_cores) for m in runs if m.others_cpu_cores]
+    disturbance = {"others_cpu_cores": others, "threshold_cores": DISTURBED_CORES, "reruns": sum(m.reruns for m in runs),
+                   "disturbed": any(m.disturbed for m in runs)} if others else {}
+    notes = {note for m in runs for note in m.notes}
+    decode = Stat.of([m.decode_tps for m in runs])
+    expected = predicted.get("benchmark_decode_tps")
+    if expected and decode.median and not 1 / SPEED_FLAG_RATIO <= decode.median / expected <= SPEED_FLAG_RATIO:
+        notes.add(f"decode {decode.median:.1f} tokens/s is {decode.median / expected:.2g}x the predicted {expected:.1f}: "
+                  "disturbed, throttled, or a device unlike its profile")
+    if disturbance.get("disturbed"):
+        notes.add(f"disturbed: other processes used up to {max(others):.2f} CPU cores during the timed work "
+                  f"(threshold {DISTURBED_CORES}); speeds are not trusted")
     return Measured(
         load_seconds=Stat.of([m.load_seconds for m in runs]), peak_rss_bytes=Stat.of([float(m.peak_rss_bytes) for m in runs], PEAK_RSS_RESOLUTION),
-        prompt_tps=Stat.of([m.prompt_tps for m in runs]), decode_tps=Stat.of([m.decode_tps for m in runs]),
+        prompt_tps=Stat.of([m.prompt_tps for m in runs]), decode_tps=decode,
         ttft_seconds=Stat.of([s for m in runs for s in m.ttft_seconds]) if runs[0].ttft_seconds else None,
         ttft_prompt_tokens=runs[0].ttft_prompt_tokens, gpu_peak_bytes=highest([m.gpu_peak_bytes for m in runs]),
         unified_peak_bytes=highest([m.unified_peak_bytes for m in runs]), engine_buffers_mib=runs[0].llama_buffers_mib,
-        notes=sorted({note for m in runs for note in m.notes}),
+        notes=sorted(notes), full_context_peak_bytes=highest([m.full_context_peak_bytes for m in runs]),
+        full_context_tokens=max(m.full_context_tokens for m in runs), disturbance=disturbance,
     )

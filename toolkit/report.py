@@ -51,7 +51,7 @@ class Point:
     decode_spread: float
     predicted: bool  # figures from the predictor, not measured on the device
     chosen: bool
-    reasons: tuple[str, ...]
+    reasons: tuple[str, ...]  # why it was chosen, or why not
 
 
 @dataclass(frozen=True)
@@ -88,12 +88,13 @@ def _latest_records(results: ResultsFile, device: str) -> list[MeasurementRecord
     return sorted(latest.values(), key=lambda r: -r.variant.file_size)
 
 
-def _point(c: Candidate, chosen: Candidate | None) -> Point | None:
+def _point(c: Candidate, choice: Choice) -> Point | None:
     if c.accuracy is None or c.accuracy_low is None or c.evaluation is None:
         return None
     spread = c.measurement.measured.decode_tps.spread if c.measurement and c.measurement.measured else 0.0
+    chosen = choice.chosen is not None and c.sha256 == choice.chosen.sha256
     return Point(c.variant, c.format, c.accuracy, c.accuracy_low, float(c.evaluation.metrics.get("high", c.accuracy)),
-                 c.peak_bytes / MIB, c.decode_tps, spread, c.predicted_only, chosen is not None and c.sha256 == chosen.sha256, c.reasons)
+                 c.peak_bytes / MIB, c.decode_tps, spread, c.predicted_only, chosen, (choice.why,) if chosen else c.reasons)
 
 
 def pareto(points: list[Point], x: str, higher_x_better: bool) -> list[Point]:
@@ -115,7 +116,7 @@ def _figure(points: list[Point], x: str, title: str, x_title: str, higher_x_bett
         mine = [p for p in points if p.format == fmt]
         hover = []
         for p in mine:  # Plotly reads tags (<a href>, <b>) in text: names and reasons from results.json are escaped
-            verdict = "CHOSEN by bundle" if p.chosen else ("not chosen: " + "; ".join(p.reasons) if p.reasons else "")
+            verdict = f"CHOSEN by bundle: {'; '.join(p.reasons)}" if p.chosen else ("not chosen: " + "; ".join(p.reasons) if p.reasons else "")
             hover.append(f"{escape(p.variant)} ({escape(p.format)}{', PREDICTED' if p.predicted else ''})<br>accuracy {p.accuracy:.1%} "
                          f"[{p.low:.1%}, {p.high:.1%}]<br>peak {p.peak_mib:.0f} MiB, decode {p.decode_tps:.1f} tok/s<br>{escape(verdict)}")
         fig.add_trace(go.Scatter(
@@ -166,7 +167,7 @@ def _device_section(files: list[Path], loaded: list[ResultsFile], device: Device
     if choice is not None:
         tables.append(choice_table(choice, device.budget_gib))
         for c in ([choice.chosen] if choice.chosen else []) + list(choice.rejected):
-            point = _point(c, choice.chosen)
+            point = _point(c, choice)
             if point is None:
                 off_chart.append(f"{c.variant}: no clinical accuracy measured (run `edgecds eval`), so not on the charts")
             else:

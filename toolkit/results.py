@@ -99,6 +99,12 @@ class Measured:
     unified_peak_bytes: int | None
     engine_buffers_mib: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    # the peak with the device's whole context filled once (the figure a budget is checked against),
+    # beside peak_rss_bytes, the peak at the benchmark's few hundred tokens
+    full_context_peak_bytes: int | None = None
+    full_context_tokens: int = 0
+    # other processes' CPU use during the timed work: cores per kept run, the threshold, reruns, verdict
+    disturbance: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

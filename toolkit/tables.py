@@ -68,16 +68,21 @@ def measurements_table(records: Sequence[MeasurementRecord], title: str, reused:
     for r, was_reused in zip(records, reused_flags, strict=True):
         m = r.measured
         if m is None:
-            rows.append([r.variant.type, r.variant.format, r.status, *[""] * (5 + show_gpu)])
+            rows.append([r.variant.type, r.variant.format, r.status, *[""] * (6 + show_gpu)])
             notes.append(f"{r.variant.type}: {r.status}: {r.reason}")
             continue
         gpu = [f"{m.gpu_peak_bytes / MIB:.0f}" if m.gpu_peak_bytes is not None else ""] if show_gpu else []
-        rows.append([r.variant.type, r.variant.format, "reused" if was_reused else r.status, stat_cell(m.load_seconds, 1, 2),
-                     f"{m.peak_rss_bytes.high / MIB:.0f}", *gpu, stat_cell(m.prompt_tps), stat_cell(m.decode_tps),
+        full = f"{m.full_context_peak_bytes / MIB:.0f}" if m.full_context_peak_bytes is not None else ""
+        disturbed = bool(m.disturbance.get("disturbed"))
+        mark = " DISTURBED" if disturbed else ""
+        status = ("reused" if was_reused else r.status) + mark
+        rows.append([r.variant.type, r.variant.format, status, stat_cell(m.load_seconds, 1, 2),
+                     f"{m.peak_rss_bytes.high / MIB:.0f}", full, *gpu, stat_cell(m.prompt_tps), stat_cell(m.decode_tps),
                      stat_cell(m.ttft_seconds, 1000, 0)])
+        notes += [f"{r.variant.type}: {note}" for note in m.notes if note.startswith(("disturbed", "decode"))]
     s = records[0].settings if records else {}
-    columns = ["variant", "format", "status", "load s", "peak MiB", *(["GPU MiB"] if show_gpu else []),
-               f"pp{s.get('prompt_tokens')} tok/s", f"tg{s.get('decode_tokens')} tok/s", "TTFT ms"]
+    columns = ["variant", "format", "status", "load s", f"peak MiB at pp{s.get('prompt_tokens')}", f"peak MiB at ctx {s.get('n_ctx')}",
+               *(["GPU MiB"] if show_gpu else []), f"pp{s.get('prompt_tokens')} tok/s", f"tg{s.get('decode_tokens')} tok/s", "TTFT ms"]
     full_title = (f"{title}: ctx {s.get('n_ctx')}, {s.get('threads')} threads, {s.get('n_gpu_layers')} GPU layers; "
                   f"median ±half-range of {s.get('repeats')} fresh processes; peak is the highest")
     return Table(full_title, columns, rows, notes)
@@ -151,10 +156,15 @@ def choice_table(choice: Any, budget_gib: float) -> Table:
         acc = f"{c.accuracy * 100:.1f}" if c.accuracy is not None else ""
         low = f"{c.accuracy_low * 100:.1f}" if c.accuracy_low is not None else ""
         verdict = "CHOSEN" if c is choice.chosen else "; ".join(c.reasons)
-        rows.append([c.variant, c.format, acc, low, f"{c.decode_tps:.1f}", f"{c.peak_bytes / MIB:.0f}",
-                     "predicted" if c.predicted_only else "measured", verdict])
-    notes = ["rule: the most accurate variant meeting every constraint; ties go to the faster, then the smaller"]
+        drift = f"{c.drift_kl:.4f}" if c.drift_kl is not None else ""
+        figures = "predicted" if c.predicted_only else "measured" + (", disturbed" if c.disturbed else "")
+        peak = f"{c.peak_bytes / MIB:.0f}" + ("" if c.full_context else " (short run)")
+        rows.append([c.variant, c.format, acc, low, drift, f"{c.decode_tps:.1f}", peak, figures, verdict])
+    explained = choice.explanation()
+    notes = [f"rule: {explained['rule']}"]
+    if choice.chosen is not None:
+        notes.append(f"{choice.chosen.variant} chosen: {explained['why']}")
     if choice.advice:
         notes.append(choice.advice)
     return Table(f"Choice for {choice.device} ({budget_gib:g} GiB budget)",
-                 ["variant", "format", "acc %", "low %", "decode tok/s", "peak MiB", "figures", "verdict"], rows, notes)
+                 ["variant", "format", "acc %", "low %", "drift KL", "decode tok/s", "peak MiB at ctx", "figures", "verdict"], rows, notes)

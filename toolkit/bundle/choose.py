@@ -6,13 +6,29 @@ measured on the target device, applies the constraints, and explains every rejec
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from edgecds.devices import DeviceProfile
 from edgecds.errors import InvalidInputError
 from edgecds.results import EvalRecord, HostFingerprint, MeasurementRecord, load_results
+from edgecds.stats import paired_comparison
+
+# A variant is significantly different from another when the exact McNemar p-value of their paired
+# answers is below ALPHA (the usual 5%; the accuracy studies' stricter 1% is --alpha 0.01).
+ALPHA = 0.05
+# Mean KL divergence (nats a token) on the clinical text under which two variants count as equally
+# faithful to the reference. llama.cpp's users call a quantization near-lossless below about 0.01;
+# on the default model Q8_0 drifts 0.004 and Q6_K 0.010 from F16, while Q4_K_M drifts 0.057 and
+# Q3_K_M 0.14: the band keeps Q8_0 level with F16 and sets the 4- and 3-bit types apart.
+FIDELITY_BAND = 0.01
+PREFERENCES = ("fidelity", "speed", "size")
+RULE = ("a variant qualifies when it fits, meets every constraint and is not significantly worse than its reference "
+        "(exact McNemar p below alpha, 0.05 unless --alpha says otherwise); a qualifier significantly better than its reference wins; otherwise the most faithful "
+        f"(lowest drift on the clinical text, drifts within {FIDELITY_BAND} of the most faithful counting as equal, then the "
+        "fewest flipped answers), then the fastest, then the smallest (--prefer changes the order)")
 
 
 @dataclass(frozen=True)
@@ -26,6 +42,9 @@ class Constraints:
     formats: tuple[str, ...] = ("gguf", "onnx")
     allow_significantly_worse: bool = False
     allow_predicted: bool = False  # use the predictor where nothing was measured on the device
+    allow_disturbed: bool = False  # apply --min-decode to speeds measured while other processes used the CPU
+    prefer: str = "fidelity"  # among qualifiers: fidelity, speed or size first (PREFERENCES)
+    alpha: float = ALPHA
 
 
 @dataclass(frozen=True)
@@ -42,8 +61,17 @@ class Candidate:
     accuracy: float | None
     accuracy_low: float | None
     decode_tps: float
-    peak_bytes: int
+    peak_bytes: int  # at the device's full context where that was measured (full_context), else the benchmark's
     reasons: tuple[str, ...] = ()
+    full_context: bool = False
+    disturbed: bool = False  # its speeds were measured while other processes used the CPU
+    drift_kl: float | None = None  # mean KL from its reference on the clinical text
+    flips: int | None = None  # answers that changed against its reference
+    p_value: float | None = None  # McNemar against its reference
+    difference: float | None = None  # accuracy minus its reference's
+
+    def better_than_reference(self, alpha: float) -> bool:
+        return self.p_value is not None and self.difference is not None and self.difference > 0 and self.p_value < alpha
 
 
 @dataclass(frozen=True)
@@ -53,15 +81,16 @@ class Choice:
     rejected: tuple[Candidate, ...]
     constraints: Constraints
     advice: str = ""  # when nothing fits: what came closest and what to relax
+    why: str = ""  # why the chosen one won
 
     def explanation(self) -> dict[str, Any]:
         def row(c: Candidate) -> dict[str, Any]:
             return {"variant": c.variant, "accuracy": c.accuracy, "accuracy_low": c.accuracy_low, "decode_tps": round(c.decode_tps, 2),
-                    "peak_bytes": c.peak_bytes, "predicted_only": c.predicted_only, "reasons": list(c.reasons)}
+                    "peak_bytes": c.peak_bytes, "peak_at_full_context": c.full_context, "predicted_only": c.predicted_only,
+                    "disturbed": c.disturbed, "drift_kl": c.drift_kl, "flips": c.flips, "p_value": c.p_value, "reasons": list(c.reasons)}
 
         return {"device": self.device, "chosen": row(self.chosen) if self.chosen else None, "rejected": [row(c) for c in self.rejected],
-                "constraints": asdict(self.constraints), "advice": self.advice,
-                "rule": "the most accurate variant meeting every constraint; ties go to the faster, then the smaller"}
+                "constraints": asdict(self.constraints), "advice": self.advice, "why": self.why, "rule": RULE}
 
 
 def _candidates(results_files: list[Path], device: DeviceProfile, constraints: Constraints) -> list[Candidate]:
@@ -91,17 +120,30 @@ def _candidates(results_files: list[Path], device: DeviceProfile, constraints: C
             ref = record.variant if record else evaluation.variant if evaluation else None
             if ref is None:
                 continue
-            metrics = evaluation.metrics if evaluation else {}
-            if record and record.measured:
-                decode, peak, only_predicted = record.measured.decode_tps.median, int(record.measured.peak_rss_bytes.high), False
-            else:
-                decode = float(record.predicted.get("decode_tps", 0.0)) if record else 0.0
-                peak = int(record.predicted.get("peak_bytes", 0)) if record else 0
-                only_predicted = True
-            found.append(Candidate(ref.type, ref.format, sha, ref.file_size, str(path), record if record and record.measured else None, evaluation,
-                                   results.hosts.get(record.host) if record else None, only_predicted,
-                                   metrics.get("accuracy"), metrics.get("low"), decode, peak))
+            found.append(_candidate(ref, str(path), record, evaluation, results.hosts.get(record.host) if record else None))
     return found
+
+
+def _candidate(ref: Any, results_file: str, record: MeasurementRecord | None, evaluation: EvalRecord | None,
+               host: HostFingerprint | None) -> Candidate:
+    metrics = evaluation.metrics if evaluation else {}
+    paired = (evaluation.paired or {}) if evaluation else {}
+    drift = (evaluation.drift or {}) if evaluation else {}
+    if record and record.measured:
+        m = record.measured
+        decode, only_predicted = m.decode_tps.median, False
+        full = m.full_context_peak_bytes is not None
+        peak = int(m.full_context_peak_bytes) if m.full_context_peak_bytes is not None else int(m.peak_rss_bytes.high)
+        disturbed = bool(m.disturbance.get("disturbed"))
+    else:
+        decode = float(record.predicted.get("decode_tps", 0.0)) if record else 0.0
+        peak = int(record.predicted.get("peak_bytes", 0)) if record else 0
+        only_predicted, full, disturbed = True, bool(record), False  # the predictor's peak is at the device's full context
+    reference = evaluation is not None and evaluation.reference == ref.type
+    return Candidate(ref.type, ref.format, ref.sha256, ref.file_size, results_file, record if record and record.measured else None, evaluation,
+                     host, only_predicted, metrics.get("accuracy"), metrics.get("low"), decode, peak, (), full, disturbed,
+                     0.0 if reference else drift.get("kl_mean"), 0 if reference else (paired["lost"] + paired["gained"] if paired else None),
+                     paired.get("p_value"), paired.get("difference"))
 
 
 def _violations(c: Candidate, device: DeviceProfile, k: Constraints) -> list[str]:
@@ -117,7 +159,10 @@ def _violations(c: Candidate, device: DeviceProfile, k: Constraints) -> list[str
         out.append("predicted not to fit the budget at the device's context")
     if k.n_ctx and c.measurement is not None and c.measurement.settings.get("n_ctx", 0) < k.n_ctx:
         out.append(f"measured at context {c.measurement.settings.get('n_ctx')}, below the {k.n_ctx} asked for")
-    if k.min_decode_tps is not None and c.decode_tps < k.min_decode_tps:
+    if k.min_decode_tps is not None and c.disturbed and not k.allow_disturbed:
+        out.append("decode speed measured while other processes used the CPU: not trusted for --min-decode; profile again on a "
+                   "quiet device, or pass --allow-disturbed")
+    elif k.min_decode_tps is not None and c.decode_tps < k.min_decode_tps:
         out.append(f"too slow: {c.decode_tps:.1f} < {k.min_decode_tps:g} tokens/s")
     if c.evaluation is None:
         if k.min_accuracy is not None or k.max_drop is not None or k.max_flip_rate is not None:
@@ -129,33 +174,98 @@ def _violations(c: Candidate, device: DeviceProfile, k: Constraints) -> list[str
             out.append(f"{which} {figure:.1%} below the minimum {k.min_accuracy:.1%}")
         paired = c.evaluation.paired
         if paired:
-            if k.max_drop is not None and -paired["difference"] > k.max_drop:
-                out.append(f"drops {-paired['difference']:.1%} against {c.evaluation.reference}, more than {k.max_drop:.1%}")
+            if k.max_drop is not None and -paired["low"] > k.max_drop:
+                out.append(f"may drop up to {-paired['low']:.1%} against {c.evaluation.reference} (95% lower bound of the difference), "
+                           f"more than {k.max_drop:.1%}")
             if k.max_flip_rate is not None and paired["flip_rate"] > k.max_flip_rate:
                 out.append(f"flip rate {paired['flip_rate']:.1%} above {k.max_flip_rate:.1%}")
-            if paired["verdict"] == "significantly worse" and not k.allow_significantly_worse:
+            if paired["difference"] < 0 and paired["p_value"] < k.alpha and not k.allow_significantly_worse:
                 out.append(f"significantly worse than {c.evaluation.reference} (McNemar p = {paired['p_value']:.3f})")
     return out
 
 
+def _order(c: Candidate, most_faithful: float, prefer: str) -> tuple[float, ...]:
+    """A qualifier's place: drift inside the fidelity band of the most faithful counts as equal (and
+    then flips do not count either), outside it drift and then flips order; `prefer` says whether
+    fidelity, speed or size comes first."""
+    kl = c.drift_kl if c.drift_kl is not None else math.inf
+    faithful = kl <= most_faithful + FIDELITY_BAND
+    fidelity = (0.0, 0.0) if faithful else (kl, float(c.flips or 0))
+    speed, size = (-c.decode_tps,), (float(c.file_size),)
+    parts = {"fidelity": fidelity, "speed": speed, "size": size}
+    order = [prefer, *(p for p in PREFERENCES if p != prefer)]
+    return tuple(x for name in order for x in parts[name])
+
+
+def _pairwise(a: Candidate, b: Candidate) -> Any:
+    """McNemar between two variants' answers on the cases both were scored on; None without both."""
+    if a.evaluation is None or b.evaluation is None:
+        return None
+    mine = {c["id"]: c["correct"] for c in a.evaluation.per_case}
+    theirs = {c["id"]: c["correct"] for c in b.evaluation.per_case}
+    common = sorted(mine.keys() & theirs.keys())
+    return paired_comparison([theirs[i] for i in common], [mine[i] for i in common]) if common else None
+
+
+def _passed_over(c: Candidate, chosen: Candidate, most_faithful: float, k: Constraints) -> str:
+    """Which rule put `c` behind the chosen variant, with the evidence."""
+    prefer = k.prefer
+    test = _pairwise(c, chosen)
+    said = ""
+    if test is not None:
+        kind = "not different from" if test.p_value >= k.alpha else ("worse than" if test.difference < 0 else "better than")
+        said = f"accuracy {kind} {chosen.variant} (p={test.p_value:.2f}); "
+    if chosen.better_than_reference(k.alpha) and not c.better_than_reference(k.alpha):
+        return f"{said}{chosen.variant} is significantly better than its reference (p={chosen.p_value:.3f})"
+    mine, theirs = _order(c, most_faithful, prefer), _order(chosen, most_faithful, prefer)
+    order = [prefer, *(p for p in PREFERENCES if p != prefer)]
+    widths = {"fidelity": 2, "speed": 1, "size": 1}
+    at = 0
+    for name in order:
+        if mine[at : at + widths[name]] != theirs[at : at + widths[name]]:
+            break
+        at += widths[name]
+    else:
+        name = "size"
+    if name == "fidelity":
+        ours = f"{c.drift_kl:.4f}" if c.drift_kl is not None else "not measured"
+        flips = f", {c.flips} vs {chosen.flips} flipped answers" if c.flips is not None and chosen.flips is not None else ""
+        return f"{said}less faithful: drift {ours} vs {chosen.drift_kl if chosen.drift_kl is not None else 0:.4f}{flips}"
+    same = "as faithful (drift within the band), " if prefer == "fidelity" else ""
+    if name == "speed":
+        return f"{said}{same}slower: {c.decode_tps:.1f} vs {chosen.decode_tps:.1f} tokens/s"
+    return f"{said}{same}larger: {c.file_size / 2**20:.0f} vs {chosen.file_size / 2**20:.0f} MiB"
+
+
+def _rank(qualifiers: list[Candidate], prefer: str, alpha: float) -> tuple[Candidate, float, str]:
+    """The chosen qualifier, the most faithful drift, and why it won."""
+    most_faithful = min((c.drift_kl for c in qualifiers if c.drift_kl is not None), default=math.inf)
+    better = [c for c in qualifiers if c.better_than_reference(alpha)]
+    if better:
+        chosen = max(better, key=lambda c: (c.accuracy or 0.0, -c.file_size))
+        return chosen, most_faithful, f"significantly better than its reference (p={chosen.p_value:.3f})"
+    chosen = min(qualifiers, key=lambda c: _order(c, most_faithful, prefer))
+    drift = f"drift {chosen.drift_kl:.4f}" if chosen.drift_kl is not None else "drift not measured"
+    return chosen, most_faithful, (f"no qualifier differs significantly from its reference; by {prefer} first: {drift}, "
+                                   f"{chosen.decode_tps:.1f} tokens/s, {chosen.file_size / 2**20:.0f} MiB")
+
+
 def choose(results_files: list[Path], device: DeviceProfile, constraints: Constraints) -> Choice:
+    if constraints.prefer not in PREFERENCES:
+        raise InvalidInputError(f"unknown preference {constraints.prefer!r}; known: {', '.join(PREFERENCES)}")
     candidates = _candidates(results_files, device, constraints)
     if not candidates:
         raise InvalidInputError(
             f"no variant was measured on {device.id} in {', '.join(map(str, results_files))}; run `edgecds profile --device {device.id}` "
             "on the device (or pass --allow-predicted to choose from predictions, which the bundle will say)"
         )
-    judged = [Candidate(**{**c.__dict__, "reasons": tuple(_violations(c, device, constraints))}) for c in candidates]
-    fitting = [c for c in judged if not c.reasons]
-    fitting.sort(key=lambda c: (-(c.accuracy if c.accuracy is not None else -1.0), -c.decode_tps, c.file_size))
-    chosen = fitting[0] if fitting else None
-    rejected = tuple(sorted((c for c in judged if c is not chosen), key=lambda c: c.variant))
-    for c in fitting[1:]:
-        idx = rejected.index(c)
-        better = "less accurate" if (c.accuracy or 0) < (chosen.accuracy or 0) else "as accurate but slower or larger"  # type: ignore[union-attr]
-        rejected = rejected[:idx] + (Candidate(**{**c.__dict__, "reasons": (f"{better} than {chosen.variant}",)}),) + rejected[idx + 1:]  # type: ignore[union-attr]
-    advice = ""
-    if chosen is None:
+    judged = [replace(c, reasons=tuple(_violations(c, device, constraints))) for c in candidates]
+    qualifiers = [c for c in judged if not c.reasons]
+    if not qualifiers:
         closest = min(judged, key=lambda c: (len(c.reasons), c.peak_bytes))
         advice = f"nothing meets every constraint; closest: {closest.variant} ({'; '.join(closest.reasons)}): relax that constraint"
-    return Choice(device.id, chosen, rejected, constraints, advice)
+        return Choice(device.id, None, tuple(sorted(judged, key=lambda c: c.variant)), constraints, advice)
+    chosen, most_faithful, why = _rank(qualifiers, constraints.prefer, constraints.alpha)
+    rejected = tuple(sorted((replace(c, reasons=(_passed_over(c, chosen, most_faithful, constraints),)) if not c.reasons else c
+                             for c in judged if c is not chosen), key=lambda c: c.variant))
+    return Choice(device.id, chosen, rejected, constraints, "", why)

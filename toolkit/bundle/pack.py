@@ -67,15 +67,23 @@ def _model_card(choice: Choice, manifest: dict[str, Any]) -> str:
         lines.append("- No clinical accuracy was measured for this variant.")
     if c.measurement and c.measurement.measured:
         pm = c.measurement.measured
+        full = (f"{pm.full_context_peak_bytes / 2**20:.0f} MiB with its {pm.full_context_tokens + 1}-token context filled, "
+                f"{pm.peak_rss_bytes.high / 2**20:.0f} MiB" if pm.full_context_peak_bytes is not None
+                else f"{pm.peak_rss_bytes.high / 2**20:.0f} MiB (measured at the benchmark's tokens only, not with the context filled)")
         lines += ["", "## On this device", "",
-                  f"- Peak memory {pm.peak_rss_bytes.high / 2**20:.0f} MiB of a {manifest['device']['budget_gib']:g} GiB budget; "
-                  f"decode {pm.decode_tps.median:.1f} tokens/s, prompt {pm.prompt_tps.median:.0f} tokens/s, measured on {c.host.detected_profile if c.host else 'unknown'}."]
+                  f"- Peak memory {full} at the benchmark's {c.measurement.settings.get('prompt_tokens')} tokens; "
+                  f"budget {manifest['device']['budget_gib']:g} GiB.",
+                  f"- Decode {pm.decode_tps.median:.1f} tokens/s, prompt {pm.prompt_tps.median:.0f} tokens/s, measured on "
+                  f"{c.host.detected_profile if c.host else 'unknown'}."]
+        if pm.disturbance.get("disturbed"):
+            lines.append(f"- **Speeds measured while other processes used the CPU** (up to {max(pm.disturbance['others_cpu_cores']):.2f} "
+                         "cores): not trustworthy; profile again on a quiet device.")
     lines += ["", "## Known limits and failure modes", "",
               "- Accuracy on a small case set has a wide interval; a variant 'not significantly different' from the reference is not shown to be equivalent.",
               "- The model can be confidently wrong, can invent findings, and was not trained on your population or guidelines.",
               "- Quantization changes answers on some cases even when the overall accuracy is similar (see the flips above).",
               "- Small models score near chance on hard cases; do not deploy one whose lower bound is below what your clinicians accept.",
-              "", "## Choice", "", f"Rule: {choice.explanation()['rule']}.", ""]
+              "", "## Choice", "", f"Rule: {choice.explanation()['rule']}.", "", f"{c.variant} was chosen: {choice.why}.", ""]
     for r in choice.rejected:
         lines.append(f"- {r.variant} not chosen: {'; '.join(r.reasons)}")
     lines += ["", f"Licence: {manifest['model'].get('licence') or 'see the licence files in this bundle'}.", ""]

@@ -52,19 +52,25 @@ def constraint_options(func: Any) -> Any:
     options = [
         click.option("--min-accuracy", type=click.FloatRange(0, 100), help="Minimum accuracy, percent, on the lower bound of its 95% interval."),
         click.option("--on-point", is_flag=True, help="Apply --min-accuracy to the accuracy itself, not its lower bound."),
-        click.option("--max-drop", type=click.FloatRange(0, 100), help="Largest accuracy drop against the reference, percentage points."),
+        click.option("--max-drop", type=click.FloatRange(0, 100),
+                     help="Largest accuracy drop against the reference, percentage points, on the 95% lower bound of the difference."),
         click.option("--max-flip-rate", type=click.FloatRange(0, 100), help="Largest share of cases flipped against the reference, percent."),
         click.option("--min-decode", type=click.FloatRange(min=0), help="Minimum decode speed, tokens/s."),
         click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="Context length the clinic needs."),
         click.option("--formats", default="gguf,onnx", show_default=True, help="Allowed formats."),
         click.option("--allow-significantly-worse", is_flag=True, help="Accept a variant significantly worse than the reference."),
         click.option("--allow-predicted", is_flag=True, help="Choose from predicted figures where nothing was measured on the device (said wherever shown)."),
+        click.option("--allow-disturbed", is_flag=True, help="Apply --min-decode to speeds measured while other processes used the CPU."),
+        click.option("--prefer", type=click.Choice(["fidelity", "speed", "size"]), default="fidelity", show_default=True,
+                     help="Among the variants that qualify: the most faithful to the reference, the fastest or the smallest first."),
+        click.option("--alpha", type=click.FloatRange(0.0001, 0.5), default=0.05, show_default=True,
+                     help="Significance level of the paired test against the reference (the accuracy studies use 0.01)."),
     ]
 
     @functools.wraps(func)
     def wrapper(*args: Any, min_accuracy: float | None, on_point: bool, max_drop: float | None, max_flip_rate: float | None,
                 min_decode: float | None, n_ctx: int | None, formats: str, allow_significantly_worse: bool, allow_predicted: bool,
-                **kwargs: Any) -> Any:
+                allow_disturbed: bool, prefer: str, alpha: float, **kwargs: Any) -> Any:
         from edgecds.bundle.choose import Constraints
 
         def fraction(percent: float | None) -> float | None:
@@ -73,7 +79,8 @@ def constraint_options(func: Any) -> Any:
         kwargs["constraints"] = Constraints(
             min_accuracy=fraction(min_accuracy), on_point=on_point, max_drop=fraction(max_drop), max_flip_rate=fraction(max_flip_rate),
             min_decode_tps=min_decode, n_ctx=n_ctx, formats=tuple(f.strip() for f in formats.split(",") if f.strip()),
-            allow_significantly_worse=allow_significantly_worse, allow_predicted=allow_predicted)
+            allow_significantly_worse=allow_significantly_worse, allow_predicted=allow_predicted, allow_disturbed=allow_disturbed,
+            prefer=prefer, alpha=alpha)
         return func(*args, **kwargs)
 
     for option in reversed(options):
