@@ -15,7 +15,7 @@ LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAM
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF $(CMAKE_ARGS)
 JOBS   := $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install browser demo test clean
+.PHONY: install system-deps demo test clean
 
 install: $(VENV)/.installed
 
@@ -34,13 +34,16 @@ demo: install
 	$(BIN)/edgecds bundle edgecds-out/SmolLM2-135M-Instruct/results.json --device auto --output edgecds-out/bundle
 	$(BIN)/edgecds verify edgecds-out/bundle.tar.gz
 
-# The report test opens the page in Debian's chromium (no browser download: playwright drives this one).
+# Debian packages the tests use: chromium, which playwright drives to open the report (no browser
+# download), and strace, which watches every process of a run for network calls (nothing phones home).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-browser:
-	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium for the report test"; \
-		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+SYSTEM_DEPS := chromium strace
+system-deps:
+	@missing=""; for p in $(SYSTEM_DEPS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing Debian's$$missing for the tests"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; fi
 
-test: install browser
+test: install system-deps
 	$(BIN)/ruff check toolkit quant hwbench tests
 	$(BIN)/mypy toolkit quant hwbench
 	$(BIN)/python -m pytest -v $(PYTEST_ARGS)

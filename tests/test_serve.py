@@ -1,33 +1,58 @@
-"""`edgecds serve` for real: the bundled default model behind llama-cpp-python's server, guarded."""
+"""`edgecds serve` for real, on loopback: a GGUF and an ONNX bundle of the default model.
+
+Each promise of the server is tried against the running process: the token on every route,
+loopback by default, the bundle checked at start, malformed requests answered 4xx without an
+echo, a time limit that really stops generation (the next request is answered), stalled clients
+that cannot hold the server, nothing of a prompt in its output or on disk, and a load of more
+clients than slots answered only 200, 503 or the stated 4xx, with the server alive after.
+Requests are bounded in count and time; nothing leaves 127.0.0.1.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 from click.testing import CliRunner
 
 from edgecds.cli import cli
-from edgecds.hwbench.bench.bench_serve import run_load, start_server
-from edgecds.quantize import QuantizeResult
+from edgecds.hwbench.bench.bench_serve import free_port, start_server
+from edgecds.quant.types import quant_type
+from edgecds.quantize import QuantizeConfig, QuantizeResult, run_quantize
+
+pytestmark = pytest.mark.slow  # every test here serves the real default model
 
 ROOT = Path(__file__).resolve().parents[1]
+SECRET = "Patient Jane Roe, 44, chest pain since 0300"
+ESSAY = "Write a long essay on the history of medicine, with every detail you know, in numbered sections."
+
+
+def _three_cases(folder: Path) -> Path:
+    cases = folder / "cases.jsonl"
+    cases.write_text("\n".join((ROOT / "toolkit" / "clinical" / "cases-v1.jsonl").read_text().splitlines()[:3]) + "\n")
+    return cases
 
 
 @pytest.fixture(scope="module")
 def bundle(default_variants: QuantizeResult, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     folder = tmp_path_factory.mktemp("serve") / "variants"
     shutil.copytree(default_variants.output_dir, folder)
-    cases = folder.parent / "cases.jsonl"
-    cases.write_text("\n".join((ROOT / "toolkit" / "clinical" / "cases-v1.jsonl").read_text().splitlines()[:3]) + "\n")
     runner = CliRunner()
     out = runner.invoke(cli, ["profile", str(folder), "--types", "Q4_K_M", "--ctx", "1024", "-p", "32", "-n", "8", "-r", "1",
-                              "--cases", str(cases), "-q"])
+                              "--cases", str(_three_cases(folder.parent)), "-q"])
     assert out.exit_code == 0, out.output
     target = folder.parent / "bundle"
     out = runner.invoke(cli, ["bundle", str(folder / "results.json"), "-o", str(target)])
@@ -36,36 +61,311 @@ def bundle(default_variants: QuantizeResult, tmp_path_factory: pytest.TempPathFa
     shutil.rmtree(folder.parent, ignore_errors=True)  # a 1 GB copy: free it when the module is done
 
 
-def _post(port: int, token: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
-                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+@pytest.fixture(scope="module")
+def onnx_variants(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """ONNX_INT8 (and its fp32 parent) of the default model, for this module."""
+    work = tmp_path_factory.mktemp("serve-onnx")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGECDS_HOME", str(model_store))
+        made = run_quantize(QuantizeConfig(output=work / "variants", formats=("onnx",), types=(quant_type("ONNX_INT8"),)))
+    yield Path(made.output_dir)
+    shutil.rmtree(work, ignore_errors=True)  # 0.7 GB: free it when the module is done
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(onnx_variants: Path) -> Path:
+    """An ONNX_INT8 bundle, its results written apart from the variants (as when they come back from
+    the device on a stick) and the variants named with --variants."""
+    runner = CliRunner()
+    results = onnx_variants.parent / "elsewhere" / "results.json"
+    out = runner.invoke(cli, ["profile", str(onnx_variants), "--types", "ONNX_INT8", "--ctx", "1024", "-p", "32", "-n", "8", "-r", "1",
+                              "--no-accuracy", "-o", str(results), "-q"])
+    assert out.exit_code == 0, out.output
+    target = onnx_variants.parent / "bundle"
+    out = runner.invoke(cli, ["bundle", str(results), "--formats", "onnx", "-o", str(target)])
+    assert out.exit_code != 0 and "--variants" in out.output  # the variants are not beside these results
+    out = runner.invoke(cli, ["bundle", str(results), "--formats", "onnx", "--variants", str(onnx_variants), "-o", str(target)])
+    assert out.exit_code == 0, out.output
+    files = json.loads((target / "manifest.json").read_text())["files"]
+    assert any(name.startswith("model/") and name.endswith("model.onnx") for name in files)  # the variant's folder, file by file
+    return target
+
+
+def _call(port: int, token: str | None, body: Any = None, path: str = "/v1/chat/completions", method: str = "POST",
+          timeout: float = 120) -> tuple[int, dict[str, Any]]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token is not None else {})}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
-def test_serve_answers_with_a_token_caps_tokens_and_logs_nothing(bundle: Path) -> None:
-    proc, port, token = start_server(bundle, slots=1, queue=1, max_tokens=8)
+def _chat(text: str, **extra: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": text}], **extra}
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> bytes:
+    proc.terminate()
+    out, err = proc.communicate(timeout=30)
+    return out + err
+
+
+def _files_holding(folder: Path, needle: bytes) -> list[Path]:
+    found = []
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_size < (64 << 20) and needle in path.read_bytes():
+            found.append(path)
+    return found
+
+
+@pytest.mark.parametrize("which", ["gguf", "onnx"])
+def test_token_on_every_route_and_nothing_of_a_prompt_is_kept(which: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    folder: Path = request.getfixturevalue("bundle" if which == "gguf" else "onnx_bundle")
+    home = tmp_path / "home"
+    proc, port, token = start_server(folder, 1, 1, 8, env={"HOME": str(home), "EDGECDS_HOME": str(home / ".edgecds")})
     try:
-        code, _ = _post(port, "wrong", {"messages": [{"role": "user", "content": "hello"}]})
-        assert code == 401
-        secret = "Patient Jane Roe, 44, chest pain since 0300"
-        code, body = _post(port, token, {"messages": [{"role": "user", "content": secret}], "max_tokens": 500})
-        assert code == 200
-        assert body["usage"]["completion_tokens"] <= 8  # capped  # type: ignore[index]
-        assert body["choices"][0]["message"]["content"]  # type: ignore[index]
-        code, _ = _post(port, token, {"messages": [{"role": "user", "content": "x" * 300_000}]})
-        assert code == 413
+        for path, method in (("/v1/chat/completions", "POST"), ("/v1/models", "GET"), ("/nowhere", "GET")):
+            assert _call(port, None, _chat("hello") if method == "POST" else None, path, method)[0] == 401  # no header
+            assert _call(port, "wrong-token", _chat("hello") if method == "POST" else None, path, method)[0] == 401
+        code, models = _call(port, token, None, "/v1/models", "GET")
+        assert code == 200 and models["data"][0]["id"] == folder.name and "/" not in json.dumps(models["data"])  # no path exposed
+        code, body = _call(port, token, _chat(SECRET, max_tokens=500))
+        assert code == 200 and body["usage"]["completion_tokens"] <= 8 and body["choices"][0]["message"]["content"]
+        assert body["model"] == folder.name
+        assert _call(port, token, _chat("x" * 300_000))[0] == 413
     finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=20)
-    assert b"Jane Roe" not in err and b"chest pain" not in err  # prompts never reach the log
+        output = _stop(proc)
+    assert b"Jane Roe" not in output and b"chest pain" not in output  # not on stdout or stderr
+    for where in (home, folder, Path("/tmp")):
+        assert not [p for p in _files_holding(where, b"Jane Roe") if "pytest-of" not in str(p)], where
 
 
-def test_more_clients_than_slots_get_200_or_503_and_the_server_survives(bundle: Path) -> None:
-    report = run_load(bundle, clients=6, requests=12, seconds=180, slots=1, queue=1, max_tokens=16)
-    assert report["only_200_or_503"] and report["requests"] == 12
-    assert report["served"] >= 2 and report["refused_503"] >= 1
-    assert report["server_alive_after"] and report["within_budget"]
+def test_malformed_requests_get_4xx_that_echo_nothing(bundle: Path) -> None:
+    proc, port, token = start_server(bundle, 1, 1, 8)
+    marker = "Zebra-Quasar-9"
+    try:
+        cases = [
+            (b"{not json " + marker.encode(), 400),
+            (json.dumps({"messages": marker}).encode(), 422),
+            (json.dumps({"messages": [{"role": "developer", "content": marker}]}).encode(), 422),
+            (json.dumps({"messages": [{"role": "wizard", "content": marker}]}).encode(), 422),
+            (json.dumps({"messages": [{"role": "user", "content": [marker]}]}).encode(), 422),
+            (json.dumps({"messages": [{"role": "user", "content": marker}], "max_tokens": "lots"}).encode(), 422),
+            (json.dumps([marker]).encode(), 400),
+        ]
+        for raw, expected in cases:
+            code, body = _call(port, token, raw)
+            assert code == expected, (raw, code, body)
+            assert marker not in json.dumps(body)
+        assert _call(port, token, _chat("Hi", max_tokens=4))[0] == 200  # still serving
+    finally:
+        output = _stop(proc)
+    assert marker.encode() not in output and b"Traceback" not in output
+
+
+def test_a_timed_out_request_really_stops_and_the_next_is_answered(bundle: Path) -> None:
+    """The landed server kept generating after its 504, and the next request crashed it
+    (GGML_ASSERT, exit 134): here the essay stops at the limit and "hi" is answered."""
+    proc, port, token = start_server(bundle, 1, 1, 300, "--timeout", "1.5")
+    try:
+        start = time.monotonic()
+        code, body = _call(port, token, _chat(ESSAY, max_tokens=300))
+        took = time.monotonic() - start
+        assert code == 504 and "within 1.5 s" in body["error"]["message"], body
+        assert took < 10, took
+        code, body = _call(port, token, _chat("hi", max_tokens=4))
+        assert code == 200 and proc.poll() is None, body
+    finally:
+        _stop(proc)
+
+
+def test_loopback_by_default_and_the_bundle_is_checked_at_start(bundle: Path, tmp_path: Path) -> None:
+    proc, port, _ = start_server(bundle, 1, 1, 8)
+    try:
+        listening = [c.laddr for c in psutil.Process(proc.pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        assert listening and all(addr.ip in ("127.0.0.1", "::1") for addr in listening), listening
+    finally:
+        _stop(proc)
+    tampered = tmp_path / "tampered"
+    shutil.copytree(bundle, tampered)
+    card = tampered / "MODEL_CARD.md"
+    card.write_text(card.read_text() + "\nedited\n")
+    run = subprocess.run([sys.executable, "-m", "edgecds", "serve", str(tampered), "--port", "1"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "EDGECDS_SERVE_TOKEN": "a-token-for-the-test"})
+    assert run.returncode == 1 and "MODEL_CARD.md: does not match the manifest" in run.stderr, run.stderr
+
+
+def _stall(port: int, token: str, results: list[str]) -> None:
+    """An authenticated client that sends its headers, promises a 1000-byte body, and sends none."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 1000\r\n\r\n".encode())
+        try:
+            results.append(s.recv(200).decode(errors="replace").split("\r\n")[0])
+        except OSError as exc:
+            results.append(type(exc).__name__)
+
+
+def test_stalled_clients_do_not_hold_the_server(bundle: Path) -> None:
+    """Six authenticated clients promise a body and stall (on the landed server everyone else got
+    503 for 132 s): a request meanwhile is served, and each staller gets 408 after --body-timeout."""
+    proc, port, token = start_server(bundle, 1, 1, 8, "--body-timeout", "2")
+    stalled: list[str] = []
+    try:
+        threads = [threading.Thread(target=_stall, args=(port, token, stalled)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        start = time.monotonic()
+        code, _ = _call(port, token, _chat("Hi", max_tokens=4))
+        assert code == 200 and time.monotonic() - start < 30
+        for t in threads:
+            t.join(60)
+    finally:
+        _stop(proc)
+    assert stalled == ["HTTP/1.1 408 Request Timeout"] * 6, stalled
+
+
+def test_streaming_answers_in_pieces_for_both_formats(bundle: Path, onnx_bundle: Path) -> None:
+    for folder in (bundle, onnx_bundle):
+        proc, port, token = start_server(folder, 1, 1, 12)
+        try:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(_chat("Name a cause of fever.",
+                                         stream=True)).encode(), method="POST", headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                assert resp.headers["content-type"].startswith("text/event-stream")
+                events = [line[6:] for line in resp.read().decode().splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            chunks = [json.loads(e) for e in events[:-1]]
+            text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+            assert text.strip() and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+            _, whole = _call(port, token, _chat("Name a cause of fever."))
+            assert whole["choices"][0]["message"]["content"] == text.strip()  # greedy: the same answer either way
+        finally:
+            _stop(proc)
+
+
+def _vmhwm(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.parametrize("which", ["gguf", "onnx"])
+def test_more_clients_than_slots_get_only_stated_answers_and_the_server_survives(which: str, request: pytest.FixtureRequest) -> None:
+    """6 clients on 1 slot and 1 queue place, 2 of them asking for long essays that pass the time
+    limit, while 4 stalled clients hold connections: every one of the 18 answers is 200, 503 or
+    504, some are served, the server answers afterwards, and its peak memory stays inside the
+    device's budget."""
+    folder: Path = request.getfixturevalue("bundle" if which == "gguf" else "onnx_bundle")
+    budget = int(json.loads((folder / "manifest.json").read_text())["device"]["budget_gib"] * 2**30)
+    proc, port, token = start_server(folder, 1, 1, 300, "--timeout", "1.5", "--body-timeout", "2")
+    codes: list[int] = []
+    stalled: list[str] = []
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        essay = n < 2  # two essays, started first, fill the slot and the queue place and pass the time limit;
+        # four short questions then try 4 times each, backing off 1 s on 503
+        for _ in range(1 if essay else 4):
+            body = _chat(ESSAY, max_tokens=300) if essay else _chat("Name one cause of chest pain.", max_tokens=8)
+            try:
+                code, _ = _call(port, token, body, timeout=60)
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                code = 0  # no answer at all fails the check below
+            with lock:
+                codes.append(code)
+            if code == 503:
+                time.sleep(1.0)
+
+    try:
+        threads = [threading.Thread(target=_stall, args=(port, token, stalled)) for _ in range(4)]
+        threads += [threading.Thread(target=client, args=(n,)) for n in range(6)]
+        for t in threads[:6]:  # the stallers and the essays
+            t.start()
+        time.sleep(0.5)
+        for t in threads[6:]:
+            t.start()
+        for t in threads:
+            t.join(300)
+        alive = proc.poll() is None and _call(port, token, _chat("Hi", max_tokens=4))[0] == 200
+        peak = _vmhwm(proc.pid)
+    finally:
+        _stop(proc)
+    assert len(codes) == 18 and set(codes) <= {200, 503, 504}, codes
+    assert codes.count(504) == 2 and codes.count(503) >= 1 and codes.count(200) >= 2, codes
+    assert alive and stalled == ["HTTP/1.1 408 Request Timeout"] * 4, stalled
+    assert 0 < peak <= budget
+
+
+NETWORK_CALLS = "connect,sendto,sendmsg,sendmmsg"
+
+
+def _network_attempts(log: Path) -> list[str]:
+    """Every attempt an strace log shows to reach an address over IPv4 or IPv6 (loopback included:
+    a DNS look-up goes to a local resolver first)."""
+    return [line for line in log.read_text().splitlines() if "AF_INET" in line]
+
+
+def _offline(cmd: list[str], tmp_path: Path, name: str) -> tuple[subprocess.CompletedProcess[str], list[str], Path]:
+    """`cmd` under strace, following every child, with a fresh HOME; its network attempts."""
+    if shutil.which("strace") is None:
+        pytest.fail("strace is needed to watch every process's network calls: `make test` installs it")
+    home, log = tmp_path / f"home-{name}", tmp_path / f"{name}.strace"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "EDGECDS_HOME": str(home / ".edgecds"), "EDGECDS_SERVE_TOKEN": "a-token-for-the-test"}
+    env.pop("ORT_DISABLE_TELEMETRY", None)  # edgecds itself must turn onnxruntime's telemetry off
+    run = subprocess.run(["strace", "-f", "-qq", "-e", f"trace={NETWORK_CALLS}", "-o", str(log), *cmd], capture_output=True, text=True,
+                         env=env, timeout=900)
+    return run, _network_attempts(log), home
+
+
+@pytest.mark.parametrize("which", ["gguf", "onnx"])
+def test_profile_eval_and_run_make_no_network_attempt(which: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Under strace, which sees every process and the engines' own C++ code: not one connect or
+    send to an IP address, and no telemetry database under HOME (onnxruntime 1.32 writes one, and
+    looks up its vendor's events host, unless told not to)."""
+    folder: Path = request.getfixturevalue("bundle" if which == "gguf" else "onnx_bundle")
+    variants = (folder.parent / "variants") if which == "gguf" else request.getfixturevalue("onnx_variants")
+    kind = "Q4_K_M" if which == "gguf" else "ONNX_INT8"
+    cases = _three_cases(tmp_path)
+    for name, cmd in (
+        ("profile", ["profile", str(variants), "--types", kind, "--ctx", "1024", "-p", "16", "-n", "4", "-r", "1", "--cases", str(cases),
+                     "-o", str(tmp_path / "results.json"), "-q"]),
+        ("run", ["run", str(folder), "-p", SECRET, "-n", "4"]),
+    ):
+        run, attempts, home = _offline([sys.executable, "-m", "edgecds", *cmd], tmp_path, name)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert attempts == [], attempts[:5]
+        assert not (home / ".cache" / "Microsoft").exists()
+
+
+@pytest.mark.parametrize("which", ["gguf", "onnx"])
+def test_serve_makes_no_network_attempt(which: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    folder: Path = request.getfixturevalue("bundle" if which == "gguf" else "onnx_bundle")
+    port = free_port()
+    home, log = tmp_path / "home", tmp_path / "serve.strace"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "EDGECDS_HOME": str(home / ".edgecds"), "EDGECDS_SERVE_TOKEN": "a-token-for-the-test"}
+    env.pop("ORT_DISABLE_TELEMETRY", None)
+    proc = subprocess.Popen(["strace", "-f", "-qq", "-e", f"trace={NETWORK_CALLS}", "-o", str(log), sys.executable, "-m", "edgecds",
+                             "serve", str(folder), "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                code, _ = _call(port, "a-token-for-the-test", _chat(SECRET, max_tokens=4), timeout=60)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline and proc.poll() is None, "the server did not start"
+                time.sleep(0.5)
+        assert code == 200
+    finally:
+        for child in psutil.Process(proc.pid).children(recursive=True):  # the server, below strace
+            child.terminate()
+        proc.communicate(timeout=60)
+    assert _network_attempts(log) == []
+    assert not (home / ".cache" / "Microsoft").exists()

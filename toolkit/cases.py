@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -202,7 +203,7 @@ def parse_cases(raw: bytes, name: str) -> CaseSet:
         problems.add(0, "", f"mixes case styles ({', '.join(sorted(styles - {'unknown'}))}); use one per file")
     # MedMCQA's own release numbers `cop` from 1; some copies from 0. A 0 anywhere means the latter.
     one_based = not any(d.get("cop") == 0 for _, d in rows if _style(d) == "medmcqa")
-    cases: list[Case] = []
+    numbered: list[tuple[int, Case]] = []  # each case with its own line, whichever lines failed before it
     for number, data in rows:
         style = _style(data)
         if style == "edgecds":
@@ -214,12 +215,13 @@ def parse_cases(raw: bytes, name: str) -> CaseSet:
         else:
             continue
         if case is not None:
-            cases.append(case)
+            numbered.append((number, case))
     seen: dict[str, int] = {}
-    for number, case in zip((n for n, d in rows if _style(d) != "unknown"), cases, strict=False):
+    for number, case in numbered:
         if case.id in seen:
             problems.add(number, "id", f"{case.id!r} repeats line {seen[case.id]}")
         seen.setdefault(case.id, number)
+    cases = [case for _, case in numbered]
     if not rows and not problems.items:
         problems.add(0, "", "no cases")
     if problems.items:
@@ -238,12 +240,18 @@ def load_cases(path: Path | None = None) -> CaseSet:
         raw = resources.files("edgecds.clinical").joinpath(SHIPPED_CASES).read_bytes()
         return parse_cases(raw, SHIPPED_CASES)
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # /dev/zero, a FIFO: no end to read to
+            raise InvalidInputError(f"{path}: not a regular file; give a JSONL case file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise InvalidInputError(f"{path}: {info.st_size} bytes is larger than {MAX_FILE_BYTES >> 20} MiB; split the case file")
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise InvalidInputError(f"{path}: cannot read the case file ({exc.strerror})") from None
-    if size > MAX_FILE_BYTES:
-        raise InvalidInputError(f"{path}: {size} bytes is larger than {MAX_FILE_BYTES >> 20} MiB; split the case file")
-    return parse_cases(path.read_bytes(), str(path))
+    if len(raw) > MAX_FILE_BYTES:
+        raise InvalidInputError(f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB; split the case file")
+    return parse_cases(raw, str(path))
 
 
 def drift_text() -> str:

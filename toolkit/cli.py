@@ -18,7 +18,7 @@ from edgecds import __version__
 from edgecds.commands.build import inspect, models, quantize, types_command
 from edgecds.commands.device import devices, eval_command, plan, profile
 from edgecds.commands.ship import bundle_command, keygen_command, report_command, run_command, serve_command, verify_command
-from edgecds.errors import EdgecdsError, UsageError
+from edgecds.errors import EdgecdsError, UsageError, write_failure_message
 
 
 class EdgecdsGroup(click.Group):
@@ -31,6 +31,11 @@ class EdgecdsGroup(click.Group):
             raise click.UsageError(str(exc), ctx) from None
         except EdgecdsError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # a full or read-only disk, a missing permission: a message, not a traceback
+            message = write_failure_message(exc)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
 
 
 @click.group(cls=EdgecdsGroup, context_settings={"help_option_names": ["-h", "--help"]})

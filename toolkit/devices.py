@@ -8,6 +8,7 @@ or the EDGECDS_PROFILES environment variable (folders separated by the OS path s
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Iterable
@@ -25,6 +26,7 @@ else:  # Python 3.10 (JetPack 6 on Jetsons)
     import tomli as tomllib
 
 PROFILES_ENV = "EDGECDS_PROFILES"
+OTHER_FORMATS = (".yaml", ".yml", ".json", ".ini", ".cfg")
 MAX_PROFILE_BYTES = 256 * 1024
 
 DEVICE_CLASSES = ("gpu", "jetson", "cpu")
@@ -130,6 +132,8 @@ def _check_field(spec: FieldSpec, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail(f"must be a number, not {value!r}")
         value = float(value)
+        if not math.isfinite(value):  # TOML allows nan and inf; no device has them
+            raise fail(f"must be a finite number, not {value!r}")
     elif spec.kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise fail(f"must be a whole number, not {value!r}")
@@ -236,9 +240,13 @@ def load_profiles(extra_dirs: Iterable[Path] = ()) -> dict[str, DeviceProfile]:
         profile = load_profile_file(path)
         profiles[profile.id] = profile
     for folder in profile_dirs(extra_dirs):
-        for path in sorted(folder.glob("*.toml")):
-            profile = load_profile_file(path)
-            profiles[profile.id] = profile
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() in OTHER_FORMATS:  # a profile in another format would silently not count
+                raise InvalidInputError(f"{path}: device profiles are TOML files (*.toml, fields in `edgecds devices show ID`); "
+                                        "convert it, or move it out of the profiles folder")
+            if path.suffix == ".toml":
+                profile = load_profile_file(path)
+                profiles[profile.id] = profile
     return profiles
 
 

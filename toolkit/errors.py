@@ -45,3 +45,30 @@ class NotEnoughDiskError(EdgecdsError):
 
 class ModelUnavailableError(EdgecdsError):
     """A model that has not been pulled into the cache and cannot be fetched."""
+
+
+# Write failures a user can fix, and what to do about each. The CLI turns these OSErrors into
+# messages at its one boundary; atomic writes have already removed their temporaries by then.
+WRITE_FAILURES = {
+    "ENOSPC": "the disk is full: free space, or choose another output folder",
+    "EDQUOT": "the disk quota is used up: free space, or choose another output folder",
+    "EFBIG": "the file-size limit (ulimit -f) was reached: raise it, or choose another output folder",
+    "EROFS": "the file system is read-only: choose another output folder",
+    "EACCES": "permission denied: choose a folder you can write to",
+    "EPERM": "not permitted: choose a folder you can write to",
+    "EISDIR": "a folder stands where a file was expected: choose another name",
+    "ENOTDIR": "a file stands where a folder was expected: choose another name",
+    "EEXIST": "something of that name already exists: choose another name",
+    "ENAMETOOLONG": "the name is too long: choose a shorter path",
+}
+
+
+def write_failure_message(exc: OSError) -> str | None:
+    """A message for an OSError the user can fix (full disk, read-only folder...), or None."""
+    import errno
+
+    name = errno.errorcode.get(exc.errno or 0, "")
+    if name not in WRITE_FAILURES:
+        return None
+    where = exc.filename or "the output"
+    return f"could not write {where}: {WRITE_FAILURES[name]} ({exc.strerror})"

@@ -1,9 +1,17 @@
 """`edgecds serve`: a bundle's model behind an OpenAI-compatible chat endpoint, on the clinic device.
 
-The server is llama-cpp-python's own (FastAPI + uvicorn), configured from the bundle's
-runtime.json; edgecds wraps it in one ASGI guard that enforces what a clinic needs: a bearer token
-on every request, a bounded queue (503 when it is full), a bounded request body and output
-length, a time limit, and no logging of requests. It binds to loopback unless told otherwise.
+edgecds's own small ASGI app over the engine's `Runtime`, so GGUF and ONNX bundles are served
+alike and every promise is kept by code edgecds owns:
+- a bearer token on every route (compared in constant time); loopback unless told otherwise;
+- a bounded number of requests admitted (`slots` generating, `queue` waiting; more get 503), and a
+  bounded number of connections (uvicorn's limit), so stalled clients cannot hold the server;
+- a request body bounded in size and in the time it may take to arrive (408 when a client stalls);
+- malformed requests answered 4xx with a message that echoes nothing the client sent;
+- answers capped at the bundle's max_tokens and by the context; a time limit that really stops
+  generation (the decode loop checks a cancel flag every token, and the runtime is handed to the
+  next request only after its generation has stopped);
+- no access log, and nothing of a prompt or an answer written anywhere.
+Sampling is the bundle's: greedy (temperature 0), so answers are reproducible.
 """
 
 from __future__ import annotations
@@ -11,15 +19,24 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import secrets
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgecds.errors import UsageError
+from edgecds.engine import CHAT_ROLES, Runtime, generate_greedy
+from edgecds.errors import EdgecdsError, UsageError
 
 TOKEN_ENV = "EDGECDS_SERVE_TOKEN"
 Scope = dict[str, Any]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+MAX_MESSAGES = 256
 
 
 @dataclass(frozen=True)
@@ -28,119 +45,248 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     token: str | None = None  # None: EDGECDS_SERVE_TOKEN, else a new random one
-    slots: int = 1  # requests generating at once (llama.cpp runs one sequence here)
+    slots: int = 1  # requests generating at once: one loaded copy of the model each
     queue: int = 4  # requests waiting beyond those; more get 503
     max_tokens: int | None = None  # cap on each answer's tokens (default: the bundle's)
     max_body_bytes: int = 256 * 1024
-    request_seconds: float = 120.0
+    body_seconds: float = 10.0  # time a client has to send its request body
+    request_seconds: float = 120.0  # time a request may take, waiting included; then generation stops
     verify: bool = True
+    trusted_key: str | None = None  # the signer the bundle must carry (default: EDGECDS_TRUSTED_KEY)
 
 
-class Guard:
-    """ASGI middleware in front of the server: token, queue, body size, output cap, time limit."""
+class RequestError(Exception):
+    """A request the server answers with a 4xx: the message names the field, never its content."""
 
-    def __init__(self, app: Any, token: str, slots: int, queue: int, max_tokens: int, max_body: int, seconds: float) -> None:
-        self.app, self.token, self.max_tokens, self.max_body, self.seconds = app, token, max_tokens, max_body, seconds
-        self.capacity = slots + queue
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_chat_request(body: bytes, cap: int) -> tuple[list[dict[str, str]], int, bool]:
+    """(messages, max_tokens, stream) from a chat-completions body, or a RequestError."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise RequestError(400, "the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages or len(messages) > MAX_MESSAGES:
+        raise RequestError(422, f"'messages' must be a list of 1 to {MAX_MESSAGES} messages")
+    parsed = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
+            raise RequestError(422, f"messages[{i}] must be {{'role': one of {', '.join(CHAT_ROLES)}, 'content': a string}}")
+        parsed.append({"role": str(m["role"]), "content": str(m["content"])})
+    asked = data.get("max_tokens", data.get("max_completion_tokens"))
+    if asked is not None and (not isinstance(asked, int) or isinstance(asked, bool) or asked < 1):
+        raise RequestError(422, "'max_tokens' must be a positive whole number")
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(422, "'stream' must be true or false")
+    return parsed, min(asked, cap) if asked else cap, stream
+
+
+class Models:
+    """`slots` runtimes of the bundle's model; one request uses one at a time."""
+
+    def __init__(self, runtimes: list[Runtime], n_ctx: int, system_prompt: str) -> None:
+        self.free: queue.Queue[Runtime] = queue.Queue()
+        for runtime in runtimes:
+            self.free.put(runtime)
+        self.n_ctx, self.system_prompt = n_ctx, system_prompt
+
+    def generate(self, messages: list[dict[str, str]], max_tokens: int, cancel: threading.Event,
+                 on_text: Callable[[str], None] | None) -> dict[str, Any]:
+        """In a worker thread: the greedy answer, stopping at an end token, `max_tokens`, the
+        context's end, or `cancel`; each new piece of text goes to `on_text` as it is made."""
+        runtime = self.free.get()
+        try:
+            if cancel.is_set():
+                return {"text": "", "finish_reason": "cancelled", "prompt_tokens": 0, "completion_tokens": 0}
+            if self.system_prompt and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": self.system_prompt}, *messages]
+            prompt = runtime.tokenize(runtime.chat_messages(messages))
+            room = self.n_ctx - len(prompt)
+            if room < 1:
+                raise RequestError(400, f"the conversation is {len(prompt)} tokens; the model's context holds {self.n_ctx}")
+            limit = min(max_tokens, room)
+            sent = [""]
+
+            def stop(out: list[int]) -> bool:
+                if on_text is not None:
+                    text = runtime.detokenize(out)
+                    if len(text) > len(sent[0]) and not text.endswith("\ufffd"):  # whole characters only
+                        on_text(text[len(sent[0]):])
+                        sent[0] = text
+                return cancel.is_set()
+
+            out = generate_greedy(runtime, prompt, limit, stop)
+            text = runtime.detokenize(out)
+            if on_text is not None and len(text) > len(sent[0]):
+                on_text(text[len(sent[0]):])
+            reason = "cancelled" if cancel.is_set() else "length" if len(out) >= limit else "stop"
+            return {"text": text.strip() if on_text is None else text, "finish_reason": reason, "prompt_tokens": len(prompt),
+                    "completion_tokens": len(out)}
+        finally:
+            runtime.reset()
+            self.free.put(runtime)  # only now, with generation stopped, may another request use it
+
+
+class ChatServer:
+    """The ASGI app: routes, the token, admission, body limits and the time limit."""
+
+    def __init__(self, models: Models, name: str, token: str, config: ServeConfig, cap: int) -> None:
+        self.models, self.name, self.token, self.config, self.cap = models, name, token, config, cap
+        self.capacity = config.slots + config.queue
         self.active = 0
 
-    async def _reply(self, send: Any, status: int, message: str) -> None:
-        body = json.dumps({"error": {"message": message, "code": status}}).encode()
-        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
-
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # uvicorn runs with lifespan off; no websockets here
             return
+        try:
+            await self._route(scope, receive, send)
+        except RequestError as exc:
+            await reply(send, exc.status, {"error": {"message": str(exc), "code": exc.status}})
+        except EdgecdsError as exc:  # the model's own failure: its message names no request content
+            await reply(send, 500, {"error": {"message": str(exc), "code": 500}})
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope.get("headers") or [])
         if not secrets.compare_digest(headers.get(b"authorization", b""), f"Bearer {self.token}".encode()):
-            await self._reply(send, 401, "missing or wrong bearer token")
+            raise RequestError(401, "missing or wrong bearer token")
+        method, path = scope.get("method"), scope.get("path")
+        if path == "/v1/models" and method == "GET":
+            await reply(send, 200, {"object": "list", "data": [{"id": self.name, "object": "model", "owned_by": "edgecds"}]})
             return
+        if path != "/v1/chat/completions":
+            raise RequestError(404, "no such route; this server answers POST /v1/chat/completions and GET /v1/models")
+        if method != "POST":
+            raise RequestError(405, "use POST")
+        body = await self._read_body(headers, receive)
+        messages, max_tokens, stream = parse_chat_request(body, self.cap)
         if self.active >= self.capacity:
-            await self._reply(send, 503, "busy: every slot and queue place is taken; retry later")
-            return
+            raise RequestError(503, "busy: every slot and queue place is taken; retry later")
         self.active += 1
         try:
-            body = b""
-            while True:
-                message = await receive()
-                body += message.get("body", b"")
-                if len(body) > self.max_body:
-                    await self._reply(send, 413, f"request body over {self.max_body} bytes")
-                    return
-                if not message.get("more_body"):
-                    break
-            body = self._cap_tokens(scope, body)
-            sent = False
-
-            async def replay() -> dict[str, Any]:
-                nonlocal sent
-                if sent:  # the body was read already; from here on, only a real disconnect arrives
-                    return dict(await receive())
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            started = False
-
-            async def tracked_send(message: dict[str, Any]) -> None:
-                nonlocal started
-                started = started or message["type"] == "http.response.start"
-                await send(message)
-
-            try:
-                await asyncio.wait_for(self.app(scope, replay, tracked_send), self.seconds)
-            except asyncio.TimeoutError:
-                if not started:
-                    await self._reply(send, 504, f"no answer within {self.seconds:g} s")
+            await (self._stream if stream else self._complete)(messages, max_tokens, send)
         finally:
             self.active -= 1
 
-    def _cap_tokens(self, scope: Scope, body: bytes) -> bytes:
-        """Every completion gets max_tokens no larger than the cap (and the cap when it asked for none)."""
-        if scope.get("method") != "POST" or not body:
-            return body
+    async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
+        declared = headers.get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.config.max_body_bytes:
+            raise RequestError(413, f"request body over {self.config.max_body_bytes} bytes (or no valid Content-Length)")
+        body = b""
+        deadline = time.monotonic() + self.config.body_seconds
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise RequestError(408, f"the request body did not arrive within {self.config.body_seconds:g} s") from None
+            if message["type"] == "http.disconnect":
+                raise RequestError(400, "the client went away")
+            body += message.get("body", b"")
+            if len(body) > self.config.max_body_bytes:
+                raise RequestError(413, f"request body over {self.config.max_body_bytes} bytes")
+            if not message.get("more_body"):
+                return body
+
+    def _answer(self, result: dict[str, Any], created: int, ident: str) -> dict[str, Any]:
+        usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
+                 "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
+        return {"id": ident, "object": "chat.completion", "created": created, "model": self.name, "usage": usage,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]}, "finish_reason": result["finish_reason"]}]}
+
+    async def _complete(self, messages: list[dict[str, str]], max_tokens: int, send: Send) -> None:
+        cancel = threading.Event()
+        job = asyncio.get_running_loop().run_in_executor(None, self.models.generate, messages, max_tokens, cancel, None)
         try:
-            data = json.loads(body)
-        except ValueError:
-            return body  # the server answers 422 itself
-        if isinstance(data, dict):
-            asked = data.get("max_tokens")
-            data["max_tokens"] = min(asked, self.max_tokens) if isinstance(asked, int) and asked > 0 else self.max_tokens
-            return json.dumps(data).encode()
-        return body
+            result = await asyncio.wait_for(asyncio.shield(job), self.config.request_seconds)
+        except asyncio.TimeoutError:
+            cancel.set()
+            await job  # generation stops within a token; the runtime is free again before we answer
+            raise RequestError(504, f"no answer within {self.config.request_seconds:g} s; generation was stopped") from None
+        await reply(send, 200, self._answer(result, int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"))
+
+    async def _stream(self, messages: list[dict[str, str]], max_tokens: int, send: Send) -> None:
+        """Server-sent events: one chunk a piece of text, then the finish reason, then [DONE]."""
+        loop, pieces = asyncio.get_running_loop(), asyncio.Queue[str | None]()
+        cancel = threading.Event()
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def on_text(text: str) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+        job = loop.run_in_executor(None, self.models.generate, messages, max_tokens, cancel, on_text)
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
+        deadline = time.monotonic() + self.config.request_seconds
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream"),
+                                                                             (b"cache-control", b"no-cache")]})
+
+        def chunk(delta: dict[str, str], reason: str | None) -> bytes:
+            data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": self.name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+            return f"data: {json.dumps(data)}\n\n".encode()
+
+        await send({"type": "http.response.body", "body": chunk({"role": "assistant"}, None), "more_body": True})
+        while True:
+            try:
+                piece = await asyncio.wait_for(pieces.get(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                cancel.set()  # generation stops within a token; the pieces already made are still sent
+                deadline = time.monotonic() + 3600
+                continue
+            if piece is None:
+                break
+            if piece:
+                await send({"type": "http.response.body", "body": chunk({"content": piece}, None), "more_body": True})
+        try:
+            result = await job
+            reason = result["finish_reason"]
+        except RequestError as exc:
+            reason = f"error: {exc}"
+        await send({"type": "http.response.body", "body": chunk({}, reason) + b"data: [DONE]\n\n", "more_body": False})
 
 
-def make_app(config: ServeConfig) -> tuple[Any, str]:
-    """The guarded ASGI app and the token it requires."""
-    from llama_cpp.server.app import create_app
-    from llama_cpp.server.settings import ModelSettings, ServerSettings
+async def reply(send: Send, status: int, data: dict[str, Any]) -> None:
+    body = json.dumps(data).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
+
+def resolve_token(config: ServeConfig) -> str:
+    token = config.token or os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
+    if len(token) < 8:
+        raise UsageError("the serve token must be at least 8 characters")
+    return token
+
+
+def make_app(config: ServeConfig) -> tuple[ChatServer, str]:
+    """The app and the token it requires, with the bundle verified (unless told not to) and its
+    model loaded `slots` times."""
     from edgecds.bundle.layout import BundleEngineConfig
     from edgecds.bundle.verify import verify_bundle
-    from edgecds.engine.gguf_runtime import ggml_type
+    from edgecds.engine.factory import open_runtime
 
     if config.verify:
-        verify_bundle(config.bundle)
+        verify_bundle(config.bundle, config.trusted_key)
     engine = BundleEngineConfig.read(config.bundle)
-    if engine.format != "gguf":
-        raise UsageError(f"{config.bundle}: serving {engine.format} bundles is not supported yet; GGUF bundles are")
-    token = config.token or os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
-    model = ModelSettings(
-        model=str(engine.model_path(config.bundle)), model_alias=config.bundle.name, n_ctx=engine.n_ctx,
-        n_batch=engine.n_batch, n_threads=engine.threads or 1, n_threads_batch=engine.threads or 1,
-        n_gpu_layers=engine.n_gpu_layers, type_k=ggml_type(engine.type_k), type_v=ggml_type(engine.type_v),
-        flash_attn=engine.flash_attn, seed=engine.seed, verbose=False,
-    )
-    server = ServerSettings(host=config.host, port=config.port, api_key=token, interrupt_requests=True)
-    app = create_app(server_settings=server, model_settings=[model])
-    cap = config.max_tokens or engine.max_tokens
-    return Guard(app, token, config.slots, config.queue, cap, config.max_body_bytes, config.request_seconds), token
+    token = resolve_token(config)
+    runtimes = [open_runtime(engine.model_path(config.bundle), engine.engine_settings()) for _ in range(config.slots)]
+    for runtime in runtimes:
+        runtime.chat_messages([{"role": "user", "content": "check"}])  # a template the sandbox refuses fails now, at start
+    models = Models(runtimes, engine.n_ctx, engine.system_prompt)
+    return ChatServer(models, config.bundle.name, token, config, config.max_tokens or engine.max_tokens), token
 
 
 def serve(config: ServeConfig) -> None:
     import uvicorn
 
     app, _ = make_app(config)
-    # access_log off and warnings only: prompts and answers never reach a log
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False)
+    # access_log off and warnings only: prompts and answers never reach a log. The connection limit
+    # bounds what stalled clients can hold; each gets body_seconds to send its body.
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False, lifespan="off",
+                limit_concurrency=4 * (config.slots + config.queue) + 8, timeout_keep_alive=5)

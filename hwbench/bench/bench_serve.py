@@ -32,7 +32,7 @@ from edgecds.atomic import write_json
 PROMPT = "A 58-year-old man has sudden severe headache with vomiting and neck stiffness. What is the most likely diagnosis?"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -56,11 +56,16 @@ def _vmhwm(pid: int) -> int:
     return 0
 
 
-def start_server(bundle: Path, slots: int, queue: int, max_tokens: int) -> tuple[subprocess.Popen[bytes], int, str]:
-    port, token = _free_port(), secrets.token_urlsafe(16)
+def start_server(bundle: Path, slots: int, queue: int, max_tokens: int, *extra: str,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], int, str]:
+    """`edgecds serve` on a free loopback port, its token in the environment; `extra` options are
+    added (the bundle is checked at start unless they say --no-verify). Its stdout and stderr are
+    kept, for a caller to read what it printed."""
+    port, token = free_port(), secrets.token_urlsafe(16)
     cmd = [sys.executable, "-m", "edgecds", "serve", str(bundle), "--port", str(port), "--slots", str(slots), "--queue", str(queue),
-           "--max-tokens", str(max_tokens), "--no-verify"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "EDGECDS_SERVE_TOKEN": token}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+           "--max-tokens", str(max_tokens), *extra]
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {}), "EDGECDS_SERVE_TOKEN": token}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -75,10 +80,11 @@ def start_server(bundle: Path, slots: int, queue: int, max_tokens: int) -> tuple
     raise RuntimeError("the server did not start within 120 s")
 
 
-def run_load(bundle: Path, clients: int, requests: int, seconds: float, slots: int = 1, queue: int = 2, max_tokens: int = 32) -> dict[str, Any]:
+def run_load(bundle: Path, clients: int, requests: int, seconds: float, slots: int = 1, queue: int = 2, max_tokens: int = 32,
+             *extra: str) -> dict[str, Any]:
     manifest = json.loads((bundle / "manifest.json").read_text())
     budget = int(manifest["device"]["budget_gib"] * 1024**3)
-    proc, port, token = start_server(bundle, slots, queue, max_tokens)
+    proc, port, token = start_server(bundle, slots, queue, max_tokens, "--no-verify", *extra)
     results: list[tuple[int, float]] = []
     lock = threading.Lock()
     remaining = [requests]
@@ -121,7 +127,8 @@ def run_load(bundle: Path, clients: int, requests: int, seconds: float, slots: i
         return round(statistics.quantiles(values, n=100)[q - 1], 3) if len(values) >= 2 else (round(values[0], 3) if values else None)
 
     return {
-        "clients": clients, "slots": slots, "queue": queue, "requests": len(results), "served": len(served), "refused_503": codes.count(503),
+        "clients": clients, "slots": slots, "queue": queue, "requests": len(results), "codes": codes, "served": len(served),
+        "refused_503": codes.count(503),
         "other": sorted({c for c in codes if c not in (200, 503)}), "only_200_or_503": all(c in (200, 503) for c in codes),
         "server_alive_after": alive, "latency_seconds_served": {"p50": pct(served, 50), "p90": pct(served, 90), "p99": pct(served, 99)},
         "peak_memory_bytes": peak, "device_budget_bytes": budget, "within_budget": 0 < peak <= budget,

@@ -69,6 +69,7 @@ class Candidate:
     flips: int | None = None  # answers that changed against its reference
     p_value: float | None = None  # McNemar against its reference
     difference: float | None = None  # accuracy minus its reference's
+    failed: str = ""  # why its measurement on the device failed, when it did (its figures are then only predicted)
 
     def better_than_reference(self, alpha: float) -> bool:
         return self.p_value is not None and self.difference is not None and self.difference > 0 and self.p_value < alpha
@@ -105,9 +106,12 @@ def _candidates(results_files: list[Path], device: DeviceProfile, constraints: C
                 evaluations[e.variant.sha256] = e
         measured: dict[str, MeasurementRecord] = {}
         predicted: dict[str, MeasurementRecord] = {}
+        failed: dict[str, str] = {}
         for r in results.records:
             if r.device != device.id:
                 continue
+            if r.status == "failed" and r.on_target:
+                failed[r.variant.sha256] = r.reason
             if r.status == "measured" and r.on_target:
                 if r.variant.sha256 not in measured or r.created >= measured[r.variant.sha256].created:
                     measured[r.variant.sha256] = r
@@ -120,7 +124,8 @@ def _candidates(results_files: list[Path], device: DeviceProfile, constraints: C
             ref = record.variant if record else evaluation.variant if evaluation else None
             if ref is None:
                 continue
-            found.append(_candidate(ref, str(path), record, evaluation, results.hosts.get(record.host) if record else None))
+            candidate = _candidate(ref, str(path), record, evaluation, results.hosts.get(record.host) if record else None)
+            found.append(replace(candidate, failed=failed[sha]) if candidate.predicted_only and sha in failed else candidate)
     return found
 
 
@@ -151,7 +156,9 @@ def _violations(c: Candidate, device: DeviceProfile, k: Constraints) -> list[str
     out = []
     if c.format not in k.formats:
         out.append(f"format {c.format} not allowed")
-    if c.predicted_only and not k.allow_predicted:
+    if c.failed:
+        out.append(f"its measurement on {device.id} failed ({c.failed}); a prediction does not stand in for it")
+    elif c.predicted_only and not k.allow_predicted:
         out.append("not measured on the device")
     if c.peak_bytes and c.peak_bytes > budget:
         out.append(f"too big by {(c.peak_bytes - budget) / 2**20:.0f} MB over the {device.budget_gib:g} GiB budget")

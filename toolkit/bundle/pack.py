@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecds import __version__
-from edgecds.atomic import atomic_path
+from edgecds.atomic import atomic_path, folder_lock, remove_stale_temporaries
 from edgecds.bundle.choose import Choice
 from edgecds.bundle.layout import (
     ENGINE_CONFIG,
@@ -105,24 +105,25 @@ class BundleResult:
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _measured_variant(choice: Choice) -> tuple[Any, Any, Path]:
-    """(variants.json, the chosen variant's record, its file), checked against what was measured."""
-    from edgecds.variants import load_variants, variant_file
+def _measured_variant(choice: Choice, variants_dir: Path | None) -> tuple[Any, Any, Path]:
+    """(variants.json, the chosen variant's record, its file or folder), found in `variants_dir`
+    or beside the results file, and checked by hash against what was measured."""
+    from edgecds.variants import check_unchanged, load_variants
 
     c = choice.chosen
     if c is None:
         raise UsageError(choice.advice or "no variant to bundle")
     results_path = Path(c.results_file)
-    variants = load_variants(results_path.parent)
+    folder = variants_dir or results_path.parent
+    variants = load_variants(folder)
     if variants is None:
-        raise InvalidInputError(f"{results_path.parent} holds no variants.json beside {results_path.name}: bundle from the variants folder")
+        raise InvalidInputError(f"{folder} holds no variants.json (the results in {results_path} came from elsewhere?): "
+                                "pass the variants folder with --variants DIR")
     record = next((v for v in variants.variants if v.sha256 == c.sha256), None)
     if record is None:
-        raise InvalidInputError(f"{results_path.parent}/variants.json no longer lists the measured {c.variant} (sha256 {c.sha256[:12]})")
-    model_path = variant_file(results_path.parent, record)
-    if sha256_file(model_path) != record.sha256:
-        raise InvalidInputError(f"{model_path} changed since it was measured; quantize and profile again")
-    return variants, record, model_path
+        raise InvalidInputError(f"{folder / 'variants.json'} does not list the measured {c.variant} (sha256 {c.sha256[:12]}): "
+                                "pass the folder it was measured from with --variants DIR, or quantize and profile again")
+    return variants, record, check_unchanged(folder, record)
 
 
 def _engine_config(choice: Choice, device: DeviceProfile, record: Any, model_path: Path) -> BundleEngineConfig:
@@ -163,8 +164,13 @@ def _manifest(choice: Choice, device: DeviceProfile, variants: Any, record: Any)
     return manifest
 
 
-def write_bundle(choice: Choice, device: DeviceProfile, output: Path, sign_key: Path | None = None) -> BundleResult:
-    variants, record, model_path = _measured_variant(choice)
+def write_bundle(choice: Choice, device: DeviceProfile, output: Path, sign_key: Path | None = None,
+                 variants_dir: Path | None = None) -> BundleResult:
+    """The bundle folder and its archive beside it. Both are built under temporary names and
+    published folder first, archive last, after the old archive is removed: an interruption leaves
+    the old pair, or the new folder without an archive, never a folder and an archive that differ.
+    One run at a time writes into a folder; what a killed run left there is removed first."""
+    variants, record, model_path = _measured_variant(choice, variants_dir)
     warnings: list[str] = []
     licences = _licence_files(variants.source.path)
     if not licences:
@@ -172,23 +178,35 @@ def write_bundle(choice: Choice, device: DeviceProfile, output: Path, sign_key: 
     engine = _engine_config(choice, device, record, model_path)
     manifest = _manifest(choice, device, variants, record)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(output, directory=True) as folder:
-        (folder / MODEL_DIR).mkdir()
-        shutil.copyfile(model_path, folder / MODEL_DIR / model_path.name)
-        for lic in licences:
-            shutil.copyfile(lic, folder / lic.name)
-        (folder / ENGINE_CONFIG).write_text(engine.to_json(), encoding="utf-8")
-        (folder / MODEL_CARD).write_text(_model_card(choice, manifest), encoding="utf-8")
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            manifest["files"][path.relative_to(folder).as_posix()] = {"sha256": sha256_file(path), "size": path.stat().st_size}
-        manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
-        (folder / MANIFEST).write_bytes(manifest_bytes)
-        if sign_key is not None:
-            (folder / SIGNATURE).write_text(json.dumps(sign_manifest(manifest_bytes, sign_key), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     archive = output.with_name(output.name + ".tar.gz")
-    with atomic_path(archive) as tmp:
-        write_reproducible_tar(output, tmp)
+    with folder_lock(output.parent):
+        remove_stale_temporaries(output.parent)
+        # the inner (folder) is published on leaving before the outer (archive)
+        with atomic_path(archive) as packed, atomic_path(output, directory=True) as folder:
+            _fill(folder, model_path, licences, engine, choice, manifest, sign_key)
+            write_reproducible_tar(folder, packed, output.name)
+            archive.unlink(missing_ok=True)  # from here on, no archive until this folder's is published
     return BundleResult(str(output), str(archive), sha256_file(archive), choice.explanation(), sign_key is not None, tuple(warnings))
+
+
+def _fill(folder: Path, model_path: Path, licences: list[Path], engine: BundleEngineConfig, choice: Choice, manifest: dict[str, Any],
+          sign_key: Path | None) -> None:
+    """Write the bundle's files into `folder`, the manifest (every file's hash) last but the signature."""
+    (folder / MODEL_DIR).mkdir()
+    if model_path.is_dir():  # an ONNX variant: its folder, every file listed and hashed
+        shutil.copytree(model_path, folder / MODEL_DIR / model_path.name, symlinks=False)
+    else:
+        shutil.copyfile(model_path, folder / MODEL_DIR / model_path.name)
+    for lic in licences:
+        shutil.copyfile(lic, folder / lic.name)
+    (folder / ENGINE_CONFIG).write_text(engine.to_json(), encoding="utf-8")
+    (folder / MODEL_CARD).write_text(_model_card(choice, manifest), encoding="utf-8")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        manifest["files"][path.relative_to(folder).as_posix()] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    (folder / MANIFEST).write_bytes(manifest_bytes)
+    if sign_key is not None:
+        (folder / SIGNATURE).write_text(json.dumps(sign_manifest(manifest_bytes, sign_key), indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _licence_id(source_path: str) -> str | None:
@@ -201,9 +219,10 @@ def _licence_id(source_path: str) -> str | None:
     return None
 
 
-def write_reproducible_tar(folder: Path, target: Path) -> None:
-    """Same folder contents, same bytes: sorted entries, time 0, owner 0, fixed modes, gzip time 0."""
-    buffer_name = folder.name
+def write_reproducible_tar(folder: Path, target: Path, name: str | None = None) -> None:
+    """Same folder contents, same bytes: sorted entries, time 0, owner 0, fixed modes, gzip time 0.
+    `name` is the folder's name inside the archive (default: its own)."""
+    buffer_name = name or folder.name
     with open(target, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
         entries = sorted(folder.rglob("*"), key=lambda p: p.relative_to(folder).as_posix())

@@ -46,16 +46,18 @@ def sign_manifest(manifest_bytes: bytes, key_path: Path) -> dict[str, str]:
     return {"algorithm": "ed25519", "signed_file": MANIFEST, "public_key": public, "signature": key.sign(manifest_bytes).hex()}
 
 
-def check_signature(bundle: Path, manifest_bytes: bytes) -> str:
+def check_signature(bundle: Path, manifest_bytes: bytes, signature_bytes: bytes) -> str:
+    """The signer's public key (hex) when `signature_bytes` (the bundle's signature.json, read by
+    the caller with its checks) sign `manifest_bytes`; a VerifyError naming the file otherwise."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     path = bundle / SIGNATURE
     try:
-        sig = json.loads(path.read_text(encoding="utf-8"))
+        sig = json.loads(signature_bytes.decode("utf-8"))
         public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(sig["public_key"]))
         signature = bytes.fromhex(sig["signature"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         raise VerifyError(f"{path}: not an edgecds signature") from None
     try:
         public.verify(signature, manifest_bytes)

@@ -1,19 +1,37 @@
 """`edgecds verify`: a bundle (folder, or an archive extracted safely) checked byte for byte
-against its manifest, and its signature against a trusted key."""
+against its manifest, and its signature against a trusted key.
+
+An archive came over a network or a USB stick: it is read twice. First its headers alone, with
+the manifest it carries: every member must be a plain file or folder inside one top folder,
+listed in the manifest at the size the manifest gives, and all of them must fit the free disk,
+before a byte is written (sparse members, size bombs and 100k-member archives are refused there).
+Then each file is copied, never more than its declared size. A folder's `manifest.json` and
+`signature.json` are read only when they are plain files of a bounded size: a link, a FIFO or a
+device there is refused unopened.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
-from edgecds.bundle.layout import MANIFEST, SCHEMA_VERSION, SIGNATURE, VerifyError
+from edgecds.bundle.layout import ENGINE_CONFIG, MANIFEST, SCHEMA_VERSION, SIGNATURE, BundleEngineConfig, VerifyError
 from edgecds.bundle.sign import check_signature
 from edgecds.digest import sha256_file
+
+MAX_MEMBERS = 4096  # a bundle holds a handful of files (an ONNX variant a dozen); more is an attack
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_SIGNATURE_BYTES = 64 << 10
+DISK_MARGIN = 64 << 20
+TRUSTED_KEY_ENV = "EDGECDS_TRUSTED_KEY"  # the signer a clinic device requires, when set
 
 
 @dataclass(frozen=True)
@@ -25,68 +43,154 @@ class VerifyResult:
     trusted_signer: bool
 
 
+def read_plain_file(path: Path, limit: int) -> bytes:
+    """A file's bytes, only if it is a regular file (not a link, FIFO, device or folder) of at most
+    `limit` bytes: it is checked before it is opened, and read no further than the limit."""
+    try:
+        mode = path.lstat()
+    except FileNotFoundError:
+        raise VerifyError(f"{path}: missing; this is not a complete edgecds bundle") from None
+    if not stat.S_ISREG(mode.st_mode):
+        raise VerifyError(f"{path}: not a plain file (a link, a folder or a special file); refused unopened")
+    if mode.st_size > limit:
+        raise VerifyError(f"{path}: {mode.st_size} bytes, more than the {limit} such a file can hold; refused")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read(limit + 1)[:limit]
+
+
+def _member_path(archive: Path, m: tarfile.TarInfo) -> PurePosixPath:
+    name = PurePosixPath(m.name)
+    if m.name.startswith(("/", "\\")) or name.is_absolute() or ".." in name.parts or not name.parts or "\\" in m.name:
+        raise VerifyError(f"{archive}: member {m.name!r} points outside the bundle; refused, nothing extracted")
+    if not (m.isfile() or m.isdir()):
+        kind = "link" if (m.issym() or m.islnk()) else "device or special file"
+        raise VerifyError(f"{archive}: member {m.name!r} is a {kind}; refused, nothing extracted")
+    if m.issparse():
+        raise VerifyError(f"{archive}: member {m.name!r} is a sparse file (a size bomb); refused, nothing extracted")
+    return name
+
+
+def _manifest_sizes(archive: Path, data: bytes) -> dict[str, int]:
+    try:
+        manifest = json.loads(data)
+        files = manifest["files"]
+        sizes = {str(k): int(v["size"]) for k, v in files.items() if isinstance(v, dict) and isinstance(v.get("size"), int)}
+        if len(sizes) != len(files):
+            raise ValueError("entries")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise VerifyError(f"{archive}: its {MANIFEST} is not an edgecds manifest; refused, nothing extracted") from None
+    return sizes
+
+
+def _read_headers(tar: tarfile.TarFile, archive: Path) -> tuple[list[tuple[tarfile.TarInfo, PurePosixPath]], bytes]:
+    """Every member's header, checked as it is read (count, kind, place), and the manifest's bytes."""
+    members: list[tuple[tarfile.TarInfo, PurePosixPath]] = []
+    seen: set[PurePosixPath] = set()
+    manifest = b""
+    for m in tar:
+        if len(members) >= MAX_MEMBERS:
+            raise VerifyError(f"{archive}: more than {MAX_MEMBERS} members; no bundle has that many; refused, nothing extracted")
+        name = _member_path(archive, m)
+        if name in seen:
+            raise VerifyError(f"{archive}: member {m.name!r} appears twice; refused, nothing extracted")
+        seen.add(name)
+        if m.isfile() and len(name.parts) == 2 and name.parts[1] == MANIFEST:
+            if m.size > MAX_MANIFEST_BYTES:
+                raise VerifyError(f"{archive}: its {MANIFEST} is {m.size} bytes; refused, nothing extracted")
+            src = tar.extractfile(m)
+            manifest = src.read(MAX_MANIFEST_BYTES) if src else b""
+        members.append((m, name))
+    return members, manifest
+
+
+def _check_members(archive: Path, members: list[tuple[tarfile.TarInfo, PurePosixPath]], manifest: bytes, into: Path) -> str:
+    """The one top folder; every file listed at its size; folders and files never sharing a name;
+    the whole fitting the free disk. Returns the top folder's name."""
+    tops = {name.parts[0] for _, name in members}
+    if len(tops) != 1:
+        raise VerifyError(f"{archive}: a bundle archive holds one folder, this holds {len(tops)} top-level entries; refused, nothing extracted")
+    if not manifest:
+        raise VerifyError(f"{archive}: no {MANIFEST} in its folder; not an edgecds bundle; refused, nothing extracted")
+    sizes = _manifest_sizes(archive, manifest)
+    folders = {name for m, name in members if m.isdir()} | {p for _, name in members for p in name.parents if p != PurePosixPath(".")}
+    total = 0
+    for m, name in members:
+        if not m.isfile():
+            continue
+        if name in folders:
+            raise VerifyError(f"{archive}: {m.name!r} is both a file and a folder; refused, nothing extracted")
+        relative = PurePosixPath(*name.parts[1:]).as_posix()
+        if relative not in (MANIFEST, SIGNATURE) and sizes.get(relative) != m.size:
+            what = "not listed in the manifest" if relative not in sizes else f"{m.size} bytes, the manifest says {sizes[relative]}"
+            raise VerifyError(f"{archive}: member {m.name!r} is {what}; refused, nothing extracted")
+        total += m.size
+    free = shutil.disk_usage(into).free
+    if total + DISK_MARGIN > free:
+        raise VerifyError(f"{archive}: unpacks to {total / 2**20:.0f} MiB but {into} has {free / 2**20:.0f} MiB free; "
+                          "free space (or set TMPDIR to a larger disk); nothing extracted")
+    return tops.pop()
+
+
 def safe_extract(archive: Path, into: Path) -> Path:
     """Extract a bundle archive, refusing (not rewriting) any member that is not a plain file or
-    folder inside the target: `..`, absolute names, links, devices and fifos. Returns the bundle folder."""
+    folder inside the target (`..`, absolute names, links, devices, FIFOs, sparse files), any file
+    the manifest does not list at that size, and an archive larger than the free disk; headers are
+    checked before anything is written. Returns the bundle folder."""
     try:
-        tar = tarfile.open(archive, mode="r:gz")
-    except (OSError, tarfile.TarError) as exc:
-        raise VerifyError(f"{archive}: not a readable .tar.gz ({exc})") from None
-    with tar:
-        members = tar.getmembers()
-        tops = set()
-        for m in members:
-            parts = Path(m.name).parts
-            if m.name.startswith(("/", "\\")) or Path(m.name).is_absolute() or ".." in parts or not parts:
-                raise VerifyError(f"{archive}: member {m.name!r} points outside the bundle; refused, nothing extracted")
-            if not (m.isfile() or m.isdir()):
-                kind = "link" if (m.issym() or m.islnk()) else "device or special file"
-                raise VerifyError(f"{archive}: member {m.name!r} is a {kind}; refused, nothing extracted")
-            tops.add(parts[0])
-        if len(tops) != 1:
-            raise VerifyError(f"{archive}: a bundle archive holds one folder, this holds {len(tops)} top-level entries")
-        for m in members:
-            target = into / m.name
-            if m.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            src = tar.extractfile(m)
-            assert src is not None
-            with src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-    return into / tops.pop()
+        with tarfile.open(archive, mode="r:gz") as tar:
+            members, manifest = _read_headers(tar, archive)
+            top = _check_members(archive, members, manifest, into)
+            for m, name in members:
+                target = into.joinpath(*name.parts)
+                if m.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(m)
+                if src is None:
+                    raise VerifyError(f"{archive}: member {m.name!r} cannot be read")
+                with src, open(target, "wb") as dst:
+                    _copy_at_most(src, dst, m.size)
+    except (OSError, EOFError, zlib.error, tarfile.TarError) as exc:
+        if isinstance(exc, OSError) and exc.filename and not str(exc.filename).startswith(str(archive)):
+            raise VerifyError(f"{archive}: could not be extracted into {into.parent}: {exc.strerror}") from None
+        raise VerifyError(f"{archive}: not a complete, readable .tar.gz ({type(exc).__name__}: {exc}); fetch it again") from None
+    return into / top
 
 
-def verify_bundle(bundle: Path, trusted_key: str | None = None) -> VerifyResult:
-    """Every byte against the manifest; raises VerifyError naming the file at fault."""
-    if bundle.is_file():
-        with tempfile.TemporaryDirectory(prefix="edgecds-verify-") as tmp:
-            folder = safe_extract(bundle, Path(tmp))
-            result = verify_bundle(folder, trusted_key)
-            return VerifyResult(str(bundle), result.files, result.signed, result.signer, result.trusted_signer)
-    if not bundle.is_dir():
-        raise VerifyError(f"{bundle}: no such bundle folder or archive")
-    manifest_path = bundle / MANIFEST
-    if manifest_path.is_symlink() or not manifest_path.is_file():
-        raise VerifyError(f"{manifest_path}: missing (or not a plain file); this is not an edgecds bundle")
-    manifest_bytes = manifest_path.read_bytes()
-    signer, signed = None, (bundle / SIGNATURE).exists()
-    if signed:
-        signer = check_signature(bundle, manifest_bytes)
-    if trusted_key is not None and signer != trusted_key.strip().lower():
-        raise VerifyError(f"{bundle / SIGNATURE}: " + ("the bundle is not signed" if not signed else f"signed by {signer}, not by the trusted key"))
+def _copy_at_most(src: Any, dst: Any, size: int) -> None:
+    left = size
+    while left > 0:
+        chunk = src.read(min(left, 1 << 20))
+        if not chunk:
+            raise EOFError("the archive ends inside a member")
+        dst.write(chunk)
+        left -= len(chunk)
+
+
+def _manifest_files(manifest_path: Path, data: bytes) -> dict[str, dict[str, Any]]:
     try:
-        manifest = json.loads(manifest_bytes)
+        manifest = json.loads(data)
         files = manifest["files"]
         if manifest.get("schema_version") != SCHEMA_VERSION or not isinstance(files, dict):
             raise ValueError("schema")
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise VerifyError(f"{manifest_path}: not a manifest of schema_version {SCHEMA_VERSION}") from None
-    expected = set(files) | {MANIFEST} | ({SIGNATURE} if signed else set())
+    for name, entry in files.items():
+        relative = PurePosixPath(name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or not isinstance(entry.get("sha256"), str):
+            raise VerifyError(f"{manifest_path}: the entry for {name!r} is not {{\"sha256\": ..., \"size\": ...}}")
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+            raise VerifyError(f"{manifest_path}: lists {name!r}, a path outside the bundle")
+    if ENGINE_CONFIG not in files:
+        raise VerifyError(f"{manifest_path}: does not list {ENGINE_CONFIG}; a bundle's model and settings must be covered by it")
+    return files
+
+
+def _present_files(bundle: Path) -> set[str]:
     present = set()
     for path in sorted(bundle.rglob("*")):
-        name = path.relative_to(bundle).as_posix()
         mode = path.lstat().st_mode
         if stat.S_ISLNK(mode):
             raise VerifyError(f"{path}: a symlink; bundles hold plain files only")
@@ -94,13 +198,48 @@ def verify_bundle(bundle: Path, trusted_key: str | None = None) -> VerifyResult:
             continue
         if not stat.S_ISREG(mode):
             raise VerifyError(f"{path}: not a plain file")
-        present.add(name)
+        present.add(path.relative_to(bundle).as_posix())
+    return present
+
+
+def _check_model_listed(bundle: Path, files: dict[str, dict[str, Any]]) -> None:
+    """The model runtime.json names is inside the bundle and covered by the manifest."""
+    config = BundleEngineConfig.read(bundle)
+    model = config.model_path(bundle).relative_to(bundle).as_posix()
+    if model not in files and not any(name.startswith(model + "/") for name in files):
+        raise VerifyError(f"{bundle / ENGINE_CONFIG}: its model {config.model!r} is not listed in the manifest")
+
+
+def verify_bundle(bundle: Path, trusted_key: str | None = None) -> VerifyResult:
+    """Every byte against the manifest; raises VerifyError naming the file at fault. With
+    `trusted_key` (hex; default $EDGECDS_TRUSTED_KEY) the bundle must be signed by that key."""
+    trusted_key = trusted_key or os.environ.get(TRUSTED_KEY_ENV) or None
+    if bundle.is_file():
+        with tempfile.TemporaryDirectory(prefix="edgecds-verify-") as tmp:
+            folder = safe_extract(bundle, Path(tmp))
+            try:
+                result = verify_bundle(folder, trusted_key)
+            except VerifyError as exc:  # name the archive, not a temporary folder that is about to go
+                raise VerifyError(str(exc).replace(str(folder), f"{bundle}:{folder.name}")) from None
+            return VerifyResult(str(bundle), result.files, result.signed, result.signer, result.trusted_signer)
+    if not bundle.is_dir():
+        raise VerifyError(f"{bundle}: no such bundle folder or archive")
+    manifest_path = bundle / MANIFEST
+    manifest_bytes = read_plain_file(manifest_path, MAX_MANIFEST_BYTES)
+    signed = os.path.lexists(bundle / SIGNATURE)
+    signer = check_signature(bundle, manifest_bytes, read_plain_file(bundle / SIGNATURE, MAX_SIGNATURE_BYTES)) if signed else None
+    if trusted_key is not None and signer != trusted_key.strip().lower():
+        raise VerifyError(f"{bundle / SIGNATURE}: " + ("the bundle is not signed" if not signed else f"signed by {signer}, not by the trusted key"))
+    files = _manifest_files(manifest_path, manifest_bytes)
+    expected = set(files) | {MANIFEST} | ({SIGNATURE} if signed else set())
+    present = _present_files(bundle)
     for name in sorted(present - expected):
         raise VerifyError(f"{bundle / name}: not listed in the manifest (an extra file)")
     for name in sorted(expected - present):
         raise VerifyError(f"{bundle / name}: listed in the manifest but missing")
     for name, entry in sorted(files.items()):
         path = bundle / name
-        if path.stat().st_size != entry.get("size") or sha256_file(path) != entry.get("sha256"):
+        if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
             raise VerifyError(f"{path}: does not match the manifest (size or sha256 differs)")
+    _check_model_listed(bundle, files)
     return VerifyResult(str(bundle), len(files), signed, signer, trusted_key is not None)

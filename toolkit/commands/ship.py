@@ -50,14 +50,18 @@ def report_command(results: tuple[Path, ...], output: Path | None, constraints: 
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), help="Bundle folder; the archive is written beside it.  [default: ./bundles/<model>-<type>-<device>]")
 @constraint_options
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="Sign the manifest with this ed25519 key (`edgecds keygen`).")
+@click.option("--variants", "variants_dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
+              help="The variants folder the results were measured from (checked by hash).  [default: the results file's folder]")
 @profiles_dir_option(help="Your own device profiles.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def bundle_command(results: tuple[Path, ...], device_id: str, output: Path | None, constraints: Any, sign_key: Path | None,
-                   profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
+                   variants_dir: Path | None, profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
     """Choose the best variant measured on a device and pack it for the clinic.
 
-    The most accurate variant that meets every constraint wins; ties go to the faster, then the
-    smaller. Every rejected variant is listed with its reason. The bundle (folder and a
+    A variant qualifies when it fits, meets every constraint and is not significantly worse than
+    its reference; among qualifiers the most faithful to the reference wins (drift within 0.01
+    counting as equal), then the faster, then the smaller (--prefer changes the order). Every
+    other variant is listed with the rule that decided. The bundle (folder and a
     reproducible .tar.gz) holds the model, manifest.json, runtime.json, MODEL_CARD.md and the
     model's licence.
 
@@ -77,7 +81,7 @@ def bundle_command(results: tuple[Path, ...], device_id: str, output: Path | Non
             click.echo(f"{r.variant}: {'; '.join(r.reasons)}", err=True)
         raise UsageError(choice.advice)
     folder = output or Path("bundles") / f"{choice.chosen.variant}-{device.id}"
-    result = write_bundle(choice, device, folder, sign_key)
+    result = write_bundle(choice, device, folder, sign_key, variants_dir)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     if as_json:
@@ -135,7 +139,8 @@ def verify_command(bundle: Path, trusted_key: str | None, as_json: bool) -> None
 @click.option("--prompt", "-p", help="The question; without it, read from standard input.")
 @click.option("--max-tokens", "-n", type=click.IntRange(min=1), help="Tokens to generate.  [default: the bundle's]")
 @click.option("--no-verify", is_flag=True, help="Skip checking the bundle against its manifest first.")
-def run_command(bundle: Path, prompt: str | None, max_tokens: int | None, no_verify: bool) -> None:
+@click.option("--key", "trusted_key", help="The signer's public key (hex); the bundle must be signed by it.  [default: $EDGECDS_TRUSTED_KEY]")
+def run_command(bundle: Path, prompt: str | None, max_tokens: int | None, no_verify: bool, trusted_key: str | None) -> None:
     """Answer a prompt with a bundle's model and runtime config, offline; on a terminal without
     --prompt, a question a line until an empty line.
 
@@ -156,31 +161,37 @@ def run_command(bundle: Path, prompt: str | None, max_tokens: int | None, no_ver
                 break
             if not line.strip():
                 break
-            click.echo(run_prompt(bundle, line, max_tokens, verify=not verified))
+            click.echo(run_prompt(bundle, line, max_tokens, verify=not verified, trusted_key=trusted_key))
             verified = True
         return
     text = prompt if prompt is not None else sys.stdin.read()
     if not text.strip():
         raise UsageError("no prompt: pass --prompt or write it on standard input")
-    click.echo(run_prompt(bundle, text, max_tokens, verify=not no_verify))
+    click.echo(run_prompt(bundle, text, max_tokens, verify=not no_verify, trusted_key=trusted_key))
 
 
 @click.command("serve")
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback exposes the model to the network.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
-@click.option("--token", help="Bearer token every request must carry.  [default: $EDGECDS_SERVE_TOKEN, else a new random one, printed once]")
+@click.option("--token", help="Bearer token every request must carry (visible to other users in the process list: prefer "
+              "--token-file or $EDGECDS_SERVE_TOKEN).  [default: $EDGECDS_SERVE_TOKEN, else a new random one, printed once]")
+@click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="Read the bearer token from this file.")
 @click.option("--slots", type=click.IntRange(min=1), default=1, show_default=True, help="Requests answered at once.")
 @click.option("--queue", type=click.IntRange(min=0), default=4, show_default=True, help="Requests allowed to wait; more are answered 503.")
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Cap on each answer's tokens.  [default: the bundle's]")
-@click.option("--timeout", "request_seconds", type=click.FloatRange(min=1), default=120, show_default=True, help="Seconds a request may wait for its answer to start.")
+@click.option("--timeout", "request_seconds", type=click.FloatRange(min=0.1), default=120, show_default=True,
+              help="Seconds a request may take, waiting included; then its generation is stopped (504).")
+@click.option("--body-timeout", "body_seconds", type=click.FloatRange(min=0.1), default=10, show_default=True,
+              help="Seconds a client has to send its request body (408 after).")
 @click.option("--no-verify", is_flag=True, help="Skip checking the bundle against its manifest at start.")
-def serve_command(bundle: Path, host: str, port: int, token: str | None, slots: int, queue: int, max_tokens: int | None,
-                  request_seconds: float, no_verify: bool) -> None:
+@click.option("--key", "trusted_key", help="The signer's public key (hex); the bundle must be signed by it.  [default: $EDGECDS_TRUSTED_KEY]")
+def serve_command(bundle: Path, host: str, port: int, token: str | None, token_file: Path | None, slots: int, queue: int,
+                  max_tokens: int | None, request_seconds: float, body_seconds: float, no_verify: bool, trusted_key: str | None) -> None:
     """Serve a bundle's model as an OpenAI-compatible chat endpoint (POST /v1/chat/completions).
 
-    Loopback only by default; every request needs the bearer token; prompts and answers are never
-    logged or written to disk.
+    GGUF and ONNX bundles alike, with streaming. Loopback only by default; every request needs the
+    bearer token; prompts and answers are never logged or written to disk.
 
     \b
     Example:
@@ -192,11 +203,15 @@ def serve_command(bundle: Path, host: str, port: int, token: str | None, slots: 
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: binding to {host}: other machines can reach the model (the token is still required)", err=True)
+    if token_file is not None:
+        token = token_file.read_text(encoding="utf-8").strip()
+    elif token is not None:
+        click.echo("warning: --token is visible to other users in the process list; prefer --token-file or $EDGECDS_SERVE_TOKEN", err=True)
     if token is None and not os.environ.get(TOKEN_ENV):
         import secrets
 
         token = secrets.token_urlsafe(24)
         click.echo(f"token (shown once, not stored): {token}", err=True)
     serve(ServeConfig(bundle=bundle, host=host, port=port, token=token, slots=slots, queue=queue, max_tokens=max_tokens,
-                      request_seconds=request_seconds, verify=not no_verify))
+                      body_seconds=body_seconds, request_seconds=request_seconds, verify=not no_verify, trusted_key=trusted_key))
 

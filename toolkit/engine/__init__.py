@@ -12,7 +12,8 @@ Device side: no torch, no transformers; an engine is imported only when a runtim
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -80,7 +81,8 @@ class Runtime(Protocol):
     n_vocab: int
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]: ...
-    def chat_prompt(self, user_message: str, system: str | None = None) -> str: ...
+    def chat_prompt(self, user_message: str, system: str | None = None) -> str: ...  # one turn, ready for the reply
+    def chat_messages(self, messages: list[dict[str, str]]) -> str: ...  # a conversation (role, content), ready for the reply
     def reset(self) -> None: ...  # empty the KV cache
     def truncate(self, n_tokens: int) -> None: ...  # keep the first n_tokens of the context, drop the rest
     def eval(self, tokens: list[int]) -> None: ...  # append to the context, in batches
@@ -91,6 +93,31 @@ class Runtime(Protocol):
     def bos(self) -> int: ...
     def engine_log(self) -> list[str]: ...  # what the engine said while loading (buffer sizes)
     def close(self) -> None: ...
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def one_turn(user_message: str, system: str | None = None) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]
+
+
+def plain_chat(messages: list[dict[str, str]]) -> str:
+    """A conversation for a model that ships no chat template: the turns' texts, a blank line apart."""
+    return "\n\n".join(m["content"] for m in messages)
+
+
+@contextlib.contextmanager
+def template_errors() -> Iterator[None]:
+    """A chat template is untrusted model metadata, rendered in Jinja's sandbox: what the sandbox
+    refuses, or a template that fails, is an error naming the template, not a traceback."""
+    from jinja2 import TemplateError
+
+    try:
+        yield
+    except TemplateError as exc:  # SecurityError is a TemplateError
+        raise EngineError(f"the model's chat template could not be rendered ({type(exc).__name__}: the sandbox refused it or it "
+                          "is broken); this model cannot be used for chat as shipped") from None
 
 
 def greedy_token(runtime: Runtime) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgecds.engine import EngineSettings, check_room
+from edgecds.engine import EngineSettings, check_room, one_turn, plain_chat, template_errors
 from edgecds.errors import EngineError, UsageError
 
 
@@ -53,18 +53,21 @@ class GgufRuntime:
         return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
 
     def chat_prompt(self, user_message: str, system: str | None = None) -> str:
-        """The message (after a system message, if given) in the model's own chat template (from
-        the GGUF), ready for the reply."""
+        return self.chat_messages(one_turn(user_message, system))
+
+    def chat_messages(self, messages: list[dict[str, str]]) -> str:
+        """The conversation in the model's own chat template (from the GGUF), ready for the reply;
+        llama-cpp-python renders it in Jinja's immutable sandbox (the template is untrusted)."""
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         template = self._llm.metadata.get("tokenizer.chat_template")
         if not template:
-            return f"{system}\n\n{user_message}" if system else user_message
+            return plain_chat(messages)
         llm = self._llm
         formatter = Jinja2ChatFormatter(template=template, eos_token=llm.detokenize([llm.token_eos()]).decode(errors="replace"),
                                         bos_token=llm.detokenize([llm.token_bos()]).decode(errors="replace"))
-        messages: list[Any] = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]
-        return str(formatter(messages=messages).prompt)
+        with template_errors():
+            return str(formatter(messages=list(messages)).prompt)  # type: ignore[arg-type]
 
     def reset(self) -> None:
         import llama_cpp

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgecds.engine import EngineSettings, check_room
+from edgecds.engine import EngineSettings, check_room, one_turn, plain_chat, template_errors
 from edgecds.errors import EngineError, InvalidInputError, UsageError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -221,15 +221,18 @@ class OnnxRuntime:
         return str(self._tokenizer.decode(tokens, skip_special_tokens=False))
 
     def chat_prompt(self, user_message: str, system: str | None = None) -> str:
+        return self.chat_messages(one_turn(user_message, system))
+
+    def chat_messages(self, messages: list[dict[str, str]]) -> str:
         """The model's own chat template, rendered in a sandbox: the template is untrusted input."""
         if not self._template:
-            return f"{system}\n\n{user_message}" if system else user_message
+            return plain_chat(messages)
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]
-        return env.from_string(self._template).render(messages=messages, add_generation_prompt=True,
-                                                      bos_token=self._bos_text or "", eos_token=self._eos_text or "")
+        with template_errors():
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            return env.from_string(self._template).render(messages=list(messages), add_generation_prompt=True,
+                                                          bos_token=self._bos_text or "", eos_token=self._eos_text or "")
 
     def is_end(self, token: int) -> bool:
         return token in self._end_ids

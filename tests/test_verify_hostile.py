@@ -1,0 +1,190 @@
+"""`verify`, `run` and `serve` against hostile bundles, fast: no engine is needed to refuse them.
+
+Each case was reproduced on the landed code (issue 22): archives that wrote gigabytes before
+being refused, a signature.json that was a link to /dev/zero or a FIFO, a runtime.json naming a
+model outside the bundle, a manifest listing nothing, an unsigned bundle run where a signature
+was required. Every refusal here happens before anything is written or loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgecds.bundle.layout import VerifyError
+from edgecds.bundle.verify import MAX_MEMBERS, safe_extract, verify_bundle
+from edgecds.cli import cli
+
+
+def _entry(data: bytes) -> dict[str, object]:
+    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+def fake_bundle(folder: Path, runtime: dict[str, object] | None = None, files: dict[str, bytes] | None = None,
+                listed: list[str] | None = None) -> Path:
+    """A bundle that verifies byte for byte (a tiny stand-in model file), to be damaged by a test."""
+    folder.mkdir(parents=True)
+    runtime = runtime or {"format": "gguf", "model": "model/m.gguf", "n_ctx": 512, "threads": 1}
+    contents = {"model/m.gguf": b"GGUF" + b"\0" * 60, "runtime.json": json.dumps(runtime).encode(), **(files or {})}
+    for name, data in contents.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    names = listed if listed is not None else list(contents)
+    manifest = {"schema_version": 1, "files": {n: _entry(contents[n]) for n in names}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_the_stand_in_bundle_verifies(tmp_path: Path) -> None:
+    assert verify_bundle(fake_bundle(tmp_path / "b")).files == 2
+
+
+def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def _manifest_member(top: str, sizes: dict[str, int]) -> tuple[tarfile.TarInfo, bytes]:
+    return _file(f"{top}/manifest.json", json.dumps({"schema_version": 1, "files": {k: {"sha256": "0" * 64, "size": v}
+                                                                                    for k, v in sizes.items()}}).encode())
+
+
+@pytest.fixture
+def into(tmp_path: Path) -> Path:
+    folder = tmp_path / "into"
+    folder.mkdir()
+    return folder
+
+
+def test_a_sparse_member_is_refused_before_anything_is_written(tmp_path: Path, into: Path) -> None:
+    src = tmp_path / "src" / "b"
+    src.mkdir(parents=True)
+    (src / "manifest.json").write_text(json.dumps({"schema_version": 1, "files": {"model.bin": {"sha256": "0" * 64, "size": 8 << 30}}}))
+    with open(src / "model.bin", "wb") as fh:
+        fh.truncate(8 << 30)  # 8 GiB of holes: GNU tar stores it sparse, in a few hundred bytes
+    archive = tmp_path / "sparse.tar.gz"
+    subprocess.run(["tar", "-czSf", str(archive), "-C", str(src.parent), "b"], check=True)
+    assert archive.stat().st_size < 100_000
+    with pytest.raises(VerifyError, match="sparse file .*refused, nothing extracted"):
+        safe_extract(archive, into)
+    assert list(into.iterdir()) == []
+
+
+def test_a_member_larger_than_the_manifest_says_is_refused_unwritten(tmp_path: Path, into: Path) -> None:
+    bomb = b"\0" * (64 << 20)  # 64 MiB of zeros: 64 KiB compressed
+    archive = _tar(tmp_path / "bomb.tar.gz", [_manifest_member("b", {"model.bin": 10}), _file("b/model.bin", bomb)])
+    assert archive.stat().st_size < 1 << 20
+    with pytest.raises(VerifyError, match=r"'b/model.bin' is 67108864 bytes, the manifest says 10; refused, nothing extracted"):
+        safe_extract(archive, into)
+    assert list(into.iterdir()) == []
+
+
+def test_more_than_the_free_disk_is_refused_unwritten(tmp_path: Path, into: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = b"\0" * (1 << 20)
+    archive = _tar(tmp_path / "big.tar.gz", [_manifest_member("b", {"model.bin": len(data)}), _file("b/model.bin", data)])
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=(1 << 20)))  # a disk with 1 MiB free
+    with pytest.raises(VerifyError, match="MiB free; .*nothing extracted"):
+        safe_extract(archive, into)
+    assert list(into.iterdir()) == []
+
+
+def test_too_many_members_are_refused_unwritten(tmp_path: Path, into: Path) -> None:
+    members = [_manifest_member("b", {})] + [_file(f"b/f{i}", b"") for i in range(MAX_MEMBERS + 10)]
+    with pytest.raises(VerifyError, match=f"more than {MAX_MEMBERS} members"):
+        safe_extract(_tar(tmp_path / "many.tar.gz", members), into)
+    assert list(into.iterdir()) == []
+
+
+def test_a_file_and_a_folder_of_one_name_are_refused(tmp_path: Path, into: Path) -> None:
+    folder = tarfile.TarInfo("b/model")
+    folder.type = tarfile.DIRTYPE
+    members = [_manifest_member("b", {"model": 1, "model/x": 1}), _file("b/model", b"x"), (folder, None), _file("b/model/x", b"x")]
+    code = CliRunner().invoke(cli, ["verify", str(_tar(tmp_path / "clash.tar.gz", members))])
+    assert code.exit_code == 1 and "appears twice" in code.output and "Traceback" not in code.output
+
+
+def test_a_truncated_archive_is_named_not_aborted(tmp_path: Path) -> None:
+    bundle = fake_bundle(tmp_path / "b")
+    archive = tmp_path / "b.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(bundle, arcname="b")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    result = CliRunner().invoke(cli, ["verify", str(archive)])
+    assert result.exit_code == 1 and "not a complete, readable .tar.gz" in result.output and "fetch it again" in result.output
+
+
+@pytest.mark.parametrize("kind", ["link to /dev/zero", "fifo", "folder", "huge"])
+def test_signature_json_is_never_opened_unless_a_plain_bounded_file(tmp_path: Path, kind: str) -> None:
+    bundle = fake_bundle(tmp_path / "b")
+    sig = bundle / "signature.json"
+    if kind == "link to /dev/zero":
+        sig.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(sig)  # opening it for reading would block forever
+    elif kind == "folder":
+        sig.mkdir()
+    else:
+        sig.write_bytes(b" " * (1 << 20))
+    with pytest.raises(VerifyError, match="signature.json: (not a plain file|1048576 bytes)"):
+        verify_bundle(bundle)
+
+
+def test_a_model_outside_the_bundle_is_refused_even_when_the_manifest_agrees(tmp_path: Path) -> None:
+    bundle = fake_bundle(tmp_path / "b", runtime={"format": "gguf", "model": "/etc/hostname", "n_ctx": 512, "threads": 1})
+    with pytest.raises(VerifyError, match=r"model '/etc/hostname' is not a path inside the bundle"):
+        verify_bundle(bundle)
+    escape = fake_bundle(tmp_path / "c", runtime={"format": "gguf", "model": "../c-model.gguf", "n_ctx": 512, "threads": 1})
+    with pytest.raises(VerifyError, match="not a path inside the bundle"):
+        verify_bundle(escape)
+
+
+def test_a_manifest_that_lists_nothing_or_not_the_model_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(VerifyError, match="does not list runtime.json"):
+        verify_bundle(fake_bundle(tmp_path / "a", listed=[]))
+    unlisted = fake_bundle(tmp_path / "b", listed=["runtime.json"])
+    (unlisted / "model" / "m.gguf").unlink()
+    with pytest.raises(VerifyError, match="its model 'model/m.gguf' is not listed in the manifest"):
+        verify_bundle(unlisted)
+
+
+@pytest.mark.parametrize("entry", [[], "x", {"size": "1"}, {"sha256": 5, "size": 1}])
+def test_a_manifest_entry_of_the_wrong_shape_is_named(tmp_path: Path, entry: object) -> None:
+    bundle = fake_bundle(tmp_path / "b")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["runtime.json"] = entry
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(cli, ["verify", str(bundle)])
+    assert result.exit_code == 1 and "the entry for 'runtime.json' is not" in result.output and "Traceback" not in result.output
+
+
+def test_a_required_signature_is_required_by_run_and_serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = fake_bundle(tmp_path / "b")  # verifies, but is not signed
+    key = "ab" * 32
+    for args in (["run", str(bundle), "-p", "hello", "--key", key], ["serve", str(bundle), "--key", key, "--token-file", str(tmp_path / "t")]):
+        (tmp_path / "t").write_text("a-long-enough-token")
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1 and "the bundle is not signed" in result.output, result.output
+    monkeypatch.setenv("EDGECDS_TRUSTED_KEY", key)  # the device's policy, without a flag
+    result = CliRunner().invoke(cli, ["run", str(bundle), "-p", "hello"])
+    assert result.exit_code == 1 and "the bundle is not signed" in result.output
+    result = CliRunner().invoke(cli, ["verify", str(bundle)])
+    assert result.exit_code == 1 and "the bundle is not signed" in result.output
