@@ -88,13 +88,21 @@ def build_tokenizer(info: GgufInfo) -> Any:
     )
 
 
-def build_hf_folder(gguf_path: Path, info: GgufInfo, out_dir: Path, licence: Path | None = None) -> None:
-    """Write config, safetensors weights, tokenizer and generation config into `out_dir`."""
+def build_hf_folder(gguf_path: Path, info: GgufInfo, out_dir: Path, licence: Path | None = None, quiet: bool = False) -> None:
+    """Write config, safetensors weights, tokenizer and generation config into `out_dir`;
+    `quiet`: without transformers' own progress bar (`quantize --quiet`)."""
     _allow_converter_gguf()
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
     eos = info.metadata.get("tokenizer.ggml.eos_token_id")
     if isinstance(eos, int):
         model.config.eos_token_id = eos

@@ -189,3 +189,53 @@ def test_run_answers_offline_with_sockets_blocked(profiled: tuple[Path, str], tm
     monkeypatch.setattr(socket.socket, "connect_ex", no_network)
     answer = run_prompt(folder, "A 19-year-old has fever, neck stiffness and a purpuric rash. What is the most likely diagnosis?", 24)
     assert len(answer.split()) >= 3
+
+
+def _temporaries(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.edgecds-tmp"))
+
+
+def test_interrupted_and_concurrent_runs_never_leave_a_mismatched_pair(profiled: tuple[Path, str], tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed runs once left 675 MB of temporaries that later runs never removed, and a kill during
+    the archive left a new folder beside an old archive, both verifying."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from edgecds.atomic import folder_lock
+    from edgecds.bundle import pack
+
+    results, device = profiled
+    out = tmp_path / "bundles" / "b"
+    first = build(results, device, out)
+    before = (Path(first["archive"]).read_bytes(), (out / "manifest.json").read_bytes())
+    (out.parent / ".b.killed.edgecds-tmp").mkdir()  # what killed runs leave
+    (out.parent / ".b.tar.gz.killed.edgecds-tmp").write_bytes(b"x" * 4096)
+
+    def interrupted(folder: Path, target: Path, name: str | None = None) -> None:
+        target.write_bytes(b"half an archive")
+        raise KeyboardInterrupt  # as a kill while the archive is written
+
+    with monkeypatch.context() as mp:
+        mp.setattr(pack, "write_reproducible_tar", interrupted)
+        code, _ = invoke("bundle", str(results), "--device", device, "-o", str(out), "--max-flip-rate", "100")
+    assert code != 0
+    assert _temporaries(out.parent) == []  # the stale ones removed at start, its own on the way out
+    assert (Path(first["archive"]).read_bytes(), (out / "manifest.json").read_bytes()) == before  # the old pair, whole
+
+    with folder_lock(out.parent):  # another run holds the folder
+        code, text = invoke("bundle", str(results), "--device", device, "-o", str(out))
+    assert code == 1 and "another edgecds run is writing to" in text
+
+    def small_files() -> None:  # a disk that takes 16 MiB a file: the model copy fails (EFBIG), as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
+
+    run = subprocess.run([sys.executable, "-m", "edgecds", "bundle", str(results), "--device", device, "-o", str(out), "--max-flip-rate",
+                          "99"], capture_output=True, text=True, preexec_fn=small_files, env=dict(os.environ), timeout=300)
+    assert run.returncode == 1 and "could not write" in run.stderr and "file-size limit" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and _temporaries(out.parent) == []
+    assert (Path(first["archive"]).read_bytes(), (out / "manifest.json").read_bytes()) == before

@@ -92,6 +92,28 @@ def test_every_problem_is_reported_and_duplicates_too(tmp_path: Path) -> None:
     assert f"{path}:2: id: 'c1' repeats line 1" in text and f"{path}:3: answer_index" in text and f"{path}:4: must be a JSON object" in text
 
 
+def test_a_duplicate_is_named_at_its_own_line_after_a_failed_line(tmp_path: Path) -> None:
+    """A line that is JSON but not a case (line 2) once shifted every later line number by one."""
+    path = tmp_path / "cases.jsonl"
+    path.write_bytes(jsonl(GOOD, dict(GOOD, id="c2", options=[]), dict(GOOD, id="c3"), dict(GOOD, id="c3")))
+    with pytest.raises(InvalidInputError) as err:
+        load_cases(path)
+    assert f"{path}:4: id: 'c3' repeats line 3" in str(err.value)
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo", "folder"])
+def test_a_case_file_that_never_ends_or_is_not_a_file_is_refused(tmp_path: Path, special: str) -> None:
+    import os
+
+    path = Path(special) if special.startswith("/") else tmp_path / "cases"
+    if special == "fifo":
+        os.mkfifo(path)  # reading it would block forever
+    elif special == "folder":
+        path.mkdir()
+    with pytest.raises(InvalidInputError, match="not a regular file"):
+        load_cases(path)
+
+
 def test_not_utf8_and_empty_files(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="not UTF-8"):
         parse_cases(b"\xff\xfe\x00", "bad.jsonl")

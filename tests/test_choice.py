@@ -74,7 +74,8 @@ def write_results(path: Path, specs: list[Spec]) -> Path:
         results.evaluations.append(EvalRecord(
             ref, "h1", {"name": "test", "sha256": "0" * 64, "n": N, "style": "edgecds"}, "loglik", {}, {
                 "accuracy": right / N, "low": low, "high": high, "n": N, "correct": right, "errors": {}, "by_specialty": {}},
-            "F16", paired, {"kl_mean": spec.kl, "top1_agreement": 1.0}, [{"id": f"c{i}", "correct": a} for i, a in enumerate(mine)],
+            "F16", paired, {"tokens_scored": 1020, "kl_mean": spec.kl, "kl_p99": spec.kl * 5, "top1_agreement": 1.0 - spec.kl,
+                           "perplexity": 9.1 + spec.kl, "reference_perplexity": 9.1}, [{"id": f"c{i}", "correct": a} for i, a in enumerate(mine)],
             f"e{n}", "2026-12-01T00:00:00+00:00", 1.0))
     results.save(path)
     return path
@@ -169,3 +170,55 @@ def test_the_budget_is_held_against_the_full_context_peak(tmp_path: Path) -> Non
     choice = choose([write_results(tmp_path / "old.json", older)], device, Constraints())
     f16 = next(c for c in [choice.chosen, *choice.rejected] if c is not None and c.variant == "F16")
     assert not f16.full_context and not any("too big" in r for r in f16.reasons)
+
+
+def test_allow_predicted_never_stands_in_for_a_failed_measurement(tmp_path: Path) -> None:
+    path = write_results(tmp_path / "r.json", NOISE[:2])
+    from edgecds.results import load_results
+
+    results = load_results(path)
+    assert results is not None
+    q8 = next(r for r in results.records if r.variant.type == "Q8_0")
+    failed = replace(q8, status="failed", reason="killed by SIGKILL (out of memory?)", measured=None, predicted={"fits": True,
+                     "peak_bytes": 100 * MIB, "decode_tps": 500.0}, key="failed")
+    results.records = [r for r in results.records if r is not q8] + [failed]
+    results.save(path)
+    choice = choose([path], find_profile(DEVICE), Constraints(allow_predicted=True, prefer="speed"))
+    assert choice.chosen is not None and choice.chosen.variant == "F16"
+    rejected = next(c for c in choice.rejected if c.variant == "Q8_0")
+    assert rejected.reasons[0].startswith(f"its measurement on {DEVICE} failed (killed by SIGKILL")
+
+
+@pytest.mark.parametrize("field, value", [("accuracy", "high"), ("low", None), ("kl_mean", "0.1"), ("p_value", [1])])
+def test_results_with_figures_of_the_wrong_type_are_refused_by_name(tmp_path: Path, field: str, value: object) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from edgecds.cli import cli
+
+    path = write_results(tmp_path / "r.json", NOISE[:2])
+    data = json.loads(path.read_text())
+    where = "drift" if field == "kl_mean" else "paired" if field == "p_value" else "metrics"
+    data["evaluations"][1][where][field] = value
+    path.write_text(json.dumps(data))
+    for command in (["bundle", str(path), "--device", DEVICE, "-o", str(tmp_path / "b")], ["report", str(path), "-o", str(tmp_path / "r.html")]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 1 and f"evaluations[1].{where}.{field} must be a number" in result.output, result.output
+        assert "Traceback" not in result.output
+
+
+def test_an_output_that_cannot_be_written_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    """A file standing where the output folder should be (as a read-only or full disk would, for
+    root too): report and keygen say what to do."""
+    from click.testing import CliRunner
+
+    from edgecds.cli import cli
+
+    path = write_results(tmp_path / "r.json", NOISE)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file")
+    for command in (["report", str(path), "-o", str(blocker / "report.html")], ["keygen", str(blocker / "key.pem")]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 1 and f"could not write {blocker}" in result.output, result.output
+        assert "Traceback" not in result.output and "choose another name" in result.output

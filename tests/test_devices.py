@@ -72,6 +72,8 @@ MALFORMED = {
     "unknown CPU instruction set": (r"^cpu_isa = .*$", 'cpu_isa = "x86-sse4"', "field 'compute.cpu_isa' has unknown value(s) 'x86-sse4'"),
     "peak FLOPS without source": (r'^"compute.cpu_gflops_fp32" = .*$', "", "field 'compute.cpu_gflops_fp32' has no source"),
     "bad TOML": (r"^\[memory\]$", "[memory", "not valid TOML"),
+    "not a number (nan)": (r"^total_gib = .*$", "total_gib = nan", "field 'memory.total_gib' must be a finite number, not nan"),
+    "infinite bandwidth": (r"^bandwidth_gbs = .*$", "bandwidth_gbs = inf", "field 'memory.bandwidth_gbs' must be a finite number, not inf"),
     "id differs from file name": (r'^id = .*$', 'id = "rtx-3070"', "field 'id' is 'rtx-3070' but the file is named"),
 }
 
@@ -123,3 +125,10 @@ def test_show_prints_every_figure_with_its_source() -> None:
     result = CliRunner().invoke(cli, ["devices", "show", "jetson-orin-nano-8gb"], catch_exceptions=False)
     assert "budget_gib: 5.6" in result.output
     assert "memory.bandwidth_gbs: 102.0  [NVIDIA Jetson Orin Nano Super Developer Kit" in result.output
+
+
+@pytest.mark.parametrize("name", ["clinic.yaml", "clinic.yml", "clinic.json"])
+def test_a_profile_in_another_format_is_not_silently_ignored(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_text("id: clinic\n")
+    result = CliRunner().invoke(cli, ["devices", "--profiles-dir", str(tmp_path), "list"])
+    assert result.exit_code == 1 and f"{name}: device profiles are TOML files" in result.output

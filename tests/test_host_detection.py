@@ -114,3 +114,35 @@ def test_a_relative_root_reads_the_same_tree(monkeypatch: pytest.MonkeyPatch) ->
 def test_gpu_memory_not_read_is_not_compared_with_ram() -> None:
     match = nearest_profile(detect_host(HOSTS / "rtx-desktop"), load_profiles())
     assert not any(d.startswith("memory:") for d in match.differences)
+
+
+def test_device_classes_resolve_to_the_detected_profile_or_are_refused_with_the_facts() -> None:
+    from edgecds.errors import WrongDeviceError
+    from edgecds.target import plan_devices
+
+    jetson = resolve_target("jetson", root=HOSTS / "jetson-orin-nano")
+    assert jetson.id == "jetson-orin-nano-8gb" and jetson.here
+    assert resolve_target("gpu", root=HOSTS / "rtx-desktop").id == "rtx-3060-12gb"
+    assert resolve_target("cpu", root=HOSTS / "x86-laptop").id == "laptop-x86-8gb"
+    with pytest.raises(WrongDeviceError, match=r"this machine is not a jetson: detected laptop-x86-8gb \(CPU .*4 cores.*no NVIDIA GPU\)"):
+        resolve_target("jetson", root=HOSTS / "x86-laptop")
+    assert {p.id for p in plan_devices("jetson")} == {"jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-64gb"}
+    assert all(p.device_class == "gpu" for p in plan_devices("gpu")) and len(plan_devices("gpu")) >= 3
+
+
+def test_a_jetson_budget_comes_from_memavailable_not_memfree(tmp_path: Path) -> None:
+    """CPU and GPU share a Jetson's memory; CUDA's free-memory call reports MemFree there, which
+    leaves out the page cache a model can reclaim. The budget follows MemAvailable."""
+    import shutil
+
+    root = tmp_path / "jetson"
+    shutil.copytree(HOSTS / "jetson-orin-nano", root)
+    meminfo = root / "proc" / "meminfo"
+    text = meminfo.read_text()
+    text = text.replace("MemFree:         5012344 kB", "MemFree:         1048576 kB")  # 1 GiB free
+    text = text.replace("MemAvailable:    6210344 kB", "MemAvailable:    3145728 kB")  # 3 GiB available
+    meminfo.write_text(text)
+    target = resolve_target("jetson", root=root)
+    assert target.host.available_gib == 3.0
+    assert target.settings_profile.budget_gib == pytest.approx(3.0, abs=0.01)
+    assert "MemAvailable" in target.settings_profile.sources["memory.reserve_gib"]

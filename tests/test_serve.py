@@ -364,8 +364,15 @@ def test_serve_makes_no_network_attempt(which: str, request: pytest.FixtureReque
                 time.sleep(0.5)
         assert code == 200
     finally:
-        for child in psutil.Process(proc.pid).children(recursive=True):  # the server, below strace
+        children = psutil.Process(proc.pid).children(recursive=True)  # the server, below strace
+        for child in children:
             child.terminate()
-        proc.communicate(timeout=60)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            for child in children:
+                child.kill()
+            proc.kill()
+            proc.communicate()
     assert _network_attempts(log) == []
     assert not (home / ".cache" / "Microsoft").exists()

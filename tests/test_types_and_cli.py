@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -89,3 +90,17 @@ def test_types_json_comes_from_the_table() -> None:
     rows = json.loads(result.output)
     assert [r["name"] for r in rows] == [q.name for q in QUANT_TYPES]
     assert next(r for r in rows if r["name"] == "Q8_0")["nominal_bits_per_weight"] == 8.5
+
+
+def test_doctor_says_what_this_install_can_do_and_how_to_fix_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    result = CliRunner().invoke(cli, ["doctor", "--json"])
+    assert result.exit_code == 0, result.output
+    checks = {c["name"]: c for c in json.loads(result.output)}
+    assert {"llama.cpp", "onnxruntime", "NVML", "signing", "converter", "optimum", "telemetry", "disk", "memory"} <= set(checks)
+    assert checks["llama.cpp"]["ok"] and checks["onnxruntime"]["ok"] and checks["signing"]["ok"]
+    assert checks["telemetry"]["ok"], checks["telemetry"]  # edgecds turned onnxruntime's off on import
+    assert all(c["fix"] for c in checks.values() if not c["ok"])
+    (tmp_path / ".cache" / "Microsoft" / "DeveloperTools" / ".onnxruntime").mkdir(parents=True)
+    left = {c["name"]: c for c in json.loads(CliRunner().invoke(cli, ["doctor", "--json"]).output)}["telemetry"]
+    assert not left["ok"] and "remove" in left["fix"]

@@ -36,6 +36,6 @@ def default_hf_folder(reporter: Reporter | None = None) -> Path:
     if reporter:
         reporter.note(f"building the Hugging Face folder of {model.id} from its GGUF (once; about a minute)")
     with atomic_path(target, directory=True) as temp:
-        build_hf_folder(gguf_path, read_gguf(gguf_path), temp, folder / "LICENSE")
+        build_hf_folder(gguf_path, read_gguf(gguf_path), temp, folder / "LICENSE", quiet=not (reporter and reporter.shows_bars))
         (temp / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
     return target

@@ -37,6 +37,7 @@ class HostInfo:
     notes: tuple[str, ...] = field(default_factory=tuple)
     cpu_isa: str | None = None  # one of devices.CPU_ISAS, from the CPU's flags
     cpu_mhz: float | None = None
+    available_gib: float | None = None  # MemAvailable: what can be had without swapping (not MemFree)
 
     @property
     def cpu_gflops_fp32(self) -> float | None:
@@ -99,16 +100,21 @@ def _cpu(root: Path) -> tuple[str, int, str | None, float | None]:
     return model, len(cores) or max(processors, 1), _isa(flags), mhz
 
 
-def _ram_gib(root: Path) -> float:
+def _memory_gib(root: Path) -> tuple[float, float | None]:
+    """(MemTotal, MemAvailable) in GiB. MemAvailable, not MemFree: the page cache a model can
+    reclaim counts. (On a Jetson, CUDA's free-memory call reports MemFree, which under-states it.)"""
     text = _read(root, "proc/meminfo")
     if text is None:
         import psutil
 
-        return round(psutil.virtual_memory().total / GIB, 2)
+        memory = psutil.virtual_memory()
+        return round(memory.total / GIB, 2), round(memory.available / GIB, 2)
+    values = {}
     for line in text.splitlines():
-        if line.startswith("MemTotal:"):
-            return round(int(line.split()[1]) * 1024 / GIB, 2)
-    return 0.0
+        key, _, rest = line.partition(":")
+        if key in ("MemTotal", "MemAvailable") and rest.split() and rest.split()[0].isdigit():
+            values[key] = round(int(rest.split()[0]) * 1024 / GIB, 2)
+    return values.get("MemTotal", 0.0), values.get("MemAvailable")
 
 
 def _nvml_gpus() -> list[GpuInfo]:
@@ -163,7 +169,8 @@ def detect_host(root: Path = Path("/")) -> HostInfo:
         elif gpus:
             notes.append("NVML is not available: GPU memory was not read")
     machine = platform.machine() if root == Path("/") else ("aarch64" if jetson_model or "Arm" in cpu_model else "x86_64")
-    return HostInfo(cpu_model, cores, _ram_gib(root), machine, jetson_model, l4t, tuple(gpus), tuple(notes), isa, mhz)
+    total, available = _memory_gib(root)
+    return HostInfo(cpu_model, cores, total, machine, jetson_model, l4t, tuple(gpus), tuple(notes), isa, mhz, available)
 
 
 @dataclass(frozen=True)
@@ -245,12 +252,19 @@ def host_profile(match: HostMatch) -> DeviceProfile:
     discrete = base.memory_kind == "discrete" and host.gpus and host.gpus[0].memory_gib
     total = host.gpus[0].memory_gib if discrete else host.ram_gib
     detected = "detected on this machine by edgecds devices detect"
+    reserve = min(base.reserve_gib, float(total or base.total_gib) * 0.5)
+    sources: dict[str, str] = {}
+    if base.memory_kind == "unified" and host.available_gib is not None and total:
+        # CPU and GPU share this memory: what is available now bounds the model, if that is less
+        reserve = max(reserve, round(float(total) - host.available_gib, 3))
+        sources["memory.reserve_gib"] = (f"{detected}: MemTotal less MemAvailable ({host.available_gib:g} GiB available), or "
+                                         f"{base.id}'s reserve if larger; MemAvailable, not MemFree")
     return replace(
         base,
         id="host",
         name=f"this machine: {host.gpus[0].name if host.gpus else host.jetson_model or host.cpu_model} (like {base.id})",
         total_gib=float(total or base.total_gib),
-        reserve_gib=min(base.reserve_gib, float(total or base.total_gib) * 0.5),
+        reserve_gib=reserve,
         host_ram_gib=host.ram_gib if base.memory_kind == "discrete" else None,
         cpu_cores=host.cpu_cores,
         cpu_isa=host.cpu_isa or base.cpu_isa,
@@ -259,6 +273,7 @@ def host_profile(match: HostMatch) -> DeviceProfile:
                  **({"compute.cpu_isa": detected} if host.cpu_isa else {}),
                  **({"compute.cpu_gflops_fp32": f"{detected}: cores x clock x FLOPs a cycle"} if host.cpu_gflops_fp32 else {}),
                  **({"memory.host_ram_gib": detected} if base.memory_kind == "discrete" else {}),
-                 "memory.bandwidth_gbs": f"not detected: {base.id}'s figure ({base.sources.get('memory.bandwidth_gbs', '')})"},
+                 "memory.bandwidth_gbs": f"not detected: {base.id}'s figure ({base.sources.get('memory.bandwidth_gbs', '')})",
+                 **sources},
         path="detected",
     )

@@ -15,6 +15,8 @@ POLL_SECONDS = 0.1
 
 
 class Reporter(Protocol):
+    shows_bars: bool  # whether progress bars are wanted (a terminal, not --quiet); tools' own bars follow it
+
     def start(self, label: str, total: int) -> None: ...
     def advance_to(self, done: int) -> None: ...
     def finish(self) -> None: ...
@@ -40,6 +42,8 @@ def watch_file_growth(wait: Callable[[float], bool], path: Path, expected_bytes:
 
 class RichReporter:
     """Byte progress bars on stderr, one per step; messages above them."""
+
+    shows_bars = True
 
     def __init__(self) -> None:
         from rich.console import Console
@@ -74,6 +78,8 @@ class RichReporter:
 
 class PlainReporter:
     """No bars (quiet, or not a terminal): step notes only, as plain lines on stderr."""
+
+    shows_bars = False
 
     def __init__(self, quiet: bool) -> None:
         self._quiet = quiet

@@ -215,8 +215,30 @@ def load_results(path: Path) -> ResultsFile | None:
     return ResultsFile(parsed_hosts, parsed, evaluations)
 
 
+# The figures `bundle` and `report` compute with: each must be a number where it is present.
+EVAL_FIGURES = {
+    "metrics": ("accuracy", "low", "high", "n", "correct"),
+    "paired": ("n", "lost", "gained", "flip_rate", "difference", "low", "high", "p_value"),
+    "drift": ("kl_mean", "kl_p99", "top1_agreement", "perplexity", "reference_perplexity"),
+}
+
+
+def _check_figures(record: EvalRecord, where: str) -> None:
+    for group, names in EVAL_FIGURES.items():
+        values = getattr(record, group)
+        if values is None:
+            continue
+        required = {"metrics": ("accuracy", "low", "high"), "paired": ("lost", "gained", "difference", "low", "p_value"),
+                    "drift": ("kl_mean", "top1_agreement", "perplexity", "reference_perplexity")}[group]
+        for name in names:
+            value = values.get(name)
+            if (value is None and name in required) or (value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)))):
+                raise InvalidInputError(f"{where}.{group}.{name} must be a number, not {value!r}")
+
+
 def _evaluation(data: Any, where: str) -> EvalRecord:
     record = dataclass_from_dict(EvalRecord, data, where)
+    _check_figures(record, where)
     if not all(isinstance(c, dict) and isinstance(c.get("id"), str) and isinstance(c.get("correct"), bool) for c in record.per_case):
         raise InvalidInputError(f"{where}: per_case entries need an 'id' and a boolean 'correct'")
     return replace(record, variant=dataclass_from_dict(VariantRef, record.variant, f"{where}.variant"))

@@ -4,9 +4,11 @@ Every command that names a device (`plan`, `profile`, `eval`, `bundle`, `report`
 the benchmarks) calls `resolve_target` once, with the user's device argument, profile folders and
 root, and passes the `Target` down: nothing below it detects the host or reads the profiles again.
 
-The device argument is a profile id, `auto` (the shipped profile nearest to this machine) or
-`host` (this machine itself, as detected: its memory and cores, the nearest profile's figures for
-the rest).
+The device argument is a profile id, `auto` (the shipped profile nearest to this machine), `host`
+(this machine itself, as detected: its memory and cores, the nearest profile's figures for the
+rest), or a device class (`jetson`, `gpu`, `cpu`): on the device, the detected profile of that
+class, refused with the detected facts when this machine is not of it; for `plan`, which runs
+anywhere, every profile of the class (`plan_devices`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecds import __version__
-from edgecds.devices import DeviceProfile, load_profiles
+from edgecds.devices import DEVICE_CLASSES, DeviceProfile, load_profiles
 from edgecds.engine import RunSettings, settings_for
 from edgecds.errors import UnknownNameError, WrongDeviceError
 from edgecds.host import HostInfo, HostMatch, detect_host, host_profile, nearest_profile
@@ -26,7 +28,8 @@ from edgecds.results import HostFingerprint
 
 AUTO = "auto"  # the shipped profile nearest to this machine
 HOST = "host"  # this machine as detected
-DEVICE_HELP = "Device profile id (see `edgecds devices list`), 'auto' (the profile nearest to this machine) or 'host' (this machine as detected)."
+DEVICE_HELP = ("Device profile id (see `edgecds devices list`), 'auto' (the profile nearest to this machine), 'host' (this machine "
+               "as detected), or a class: jetson, gpu, cpu (this machine, which must be of that class).")
 
 
 @dataclass(frozen=True)
@@ -91,20 +94,42 @@ def fingerprint(host: HostInfo, match: HostMatch) -> HostFingerprint:
     return HostFingerprint(id=HostFingerprint.make_id(values), **values)
 
 
+def _describe(match: HostMatch) -> str:
+    host = match.host
+    gpu = f", GPU {host.gpus[0].name}" if host.gpus else ", no NVIDIA GPU"
+    jetson = f", {host.jetson_model}" if host.jetson_model else ""
+    return f"{match.profile.id} (CPU {host.cpu_model}, {host.cpu_cores} cores, {host.ram_gib:g} GiB{gpu}{jetson})"
+
+
 def resolve_target(device: str = AUTO, profiles_dirs: Iterable[Path] = (), root: Path = Path("/")) -> Target:
     """The device `device` names, this machine (read below `root`), and whether they are one."""
     profiles = load_profiles(profiles_dirs)
     match = nearest_profile(detect_host(root), profiles)
     detected = match.profile
     fp = fingerprint(match.host, match)
+    if device in DEVICE_CLASSES and device not in profiles:
+        if detected.device_class != device:
+            raise WrongDeviceError(f"this machine is not a {device}: detected {_describe(match)}; run this on the {device} itself, "
+                                   f"or name one of its profiles: {', '.join(sorted(p for p, v in profiles.items() if v.device_class == device))}")
+        device = AUTO
     if device in (AUTO, HOST) and device not in profiles:
         # the settings follow this very machine (its cores, memory); `auto` records its profile's id
         here_profile = host_profile(match)
         named = here_profile if device == HOST else detected
         return Target(named.id, named, True, here_profile, match, fp, profiles)
     if device not in profiles:
-        raise UnknownNameError("device", device, [*sorted(profiles), AUTO, HOST])
+        raise UnknownNameError("device", device, [*sorted(profiles), AUTO, HOST, *DEVICE_CLASSES])
     named = profiles[device]
     if named.id == detected.id:
         return Target(named.id, named, True, host_profile(match) if match.differences else named, match, fp, profiles)
     return Target(named.id, named, False, named, match, fp, profiles)
+
+
+def plan_devices(device: str, profiles_dirs: Iterable[Path] = (), root: Path = Path("/")) -> list[DeviceProfile]:
+    """The devices `plan` predicts for: every profile of a class (`jetson`, `gpu`, `cpu`) without
+    detecting anything, else the one `resolve_target` names."""
+    if device in DEVICE_CLASSES:
+        profiles = load_profiles(profiles_dirs)
+        if device not in profiles:
+            return [p for p in profiles.values() if p.device_class == device]
+    return [resolve_target(device, profiles_dirs, root).device]

@@ -134,17 +134,21 @@ def plan(variants: Path, device_id: str, n_ctx: int | None, kv_type: str, profil
     Examples:
       edgecds plan --device jetson-orin-nano-8gb edgecds-out/SmolLM2-135M-Instruct
       edgecds plan --device rtx-3060-12gb variants.json --ctx 8192 --cache-type q8_0 --json
+      edgecds plan --device jetson variants.json      # every Jetson profile
     """
+    from edgecds.devices import DEVICE_CLASSES
     from edgecds.hwbench.predict import plan as make_plan
+    from edgecds.target import plan_devices
 
-    target = resolve_target(device_id, profiles_dirs)
-    result = make_plan(variants, target.device, n_ctx, kv_type)
-    if as_json:
-        print_json(result.to_dict())
+    targets = plan_devices(device_id, profiles_dirs)
+    plans = [make_plan(variants, device, n_ctx, kv_type) for device in targets]
+    if as_json:  # one device: its plan; a class: a list, one plan a device
+        print_json(plans[0].to_dict() if device_id not in DEVICE_CLASSES else [p.to_dict() for p in plans])
         return
     from edgecds.tables import plan_table, print_table
 
-    print_table(plan_table(result, target.device))
+    for result, device in zip(plans, targets, strict=True):
+        print_table(plan_table(result, device))
 
 
 @click.command()
@@ -262,3 +266,22 @@ def _print_eval_table(result: Any) -> None:
     from edgecds.tables import accuracy_table, print_table
 
     print_table(accuracy_table([o.record for o in result.outcomes], result.cases, result.mode, result.reference))
+
+
+@click.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def doctor(as_json: bool) -> None:
+    """What this install can do here: llama.cpp's build (CPU or GPU offload), onnxruntime's
+    providers, NVML, signing, the build side, disk and memory, telemetry off; each with its fix.
+
+    \b
+    Example:
+      edgecds doctor --json
+    """
+    from edgecds.doctor import as_dicts, run_doctor
+
+    checks = run_doctor()
+    if as_json:
+        print_json(as_dicts(checks))
+        return
+    table("edgecds doctor", ["check", "ok", "what is here", "fix"], [[c.name, "yes" if c.ok else "NO", c.detail, c.fix] for c in checks])
