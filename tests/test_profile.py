@@ -231,6 +231,13 @@ def test_a_lasting_disturbance_is_recorded_and_min_decode_does_not_trust_it(vari
     assert result.exit_code == 0, result.output
 
 
+def test_a_results_folder_that_cannot_be_written_is_a_message(variants: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, out = profile(str(variants), "--types", "Q8_0", *QUICK, "-o", str(blocker / "results.json"))
+    assert code == 1 and f"could not write {blocker}" in out and "Traceback" not in out, out
+
+
 def test_another_device_is_refused_naming_what_was_detected(variants: Path, tmp_path: Path) -> None:
     code, out = profile(str(variants), "--device", "jetson-orin-nano-8gb", *QUICK)
     assert code == 1

@@ -376,3 +376,21 @@ def test_serve_makes_no_network_attempt(which: str, request: pytest.FixtureReque
             proc.communicate()
     assert _network_attempts(log) == []
     assert not (home / ".cache" / "Microsoft").exists()
+
+
+def test_an_onnx_bundle_runs_and_serves_without_the_build_side(onnx_bundle: Path, tmp_path: Path) -> None:
+    """The ONNX runtime on a device install: onnxruntime, tokenizers and numpy, no torch,
+    transformers or Optimum in any process (the fused-graph compile child included)."""
+    from tests.test_install_split import device_side_env
+
+    env = device_side_env(tmp_path)
+    env["EDGECDS_HOME"] = str(tmp_path / "fresh-home")  # compile the fused graph afresh, on the device side
+    run = subprocess.run([sys.executable, "-m", "edgecds", "run", str(onnx_bundle), "-p", "Name a cause of fever.", "-n", "4"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip(), run.stderr[-2000:]
+    proc, port, token = start_server(onnx_bundle, 1, 1, 4, env=env)
+    try:
+        code, body = _call(port, token, _chat("Name a cause of fever."))
+        assert code == 200 and body["choices"][0]["message"]["content"]
+    finally:
+        _stop(proc)

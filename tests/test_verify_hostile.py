@@ -188,3 +188,25 @@ def test_a_required_signature_is_required_by_run_and_serve(tmp_path: Path, monke
     assert result.exit_code == 1 and "the bundle is not signed" in result.output
     result = CliRunner().invoke(cli, ["verify", str(bundle)])
     assert result.exit_code == 1 and "the bundle is not signed" in result.output
+
+
+def test_an_archive_error_names_the_archive_not_a_deleted_temporary_folder(tmp_path: Path) -> None:
+    bundle = fake_bundle(tmp_path / "b")
+    (bundle / "runtime.json").write_text((bundle / "runtime.json").read_text() + " ")  # one byte more than the manifest says
+    archive = tmp_path / "b.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(bundle, arcname="b")
+    result = CliRunner().invoke(cli, ["verify", str(archive)])
+    assert result.exit_code == 1 and str(archive) in result.output and "edgecds-verify-" not in result.output, result.output
+
+
+def test_a_chat_template_the_sandbox_refuses_is_a_message() -> None:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from edgecds.engine import template_errors
+    from edgecds.errors import EngineError
+
+    hostile = "{{ ''.__class__.__mro__[1].__subclasses__() }}"  # CVE-2024-34359's way out of the template
+    with pytest.raises(EngineError, match="chat template could not be rendered .*SecurityError"):
+        with template_errors():
+            ImmutableSandboxedEnvironment().from_string(hostile).render()

@@ -6,7 +6,6 @@ measured on the target device, applies the constraints, and explains every rejec
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,9 @@ ALPHA = 0.05
 FIDELITY_BAND = 0.01
 PREFERENCES = ("fidelity", "speed", "size")
 RULE = ("a variant qualifies when it fits, meets every constraint and is not significantly worse than its reference "
-        "(exact McNemar p below alpha, 0.05 unless --alpha says otherwise); a qualifier significantly better than its reference wins; otherwise the most faithful "
-        f"(lowest drift on the clinical text, drifts within {FIDELITY_BAND} of the most faithful counting as equal, then the "
-        "fewest flipped answers), then the fastest, then the smallest (--prefer changes the order)")
+        "(exact McNemar p below alpha, 0.05 unless --alpha says otherwise); a qualifier significantly better than its reference wins; "
+        f"otherwise the most faithful (lowest drift on the clinical text; drifts within {FIDELITY_BAND} of the most faithful count as "
+        "equal; the fewest flipped answers where drift was not measured), then the fastest (speeds within the runs' spread count as equal), then the smallest (--prefer changes the order)")
 
 
 @dataclass(frozen=True)
@@ -69,6 +68,7 @@ class Candidate:
     flips: int | None = None  # answers that changed against its reference
     p_value: float | None = None  # McNemar against its reference
     difference: float | None = None  # accuracy minus its reference's
+    decode_spread: float = 0.0  # the range of its measured decode speeds: differences within it are noise
     failed: str = ""  # why its measurement on the device failed, when it did (its figures are then only predicted)
 
     def better_than_reference(self, alpha: float) -> bool:
@@ -136,19 +136,19 @@ def _candidate(ref: Any, results_file: str, record: MeasurementRecord | None, ev
     drift = (evaluation.drift or {}) if evaluation else {}
     if record and record.measured:
         m = record.measured
-        decode, only_predicted = m.decode_tps.median, False
+        decode, only_predicted, spread = m.decode_tps.median, False, m.decode_tps.spread
         full = m.full_context_peak_bytes is not None
         peak = int(m.full_context_peak_bytes) if m.full_context_peak_bytes is not None else int(m.peak_rss_bytes.high)
         disturbed = bool(m.disturbance.get("disturbed"))
     else:
         decode = float(record.predicted.get("decode_tps", 0.0)) if record else 0.0
         peak = int(record.predicted.get("peak_bytes", 0)) if record else 0
-        only_predicted, full, disturbed = True, bool(record), False  # the predictor's peak is at the device's full context
+        only_predicted, full, disturbed, spread = True, bool(record), False, 0.0  # the predictor's peak is at the device's full context
     reference = evaluation is not None and evaluation.reference == ref.type
     return Candidate(ref.type, ref.format, ref.sha256, ref.file_size, results_file, record if record and record.measured else None, evaluation,
                      host, only_predicted, metrics.get("accuracy"), metrics.get("low"), decode, peak, (), full, disturbed,
                      0.0 if reference else drift.get("kl_mean"), 0 if reference else (paired["lost"] + paired["gained"] if paired else None),
-                     paired.get("p_value"), paired.get("difference"))
+                     paired.get("p_value"), paired.get("difference"), decode_spread=spread)
 
 
 def _violations(c: Candidate, device: DeviceProfile, k: Constraints) -> list[str]:
@@ -191,19 +191,6 @@ def _violations(c: Candidate, device: DeviceProfile, k: Constraints) -> list[str
     return out
 
 
-def _order(c: Candidate, most_faithful: float, prefer: str) -> tuple[float, ...]:
-    """A qualifier's place: drift inside the fidelity band of the most faithful counts as equal (and
-    then flips do not count either), outside it drift and then flips order; `prefer` says whether
-    fidelity, speed or size comes first."""
-    kl = c.drift_kl if c.drift_kl is not None else math.inf
-    faithful = kl <= most_faithful + FIDELITY_BAND
-    fidelity = (0.0, 0.0) if faithful else (kl, float(c.flips or 0))
-    speed, size = (-c.decode_tps,), (float(c.file_size),)
-    parts = {"fidelity": fidelity, "speed": speed, "size": size}
-    order = [prefer, *(p for p in PREFERENCES if p != prefer)]
-    return tuple(x for name in order for x in parts[name])
-
-
 def _pairwise(a: Candidate, b: Candidate) -> Any:
     """McNemar between two variants' answers on the cases both were scored on; None without both."""
     if a.evaluation is None or b.evaluation is None:
@@ -214,47 +201,63 @@ def _pairwise(a: Candidate, b: Candidate) -> Any:
     return paired_comparison([theirs[i] for i in common], [mine[i] for i in common]) if common else None
 
 
-def _passed_over(c: Candidate, chosen: Candidate, most_faithful: float, k: Constraints) -> str:
+def _keep(pool: list[Candidate], criterion: str) -> list[Candidate]:
+    """Those of `pool` that no other beats on `criterion` beyond what measurement can tell apart:
+    drift within FIDELITY_BAND of the most faithful; decode speed within the measured spread of the
+    fastest; the smallest file."""
+    if criterion == "fidelity":
+        best = min((c.drift_kl for c in pool if c.drift_kl is not None), default=None)
+        if best is not None:
+            return [c for c in pool if c.drift_kl is not None and c.drift_kl <= best + FIDELITY_BAND]
+        fewest = min((c.flips for c in pool if c.flips is not None), default=None)  # no drift measured (eval --no-drift)
+        return pool if fewest is None else [c for c in pool if c.flips == fewest]
+    if criterion == "speed":
+        fastest = max(pool, key=lambda c: c.decode_tps)
+        return [c for c in pool if c.decode_tps >= fastest.decode_tps - max(fastest.decode_spread, c.decode_spread)]
+    smallest = min(c.file_size for c in pool)
+    return [c for c in pool if c.file_size == smallest]
+
+
+def _rank(qualifiers: list[Candidate], k: Constraints) -> tuple[Candidate, dict[str, str], str]:
+    """The chosen qualifier, the criterion each other one lost on, and why the chosen one won.
+    Criteria are applied in turn (`--prefer` first), each keeping only the qualifiers that are
+    best on it within what measurement can tell apart, so noise never decides."""
+    better = [c for c in qualifiers if c.better_than_reference(k.alpha)]
+    if better:
+        chosen = max(better, key=lambda c: (c.accuracy or 0.0, -c.file_size))
+        lost = {c.sha256: "better" for c in qualifiers if c is not chosen}
+        return chosen, lost, f"significantly better than its reference (p={chosen.p_value:.3f})"
+    pool, lost = list(qualifiers), {}
+    for criterion in [k.prefer, *(p for p in PREFERENCES if p != k.prefer)]:
+        kept = _keep(pool, criterion)
+        lost.update({c.sha256: criterion for c in pool if c not in kept})
+        pool = kept
+    chosen = min(pool, key=lambda c: c.variant)  # equal on every criterion: by name, so the choice is repeatable
+    lost.update({c.sha256: "name" for c in pool if c is not chosen})
+    drift = f"drift {chosen.drift_kl:.4f}" if chosen.drift_kl is not None else "drift not measured"
+    return chosen, lost, (f"no qualifier differs significantly from its reference; by {k.prefer} first: {drift}, "
+                          f"{chosen.decode_tps:.1f} tokens/s, {chosen.file_size / 2**20:.0f} MiB")
+
+
+def _passed_over(c: Candidate, chosen: Candidate, criterion: str, k: Constraints) -> str:
     """Which rule put `c` behind the chosen variant, with the evidence."""
-    prefer = k.prefer
     test = _pairwise(c, chosen)
     said = ""
     if test is not None:
         kind = "not different from" if test.p_value >= k.alpha else ("worse than" if test.difference < 0 else "better than")
         said = f"accuracy {kind} {chosen.variant} (p={test.p_value:.2f}); "
-    if chosen.better_than_reference(k.alpha) and not c.better_than_reference(k.alpha):
+    if criterion == "better":
         return f"{said}{chosen.variant} is significantly better than its reference (p={chosen.p_value:.3f})"
-    mine, theirs = _order(c, most_faithful, prefer), _order(chosen, most_faithful, prefer)
-    order = [prefer, *(p for p in PREFERENCES if p != prefer)]
-    widths = {"fidelity": 2, "speed": 1, "size": 1}
-    at = 0
-    for name in order:
-        if mine[at : at + widths[name]] != theirs[at : at + widths[name]]:
-            break
-        at += widths[name]
-    else:
-        name = "size"
-    if name == "fidelity":
+    if criterion == "fidelity":
         ours = f"{c.drift_kl:.4f}" if c.drift_kl is not None else "not measured"
         flips = f", {c.flips} vs {chosen.flips} flipped answers" if c.flips is not None and chosen.flips is not None else ""
         return f"{said}less faithful: drift {ours} vs {chosen.drift_kl if chosen.drift_kl is not None else 0:.4f}{flips}"
-    same = "as faithful (drift within the band), " if prefer == "fidelity" else ""
-    if name == "speed":
-        return f"{said}{same}slower: {c.decode_tps:.1f} vs {chosen.decode_tps:.1f} tokens/s"
-    return f"{said}{same}larger: {c.file_size / 2**20:.0f} vs {chosen.file_size / 2**20:.0f} MiB"
-
-
-def _rank(qualifiers: list[Candidate], prefer: str, alpha: float) -> tuple[Candidate, float, str]:
-    """The chosen qualifier, the most faithful drift, and why it won."""
-    most_faithful = min((c.drift_kl for c in qualifiers if c.drift_kl is not None), default=math.inf)
-    better = [c for c in qualifiers if c.better_than_reference(alpha)]
-    if better:
-        chosen = max(better, key=lambda c: (c.accuracy or 0.0, -c.file_size))
-        return chosen, most_faithful, f"significantly better than its reference (p={chosen.p_value:.3f})"
-    chosen = min(qualifiers, key=lambda c: _order(c, most_faithful, prefer))
-    drift = f"drift {chosen.drift_kl:.4f}" if chosen.drift_kl is not None else "drift not measured"
-    return chosen, most_faithful, (f"no qualifier differs significantly from its reference; by {prefer} first: {drift}, "
-                                   f"{chosen.decode_tps:.1f} tokens/s, {chosen.file_size / 2**20:.0f} MiB")
+    same = "as faithful (drift within the band), " if k.prefer == "fidelity" else ""
+    if criterion == "speed":
+        return f"{said}{same}slower: {c.decode_tps:.1f} vs {chosen.decode_tps:.1f} tokens/s, beyond the runs' spread"
+    if criterion == "size":
+        return f"{said}{same}as fast within the runs' spread, larger: {c.file_size / 2**20:.0f} vs {chosen.file_size / 2**20:.0f} MiB"
+    return f"{said}equal on every rule; {chosen.variant} comes first by name"
 
 
 def choose(results_files: list[Path], device: DeviceProfile, constraints: Constraints) -> Choice:
@@ -272,7 +275,7 @@ def choose(results_files: list[Path], device: DeviceProfile, constraints: Constr
         closest = min(judged, key=lambda c: (len(c.reasons), c.peak_bytes))
         advice = f"nothing meets every constraint; closest: {closest.variant} ({'; '.join(closest.reasons)}): relax that constraint"
         return Choice(device.id, None, tuple(sorted(judged, key=lambda c: c.variant)), constraints, advice)
-    chosen, most_faithful, why = _rank(qualifiers, constraints.prefer, constraints.alpha)
-    rejected = tuple(sorted((replace(c, reasons=(_passed_over(c, chosen, most_faithful, constraints),)) if not c.reasons else c
+    chosen, lost, why = _rank(qualifiers, constraints)
+    rejected = tuple(sorted((replace(c, reasons=(_passed_over(c, chosen, lost[c.sha256], constraints),)) if not c.reasons else c
                              for c in judged if c is not chosen), key=lambda c: c.variant))
     return Choice(device.id, chosen, rejected, constraints, "", why)
