@@ -240,3 +240,27 @@ def test_interrupted_and_concurrent_runs_never_leave_a_mismatched_pair(profiled:
     assert run.returncode == 1 and "could not write" in run.stderr and "file-size limit" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr and _temporaries(out.parent) == []
     assert (Path(first["archive"]).read_bytes(), (out / "manifest.json").read_bytes()) == before
+
+
+def test_on_real_variants_noise_does_not_choose(profiled: tuple[Path, str], tmp_path: Path) -> None:
+    """Q4_K_M and Q8_0 measured and scored for real (4 cases: their accuracies cannot differ
+    significantly). The chosen one lies within the fidelity band of the most faithful qualifier, and
+    `--prefer speed` takes the fastest within the measured spread."""
+    from edgecds.bundle.choose import FIDELITY_BAND, Constraints, choose
+    from edgecds.target import resolve_target
+
+    results, device = profiled
+    target = resolve_target(device)
+    choice = choose([results], target.device, Constraints())
+    considered = [c for c in [choice.chosen, *choice.rejected] if c is not None]
+    assert {c.variant for c in considered} >= {"Q4_K_M", "Q8_0"}
+    assert all(c.p_value is None or c.p_value >= 0.05 for c in considered)  # 4 cases: nothing differs
+    assert choice.chosen is not None and choice.chosen.drift_kl is not None
+    # no constraint was given, so every measured variant qualifies
+    best = min(c.drift_kl for c in considered if c.drift_kl is not None)
+    assert choice.chosen.drift_kl <= best + FIDELITY_BAND
+    assert choice.chosen.variant == "Q8_0"  # Q4_K_M drifts ~0.06 from F16 on the clinical text, Q8_0 ~0.004
+    fast = choose([results], target.device, Constraints(prefer="speed"))
+    assert fast.chosen is not None
+    fastest = max(considered, key=lambda c: c.decode_tps)
+    assert fast.chosen.decode_tps >= fastest.decode_tps - max(fastest.decode_spread, fast.chosen.decode_spread)
