@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo   installs everything, pulls the default model, quantizes it to GGUF, profiles every
-#               variant here (memory, speed, clinical accuracy), bundles the best one and verifies it
+#               variant here (memory, speed, clinical accuracy), bundles the best one and verifies it;
+#               then an ONNX int8 variant likewise, and serves both bundles on loopback
 #   make test   installs everything, runs the whole test suite
 # Both start from nothing on a fresh machine; a second run reuses the virtual environment.
 
@@ -33,6 +34,14 @@ demo: install
 	$(BIN)/edgecds report edgecds-out/SmolLM2-135M-Instruct/results.json -o edgecds-out/report.html
 	$(BIN)/edgecds bundle edgecds-out/SmolLM2-135M-Instruct/results.json --device auto --output edgecds-out/bundle
 	$(BIN)/edgecds verify edgecds-out/bundle.tar.gz
+	# the same for ONNX: an int8 variant measured and scored here, bundled on its own, and both bundles
+	# served on loopback under a few concurrent clients (edgecds-out/serve-*.json)
+	$(BIN)/edgecds quantize --format onnx --types ONNX_INT8 --output edgecds-out/SmolLM2-135M-Instruct
+	$(BIN)/edgecds profile edgecds-out/SmolLM2-135M-Instruct --types ONNX_INT8 --device auto
+	$(BIN)/edgecds bundle edgecds-out/SmolLM2-135M-Instruct/results.json --device auto --formats onnx --output edgecds-out/bundle-onnx
+	$(BIN)/edgecds verify edgecds-out/bundle-onnx.tar.gz
+	$(BIN)/python -m edgecds.hwbench.bench.bench_serve edgecds-out/bundle --clients 3 --requests 6 --output edgecds-out/serve-gguf.json
+	$(BIN)/python -m edgecds.hwbench.bench.bench_serve edgecds-out/bundle-onnx --clients 3 --requests 6 --output edgecds-out/serve-onnx.json
 
 # Debian packages the tests use: chromium, which playwright drives to open the report (no browser
 # download), and strace, which watches every process of a run for network calls (nothing phones home).

@@ -233,3 +233,16 @@ def test_bf16_on_request(hf_folder: Path, tmp_path: Path) -> None:
     variants = {v["type"]: v for v in json.loads(result.stdout)["variants"]}
     assert variants["BF16"]["tensor_types"] == {"BF16": 211, "F32": 61}
     assert variants["Q8_0"]["parent_sha256"] == variants["BF16"]["sha256"]
+
+
+def test_quiet_quantize_shows_no_progress_bar_of_the_tools(model_store: Path, tmp_path: Path) -> None:
+    """`--quiet` once still showed transformers' GGUF-to-HF bar while the default model's Hugging
+    Face folder was built; nothing but errors may reach stderr now."""
+    home = tmp_path / "home"
+    shutil.copytree(model_store / "models", home / "models", ignore=shutil.ignore_patterns("hf"))  # pulled, not yet converted
+    env = {**os.environ, "EDGECDS_HOME": str(home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "edgecds", "quantize", "--types", "F16", "--quiet", "-o", str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (home / "models" / "smollm2-135m-instruct" / "hf").is_dir()  # the folder was built in this run
+    assert "Converting and de-quantizing" not in run.stderr and "%|" not in run.stderr, run.stderr[-2000:]

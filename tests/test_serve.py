@@ -124,8 +124,9 @@ def _files_holding(folder: Path, needle: bytes) -> list[Path]:
 @pytest.mark.parametrize("which", ["gguf", "onnx"])
 def test_token_on_every_route_and_nothing_of_a_prompt_is_kept(which: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     folder: Path = request.getfixturevalue("bundle" if which == "gguf" else "onnx_bundle")
-    home = tmp_path / "home"
-    proc, port, token = start_server(folder, 1, 1, 8, env={"HOME": str(home), "EDGECDS_HOME": str(home / ".edgecds")})
+    home, scratch = tmp_path / "home", tmp_path / "tmp"
+    scratch.mkdir()
+    proc, port, token = start_server(folder, 1, 1, 8, env={"HOME": str(home), "EDGECDS_HOME": str(home / ".edgecds"), "TMPDIR": str(scratch)})
     try:
         for path, method in (("/v1/chat/completions", "POST"), ("/v1/models", "GET"), ("/nowhere", "GET")):
             assert _call(port, None, _chat("hello") if method == "POST" else None, path, method)[0] == 401  # no header
@@ -139,8 +140,8 @@ def test_token_on_every_route_and_nothing_of_a_prompt_is_kept(which: str, reques
     finally:
         output = _stop(proc)
     assert b"Jane Roe" not in output and b"chest pain" not in output  # not on stdout or stderr
-    for where in (home, folder, Path("/tmp")):
-        assert not [p for p in _files_holding(where, b"Jane Roe") if "pytest-of" not in str(p)], where
+    for where in (home, folder, scratch):  # its home, the bundle, and its temporary folder
+        assert _files_holding(where, b"Jane Roe") == [], where
 
 
 def test_malformed_requests_get_4xx_that_echo_nothing(bundle: Path) -> None:
