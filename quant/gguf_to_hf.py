@@ -92,17 +92,20 @@ def build_hf_folder(gguf_path: Path, info: GgufInfo, out_dir: Path, licence: Pat
     """Write config, safetensors weights, tokenizer and generation config into `out_dir`;
     `quiet`: without transformers' own progress bar (`quantize --quiet`)."""
     _allow_converter_gguf()
+    import functools
+
     import torch
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
 
+    # transformers' GGUF loader draws its own tqdm bar, which no setting of transformers turns off
+    bar = gguf_loading.tqdm
     if quiet:
-        hf_logging.disable_progress_bar()
+        gguf_loading.tqdm = functools.partial(bar, disable=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
     finally:
-        if quiet:
-            hf_logging.enable_progress_bar()
+        gguf_loading.tqdm = bar
     eos = info.metadata.get("tokenizer.ggml.eos_token_id")
     if isinstance(eos, int):
         model.config.eos_token_id = eos
