@@ -395,3 +395,25 @@ def test_an_onnx_bundle_runs_and_serves_without_the_build_side(onnx_bundle: Path
         assert code == 200 and body["choices"][0]["message"]["content"]
     finally:
         _stop(proc)
+
+
+def test_a_bundle_whose_chat_template_the_sandbox_refuses_is_a_message(onnx_bundle: Path, tmp_path: Path) -> None:
+    """The template is model metadata from elsewhere (CVE-2024-34359): one that reaches for Python
+    internals is refused by the sandbox, and `run` and `serve` say so instead of a traceback."""
+    import hashlib
+
+    hostile = tmp_path / "hostile"
+    shutil.copytree(onnx_bundle, hostile)
+    config_path = next(hostile.glob("model/*/tokenizer_config.json"))
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = "{{ ''.__class__.__mro__[1].__subclasses__() }}{{ messages[0]['content'] }}"
+    config_path.write_text(json.dumps(config))
+    manifest = json.loads((hostile / "manifest.json").read_text())  # re-hashed, as an attacker would (unsigned bundle)
+    data = config_path.read_bytes()
+    manifest["files"][config_path.relative_to(hostile).as_posix()] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (hostile / "manifest.json").write_text(json.dumps(manifest))
+    for args in (["run", str(hostile), "-p", "hello"], ["serve", str(hostile), "--port", str(free_port())]):
+        result = subprocess.run([sys.executable, "-m", "edgecds", *args], capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "EDGECDS_SERVE_TOKEN": "a-token-for-the-test"})
+        assert result.returncode == 1 and "chat template could not be rendered" in result.stderr, result.stderr[-1500:]
+        assert "Traceback" not in result.stderr
