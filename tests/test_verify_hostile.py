@@ -210,3 +210,14 @@ def test_a_chat_template_the_sandbox_refuses_is_a_message() -> None:
     with pytest.raises(EngineError, match="chat template could not be rendered .*SecurityError"):
         with template_errors():
             ImmutableSandboxedEnvironment().from_string(hostile).render()
+
+
+def test_a_token_on_the_command_line_is_warned_about_and_a_token_file_is_read(tmp_path: Path) -> None:
+    bundle = fake_bundle(tmp_path / "b")
+    (bundle / "MODEL_CARD.md").write_text("edited")  # not in the manifest: serve stops at its check, after reading the options
+    result = CliRunner().invoke(cli, ["serve", str(bundle), "--token", "s3cret-on-the-command-line"])
+    assert result.exit_code == 1 and "visible to other users in the process list" in result.output
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-in-a-file\n")
+    result = CliRunner().invoke(cli, ["serve", str(bundle), "--token-file", str(token_file)])
+    assert result.exit_code == 1 and "process list" not in result.output and "not listed in the manifest" in result.output
