@@ -29,7 +29,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgecds.cli import cli
-from edgecds.hwbench.bench.bench_serve import free_port, start_server
+from edgecds.hwbench.bench.bench_serve import free_port, peak_rss, start_server
 from edgecds.quant.types import quant_type
 from edgecds.quantize import QuantizeConfig, QuantizeResult, run_quantize
 
@@ -248,13 +248,6 @@ def test_streaming_answers_in_pieces_for_both_formats(bundle: Path, onnx_bundle:
             _stop(proc)
 
 
-def _vmhwm(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 @pytest.mark.parametrize("which", ["gguf", "onnx"])
 def test_more_clients_than_slots_get_only_stated_answers_and_the_server_survives(which: str, request: pytest.FixtureRequest) -> None:
     """6 clients on 1 slot and 1 queue place, 2 of them asking for long essays that pass the time
@@ -293,7 +286,7 @@ def test_more_clients_than_slots_get_only_stated_answers_and_the_server_survives
         for t in threads:
             t.join(300)
         alive = proc.poll() is None and _call(port, token, _chat("Hi", max_tokens=4))[0] == 200
-        peak = _vmhwm(proc.pid)
+        peak = peak_rss(proc.pid)
     finally:
         _stop(proc)
     assert len(codes) == 18 and set(codes) <= {200, 503, 504}, codes

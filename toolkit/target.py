@@ -64,12 +64,9 @@ class Target:
         """Measuring needs the device itself; another machine only with `measure_anyway`."""
         if self.here or measure_anyway:
             return
-        host, detected = self.host, self.match.profile
-        gpu = f", GPU {host.gpus[0].name}" if host.gpus else ""
         raise WrongDeviceError(
-            f"this machine is not a {self.id}: detected {detected.id} (CPU {host.cpu_model}, {host.cpu_cores} cores, "
-            f"{host.ram_gib:g} GiB{gpu}). Run `edgecds profile` on the device itself, or add --measure-anyway to measure here; "
-            f"such results are marked as measured on {detected.id} and never count for {self.id}"
+            f"this machine is not a {self.id}: detected {_describe(self.match)}. Run `edgecds profile` on the device itself, or add "
+            f"--measure-anyway to measure here; such results are marked as measured on {self.match.profile.id} and never count for {self.id}"
         )
 
 
@@ -82,8 +79,9 @@ def _llama_version() -> str:
         return "not installed"
 
 
-def fingerprint(host: HostInfo, match: HostMatch) -> HostFingerprint:
+def fingerprint(match: HostMatch) -> HostFingerprint:
     """The machine that measures, and the software it runs; its id hashes the rest."""
+    host = match.host
     gpus = [g.name + (f" {g.memory_gib:g} GiB" if g.memory_gib else "") for g in host.gpus]
     values: dict[str, Any] = {
         "detected_profile": match.profile.id, "cpu": host.cpu_model, "cpu_cores": host.cpu_cores, "cpu_isa": host.cpu_isa,
@@ -106,7 +104,7 @@ def resolve_target(device: str = AUTO, profiles_dirs: Iterable[Path] = (), root:
     profiles = load_profiles(profiles_dirs)
     match = nearest_profile(detect_host(root), profiles)
     detected = match.profile
-    fp = fingerprint(match.host, match)
+    fp = fingerprint(match)
     if device in DEVICE_CLASSES and device not in profiles:
         if detected.device_class != device:
             raise WrongDeviceError(f"this machine is not a {device}: detected {_describe(match)}; run this on the {device} itself, "

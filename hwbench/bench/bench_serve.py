@@ -49,7 +49,8 @@ def _request(port: int, token: str, body: dict[str, Any], timeout: float) -> int
         return int(exc.code)
 
 
-def _vmhwm(pid: int) -> int:
+def peak_rss(pid: int) -> int:
+    """A running process's peak resident set (VmHWM), bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
@@ -113,7 +114,7 @@ def run_load(bundle: Path, clients: int, requests: int, seconds: float, slots: i
         for t in threads:
             t.join()
         alive = proc.poll() is None and _request(port, token, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}, 60) == 200
-        peak = _vmhwm(proc.pid)
+        peak = peak_rss(proc.pid)
     finally:
         proc.terminate()
         try:
