@@ -1,23 +1,29 @@
 """The ONNX path on the real default model: Optimum's export, onnxruntime's quantizer and runtime.
 
 Parity: the fp32 export against transformers (next-token logits within 1e-3, greedy continuations
-identical for 32 tokens); every quantized variant's drift from fp32 recorded in variants.json;
+identical for 32 tokens up to a float32 near-tie); every quantized variant's drift from fp32 recorded in variants.json;
 sizes that prove the embedding and LM head were quantized. Hostile external-data references are
 refused before onnxruntime opens a session.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from edgecds.atomic import TEMP_MARK
 from edgecds.cases import drift_text, load_cases
 from edgecds.cli import cli
 from edgecds.digest import sha256_file, sha256_folder
@@ -122,7 +128,14 @@ def test_fp32_greedy_continuations_match_transformers(onnx_variants: QuantizeRes
             out = model.generate(torch.tensor([ours.prompt_tokens]), max_new_tokens=PARITY_TOKENS, do_sample=False, pad_token_id=2,
                                  eos_token_id=2, attention_mask=torch.ones(1, len(ours.prompt_tokens), dtype=torch.long))
         theirs = out[0, len(ours.prompt_tokens):].tolist()
-        assert ours.tokens == theirs[: len(ours.tokens)] and len(ours.tokens) == len(theirs), prompt
+        assert len(ours.tokens) == len(theirs), prompt
+        split = next((i for i, (a, b) in enumerate(zip(ours.tokens, theirs, strict=True)) if a != b), None)
+        if split is not None:
+            # Another CPU's float32 rounding may flip a near-tie; anything else is a real divergence.
+            # The margin is the logits tolerance above (1e-3 per logit, so 2e-3 between two).
+            with torch.no_grad():
+                logits = model(torch.tensor([ours.prompt_tokens + theirs[:split]])).logits[0, -1]
+            assert float(logits[theirs[split]] - logits[ours.tokens[split]]) < 2e-3, (prompt, split)
 
 
 def test_onnx_runtime_tokenizes_like_transformers_and_generates_quantized(onnx_variants: QuantizeResult, hf_folder: Path) -> None:
@@ -373,3 +386,82 @@ def test_a_layout_the_rewrite_does_not_know_runs_as_exported(onnx_variants: Quan
     assert runtime.logits().shape == (runtime.n_vocab,)
     _, record = _compiled_model(Path(os.environ["EDGECDS_HOME"]))
     assert "declined" in record  # remembered: the next load does not try again
+
+
+def _record(result: QuantizeResult, type_name: str) -> Any:
+    return next(o.record for o in result.outcomes if o.record.type == type_name)
+
+
+def _graph(folder: Path) -> Any:
+    import onnx
+
+    return onnx.load(str(folder / "model.onnx"), load_external_data=False)
+
+
+def _onnx_records_intact(out: Path) -> dict[str, str]:
+    """Every recorded ONNX folder holds exactly its recorded files, hashed as recorded."""
+    state = load_variants(out)
+    assert state is not None
+    for v in state.variants:
+        folder = out / v.path
+        assert {p.name: sha256_file(p) for p in sorted(folder.iterdir())} == v.files, v.type
+    return {v.type: v.sha256 for v in state.variants}
+
+
+def test_onnx_options_rebuild_only_what_they_affect_and_a_killed_build_publishes_nothing(
+        onnx_variants: QuantizeResult, use_store: Path, tmp_path: Path) -> None:
+    """--asymmetric and --keep-embeddings change the int8/int4 graphs as stated and rebuild only
+    those; fp32 and fp16 do not depend on them. A build killed after its graph is written leaves
+    the published folder as it was; the next run removes the temporary and builds it whole."""
+    import onnx
+
+    out = tmp_path / "out"
+    shutil.copytree(onnx_variants.output_dir, out)
+    before = _onnx_records_intact(out)
+    cmd = ["quantize", "--format", "onnx", "-o", str(out), "--quiet"]
+    int8 = out / folder_of(onnx_variants, "ONNX_INT8").name
+    proc = subprocess.Popen([sys.executable, "-m", "edgecds", *cmd, "--types", "ONNX_FP16,ONNX_INT8", "--asymmetric"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    temps: list[Path] = []
+    while time.monotonic() < deadline and proc.poll() is None:  # the new int8 graph is written, not yet checked
+        temps = [t for t in out.glob(f".{int8.name}.*{TEMP_MARK}") if (t / "model.onnx").is_file() and (t / "config.json").is_file()]
+        if temps:
+            break
+        time.sleep(0.05)
+    assert temps, "the int8 build never wrote its graph"
+    proc.kill()
+    proc.wait()
+    assert _onnx_records_intact(out)["ONNX_INT8"] == before["ONNX_INT8"]  # the old folder, whole
+    assert temps[0].exists()
+
+    result = CliRunner().invoke(cli, [*cmd, "--types", "ONNX_FP16,ONNX_INT8", "--asymmetric", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["removed_temporaries"] >= 1 and not list(out.glob(f".*{TEMP_MARK}"))
+    assert {v["type"]: v["reused"] for v in data["variants"]} == {"ONNX_FP16": True, "ONNX_INT8": False}  # fp16 finished before the kill
+    asym = _onnx_records_intact(out)
+    assert asym["ONNX_FP32"] == before["ONNX_FP32"] and asym["ONNX_INT4"] == before["ONNX_INT4"]  # not asked for: untouched
+    records = {v.type: v for v in (load_variants(out) or pytest.fail("no variants.json")).variants}
+    assert records["ONNX_INT8"].options["symmetric"] is False and records["ONNX_INT8"].load_check["tokens_generated"] > 0
+    graph = _graph(int8).graph
+    blocks = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(blocks) == 211 and all(len(n.input) > 3 and n.input[3] for n in blocks)  # every block has zero points
+    assert any("embedding stays float32" in w for w in records["ONNX_INT8"].warnings)
+
+    fp16 = records["ONNX_FP16"]
+    weights = [t for t in _graph(out / fp16.path).graph.initializer if len(t.dims) == 2]
+    assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    assert 0.45 < fp16.file_size / records["ONNX_FP32"].file_size < 0.55 and fp16.load_check["tokens_generated"] > 0
+    assert fp16.drift["kl_mean"] < 0.01 and not fp16.drift["flagged"]
+
+    result = CliRunner().invoke(cli, [*cmd, "--types", "ONNX_FP16,ONNX_INT8", "--keep-embeddings", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert {v["type"]: v["reused"] for v in json.loads(result.stdout)["variants"]} == {"ONNX_FP16": True, "ONNX_INT8": False}
+    kept = (load_variants(out) or pytest.fail("no variants.json")).by_type()["ONNX_INT8"]
+    graph = _graph(out / kept.path).graph
+    floats = {t.name: tuple(t.dims) for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in floats]
+    assert any(floats[n.input[0]] == (49152, 576) for n in gathers)  # the embedding reads a float32 table
+    # the shared table costs 4 bytes a weight instead of 1 + 4/32 (int8 with a float scale per 32)
+    assert kept.options["quantize_embeddings"] is False
+    assert kept.file_size - _record(onnx_variants, "ONNX_INT8").file_size == pytest.approx(49152 * 576 * (4 - 1.125), rel=0.02)
