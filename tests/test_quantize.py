@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from click.testing import CliRunner
 
@@ -246,3 +248,27 @@ def test_quiet_quantize_shows_no_progress_bar_of_the_tools(model_store: Path, tm
     assert run.returncode == 0, run.stderr[-2000:]
     assert (home / "models" / "smollm2-135m-instruct" / "hf").is_dir()  # the folder was built in this run
     assert "Converting and de-quantizing" not in run.stderr and "%|" not in run.stderr, run.stderr[-2000:]
+
+
+def test_the_converter_child_dies_with_edgecds(hf_folder: Path, tmp_path: Path) -> None:
+    """Killed edgecds must not leave llama.cpp's converter writing a temporary the next run removes."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(edgecds_cmd("quantize", str(hf_folder), "--types", "F16", "-o", str(out), "--quiet"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    converter = None
+    deadline = time.monotonic() + 120
+    while converter is None and time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            converter = next((c.pid for c in psutil.Process(proc.pid).children() if "convert_hf_to_gguf" in c.cmdline()), None)
+        time.sleep(0.02)
+    assert converter is not None, "the converter child never started"
+    os.kill(converter, signal.SIGSTOP)  # held mid-run, so it cannot simply finish first; SIGKILL still ends it
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{converter}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # (a zombie, reaped by init, has no cmdline left to match)
+    alive = Path(f"/proc/{converter}/cmdline").exists() and b"convert_hf_to_gguf" in Path(f"/proc/{converter}/cmdline").read_bytes()
+    if alive:
+        os.kill(converter, signal.SIGKILL)
+    assert not alive, "the converter outlived edgecds"
