@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from edgecds.atomic import TEMP_MARK
 from edgecds.cli import cli
 from edgecds.errors import InvalidInputError
 from edgecds.host import detect_host
@@ -380,3 +384,27 @@ def test_a_damaged_results_file_is_named_and_nothing_is_measured(variants: Path,
     assert str(path) in str(err.value) and message in str(err.value)
     assert path.read_bytes() == before
 
+
+
+def test_a_killed_profile_keeps_what_it_measured_and_the_next_run_measures_only_the_rest(variants: Path) -> None:
+    """results.json is saved whole after every variant: a kill mid-run loses only the variant in hand."""
+    cmd = [sys.executable, "-m", "edgecds", "profile", str(variants), "--types", "Q8_0,Q4_K_M,Q2_K", *QUICK]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = variants / RESULTS_FILE
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not results.exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # as soon as the first variant is saved: the second is being measured
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
+    kept = load_results(results)
+    assert kept is not None and [r.variant.type for r in kept.records] == ["Q8_0"]
+
+    code, out = profile(str(variants), "--types", "Q8_0,Q4_K_M,Q2_K", *QUICK, "--json")
+    assert code == 0, out
+    reused = {r["variant"]["type"]: r["reused"] for r in json.loads(out)["records"]}
+    assert reused == {"Q8_0": True, "Q4_K_M": False, "Q2_K": False}
+    done = load_results(results)
+    assert done is not None and sorted(r.variant.type for r in done.records) == ["Q2_K", "Q4_K_M", "Q8_0"]
+    assert next(r for r in done.records if r.variant.type == "Q8_0") == kept.records[0]  # kept as measured, not measured again
+    assert not [p for p in variants.iterdir() if TEMP_MARK in p.name]  # the interrupted save left nothing behind
