@@ -53,7 +53,9 @@ CLINICAL_PROMPT = (
     "likely diagnosis, and what is the next investigation?"
 )
 # Identical processes peak up to ~0.3 MiB apart (allocator and thread-stack placement: 316 KiB
-# over 10 runs of Q4_K_M here), so peak memory is told apart to 1 MiB, not to the page.
+# over 10 runs of Q4_K_M here), so peak memory is told apart to 1 MiB, not to the page. Why it
+# holds on other Linux hosts: the model's pages are the same file mapped the same way each run, and
+# what varies is glibc's arena and thread-stack placement, a few hundred KiB whatever the model size.
 PEAK_RSS_RESOLUTION = 1 << 20
 TIMEOUT_SECONDS = 600
 SAMPLE_SECONDS = 0.05

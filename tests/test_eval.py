@@ -59,8 +59,10 @@ def test_eval_scores_real_variants_with_statistics_and_drift(variants: Path) -> 
         assert m["correct"] == sum(c["correct"] for c in e["per_case"])
         assert sum(m["errors"].values()) == LIMIT - m["correct"]
         assert sum(s["n"] for s in m["by_specialty"].values()) == LIMIT == sum(s["n"] for s in m["by_incidence"].values())
-        for c in e["per_case"]:  # every case keeps what was chosen and why
+        answers = {c.id: c.answer_index for c in load_cases().cases}
+        for c in e["per_case"]:  # every case keeps what was chosen and why, and is right only when it chose the answer
             assert len(c["scores"]) == len(c["normalized_scores"]) in (4, 5) and c["chosen"] == int(np.argmax(c["scores"]))
+            assert c["correct"] == (c["chosen"] == answers[c["id"]]) and (c["error"] is None) == c["correct"]
         if qtype == "F16":
             assert e["paired"] is None
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shutil
 import signal
@@ -11,6 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import llama_cpp
 import pytest
 from click.testing import CliRunner
 
@@ -21,6 +23,7 @@ from edgecds.host import detect_host
 from edgecds.profile import ProfileConfig, run_profile
 from edgecds.quantize import QuantizeResult
 from edgecds.results import RESULTS_FILE, load_results
+from edgecds.target import resolve_target
 
 HOSTS = Path(__file__).resolve().parent / "fixtures" / "hosts"
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
@@ -48,11 +51,14 @@ def test_profiles_real_variants_and_records_everything(variants: Path) -> None:
     assert data["on_target"] and data["device"] == data["host"]["detected_profile"]
     records = {r["variant"]["type"]: r for r in data["records"]}
     assert set(records) == {"Q4_K_M", "Q8_0"}
+    # every layer on the GPU when this machine's profile has one and this llama.cpp build can use it
+    offload = resolve_target("host").device.backends[0] != "cpu" and bool(llama_cpp.llama_supports_gpu_offload())
+    gpu_layers = -1 if offload else 0
     for r in records.values():
         assert r["status"] == "measured" and not r["reused"]
         s = r["settings"]
         assert (s["n_ctx"], s["prompt_tokens"], s["decode_tokens"], s["repeats"]) == (512, 64, 16, 2)
-        assert s["threads"] == detect_host().cpu_cores and s["n_gpu_layers"] == 0 and s["type_k"] == "f16"
+        assert s["threads"] == detect_host().cpu_cores and s["n_gpu_layers"] == gpu_layers and s["type_k"] == "f16"
         m = r["measured"]
         for figure in ("load_seconds", "peak_rss_bytes", "prompt_tps", "decode_tps"):
             assert len(m[figure]["samples"]) == 2 and m[figure]["low"] <= m[figure]["median"] <= m[figure]["high"]
@@ -67,7 +73,7 @@ def test_profiles_real_variants_and_records_everything(variants: Path) -> None:
     stored = load_results(variants / RESULTS_FILE)
     assert stored is not None and len(stored.records) == 2
     host = stored.hosts[stored.records[0].host]
-    assert host.cpu_cores == detect_host().cpu_cores and host.versions["llama_cpp_python"] == "0.3.36"
+    assert host.cpu_cores == detect_host().cpu_cores and host.versions["llama_cpp_python"] == importlib.metadata.version("llama_cpp_python")
 
 
 def test_rerun_reuses_force_remeasures_new_settings_add(variants: Path) -> None:
