@@ -119,3 +119,35 @@ def test_not_utf8_and_empty_files(tmp_path: Path) -> None:
         parse_cases(b"\xff\xfe\x00", "bad.jsonl")
     with pytest.raises(InvalidInputError, match="no cases"):
         parse_cases(b"\n\n", "empty.jsonl")
+
+
+def test_the_shipped_open_ended_set_is_complete() -> None:
+    opened = load_cases(Path("open"))
+    mcq = load_cases()
+    assert opened.name == "open-v1.jsonl" and len(opened.cases) >= 60 and all(c.is_open for c in opened.cases)
+    assert all(c.reference and c.vignette and c.question and c.options == () and c.answer_index is None for c in opened.cases)
+    assert all(c.license == "CC0-1.0" for c in opened.cases)
+    assert set(Counter(c.specialty for c in opened.cases)) == set(Counter(c.specialty for c in mcq.cases))  # every specialty
+    assert set(Counter(c.incidence for c in opened.cases)) == set(INCIDENCES)
+    # synonyms are not the reference again, and no vignette names its own diagnosis
+    for c in opened.cases:
+        assert all(a.casefold() != c.reference.casefold() for a in c.accepted_answers), c.id
+        assert c.reference.casefold() not in c.vignette.casefold(), c.id
+
+
+def test_open_ended_cases_load_and_their_mistakes_are_named(tmp_path: Path) -> None:
+    good = {"id": "o1", "vignette": "A 30-year-old has pain.", "question": "Diagnosis?", "reference": "Renal colic",
+            "accepted_answers": ["ureteric colic"], "specialty": "nephrology", "incidence": "common"}
+    case = parse_cases(jsonl(good), "open.jsonl").cases[0]
+    assert case.is_open and case.diagnosis == "Renal colic" and case.accepted_answers == ("ureteric colic",)
+    mixed = parse_cases(jsonl(good, {"id": "m1", "vignette": "v", "question": "q", "options": ["A", "B"], "answer_index": 1}), "mixed.jsonl")
+    assert [c.is_open for c in mixed.cases] == [True, False]  # options stay optional per case
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(jsonl(good, {**good, "id": "o2", "reference": ""}, {**good, "id": "o3", "reference": 7},
+                          {k: v for k, v in good.items() if k != "reference"} | {"id": "o4"}))
+    with pytest.raises(InvalidInputError) as err:
+        load_cases(bad)
+    message = str(err.value)
+    assert f"{bad}:2: reference: must be a non-empty string" in message
+    assert f"{bad}:3: reference: must be a non-empty string" in message
+    assert f"{bad}:4: reference: missing" in message and ":1:" not in message

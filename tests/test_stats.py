@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgecds.stats import mcnemar_exact, paired_comparison, wilson_interval
+from edgecds.stats import cohen_kappa, holm, mcnemar_exact, paired_comparison, pass_at_k, verdict_at, wilson_interval
 
 
 @pytest.mark.parametrize("k, n, low, high", [
@@ -51,3 +51,34 @@ def test_paired_comparison_hand_computed() -> None:
     # nothing flipped: no difference found, but the interval is not zero-width (the Wald one would be)
     same = paired_comparison([True] * 10 + [False] * 30, [True] * 10 + [False] * 30)
     assert same.difference == 0 and same.low < -0.03 and same.high > 0.03 and same.verdict == "not significantly different"
+
+
+def test_pass_at_k_hand_computed() -> None:
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)  # 1 - C(3,1)/C(5,1) = 1 - 3/5
+    assert pass_at_k(5, 2, 3) == pytest.approx(0.9)  # 1 - C(3,3)/C(5,3) = 1 - 1/10
+    assert pass_at_k(5, 0, 3) == 0.0 and pass_at_k(5, 3, 3) == 1.0  # 2 wrong cannot fill 3 draws
+    assert pass_at_k(10, 4, 1) == pytest.approx(0.4)  # pass@1 is the share correct
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 5)
+
+
+def test_holm_hand_computed() -> None:
+    # sorted: 0.005 x4 = 0.02; 0.01 x3 = 0.03; 0.03 x2 = 0.06; 0.04 x1 = 0.04 -> kept at 0.06 (monotone)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm([]) == []
+
+
+def test_cohen_kappa_hand_computed() -> None:
+    a = [True, True, True, False, False, False, True, False, True, True]
+    b = [True, True, False, False, False, True, True, False, True, False]
+    kappa, low, high = cohen_kappa(a, b)
+    # po = 7/10, pe = 0.6 x 0.5 + 0.4 x 0.5 = 0.5 -> kappa 0.4; se = sqrt(0.7 x 0.3 / (10 x 0.25)) = 0.289828
+    assert kappa == pytest.approx(0.4)
+    assert (low, high) == (pytest.approx(0.4 - 1.959964 * 0.289828, abs=1e-5), pytest.approx(0.4 + 1.959964 * 0.289828, abs=1e-5))
+    assert cohen_kappa(a, a)[0] == pytest.approx(1.0)
+
+
+def test_verdicts_never_say_equivalent() -> None:
+    assert verdict_at(0.004, -0.1, 0.01) == "worse at 0.01" and verdict_at(0.004, 0.1, 0.01) == "better at 0.01"
+    assert verdict_at(0.02, -0.1, 0.01) == "no difference shown"

@@ -5,7 +5,9 @@ One case a line. edgecds's own format:
    "options": [{"text", "kind": "correct"|"plausible"|"off_topic"}], "answer_index",
    "accepted_answers", "rationale", "source", "license"}
 of which only id, vignette, question, options and answer_index are required (an option may be a
-plain string). MedQA-style lines ({"question", "options": {"A": ...}, "answer_idx": "A"}) and
+plain string). An open-ended case has no options: {"id", "vignette", "question", "reference",
+"accepted_answers", ...}, the reference diagnosis and its synonyms (scored with --mode generate or
+topk; see edgecds.matcher). MedQA-style lines ({"question", "options": {"A": ...}, "answer_idx": "A"}) and
 MedMCQA-style lines ({"question", "opa".."opd", "cop"}) are imported too. A file is untrusted:
 every line is checked, every problem is reported with file, line and field, and no case is
 returned unless the whole file is valid.
@@ -26,6 +28,8 @@ from edgecds.errors import InvalidInputError
 INCIDENCES = ("common", "less_common", "rare")
 OPTION_KINDS = ("correct", "plausible", "off_topic")
 SHIPPED_CASES = "cases-v1.jsonl"
+SHIPPED_OPEN_CASES = "open-v1.jsonl"
+SHIPPED = {"mcq": SHIPPED_CASES, "open": SHIPPED_OPEN_CASES}  # names `--cases` accepts for the shipped sets
 DRIFT_TEXT = "drift-text.txt"
 MAX_FILE_BYTES = 64 << 20
 MAX_TEXT_CHARS = 20_000
@@ -44,18 +48,31 @@ class Case:
     id: str
     vignette: str
     question: str
-    options: tuple[Option, ...]
-    answer_index: int
+    options: tuple[Option, ...]  # empty for an open-ended case
+    answer_index: int | None  # None for an open-ended case
     specialty: str = ""
     incidence: str | None = None
     accepted_answers: tuple[str, ...] = ()
     rationale: str = ""
     source: str = ""
     license: str = ""
+    reference: str = ""  # an open-ended case's reference diagnosis
 
     @property
     def answer(self) -> Option:
+        """A multiple-choice case's correct option."""
+        if self.answer_index is None:
+            raise ValueError(f"case {self.id} is open-ended: it has a reference diagnosis, no options")
         return self.options[self.answer_index]
+
+    @property
+    def is_open(self) -> bool:
+        return not self.options
+
+    @property
+    def diagnosis(self) -> str:
+        """The reference diagnosis: the open case's reference or the correct option's text."""
+        return self.reference if self.answer_index is None else self.options[self.answer_index].text
 
 
 @dataclass(frozen=True)
@@ -100,7 +117,10 @@ def _edgecds_case(data: dict[str, Any], line: int, problems: _Problems) -> Case 
     question = _text(data, "question", line, problems, required=False)
     raw_options = data.get("options")
     options: list[Option] = []
-    if not isinstance(raw_options, list) or not 2 <= len(raw_options) <= MAX_OPTIONS:
+    reference = ""
+    if raw_options is None and "answer_index" not in data:  # open-ended: a reference diagnosis instead
+        reference = _text(data, "reference", line, problems)
+    elif not isinstance(raw_options, list) or not 2 <= len(raw_options) <= MAX_OPTIONS:
         problems.add(line, "options", f"must be a list of 2 to {MAX_OPTIONS} options")
     else:
         for i, raw in enumerate(raw_options):
@@ -118,7 +138,9 @@ def _edgecds_case(data: dict[str, Any], line: int, problems: _Problems) -> Case 
         if len(set(texts)) != len(texts):
             problems.add(line, "options", "two options have the same text")
     answer = data.get("answer_index")
-    if not isinstance(answer, int) or isinstance(answer, bool):
+    if raw_options is None and answer is None:
+        pass  # open-ended
+    elif not isinstance(answer, int) or isinstance(answer, bool):
         problems.add(line, "answer_index", "missing or not an integer")
     elif options and not 0 <= answer < len(options):
         problems.add(line, "answer_index", f"{answer} is out of range for {len(options)} options")
@@ -136,8 +158,9 @@ def _edgecds_case(data: dict[str, Any], line: int, problems: _Problems) -> Case 
     extra = {k: _text(data, k, line, problems, required=False) for k in ("specialty", "rationale", "source", "license")}
     if len(problems.items) > before:
         return None
-    return Case(case_id.strip(), vignette, question, tuple(options), int(answer), extra["specialty"], incidence,  # type: ignore[arg-type]
-                tuple(a.strip() for a in accepted if a.strip()), extra["rationale"], extra["source"], extra["license"])
+    return Case(case_id.strip(), vignette, question, tuple(options), None if answer is None else int(answer), extra["specialty"],
+                incidence, tuple(a.strip() for a in accepted if a.strip()), extra["rationale"], extra["source"], extra["license"],  # type: ignore[arg-type]
+                reference)
 
 
 def _medqa_case(data: dict[str, Any], line: int, problems: _Problems) -> Case | None:
@@ -167,7 +190,7 @@ def _medmcqa_case(data: dict[str, Any], line: int, problems: _Problems, one_base
 
 
 def _style(data: dict[str, Any]) -> str:
-    if "vignette" in data or "answer_index" in data:
+    if "vignette" in data or "answer_index" in data or "reference" in data:
         return "edgecds"
     if "opa" in data and "cop" in data:
         return "medmcqa"
@@ -198,7 +221,8 @@ def parse_cases(raw: bytes, name: str) -> CaseSet:
     styles = {_style(d) for _, d in rows}
     for number, data in rows:
         if _style(data) == "unknown":
-            problems.add(number, "", "neither an edgecds case (vignette, options, answer_index) nor a MedQA or MedMCQA question")
+            problems.add(number, "", "neither an edgecds case (vignette with options and answer_index, or with a reference diagnosis) "
+                                     "nor a MedQA or MedMCQA question")
     if len(styles - {"unknown"}) > 1:
         problems.add(0, "", f"mixes case styles ({', '.join(sorted(styles - {'unknown'}))}); use one per file")
     # MedMCQA's own release numbers `cop` from 1; some copies from 0. A 0 anywhere means the latter.
@@ -235,10 +259,12 @@ def parse_cases(raw: bytes, name: str) -> CaseSet:
 
 
 def load_cases(path: Path | None = None) -> CaseSet:
-    """A case file, or the shipped set when `path` is None."""
-    if path is None:
-        raw = resources.files("edgecds.clinical").joinpath(SHIPPED_CASES).read_bytes()
-        return parse_cases(raw, SHIPPED_CASES)
+    """A case file, or a shipped set: the multiple-choice one when `path` is None, or either by
+    its name in SHIPPED ("mcq", "open") or its file name."""
+    shipped = SHIPPED.get(str(path), str(path)) if path is not None else SHIPPED_CASES
+    if path is None or (shipped in SHIPPED.values() and not path.exists()):
+        raw = resources.files("edgecds.clinical").joinpath(shipped).read_bytes()
+        return parse_cases(raw, shipped)
     try:
         info = path.stat()
         if not stat.S_ISREG(info.st_mode):  # /dev/zero, a FIFO: no end to read to

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,18 +30,35 @@ from edgecds.atomic import atomic_path, folder_lock
 from edgecds.cases import Case, CaseSet, drift_text, load_cases, prompt_for
 from edgecds.digest import cache_key
 from edgecds.drift import DRIFT_CTX, drift_against, drift_logprobs, log_softmax
-from edgecds.engine import DEFAULT_CTX, EngineSettings, Runtime, generate_greedy
+from edgecds.engine import DEFAULT_CTX, EngineSettings, Runtime, generate_greedy, greedy_token, sampler
 from edgecds.engine.factory import open_runtime
 from edgecds.errors import InvalidInputError, UsageError
+from edgecds.matcher import THINK_TOKENS, answer_line_done, mentions, names, split_reasoning, still_thinking
 from edgecds.progress import Reporter
 from edgecds.results import RESULTS_FILE, EvalRecord, ResultsFile, VariantRef, load_results
-from edgecds.stats import paired_comparison, wilson_interval
+from edgecds.stats import paired_comparison, pass_at_k, wilson_interval
 from edgecds.target import Target, resolve_target
 from edgecds.variants import VariantRecord, VariantsFile, check_unchanged, open_variants
 
 MODES = ("loglik", "generate", "topk")
 GENERATE_TOKENS = 32
+PASS_AT = (1, 3, 5)
 DRIFT_CACHE = ".edgecds-drift"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Seeded sampling for pass@k: `samples` replies a case, each with its own seed derived from
+    the run's seed and the case id (so adding cases does not change another case's draws)."""
+
+    samples: int = 0
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0
+
+    def seeds(self, case_id: str) -> list[int]:
+        base = int(cache_key({"seed": self.seed, "case": case_id}, length=8), 16)
+        return [base + i for i in range(self.samples)]
 
 
 @dataclass(frozen=True)
@@ -49,6 +67,8 @@ class EvalConfig:
     cases: Path | None = None  # None: the shipped case set
     mode: str = "loglik"
     k: int = 5  # for topk
+    think_tokens: int = THINK_TOKENS  # reasoning allowed before the answer (generate/topk)
+    sampling: Sampling = Sampling()  # pass@k, off unless samples > 0
     types: tuple[str, ...] = ()
     limit: int | None = None  # the first N cases only
     n_ctx: int = DEFAULT_CTX
@@ -69,8 +89,15 @@ class CaseResult:
     scores: list[float] = field(default_factory=list)  # loglik: summed log-probability of each option
     normalized_scores: list[float] = field(default_factory=list)  # divided by the option's bytes
     correct_normalized: bool | None = None
-    answer: str = ""  # generate/topk: what the model said
-    error: str | None = None  # plausible, off_topic, unmatched, unlabelled (None when correct)
+    answer: str = ""  # generate/topk: what the model said, its reasoning removed
+    error: str | None = None  # plausible, off_topic, unmatched, no_answer, unlabelled (None when correct)
+    specialty: str = ""
+    incidence: str | None = None
+    reasoning: str = ""  # a reasoning model's thinking, kept for review
+    reasoning_chars: int = 0
+    samples_correct: int | None = None  # pass@k: how many of the seeded samples were right
+
+
 
 
 # --- scoring ------------------------------------------------------------------------------------
@@ -104,33 +131,54 @@ def option_logprobs(runtime: Runtime, case: Case, reuse_prefix: bool = True) -> 
     return scores, lengths
 
 
-def _normalize(text: str) -> str:
-    words = re.sub(r"[^a-z0-9]+", " ", text.casefold()).split()
-    return " ".join(w for w in words if w not in ("a", "an", "the", "of"))
-
-
 def match_option(answer: str, case: Case) -> int | None:
-    """The option a free-text answer names: the one whose text (or, for the correct option, an
-    accepted synonym) appears in the answer, the longest such match winning; None if none does."""
-    said = _normalize(answer)
-    if not said:
-        return None
-    best: tuple[int, int] | None = None
-    for i, option in enumerate(case.options):
-        names = [option.text, *(case.accepted_answers if i == case.answer_index else ())]
-        for name in (_normalize(n) for n in names):
-            if name and (f" {name} " in f" {said} " or (len(said) >= 4 and f" {said} " in f" {name} ")):
-                if best is None or len(name) > best[1]:
-                    best = (i, len(name))
-    return best[0] if best else None
+    """The option a free-text answer names (the correct one by its text or any accepted synonym),
+    by the matcher's rules; the longest name wins; None if it names none."""
+    best = max(((mentions(answer, names(o.text, case.accepted_answers if i == case.answer_index else ())), i)
+                for i, o in enumerate(case.options)), default=(0, -1))
+    return best[1] if best[0] else None
 
 
-def _generate(runtime: Runtime, user_message: str, max_tokens: int, stop_at_newline: bool) -> str:
-    def at_newline(out: list[int]) -> bool:
-        return "\n" in runtime.detokenize(out).strip(" ")
+def grade(answer: str, case: Case) -> tuple[bool, int | None, str | None]:
+    """(correct, option chosen, error kind) of one answer: MCQ answers are matched to the options,
+    open answers to the reference and its synonyms. Error kinds as the studies count them:
+    a plausible differential or an off-topic option (MCQ), a diagnosis matching nothing
+    (`unmatched`), or no diagnosis at all (`no_answer`)."""
+    if not answer.strip():
+        return False, None, "no_answer"
+    if case.is_open:
+        right = mentions(answer, names(case.reference, case.accepted_answers)) > 0
+        return right, None, None if right else "unmatched"
+    chosen = match_option(answer, case)
+    return chosen == case.answer_index, chosen, _error_kind(case, chosen)
 
-    out = generate_greedy(runtime, runtime.tokenize(runtime.chat_prompt(user_message)), max_tokens, at_newline if stop_at_newline else None)
-    return runtime.detokenize(out).strip()
+
+@dataclass(frozen=True)
+class Reply:
+    answer: str
+    reasoning: str
+
+
+def _reply(runtime: Runtime, user_message: str, answer_tokens: int, think_tokens: int, one_line: bool,
+           pick: Callable[[Runtime], int] = greedy_token) -> Reply:
+    """The model's reply in its own chat template, thinking set aside: up to `think_tokens` of
+    reasoning may come first, then `answer_tokens` of answer (one line when `one_line`)."""
+    prompt = runtime.chat_prompt(user_message)
+    opened = "<think>" if prompt.rstrip().endswith("<think>") else ""  # templates that open the block themselves
+
+    thought = [-1]  # tokens of reasoning, known once it has ended; then `answer_tokens` more are allowed
+
+    def at_answer_end(out: list[int]) -> bool:
+        text = opened + runtime.detokenize(out)
+        if still_thinking(text):
+            return False
+        if thought[0] < 0:
+            thought[0] = len(out) if re.search(r"</think>|<\|channel\|>", text, re.IGNORECASE) else 0
+        return len(out) - thought[0] >= answer_tokens or (one_line and answer_line_done(text))
+
+    out = generate_greedy(runtime, runtime.tokenize(prompt), answer_tokens + think_tokens, at_answer_end, pick=pick)
+    answer, reasoning = split_reasoning(opened + runtime.detokenize(out))
+    return Reply(answer.splitlines()[0].strip() if one_line and answer else answer, reasoning)
 
 
 def _error_kind(case: Case, chosen: int | None) -> str | None:
@@ -141,25 +189,46 @@ def _error_kind(case: Case, chosen: int | None) -> str | None:
     return case.options[chosen].kind or "unlabelled"
 
 
-def score_case(runtime: Runtime, case: Case, mode: str, k: int = 5) -> CaseResult:
+def _top_lines(answer: str, k: int) -> list[str]:
+    return [re.sub(r"^\s*(\d+[.)]|[-*])\s*", "", line) for line in answer.splitlines() if line.strip()][:k]
+
+
+def _ask(runtime: Runtime, case: Case, mode: str, k: int, think_tokens: int, pick: Callable[[Runtime], int] = greedy_token) -> Reply:
+    question = f"{case.vignette}\n{case.question}".strip()
+    if mode == "generate":
+        return _reply(runtime, f"{question}\nAnswer with the diagnosis only, in a few words.", GENERATE_TOKENS, think_tokens, True, pick)
+    return _reply(runtime, f"{question}\nList the {k} most likely diagnoses, most likely first, one per line, without explanations.",
+                  GENERATE_TOKENS * k, think_tokens, False, pick)
+
+
+def _grade_reply(reply: Reply, case: Case, mode: str, k: int) -> tuple[bool, int | None, str | None]:
+    if mode == "generate":
+        return grade(reply.answer, case)
+    graded = [grade(line, case) for line in _top_lines(reply.answer, k)]
+    if not graded:
+        return False, None, "no_answer"
+    right = next((g for g in graded if g[0]), None)
+    return right or next((g for g in graded if g[1] is not None), graded[0])
+
+
+def score_case(runtime: Runtime, case: Case, mode: str, k: int = 5, think_tokens: int = 0, sampling: Sampling | None = None) -> CaseResult:
     if mode == "loglik":
+        if case.is_open:
+            raise UsageError(f"case {case.id} is open-ended (no options): score it with --mode generate or --mode topk")
         scores, lengths = option_logprobs(runtime, case)
         normalized = [s / n for s, n in zip(scores, lengths, strict=True)]
         best = max(range(len(scores)), key=lambda i: scores[i])
         best_norm = max(range(len(normalized)), key=lambda i: normalized[i])
         return CaseResult(case.id, best == case.answer_index, best, [round(s, 5) for s in scores], [round(s, 6) for s in normalized],
-                          best_norm == case.answer_index, "", _error_kind(case, best))
-    question = f"{case.vignette}\n{case.question}".strip()
-    if mode == "generate":
-        answer = _generate(runtime, f"{question}\nAnswer with the diagnosis only, in a few words.", GENERATE_TOKENS, True)
-        chosen = match_option(answer, case)
-        return CaseResult(case.id, chosen == case.answer_index, chosen, answer=answer, error=_error_kind(case, chosen))
-    answer = _generate(runtime, f"{question}\nList the {k} most likely diagnoses, most likely first, one per line, without explanations.",
-                       GENERATE_TOKENS * k, False)
-    lines = [re.sub(r"^\s*(\d+[.)]|[-*])\s*", "", line) for line in answer.splitlines() if line.strip()][:k]
-    picks = [match_option(line, case) for line in lines]
-    chosen = case.answer_index if case.answer_index in picks else next((p for p in picks if p is not None), None)
-    return CaseResult(case.id, case.answer_index in picks, chosen, answer=answer, error=_error_kind(case, chosen))
+                          best_norm == case.answer_index, "", _error_kind(case, best), case.specialty, case.incidence)
+    reply = _ask(runtime, case, mode, k, think_tokens)
+    correct, chosen, error = _grade_reply(reply, case, mode, k)
+    sampled = None
+    if sampling is not None and sampling.samples:
+        sampled = sum(_grade_reply(_ask(runtime, case, mode, k, think_tokens, sampler(seed, sampling.temperature, sampling.top_p)),
+                                   case, mode, k)[0] for seed in sampling.seeds(case.id))
+    return CaseResult(case.id, correct, chosen, answer=reply.answer, error=error, specialty=case.specialty, incidence=case.incidence,
+                      reasoning=reply.reasoning, reasoning_chars=len(reply.reasoning), samples_correct=sampled)
 
 
 # --- metrics ------------------------------------------------------------------------------------
@@ -171,7 +240,12 @@ def _share(results: list[CaseResult]) -> dict[str, Any]:
     return {"n": n, "correct": right, "accuracy": round(right / n, 4) if n else 0.0, "low": round(low, 4), "high": round(high, 4)}
 
 
-def metrics(cases: list[Case], results: list[CaseResult]) -> dict[str, Any]:
+def _rate(count: int, n: int) -> dict[str, Any]:
+    low, high = wilson_interval(count, n)
+    return {"n": count, "rate": round(count / n, 4) if n else 0.0, "low": round(low, 4), "high": round(high, 4)}
+
+
+def metrics(cases: list[Case], results: list[CaseResult], n_samples: int = 0) -> dict[str, Any]:
     by_id = {c.id: c for c in cases}
     groups: dict[str, dict[str, list[CaseResult]]] = {"specialty": {}, "incidence": {}}
     for r in results:
@@ -182,9 +256,15 @@ def metrics(cases: list[Case], results: list[CaseResult]) -> dict[str, Any]:
     for r in results:
         if r.error:
             errors[r.error] = errors.get(r.error, 0) + 1
-    out = {**_share(results), "errors": errors,
+    out = {**_share(results), "errors": errors, "error_rates": {kind: _rate(count, len(results)) for kind, count in sorted(errors.items())},
            "by_specialty": {k: _share(v) for k, v in sorted(groups["specialty"].items())},
            "by_incidence": {k: _share(v) for k, v in sorted(groups["incidence"].items())}}
+    if results and results[0].samples_correct is not None and n_samples:
+        out["pass_at"] = {str(k): round(sum(pass_at_k(n_samples, r.samples_correct or 0, k) for r in results) / len(results), 4)
+                          for k in PASS_AT if k <= n_samples}
+        out["samples"] = n_samples
+    if any(r.reasoning_chars for r in results):
+        out["reasoning_chars_median"] = sorted(r.reasoning_chars for r in results)[len(results) // 2]
     if results and results[0].correct_normalized is not None:
         right = sum(bool(r.correct_normalized) for r in results)
         low, high = wilson_interval(right, len(results))
@@ -237,10 +317,11 @@ class EvalResult:
     mode: str
     reference: str
     outcomes: tuple[EvalOutcome, ...]
+    review_file: str | None = None  # the unmatched answers, as CSV (generate/topk)
 
     def to_dict(self) -> dict[str, Any]:
         return {"results_file": self.results_file, "cases": self.cases, "mode": self.mode, "reference": self.reference,
-                "evaluations": [dict(asdict(o.record), reused=o.reused) for o in self.outcomes]}
+                "review_file": self.review_file, "evaluations": [dict(asdict(o.record), reused=o.reused) for o in self.outcomes]}
 
 
 def _reference_of(records: list[VariantRecord]) -> VariantRecord:
@@ -277,13 +358,18 @@ def run_eval(config: EvalConfig, reporter: Reporter | None = None, target: Targe
     folder, variants = open_variants(config.variants)
     case_set = load_cases(config.cases)
     cases = list(case_set.cases[: config.limit] if config.limit else case_set.cases)
+    if config.mode == "loglik" and any(c.is_open for c in cases):
+        raise UsageError(f"{case_set.name} has open-ended cases (no options): score them with --mode generate or --mode topk")
+    if config.sampling.samples and config.mode == "loglik":
+        raise UsageError("pass@k samples answers: use it with --mode generate or --mode topk")
     references, chosen = _with_references(variants, folder, config.types)
     fp = (target or resolve_target(config.device, config.profiles_dirs, config.root)).fingerprint
     settings = EngineSettings(n_ctx=max(config.n_ctx, DRIFT_CTX), threads=config.threads)
     text = drift_text()
     output = config.output or folder / RESULTS_FILE
     spec = {"cases": case_set.name, "cases_sha256": case_set.sha256, "n_cases": len(cases), "mode": config.mode,
-            "k": config.k if config.mode == "topk" else None, "drift": config.drift, "settings": asdict(settings)}
+            "k": config.k if config.mode == "topk" else None, "drift": config.drift, "settings": asdict(settings),
+            **({"think_tokens": config.think_tokens, "sampling": asdict(config.sampling)} if config.mode != "loglik" else {})}
     with folder_lock(output.parent):
         results = load_results(output) or ResultsFile()
         results.hosts[fp.id] = fp
@@ -306,7 +392,35 @@ def run_eval(config: EvalConfig, reporter: Reporter | None = None, target: Targe
             done.append(EvalOutcome(record, False))
         final = [_paired_outcome(outcome, references, per_case, results) for outcome in done]
         results.save(output)
-    return EvalResult(str(output), case_set.name, config.mode, ", ".join(r.type for r in references.values()), tuple(final))
+        review = _write_unmatched(output, final, cases) if config.mode != "loglik" else None
+    return EvalResult(str(output), case_set.name, config.mode, ", ".join(r.type for r in references.values()), tuple(final),
+                      str(review) if review else None)
+
+
+def _cell(text: str) -> str:
+    # model output opened in a spreadsheet: a leading =, +, - or @ would be read as a formula
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def _write_unmatched(output: Path, outcomes: list[EvalOutcome], cases: list[Case]) -> Path | None:
+    """The answers that matched nothing, for a clinician to read: beside results.json, as CSV."""
+    import csv
+    import io
+
+    by_id = {c.id: c for c in cases}
+    rows = [[o.record.variant.type, o.record.variant.format, o.record.mode, c["id"], by_id[c["id"]].specialty, by_id[c["id"]].incidence or "",
+             by_id[c["id"]].diagnosis, _cell(c["answer"]), str(c.get("reasoning_chars", 0))]
+            for o in outcomes for c in o.record.per_case if c.get("error") in ("unmatched", "no_answer")]
+    path = output.with_name(f"{output.stem}-unmatched.csv")
+    if not rows:
+        return None
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["variant", "format", "mode", "case", "specialty", "incidence", "reference", "answer", "reasoning_chars"])
+    writer.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+    return path
 
 
 def _paired_outcome(outcome: EvalOutcome, references: dict[str, VariantRecord], per_case: dict[str, list[CaseResult]],
@@ -340,7 +454,7 @@ def _evaluate(folder: Path, variant: VariantRecord, reference: VariantRecord, ca
         if reporter:
             reporter.start(f"{label}: {len(cases)} cases ({config.mode})", len(cases))
         for i, case in enumerate(cases):
-            results.append(score_case(runtime, case, config.mode, config.k))
+            results.append(score_case(runtime, case, config.mode, config.k, config.think_tokens, config.sampling))
             if reporter:
                 reporter.advance_to(i + 1)
         if reporter:
@@ -350,7 +464,7 @@ def _evaluate(folder: Path, variant: VariantRecord, reference: VariantRecord, ca
         runtime.close()
     record = EvalRecord(
         variant=VariantRef.of(variant), host=host_id, cases={"name": case_set.name, "sha256": case_set.sha256, "n": len(cases), "style": case_set.imported_from},
-        mode=config.mode, spec=spec, metrics=metrics(cases, results), reference=reference.type, paired=None, drift=drift,
+        mode=config.mode, spec=spec, metrics=metrics(cases, results, config.sampling.samples), reference=reference.type, paired=None, drift=drift,
         per_case=[asdict(r) for r in results], key=key, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         seconds=round(time.perf_counter() - start, 2),
     )

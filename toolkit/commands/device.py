@@ -10,6 +10,7 @@ import click
 
 from edgecds.commands.common import device_option, print_json, profiles_dir_option, table
 from edgecds.engine import DEFAULT_CTX
+from edgecds.matcher import THINK_TOKENS
 from edgecds.target import AUTO, DEVICE_HELP, resolve_target
 
 
@@ -218,11 +219,19 @@ def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int |
 
 @click.command("eval")
 @click.argument("variants", type=click.Path(path_type=Path, exists=True))
-@click.option("--cases", type=click.Path(path_type=Path, dir_okay=False, exists=True),
-              help="Your own cases: edgecds JSONL, or MedQA- or MedMCQA-style JSONL.  [default: the shipped set, 155 cases]")
+@click.option("--cases", type=click.Path(path_type=Path, dir_okay=False),
+              help="Your own cases (edgecds JSONL, open-ended or MCQ, or MedQA-/MedMCQA-style JSONL), or `open` for the shipped "
+                   "64 open-ended cases.  [default: the shipped 155 MCQ cases]")
 @click.option("--mode", type=click.Choice(["loglik", "generate", "topk"]), default="loglik", show_default=True,
               help="loglik: each option's log-probability (works for tiny models); generate: the model's own answer; topk: k differentials.")
 @click.option("-k", "k", type=click.IntRange(min=1, max=10), default=5, show_default=True, help="Differentials listed in topk mode.")
+@click.option("--think-tokens", type=click.IntRange(min=0), default=THINK_TOKENS, show_default=True,
+              help="generate/topk: tokens a reasoning model may think (<think>, harmony analysis) before its answer; set aside before matching.")
+@click.option("--samples", type=click.IntRange(min=0, max=100), default=0, show_default=True,
+              help="generate/topk: seeded samples per case for pass@k (k = 1, 3, 5 up to this), next to greedy accuracy.")
+@click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=0.7, show_default=True, help="Sampling temperature (pass@k).")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.95, show_default=True, help="Nucleus sampling mass (pass@k).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the pass@k samples (the same seed gives the same answers).")
 @click.option("--types", "types_text", metavar="LIST", help="Only these variants (each format's float reference is always scored). Default: all.")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N cases.")
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=512), default=DEFAULT_CTX, show_default=True, help="Context length.")
@@ -233,9 +242,9 @@ def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int |
 @profiles_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-def eval_command(variants: Path, cases: Path | None, mode: str, k: int, types_text: str | None, limit: int | None, n_ctx: int,
-                 threads: int | None, no_drift: bool, force: bool, output: Path | None, profiles_dirs: tuple[Path, ...],
-                 as_json: bool, quiet: bool) -> None:
+def eval_command(variants: Path, cases: Path | None, mode: str, k: int, think_tokens: int, samples: int, temperature: float, top_p: float,
+                 seed: int, types_text: str | None, limit: int | None, n_ctx: int, threads: int | None, no_drift: bool, force: bool,
+                 output: Path | None, profiles_dirs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
     """Clinical accuracy of every variant, and its drift from the float reference.
 
     Scores each case by the engine's own logits, reports accuracy with a 95% Wilson interval,
@@ -246,12 +255,14 @@ def eval_command(variants: Path, cases: Path | None, mode: str, k: int, types_te
     Examples:
       edgecds eval edgecds-out/SmolLM2-135M-Instruct
       edgecds eval variants.json --cases my-hospital-cases.jsonl --types Q4_K_M --json
+      edgecds eval variants.json --cases open --mode topk -k 5 --samples 5
     """
-    from edgecds.evaluate import EvalConfig, run_eval
+    from edgecds.evaluate import EvalConfig, Sampling, run_eval
     from edgecds.progress import make_reporter
     from edgecds.quant.types import parse_type_names
 
-    config = EvalConfig(variants=variants, cases=cases, mode=mode, k=k, types=parse_type_names(types_text),
+    config = EvalConfig(variants=variants, cases=cases, mode=mode, k=k, think_tokens=think_tokens,
+                        sampling=Sampling(samples, temperature, top_p, seed), types=parse_type_names(types_text),
                         limit=limit, n_ctx=n_ctx, threads=threads, drift=not no_drift, force=force, output=output,
                         profiles_dirs=profiles_dirs)
     result = run_eval(config, make_reporter(quiet))
@@ -260,6 +271,8 @@ def eval_command(variants: Path, cases: Path | None, mode: str, k: int, types_te
         return
     _print_eval_table(result)
     click.echo(f"Recorded in {result.results_file}")
+    if result.review_file:
+        click.echo(f"Answers that matched nothing, for a clinician to review: {result.review_file}")
 
 
 def _print_eval_table(result: Any) -> None:
@@ -285,3 +298,37 @@ def doctor(as_json: bool) -> None:
         print_json(as_dicts(checks))
         return
     table("edgecds doctor", ["check", "ok", "what is here", "fix"], [[c.name, "yes" if c.ok else "NO", c.detail, c.fix] for c in checks])
+
+
+@click.command("compare")
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--alpha", type=click.FloatRange(0.0, 0.5, min_open=True), default=0.01, show_default=True,
+              help="Significance level, applied to Holm-adjusted p-values.")
+@click.option("--subgroups", is_flag=True, help="Also show the comparisons by specialty and by incidence.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparisons as JSON.")
+def compare_command(results: tuple[Path, ...], alpha: float, subgroups: bool, as_json: bool) -> None:
+    """Evaluated variants, of one model or several, tested against each other on the cases they share.
+
+    Every pair of evaluations in the results files: exact McNemar, the accuracy difference with
+    Newcombe's 95% interval, Holm's correction across all comparisons. "No difference shown" is
+    not "equivalent".
+
+    \b
+    Examples:
+      edgecds compare distill/results.json base/results.json --alpha 0.01
+      edgecds compare results.json --subgroups --json
+    """
+    from edgecds.compare import compare
+
+    result = compare(list(results), alpha)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    number = {label: i for i, label in enumerate(result.evaluations, 1)}
+    for label, i in number.items():
+        click.echo(f"#{i}  {label}")
+    shown = result.comparisons + (result.subgroups if subgroups else [])
+    table(f"Paired on shared cases: exact McNemar, Holm-adjusted, alpha {alpha:g} (difference = second - first)",
+          ["pair", "group", "n", "right", "lost/gained", "difference [95% CI]", "p (Holm)", "verdict"],
+          [[f"#{number[c.first]} vs #{number[c.second]}", c.group, str(c.n), f"{c.first_correct}/{c.second_correct}", f"{c.lost}/{c.gained}",
+            f"{c.difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}]", f"{c.p_value:.4f} ({c.p_holm:.4f})", c.verdict] for c in shown])

@@ -127,16 +127,36 @@ def greedy_token(runtime: Runtime) -> int:
     return int(np.argmax(runtime.logits()))
 
 
+def sampler(seed: int, temperature: float, top_p: float) -> Callable[[Runtime], int]:
+    """A seeded next-token picker: softmax at `temperature`, then the smallest set of tokens whose
+    probability reaches `top_p` (nucleus sampling), drawn from with numpy's PCG64. The same seed,
+    settings and model give the same tokens, on either engine."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def pick(runtime: Runtime) -> int:
+        logits = np.asarray(runtime.logits(), dtype=np.float64) / max(temperature, 1e-6)
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        order = np.argsort(-p, kind="stable")
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
+        return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
+
+    return pick
+
+
 def generate_greedy(runtime: Runtime, prompt: list[int], max_tokens: int, stop: Callable[[list[int]], bool] | None = None,
-                    reset: bool = True) -> list[int]:
-    """Evaluate `prompt` (from an empty cache unless `reset` is False) and decode greedily until an
-    end token, `max_tokens`, or `stop(tokens so far)`; the generated tokens, the end token excluded."""
+                    reset: bool = True, pick: Callable[[Runtime], int] = greedy_token) -> list[int]:
+    """Evaluate `prompt` (from an empty cache unless `reset` is False) and decode greedily (or with
+    `pick`, e.g. a `sampler`) until an end token, `max_tokens`, or `stop(tokens so far)`; the
+    generated tokens, the end token excluded."""
     if reset:
         runtime.reset()
     runtime.eval(prompt)
     out: list[int] = []
     while len(out) < max_tokens:
-        token = greedy_token(runtime)
+        token = pick(runtime)
         if runtime.is_end(token):
             break
         out.append(token)

@@ -125,7 +125,9 @@ class GgufRuntime:
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._llm.ctx, -1), shape=(self.n_vocab,))
 
     def detokenize(self, tokens: list[int]) -> str:
-        return self._llm.detokenize(tokens).decode("utf-8", errors="replace")
+        # special tokens rendered, as the ONNX runtime does: reasoning markers (gpt-oss's harmony
+        # channels) are control tokens, and the evaluator must see them to set the reasoning aside
+        return self._llm.detokenize(tokens, special=True).decode("utf-8", errors="replace")
 
     def is_end(self, token: int) -> bool:
         import llama_cpp
