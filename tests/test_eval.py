@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgecds.cases import load_cases
+from edgecds.cases import Case, load_cases
 from edgecds.cli import cli
+from edgecds.digest import sha256_file
 from edgecds.drift import drift_against
 from edgecds.engine import EngineSettings
 from edgecds.engine.gguf_runtime import GgufRuntime
-from edgecds.evaluate import EvalConfig, option_logprobs, run_eval
+from edgecds.errors import UsageError
+from edgecds.evaluate import EvalConfig, Reply, Sampling, grade_reply, option_logprobs, run_eval
 from edgecds.quantize import QuantizeResult
 from edgecds.results import RESULTS_FILE, load_results
+from edgecds.stats import cohen_kappa, pass_at_k
 
 LIMIT = 12
 
@@ -80,6 +86,19 @@ def test_eval_scores_real_variants_with_statistics_and_drift(variants: Path) -> 
     stored = load_results(variants / RESULTS_FILE)
     assert stored is not None and len(stored.evaluations) == 3
 
+    # compare: every pair of the three real evaluations, McNemar checked by hand from the per-case answers
+    out = CliRunner().invoke(cli, ["compare", str(variants / RESULTS_FILE), "--json"])
+    assert out.exit_code == 0, out.output
+    compared = {(c["first"].split(" ")[0].rsplit("-", 1)[-1], c["second"].split(" ")[0].rsplit("-", 1)[-1]): c
+                for c in json.loads(out.stdout)["comparisons"]}
+    assert len(compared) == 3
+    for (a, b), c in compared.items():
+        pairs = [(x["correct"], y["correct"]) for x, y in zip(by_type[a]["per_case"], by_type[b]["per_case"], strict=True)]
+        lost, gained = sum(x and not y for x, y in pairs), sum(y and not x for x, y in pairs)
+        p = min(1.0, 2 * sum(math.comb(lost + gained, i) for i in range(min(lost, gained) + 1)) / 2 ** (lost + gained))
+        assert (c["n"], c["lost"], c["gained"]) == (LIMIT, lost, gained) and c["p_value"] == pytest.approx(p)
+        assert c["p_holm"] >= c["p_value"] and c["verdict"] in ("no difference shown", "worse at 0.01", "better at 0.01")
+
     # deterministic: scored again from scratch, the same numbers
     again = run_eval(EvalConfig(variants=variants, types=("Q8_0",), limit=LIMIT, threads=2, force=True))
     rescored = {o.record.variant.type: o.record for o in again.outcomes}
@@ -90,15 +109,52 @@ def test_eval_scores_real_variants_with_statistics_and_drift(variants: Path) -> 
     assert all(o.reused for o in reused.outcomes)
 
 
-def test_generation_and_top_k_modes_count_unmatched_answers(variants: Path, tmp_path: Path) -> None:
+def _regraded(per_case: list[dict[str, Any]], mode: str, k: int, cases: dict[str, Case]) -> list[tuple[Any, ...]]:
+    """Each recorded answer graded again by the matcher (whose rules test_matcher holds to hand cases)."""
+    return [grade_reply(Reply(c["answer"], c["reasoning"]), cases[c["id"]], mode, k) for c in per_case]
+
+
+@pytest.mark.parametrize("case_set", ["mcq", "open"])
+def test_generate_and_topk_grade_what_the_model_said(variants: Path, tmp_path: Path, case_set: str) -> None:
+    cases = {c.id: c for c in load_cases(Path(case_set)).cases}
+    unmatched = 0
     for mode in ("generate", "topk"):
-        result = run_eval(EvalConfig(variants=variants, types=("Q8_0",), mode=mode, k=3, limit=4, threads=2, drift=False,
-                                     output=tmp_path / f"{mode}.json"))
+        result = run_eval(EvalConfig(variants=variants, cases=Path(case_set), types=("Q8_0",), mode=mode, k=3, limit=4, threads=2,
+                                     drift=False, output=tmp_path / f"{mode}.json"))
         for outcome in result.outcomes:
-            m = outcome.record.metrics
-            assert m["n"] == 4  # unmatched answers stay in the denominator
-            assert all(c["answer"] for c in outcome.record.per_case)  # what the model said is kept
-            assert sum(m["errors"].values()) == 4 - m["correct"]
+            m, per_case = outcome.record.metrics, outcome.record.per_case
+            assert m["n"] == 4 and m["correct"] == sum(c["correct"] for c in per_case)  # unmatched answers stay in the denominator
+            assert [(c["correct"], c["chosen"], c["error"]) for c in per_case] == _regraded(per_case, mode, 3, cases)
+            assert sum(m["errors"].values()) == 4 - m["correct"] and set(m["error_rates"]) == set(m["errors"])
+            assert all(c["reasoning_chars"] == 0 for c in per_case)  # SmolLM2 does not think
+            if case_set == "open":
+                assert all(c["chosen"] is None and c["error"] in (None, "unmatched", "no_answer") for c in per_case)
+        missed = [c for o in result.outcomes for c in o.record.per_case if c["error"] in ("unmatched", "no_answer")]
+        unmatched += len(missed)
+        if missed:  # every answer that matched nothing is there for a clinician, with its reference
+            assert result.review_file is not None
+            with open(result.review_file, newline="", encoding="utf-8") as fh:
+                rows = list(csv.DictReader(fh))
+            assert [(r["case"], r["reference"]) for r in rows] == [(c["id"], cases[c["id"]].diagnosis) for c in missed]
+    assert unmatched > 0 or case_set == "mcq"  # a 135M model names few open diagnoses exactly: the CSV path is exercised
+
+
+def test_greedy_and_seeded_answers_repeat_and_pass_at_k_is_reported(variants: Path, tmp_path: Path) -> None:
+    def run(seed: int, name: str) -> Any:
+        config = EvalConfig(variants=variants, types=("F16",), mode="generate", limit=3, threads=2, drift=False, force=True,
+                            sampling=Sampling(samples=3, temperature=1.0, top_p=0.95, seed=seed), output=tmp_path / name)
+        return run_eval(config).outcomes[0].record
+
+    first, again, other = run(7, "a.json"), run(7, "b.json"), run(8, "c.json")
+    assert first.per_case == again.per_case  # greedy answers and seeded samples alike
+    assert [c["answer"] for c in other.per_case] == [c["answer"] for c in first.per_case]  # greedy does not depend on the seed
+    m = first.metrics
+    assert m["samples"] == 3 and set(m["pass_at"]) == {"1", "3"}
+    expected = {k: sum(pass_at_k(3, c["samples_correct"], k) for c in first.per_case) / 3 for k in (1, 3)}
+    assert m["pass_at"] == {str(k): pytest.approx(v, abs=1e-4) for k, v in expected.items()}
+    assert first.spec["sampling"]["seed"] == 7 and first.spec["think_tokens"] == 2048
+    with pytest.raises(UsageError, match="--mode generate"):
+        run_eval(EvalConfig(variants=variants, cases=Path("open"), types=("F16",), limit=2, drift=False, output=tmp_path / "x.json"))
 
 
 def test_drift_statistics_hand_computed() -> None:
@@ -125,3 +181,21 @@ def test_profile_scores_accuracy_into_the_same_results(variants: Path, tmp_path:
     assert stored is not None
     assert [r.variant.type for r in stored.records] == ["Q4_K_M"]
     assert sorted(e.variant.type for e in stored.evaluations) == ["F16", "Q4_K_M"] and all(e.cases["n"] == 3 for e in stored.evaluations)
+
+
+def test_a_local_judge_grades_the_answers_and_its_agreement_is_kappa(variants: Path, tmp_path: Path) -> None:
+    judge = _path(variants, "Q8_0")
+    result = CliRunner().invoke(cli, ["eval", str(variants), "--cases", "open", "--mode", "generate", "--types", "F16", "--limit", "4",
+                                      "-t", "2", "--no-drift", "--judge", str(judge), "-o", str(tmp_path / "judged.json"), "--json"])
+    assert result.exit_code == 0, result.output
+    [record] = json.loads(result.stdout)["evaluations"]
+    verdict = record["metrics"]["judge"]
+    assert verdict["variant"] == judge.name and verdict["sha256"] == sha256_file(judge) and len(verdict["rubric_sha256"]) == 64
+    assert record["spec"]["judge"] == {"variant": judge.name, "sha256": verdict["sha256"]}  # a new judge is a new evaluation
+    graded = [c for c in record["per_case"] if c["answer"].strip()]
+    assert all(isinstance(c["judge_correct"], bool) for c in graded) and verdict["n"] == len(graded)
+    kappa, low, high = cohen_kappa([c["correct"] for c in graded], [c["judge_correct"] for c in graded])
+    assert (verdict["kappa"], verdict["low"], verdict["high"]) == (pytest.approx(kappa, abs=1e-4), pytest.approx(low, abs=1e-4),
+                                                                   pytest.approx(high, abs=1e-4))
+    loglik = CliRunner().invoke(cli, ["eval", str(variants), "--judge", str(judge), "--limit", "2"])
+    assert loglik.exit_code != 0 and "--mode generate" in loglik.output

@@ -30,7 +30,7 @@ from edgecds.digest import sha256_file, sha256_folder
 from edgecds.engine import EngineSettings
 from edgecds.engine.factory import open_runtime
 from edgecds.errors import InvalidInputError, UsageError
-from edgecds.evaluate import EvalConfig, run_eval
+from edgecds.evaluate import EvalConfig, grade, run_eval
 from edgecds.quantize import QuantizeConfig, QuantizeResult, run_quantize
 from edgecds.quantize_onnx import DRIFT_LIMITS
 from edgecds.variants import load_variants
@@ -290,6 +290,21 @@ def test_eval_scores_onnx_variants_against_the_fp32_export(onnx_variants: Quanti
     assert q.drift["top1_agreement"] == pytest.approx(recorded["top1_agreement"], abs=0.01)
     again = run_eval(replace(config, force=True))  # deterministic: scored again, the same numbers
     assert [o.record.per_case for o in again.outcomes] == [o.record.per_case for o in result.outcomes]
+
+
+def test_onnx_variants_answer_open_cases_and_an_onnx_judge_grades_them(onnx_variants: QuantizeResult, tmp_path: Path) -> None:
+    """Generate mode on open-ended cases through onnxruntime, graded by the matcher and by an ONNX judge."""
+    judge = folder_of(onnx_variants, "ONNX_INT8")
+    result = run_eval(EvalConfig(variants=Path(onnx_variants.output_dir), cases=Path("open"), mode="generate", types=("ONNX_INT8",),
+                                 limit=3, threads=2, drift=False, judge=judge, output=tmp_path / "results.json"))
+    cases = {c.id: c for c in load_cases(Path("open")).cases}
+    for outcome in result.outcomes:
+        verdict = outcome.record.metrics["judge"]
+        assert verdict["variant"] == judge.name and verdict["sha256"] == sha256_folder(judge)
+        for c in outcome.record.per_case:
+            assert (c["correct"], c["chosen"], c["error"]) == grade(c["answer"], cases[c["id"]])
+            assert (c["judge_correct"] is None) == (not c["answer"].strip())
+        assert verdict["n"] == sum(1 for c in outcome.record.per_case if c["answer"].strip())
 
 
 # --- fused attention: the runtime's compiled graph ----------------------------------------------------

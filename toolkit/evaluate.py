@@ -69,6 +69,7 @@ class EvalConfig:
     k: int = 5  # for topk
     think_tokens: int = THINK_TOKENS  # reasoning allowed before the answer (generate/topk)
     sampling: Sampling = Sampling()  # pass@k, off unless samples > 0
+    judge: Path | None = None  # a variant (GGUF file or ONNX folder) that grades the free-text answers
     types: tuple[str, ...] = ()
     limit: int | None = None  # the first N cases only
     n_ctx: int = DEFAULT_CTX
@@ -96,6 +97,7 @@ class CaseResult:
     reasoning: str = ""  # a reasoning model's thinking, kept for review
     reasoning_chars: int = 0
     samples_correct: int | None = None  # pass@k: how many of the seeded samples were right
+    judge_correct: bool | None = None  # the local judge's grade (--judge), None when it did not grade
 
 
 
@@ -201,7 +203,7 @@ def _ask(runtime: Runtime, case: Case, mode: str, k: int, think_tokens: int, pic
                   GENERATE_TOKENS * k, think_tokens, False, pick)
 
 
-def _grade_reply(reply: Reply, case: Case, mode: str, k: int) -> tuple[bool, int | None, str | None]:
+def grade_reply(reply: Reply, case: Case, mode: str, k: int) -> tuple[bool, int | None, str | None]:
     if mode == "generate":
         return grade(reply.answer, case)
     graded = [grade(line, case) for line in _top_lines(reply.answer, k)]
@@ -222,10 +224,10 @@ def score_case(runtime: Runtime, case: Case, mode: str, k: int = 5, think_tokens
         return CaseResult(case.id, best == case.answer_index, best, [round(s, 5) for s in scores], [round(s, 6) for s in normalized],
                           best_norm == case.answer_index, "", _error_kind(case, best), case.specialty, case.incidence)
     reply = _ask(runtime, case, mode, k, think_tokens)
-    correct, chosen, error = _grade_reply(reply, case, mode, k)
+    correct, chosen, error = grade_reply(reply, case, mode, k)
     sampled = None
     if sampling is not None and sampling.samples:
-        sampled = sum(_grade_reply(_ask(runtime, case, mode, k, think_tokens, sampler(seed, sampling.temperature, sampling.top_p)),
+        sampled = sum(grade_reply(_ask(runtime, case, mode, k, think_tokens, sampler(seed, sampling.temperature, sampling.top_p)),
                                    case, mode, k)[0] for seed in sampling.seeds(case.id))
     return CaseResult(case.id, correct, chosen, answer=reply.answer, error=error, specialty=case.specialty, incidence=case.incidence,
                       reasoning=reply.reasoning, reasoning_chars=len(reply.reasoning), samples_correct=sampled)
@@ -353,6 +355,8 @@ def _with_references(variants: VariantsFile, folder: Path, types: tuple[str, ...
 def run_eval(config: EvalConfig, reporter: Reporter | None = None, target: Target | None = None) -> EvalResult:
     """Score the variants; `target` is the caller's resolved target (profile passes its own, so
     both record the same host), resolved from the config when not given."""
+    from edgecds.judge import variant_identity
+
     if config.mode not in MODES:
         raise UsageError(f"unknown mode {config.mode!r}; known: {', '.join(MODES)}")
     folder, variants = open_variants(config.variants)
@@ -360,6 +364,8 @@ def run_eval(config: EvalConfig, reporter: Reporter | None = None, target: Targe
     cases = list(case_set.cases[: config.limit] if config.limit else case_set.cases)
     if config.mode == "loglik" and any(c.is_open for c in cases):
         raise UsageError(f"{case_set.name} has open-ended cases (no options): score them with --mode generate or --mode topk")
+    if config.judge is not None and config.mode == "loglik":
+        raise UsageError("the judge grades free-text answers: use it with --mode generate or --mode topk")
     if config.sampling.samples and config.mode == "loglik":
         raise UsageError("pass@k samples answers: use it with --mode generate or --mode topk")
     references, chosen = _with_references(variants, folder, config.types)
@@ -369,7 +375,8 @@ def run_eval(config: EvalConfig, reporter: Reporter | None = None, target: Targe
     output = config.output or folder / RESULTS_FILE
     spec = {"cases": case_set.name, "cases_sha256": case_set.sha256, "n_cases": len(cases), "mode": config.mode,
             "k": config.k if config.mode == "topk" else None, "drift": config.drift, "settings": asdict(settings),
-            **({"think_tokens": config.think_tokens, "sampling": asdict(config.sampling)} if config.mode != "loglik" else {})}
+            **({"think_tokens": config.think_tokens, "sampling": asdict(config.sampling)} if config.mode != "loglik" else {}),
+            **({"judge": variant_identity(config.judge)} if config.judge is not None else {})}
     with folder_lock(output.parent):
         results = load_results(output) or ResultsFile()
         results.hosts[fp.id] = fp
@@ -462,13 +469,40 @@ def _evaluate(folder: Path, variant: VariantRecord, reference: VariantRecord, ca
         drift = _drift(folder, runtime, variant, reference, text, reporter, label) if config.drift else None
     finally:
         runtime.close()
+    judged = _judge(config, cases, results, settings, reporter, label) if config.judge is not None else None
     record = EvalRecord(
         variant=VariantRef.of(variant), host=host_id, cases={"name": case_set.name, "sha256": case_set.sha256, "n": len(cases), "style": case_set.imported_from},
-        mode=config.mode, spec=spec, metrics=metrics(cases, results, config.sampling.samples), reference=reference.type, paired=None, drift=drift,
+        mode=config.mode, spec=spec, metrics=dict(metrics(cases, results, config.sampling.samples), **({"judge": judged} if judged else {})), reference=reference.type, paired=None, drift=drift,
         per_case=[asdict(r) for r in results], key=key, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         seconds=round(time.perf_counter() - start, 2),
     )
     return record, results
+
+
+def _judge(config: EvalConfig, cases: list[Case], results: list[CaseResult], settings: EngineSettings, reporter: Reporter | None,
+           label: str) -> dict[str, Any]:
+    """The judge's grade of every answer it can grade (an empty answer is not graded), in place,
+    and its agreement with the matcher."""
+    from edgecds.judge import Judge, agreement
+
+    assert config.judge is not None
+    judge = Judge.open(config.judge, settings)
+    by_id = {c.id: c for c in cases}
+    try:
+        if reporter:
+            reporter.start(f"{label}: judged by {config.judge.name}", len(results))
+        for i, r in enumerate(results):
+            if r.answer.strip():
+                case = by_id[r.id]
+                results[i] = replace(r, judge_correct=judge.grade(case.diagnosis, case.accepted_answers, r.answer, config.mode))
+            if reporter:
+                reporter.advance_to(i + 1)
+        if reporter:
+            reporter.finish()
+        graded = [r for r in results if r.judge_correct is not None]
+        return dict(judge.identity(config.mode), **agreement([r.correct for r in graded], [bool(r.judge_correct) for r in graded]))
+    finally:
+        judge.close()
 
 
 def _drift(folder: Path, runtime: Runtime, variant: VariantRecord, reference: VariantRecord, text: str, reporter: Reporter | None,

@@ -232,6 +232,9 @@ def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int |
 @click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=0.7, show_default=True, help="Sampling temperature (pass@k).")
 @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.95, show_default=True, help="Nucleus sampling mass (pass@k).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the pass@k samples (the same seed gives the same answers).")
+@click.option("--judge", type=click.Path(path_type=Path, exists=True),
+              help="generate/topk: a variant (GGUF file or ONNX folder) that grades each answer against the reference; "
+                   "its agreement with the matcher is reported as Cohen's kappa.")
 @click.option("--types", "types_text", metavar="LIST", help="Only these variants (each format's float reference is always scored). Default: all.")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N cases.")
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=512), default=DEFAULT_CTX, show_default=True, help="Context length.")
@@ -243,7 +246,7 @@ def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int |
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def eval_command(variants: Path, cases: Path | None, mode: str, k: int, think_tokens: int, samples: int, temperature: float, top_p: float,
-                 seed: int, types_text: str | None, limit: int | None, n_ctx: int, threads: int | None, no_drift: bool, force: bool,
+                 seed: int, judge: Path | None, types_text: str | None, limit: int | None, n_ctx: int, threads: int | None, no_drift: bool, force: bool,
                  output: Path | None, profiles_dirs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
     """Clinical accuracy of every variant, and its drift from the float reference.
 
@@ -262,7 +265,7 @@ def eval_command(variants: Path, cases: Path | None, mode: str, k: int, think_to
     from edgecds.quant.types import parse_type_names
 
     config = EvalConfig(variants=variants, cases=cases, mode=mode, k=k, think_tokens=think_tokens,
-                        sampling=Sampling(samples, temperature, top_p, seed), types=parse_type_names(types_text),
+                        sampling=Sampling(samples, temperature, top_p, seed), judge=judge, types=parse_type_names(types_text),
                         limit=limit, n_ctx=n_ctx, threads=threads, drift=not no_drift, force=force, output=output,
                         profiles_dirs=profiles_dirs)
     result = run_eval(config, make_reporter(quiet))
