@@ -68,3 +68,14 @@ def test_evaluations_that_share_no_case_or_too_few_are_refused(tmp_path: Path) -
     assert result.exit_code != 0 and "share no case" in result.output and "Traceback" not in result.output
     missing = CliRunner().invoke(cli, ["compare", str(tmp_path / "nope.json"), str(one)])
     assert missing.exit_code != 0 and "run `edgecds eval` first" in missing.output
+
+
+def test_the_report_shows_every_comparison_and_the_subgroups(tmp_path: Path) -> None:
+    results = write_results(tmp_path / "results.json", SPECS)
+    page = tmp_path / "report.html"
+    out = CliRunner().invoke(cli, ["report", str(results), "-o", str(page)])
+    assert out.exit_code == 0, out.output
+    html = page.read_text()
+    section = html[html.index('<section id="comparisons">'):]
+    assert section.count("<tr>") >= 1 + 3 and "#1 vs #3" in section and "worse at 0.01" in section  # header + three pairs
+    assert "The same by specialty and by incidence" in section and "Holm" in section

@@ -23,7 +23,7 @@ from edgecds.bundle.choose import Candidate, Choice, Constraints, choose
 from edgecds.devices import DeviceProfile
 from edgecds.errors import InvalidInputError
 from edgecds.results import EvalRecord, HostFingerprint, MeasurementRecord, ResultsFile, load_results
-from edgecds.tables import Table, accuracy_table, choice_table, measurements_table, specialty_table
+from edgecds.tables import Table, accuracy_table, answers_table, choice_table, comparison_table, measurements_table, specialty_table
 from edgecds.target import AUTO, resolve_target
 
 MIB = 2**20
@@ -219,13 +219,14 @@ def build_report(results_files: list[Path], output: Path, profiles_dirs: tuple[P
         for key in sorted({(e.cases["name"], e.mode, e.reference) for e in evals}):
             group = [e for e in evals if (e.cases["name"], e.mode, e.reference) == key]
             evaluation_groups.append([accuracy_table(group, key[0], key[1], key[2]), specialty_table(group),
-                                      specialty_table(group, "by_incidence")])
+                                      specialty_table(group, "by_incidence")] + ([answers_table(group)] if key[1] != "loglik" else []))
+    comparisons = _comparison_tables(results_files) if sum(len(res.evaluations) for res in loaded) >= 2 else []
     hosts = {h.id: h for res in loaded for h in res.hosts.values()}
     created = sorted(r.created for res in loaded for r in res.records) + sorted(e.created for res in loaded for e in res.evaluations)
     predicted = any(p.predicted for s in sections for p in s.points)
     env = Environment(loader=PackageLoader("edgecds", "."), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
-        sections=sections, evaluation_groups=evaluation_groups, hosts=[_host_line(h) for h in hosts.values()],
+        sections=sections, evaluation_groups=evaluation_groups, comparisons=comparisons, hosts=[_host_line(h) for h in hosts.values()],
         files=[str(p) for p in results_files], generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         measured_from=min(created)[:10] if created else "", measured_to=max(created)[:10] if created else "", version=__version__,
         predicted=predicted, plotly_js=get_plotlyjs(), format_colours=FORMAT_COLOURS,
@@ -235,6 +236,20 @@ def build_report(results_files: list[Path], output: Path, profiles_dirs: tuple[P
     with atomic_path(output) as temp:  # an interrupted run leaves the previous report whole
         temp.write_bytes(data)
     return ReportResult(str(output), device_ids, {s.device.id: len(s.points) for s in sections}, len(data))
+
+
+def _comparison_tables(results_files: list[Path]) -> list[Table]:
+    """`edgecds compare` over the same files, at its default alpha: every pair, then the subgroups."""
+    from edgecds.compare import DEFAULT_ALPHA, compare
+    from edgecds.errors import UsageError
+
+    try:
+        result = compare(results_files, DEFAULT_ALPHA)
+    except UsageError:  # the evaluations share no case: nothing to pair
+        return []
+    return [comparison_table(result.comparisons, result.evaluations, result.alpha),
+            comparison_table(result.subgroups, result.evaluations, result.alpha,
+                             f"The same by specialty and by incidence (Holm across these {len(result.subgroups)} comparisons)")]
 
 
 def default_output(results_files: list[Path]) -> Path:

@@ -124,6 +124,39 @@ def specialty_table(records: Sequence[EvalRecord], key: str = "by_specialty") ->
     return Table(f"Accuracy by {what}, % with 95% Wilson interval", [what, "cases", *(r.variant.type for r in records)], rows)
 
 
+def answers_table(records: Sequence[EvalRecord]) -> Table:
+    """Free-text answers (generate/topk): errors as the studies class them, each with its 95%
+    interval, pass@k next to greedy accuracy, the judge's agreement with the matcher, reasoning length."""
+    def rate(m: dict[str, Any], kind: str) -> str:
+        r = m.get("error_rates", {}).get(kind)
+        return f"{r['rate'] * 100:.0f} [{r['low'] * 100:.0f}-{r['high'] * 100:.0f}]" if r else "0"
+
+    rows = []
+    for r in records:
+        m = r.metrics
+        passes = " ".join(f"@{k} {v * 100:.0f}" for k, v in m.get("pass_at", {}).items())
+        j = m.get("judge")
+        rows.append([r.variant.type, f"{m['accuracy'] * 100:.1f}", rate(m, "plausible"), rate(m, "off_topic"), rate(m, "unmatched"),
+                     rate(m, "no_answer"), passes, f"{j['kappa']:+.2f} [{j['low']:+.2f}, {j['high']:+.2f}]" if j else "",
+                     str(m.get("reasoning_chars_median", ""))])
+    judges = sorted({f"{r.metrics['judge']['variant']} (sha256 {r.metrics['judge']['sha256'][:12]})" for r in records if "judge" in r.metrics})
+    notes = ["errors in % of cases: plausible differential, off-topic option, a diagnosis matching nothing (written to the review CSV), "
+             "no answer; pass@k: unbiased estimator over seeded samples; kappa: the judge against the matcher"]
+    notes += [f"judge: {j}" for j in judges]
+    return Table("Free-text answers: errors with 95% intervals, pass@k, judge agreement",
+                 ["variant", "acc", "plausible", "off-topic", "unmatched", "none", "pass@k %", "judge kappa", "reasoning"], rows, notes)
+
+
+def comparison_table(comparisons: Sequence[Any], labels: Sequence[str], alpha: float, title: str = "") -> Table:
+    """`edgecds compare`'s pairs (edgecds.compare.Comparison), numbered as in `labels`."""
+    number = {label: i for i, label in enumerate(labels, 1)}
+    rows = [[f"#{number[c.first]} vs #{number[c.second]}", c.group, str(c.n), f"{c.first_correct}/{c.second_correct}", f"{c.lost}/{c.gained}",
+             f"{c.difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}]", f"{c.p_value:.4f} ({c.p_holm:.4f})", c.verdict] for c in comparisons]
+    return Table(title or f"Paired on shared cases: exact McNemar, Holm-adjusted, alpha {alpha:g} (difference = second - first)",
+                 ["pair", "group", "n", "right", "lost/gained", "difference [95% CI]", "p (Holm)", "verdict"], rows,
+                 [f"#{i}: {label}" for label, i in number.items()])
+
+
 def plan_table(result: Any, device: Any) -> Table:
     """Predicted memory and speed of every variant on a device (`edgecds plan`); labelled predicted."""
     rows, notes = [], []

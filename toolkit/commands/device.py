@@ -279,9 +279,12 @@ def eval_command(variants: Path, cases: Path | None, mode: str, k: int, think_to
 
 
 def _print_eval_table(result: Any) -> None:
-    from edgecds.tables import accuracy_table, print_table
+    from edgecds.tables import accuracy_table, answers_table, print_table
 
-    print_table(accuracy_table([o.record for o in result.outcomes], result.cases, result.mode, result.reference))
+    records = [o.record for o in result.outcomes]
+    print_table(accuracy_table(records, result.cases, result.mode, result.reference))
+    if result.mode != "loglik":
+        print_table(answers_table(records))
 
 
 @click.command("doctor")
@@ -327,11 +330,6 @@ def compare_command(results: tuple[Path, ...], alpha: float, subgroups: bool, as
     if as_json:
         print_json(result.to_dict())
         return
-    number = {label: i for i, label in enumerate(result.evaluations, 1)}
-    for label, i in number.items():
-        click.echo(f"#{i}  {label}")
-    shown = result.comparisons + (result.subgroups if subgroups else [])
-    table(f"Paired on shared cases: exact McNemar, Holm-adjusted, alpha {alpha:g} (difference = second - first)",
-          ["pair", "group", "n", "right", "lost/gained", "difference [95% CI]", "p (Holm)", "verdict"],
-          [[f"#{number[c.first]} vs #{number[c.second]}", c.group, str(c.n), f"{c.first_correct}/{c.second_correct}", f"{c.lost}/{c.gained}",
-            f"{c.difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}]", f"{c.p_value:.4f} ({c.p_holm:.4f})", c.verdict] for c in shown])
+    from edgecds.tables import comparison_table, print_table
+
+    print_table(comparison_table(result.comparisons + (result.subgroups if subgroups else []), result.evaluations, alpha))
