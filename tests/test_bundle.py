@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from edgecds.bundle.layout import VerifyError
+from edgecds.bundle.layout import BundleEngineConfig, VerifyError
 from edgecds.bundle.run import run_prompt
 from edgecds.bundle.verify import safe_extract, verify_bundle
 from edgecds.cli import cli
@@ -188,8 +188,19 @@ def test_run_answers_offline_with_sockets_blocked(profiled: tuple[Path, str], tm
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket.socket, "connect_ex", no_network)
-    answer = run_prompt(folder, "A 19-year-old has fever, neck stiffness and a purpuric rash. What is the most likely diagnosis?", 24)
-    assert len(answer.split()) >= 3
+    prompt = "A 19-year-old has fever, neck stiffness and a purpuric rash. What is the most likely diagnosis?"
+    answer = run_prompt(folder, prompt, 24)
+    monkeypatch.undo()
+    # the same answer by another road: llama-cpp-python's own chat completion (its template handling and
+    # its greedy sampler) on the bundled file with the bundle's settings and system prompt
+    from llama_cpp import Llama
+
+    config = BundleEngineConfig.read(folder)
+    llm = Llama(model_path=str(config.model_path(folder)), n_ctx=config.engine_settings().n_ctx, verbose=False)
+    messages = ([{"role": "system", "content": config.system_prompt}] if config.system_prompt else []) + [{"role": "user", "content": prompt}]
+    theirs = llm.create_chat_completion(messages=messages, max_tokens=24, temperature=0.0, top_k=1, repeat_penalty=1.0)  # type: ignore[arg-type]
+    llm.close()
+    assert answer == str(theirs["choices"][0]["message"]["content"]).strip() and len(answer.split()) >= 3  # type: ignore[index]
 
 
 def _temporaries(folder: Path) -> list[Path]:

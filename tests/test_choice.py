@@ -8,6 +8,7 @@ fits only at the short run's tokens.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -247,3 +248,37 @@ def test_without_drift_the_fewest_flipped_answers_are_the_most_faithful(tmp_path
     assert choice.chosen is not None and choice.chosen.variant == "F16"  # 0 flips: the reference itself
     reasons = {c.variant: c.reasons[0] for c in choice.rejected}
     assert "less faithful: drift not measured vs 0.0000, 2 vs 0 flipped answers" in reasons["Q4_K_M"]
+
+
+def test_min_accuracy_holds_the_lower_bound_unless_on_point(tmp_path: Path) -> None:
+    path = write_results(tmp_path / "r.json", NOISE)  # 32, 31, 33 and 34 right of 155
+    bound = choose([path], find_profile(DEVICE), Constraints(min_accuracy=0.205))
+    assert bound.chosen is None  # every lower 95% bound is near 15%
+    assert all(any("accuracy's lower 95% bound" in r for r in c.reasons) for c in bound.rejected)
+    point = choose([path], find_profile(DEVICE), Constraints(min_accuracy=0.205, on_point=True))
+    reasons = {c.variant: c.reasons for c in point.rejected}
+    assert reasons["Q8_0"] == ("accuracy 20.0% below the minimum 20.5%",)  # 31/155
+    assert point.chosen is not None and point.chosen.variant == "F16"  # 20.6%; Q5_K_M and Q3_K_M drift more
+
+
+def test_max_flip_rate_rejects_variants_that_flip_more(tmp_path: Path) -> None:
+    path = write_results(tmp_path / "r.json", NOISE)  # flips: Q8_0 5, Q5_K_M 7, Q3_K_M 10 of 155
+    assert choose([path], find_profile(DEVICE), Constraints(prefer="speed")).chosen.variant == "Q3_K_M"  # type: ignore[union-attr]
+    choice = choose([path], find_profile(DEVICE), Constraints(prefer="speed", max_flip_rate=0.04))
+    reasons = {c.variant: c.reasons for c in choice.rejected}
+    assert reasons["Q3_K_M"] == ("flip rate 6.5% above 4.0%",) and reasons["Q5_K_M"] == ("flip rate 4.5% above 4.0%",)
+    assert choice.chosen is not None and choice.chosen.variant == "Q8_0"  # 3.2%, and faster than F16
+
+
+def test_formats_limits_the_choice_to_the_engines_asked_for(tmp_path: Path) -> None:
+    path = write_results(tmp_path / "r.json", NOISE)
+    data = json.loads(path.read_text())
+    for item in data["records"] + data["evaluations"]:
+        if item["variant"]["type"] == "Q8_0":
+            item["variant"].update(type="ONNX_INT8", format="onnx")
+    path.write_text(json.dumps(data))
+    both = choose([path], find_profile(DEVICE), Constraints())
+    assert both.chosen is not None and (both.chosen.variant, both.chosen.format) == ("ONNX_INT8", "onnx")
+    gguf = choose([path], find_profile(DEVICE), Constraints(formats=("gguf",)))
+    assert gguf.chosen is not None and gguf.chosen.format == "gguf"
+    assert any(c.variant == "ONNX_INT8" and any("onnx" in r for r in c.reasons) for c in gguf.rejected)

@@ -114,12 +114,22 @@ def _regraded(per_case: list[dict[str, Any]], mode: str, k: int, cases: dict[str
     return [grade_reply(Reply(c["answer"], c["reasoning"]), cases[c["id"]], mode, k) for c in per_case]
 
 
+# A case a 135M model answers: the diagnosis is in the vignette, so a grader that marks right answers
+# wrong fails below (the shipped cases alone are nearly all missed by this model).
+GIVEN = {"id": "given-asthma", "specialty": "respiratory", "incidence": "common", "question": "What is the diagnosis?",
+         "vignette": "A 9-year-old boy has asthma. His doctor confirmed asthma last year. He uses an inhaler for his asthma.",
+         "reference": "Asthma", "accepted_answers": ["bronchial asthma"]}
+
+
 @pytest.mark.parametrize("case_set", ["mcq", "open"])
 def test_generate_and_topk_grade_what_the_model_said(variants: Path, tmp_path: Path, case_set: str) -> None:
-    cases = {c.id: c for c in load_cases(Path(case_set)).cases}
-    unmatched = 0
+    source = Path(__file__).resolve().parents[1] / "toolkit" / "clinical" / ("open-v1.jsonl" if case_set == "open" else "cases-v1.jsonl")
+    file = tmp_path / "cases.jsonl"
+    file.write_text("\n".join(source.read_text().splitlines()[:3] + [json.dumps(GIVEN)]) + "\n")
+    cases = {c.id: c for c in load_cases(file).cases}
+    unmatched = right = 0
     for mode in ("generate", "topk"):
-        result = run_eval(EvalConfig(variants=variants, cases=Path(case_set), types=("Q8_0",), mode=mode, k=3, limit=4, threads=2,
+        result = run_eval(EvalConfig(variants=variants, cases=file, types=("Q8_0",), mode=mode, k=3, limit=4, threads=2,
                                      drift=False, output=tmp_path / f"{mode}.json"))
         for outcome in result.outcomes:
             m, per_case = outcome.record.metrics, outcome.record.per_case
@@ -129,6 +139,7 @@ def test_generate_and_topk_grade_what_the_model_said(variants: Path, tmp_path: P
             assert all(c["reasoning_chars"] == 0 for c in per_case)  # SmolLM2 does not think
             if case_set == "open":
                 assert all(c["chosen"] is None and c["error"] in (None, "unmatched", "no_answer") for c in per_case)
+            right += m["correct"]
         missed = [c for o in result.outcomes for c in o.record.per_case if c["error"] in ("unmatched", "no_answer")]
         unmatched += len(missed)
         if missed:  # every answer that matched nothing is there for a clinician, with its reference
@@ -137,6 +148,7 @@ def test_generate_and_topk_grade_what_the_model_said(variants: Path, tmp_path: P
                 rows = list(csv.DictReader(fh))
             assert [(r["case"], r["reference"]) for r in rows] == [(c["id"], cases[c["id"]].diagnosis) for c in missed]
     assert unmatched > 0 or case_set == "mcq"  # a 135M model names few open diagnoses exactly: the CSV path is exercised
+    assert right > 0  # the given case at least: a right answer was graded right
 
 
 def test_greedy_and_seeded_answers_repeat_and_pass_at_k_is_reported(variants: Path, tmp_path: Path) -> None:
@@ -147,7 +159,9 @@ def test_greedy_and_seeded_answers_repeat_and_pass_at_k_is_reported(variants: Pa
 
     first, again, other = run(7, "a.json"), run(7, "b.json"), run(8, "c.json")
     assert first.per_case == again.per_case  # greedy answers and seeded samples alike
+    assert all(len(c["sampled"]) == 3 for c in first.per_case)
     assert [c["answer"] for c in other.per_case] == [c["answer"] for c in first.per_case]  # greedy does not depend on the seed
+    assert [c["sampled"] for c in other.per_case] != [c["sampled"] for c in first.per_case]  # at temperature 1, another seed draws others
     m = first.metrics
     assert m["samples"] == 3 and set(m["pass_at"]) == {"1", "3"}
     expected = {k: sum(pass_at_k(3, c["samples_correct"], k) for c in first.per_case) / 3 for k in (1, 3)}

@@ -91,7 +91,9 @@ def device_side_env(tmp_path: Path) -> dict[str, str]:
 
     folder = tmp_path / "device-side"
     folder.mkdir(exist_ok=True)
-    (folder / "sitecustomize.py").write_text(BLOCK)
+    # one sitecustomize runs per interpreter: this one also loads the test-wide network guard (conftest)
+    guard = Path(__file__).resolve().parent / "netguard" / "sitecustomize.py"
+    (folder / "sitecustomize.py").write_text(BLOCK + f"exec(compile(open({str(guard)!r}).read(), {str(guard)!r}, 'exec'))\n")
     return {**os.environ, "PYTHONPATH": str(folder)}
 
 

@@ -86,7 +86,8 @@ def test_pull_uses_an_installed_copy_of_the_package(model_wheel: Path, tmp_path:
     site = tmp_path / "site"
     with zipfile.ZipFile(model_wheel) as z:
         z.extract(find_model("default").member, site)
-    env = {**__import__("os").environ, "PYTHONPATH": str(site)}
+    env = {**__import__("os").environ}
+    env["PYTHONPATH"] = __import__("os").pathsep.join([str(site), env.get("PYTHONPATH", "")])  # the network guard stays on
     proc = subprocess.run([sys.executable, "-m", "edgecds", "models", "pull", "default", "--json"], capture_output=True, text=True, env=env, check=True)
     assert json.loads(proc.stdout)["origin"] == "installed package"
     assert cached_gguf(find_model("default")).stat().st_size == find_model("default").size

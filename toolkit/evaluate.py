@@ -97,6 +97,7 @@ class CaseResult:
     reasoning: str = ""  # a reasoning model's thinking, kept for review
     reasoning_chars: int = 0
     samples_correct: int | None = None  # pass@k: how many of the seeded samples were right
+    sampled: list[str] = field(default_factory=list)  # pass@k: the seeded samples' answers, for review
     judge_correct: bool | None = None  # the local judge's grade (--judge), None when it did not grade
 
 
@@ -225,12 +226,12 @@ def score_case(runtime: Runtime, case: Case, mode: str, k: int = 5, think_tokens
                           best_norm == case.answer_index, "", _error_kind(case, best), case.specialty, case.incidence)
     reply = _ask(runtime, case, mode, k, think_tokens)
     correct, chosen, error = grade_reply(reply, case, mode, k)
-    sampled = None
-    if sampling is not None and sampling.samples:
-        sampled = sum(grade_reply(_ask(runtime, case, mode, k, think_tokens, sampler(seed, sampling.temperature, sampling.top_p)),
-                                   case, mode, k)[0] for seed in sampling.seeds(case.id))
+    samples = [_ask(runtime, case, mode, k, think_tokens, sampler(seed, sampling.temperature, sampling.top_p))
+               for seed in sampling.seeds(case.id)] if sampling is not None and sampling.samples else []
     return CaseResult(case.id, correct, chosen, answer=reply.answer, error=error, specialty=case.specialty, incidence=case.incidence,
-                      reasoning=reply.reasoning, reasoning_chars=len(reply.reasoning), samples_correct=sampled)
+                      reasoning=reply.reasoning, reasoning_chars=len(reply.reasoning),
+                      samples_correct=sum(grade_reply(r, case, mode, k)[0] for r in samples) if samples else None,
+                      sampled=[r.answer for r in samples])
 
 
 # --- metrics ------------------------------------------------------------------------------------
