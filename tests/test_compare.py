@@ -79,3 +79,15 @@ def test_the_report_shows_every_comparison_and_the_subgroups(tmp_path: Path) -> 
     section = html[html.index('<section id="comparisons">'):]
     assert section.count("<tr>") >= 1 + 3 and "#1 vs #3" in section and "worse at 0.01" in section  # header + three pairs
     assert "The same by specialty and by incidence" in section and "Holm" in section
+
+
+def test_two_evaluations_of_one_name_are_told_apart(tmp_path: Path) -> None:
+    first = write_results(tmp_path / "a.json", [Spec("F16")])
+    second = write_results(tmp_path / "b.json", [Spec("F16", lost=8)])
+    data = json.loads(second.read_text())
+    data["evaluations"][0]["variant"]["sha256"] = "f" * 64  # another build, the same file name
+    second.write_text(json.dumps(data))
+    result = compare([first, second])
+    assert len(set(result.evaluations)) == 2 and all("(variant " in label for label in result.evaluations)
+    out = CliRunner().invoke(cli, ["compare", str(first), str(second)])
+    assert out.exit_code == 0 and "#1 vs #2" in out.output

@@ -8,7 +8,7 @@ import pytest
 
 from edgecds.cases import Case, Option, load_cases
 from edgecds.evaluate import grade, match_option
-from edgecds.matcher import answer_line_done, canonical, initials, mentions, names, split_reasoning
+from edgecds.matcher import answer_line_done, answer_lines, canonical, initials, mentions, names, split_reasoning
 
 REPLIES = Path(__file__).resolve().parent / "fixtures" / "replies"
 
@@ -24,6 +24,8 @@ REPLIES = Path(__file__).resolve().parent / "fixtures" / "replies"
     ("Henoch-Schonlein purpura", "Henoch-Schönlein purpura", ()),  # accents
     ("PE", "Pulmonary embolism", ("PE",)),  # a listed abbreviation
     ("BPPV", "Benign paroxysmal positional vertigo", ()),  # initials of a name of three words or more
+    ("LEMS", "Lambert-Eaton myasthenic syndrome", ()),  # initials ending in s, read as the answer is
+    ("ARDS", "Acute respiratory distress syndrome", ()),
     ("Probably a STEMI of the anterior wall", "Acute anterior ST-elevation myocardial infarction", ("STEMI",)),  # a synonym inside more
     ("Most likely diagnosis: diabetic ketoacidosis", "Diabetic ketoacidosis", ("DKA",)),
 ])
@@ -40,6 +42,8 @@ def test_answers_a_reader_would_accept_match(answer: str, reference: str, synony
     ("no", "Nephrotic syndrome", ("NS",)),  # too short to name anything
     ("", "Migraine", ()),
     ("Right lower lobe collapse", "Collapse of the left lower lobe", ()),  # the side matters
+    ("Anterior non-ST-elevation myocardial infarction", "Acute anterior ST-elevation myocardial infarction", ("anterior STEMI",)),
+    ("Not acute appendicitis", "Acute appendicitis", ()),  # a negation the name lacks
 ])
 def test_answers_a_reader_would_refuse_do_not_match(answer: str, reference: str, synonyms: tuple[str, ...]) -> None:
     assert mentions(answer, names(reference, synonyms)) == 0
@@ -99,3 +103,6 @@ def test_generation_stops_after_an_answer_line_not_inside_thinking() -> None:
     assert not answer_line_done("<|channel|>analysis<|message|>line one\nline two\n")
     assert answer_line_done("<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>final<|message|>Appendicitis\n")
     assert answer_line_done("Acute appendicitis\n") and not answer_line_done("Acute appendicitis")
+    assert not answer_line_done("<think>x</think>\n**Diagnosis:**\n")  # a heading is not the answer
+    assert answer_line_done("<think>x</think>\n**Diagnosis:**\nAcute appendicitis\n")
+    assert answer_lines("**Diagnosis:**\n\n**Acute appendicitis**\nrationale: fever\n") == ["Acute appendicitis", "rationale: fever"]

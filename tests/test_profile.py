@@ -414,3 +414,9 @@ def test_a_killed_profile_keeps_what_it_measured_and_the_next_run_measures_only_
     assert done is not None and sorted(r.variant.type for r in done.records) == ["Q2_K", "Q4_K_M", "Q8_0"]
     assert next(r for r in done.records if r.variant.type == "Q8_0") == kept.records[0]  # kept as measured, not measured again
     assert not [p for p in variants.iterdir() if TEMP_MARK in p.name]  # the interrupted save left nothing behind
+
+
+def test_open_ended_cases_are_refused_before_anything_is_measured(variants: Path) -> None:
+    code, out = profile(str(variants), "--types", "Q4_K_M", *[a for a in QUICK if a != "--no-accuracy"], "--cases", str(PROFILES.parent / "toolkit" / "clinical" / "open-v1.jsonl"))
+    assert code != 0 and "open-ended cases need a free-text mode" in out and "Traceback" not in out
+    assert not (variants / RESULTS_FILE).exists()  # refused before the first measurement

@@ -64,24 +64,29 @@ class CompareResult:
 
 def _label(record: EvalRecord) -> str:
     k = f" k={record.spec['k']}" if record.spec.get("k") else ""
-    return f"{record.variant.name} [{record.mode}{k}, {record.cases['name']}]"
+    think = f" think={record.spec['think_tokens']}" if record.spec.get("think_tokens") is not None else ""
+    return f"{record.variant.name} [{record.mode}{k}{think}, {record.cases['name']}]"
 
 
 def load_scored(paths: list[Path]) -> list[Scored]:
     """Every evaluation in the files, the latest of each (variant, mode, cases) kept."""
-    latest: dict[tuple[str, str, str, str], tuple[EvalRecord, str]] = {}
+    latest: dict[tuple[str, ...], tuple[EvalRecord, str]] = {}
     for path in paths:
         results = load_results(path)
         if results is None:
             raise InvalidInputError(f"{path}: no such results file; run `edgecds eval` first")
         for record in results.evaluations:
-            key = (record.variant.sha256, record.mode, str(record.spec.get("k")), record.cases["sha256"])
+            key = (record.variant.sha256, record.mode, str(record.spec.get("k")), str(record.spec.get("think_tokens")), record.cases["sha256"])
             if key not in latest or record.created > latest[key][0].created:
                 latest[key] = (record, str(path))
-    return [Scored(_label(r), source, {c["id"]: bool(c["correct"]) for c in r.per_case},
+    labels = [_label(r) for r, _ in latest.values()]
+    # two builds of one name, or an edited case file of one name: told apart by their hashes
+    labels = [f"{label} (variant {r.variant.sha256[:8]}, cases {r.cases['sha256'][:8]})" if labels.count(label) > 1 else label
+              for label, (r, _) in zip(labels, latest.values(), strict=True)]
+    return [Scored(label, source, {c["id"]: bool(c["correct"]) for c in r.per_case},
                    {c["id"]: {"specialty": c.get("specialty") or "unspecified", "incidence": c.get("incidence") or "unspecified"}
                     for c in r.per_case})
-            for r, source in latest.values()]
+            for label, (r, source) in zip(labels, latest.values(), strict=True)]
 
 
 def _compare(a: Scored, b: Scored, ids: list[str], group: str) -> Comparison:

@@ -33,7 +33,7 @@ from edgecds.drift import DRIFT_CTX, drift_against, drift_logprobs, log_softmax
 from edgecds.engine import DEFAULT_CTX, EngineSettings, Runtime, generate_greedy, greedy_token, sampler
 from edgecds.engine.factory import open_runtime
 from edgecds.errors import InvalidInputError, UsageError
-from edgecds.matcher import THINK_TOKENS, answer_line_done, mentions, names, split_reasoning, still_thinking
+from edgecds.matcher import THINK_TOKENS, answer_line_done, answer_lines, mentions, names, split_reasoning, still_thinking
 from edgecds.progress import Reporter
 from edgecds.results import RESULTS_FILE, EvalRecord, ResultsFile, VariantRef, load_results
 from edgecds.stats import paired_comparison, pass_at_k, wilson_interval
@@ -175,13 +175,14 @@ def _reply(runtime: Runtime, user_message: str, answer_tokens: int, think_tokens
         text = opened + runtime.detokenize(out)
         if still_thinking(text):
             return False
-        if thought[0] < 0:
-            thought[0] = len(out) if re.search(r"</think>|<\|channel\|>", text, re.IGNORECASE) else 0
-        return len(out) - thought[0] >= answer_tokens or (one_line and answer_line_done(text))
+        if thought[0] < 0 and re.search(r"</think>|<\|channel\|>final", text, re.IGNORECASE):
+            thought[0] = len(out)  # reasoning ended here: the answer's own budget starts now
+        return len(out) - max(thought[0], 0) >= answer_tokens or (one_line and answer_line_done(text))
 
     out = generate_greedy(runtime, runtime.tokenize(prompt), answer_tokens + think_tokens, at_answer_end, pick=pick)
     answer, reasoning = split_reasoning(opened + runtime.detokenize(out))
-    return Reply(answer.splitlines()[0].strip() if one_line and answer else answer, reasoning)
+    lines = answer_lines(answer)
+    return Reply(lines[0] if one_line and lines else answer, reasoning)
 
 
 def _error_kind(case: Case, chosen: int | None) -> str | None:
@@ -416,11 +417,12 @@ def _write_unmatched(output: Path, outcomes: list[EvalOutcome], cases: list[Case
     import io
 
     by_id = {c.id: c for c in cases}
-    rows = [[o.record.variant.type, o.record.variant.format, o.record.mode, c["id"], by_id[c["id"]].specialty, by_id[c["id"]].incidence or "",
-             by_id[c["id"]].diagnosis, _cell(c["answer"]), str(c.get("reasoning_chars", 0))]
-            for o in outcomes for c in o.record.per_case if c.get("error") in ("unmatched", "no_answer")]
+    rows = [[_cell(text) for text in (o.record.variant.type, o.record.variant.format, o.record.mode, c["id"], by_id[c["id"]].specialty,
+                                       by_id[c["id"]].incidence or "", by_id[c["id"]].diagnosis, c["answer"], str(c.get("reasoning_chars", 0)))]
+            for o in outcomes for c in o.record.per_case if c.get("error") in ("unmatched", "no_answer")]  # case files are untrusted too
     path = output.with_name(f"{output.stem}-unmatched.csv")
     if not rows:
+        path.unlink(missing_ok=True)  # an earlier run's list would read as this run's
         return None
     buffer = io.StringIO()
     writer = csv.writer(buffer)

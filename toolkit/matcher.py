@@ -34,6 +34,7 @@ SPELLING = (("oesophag", "esophag"), ("haemat", "hemat"), ("haem", "hem"), ("aem
 # Reasoning models (R1 distills, Qwen3, gpt-oss) think for hundreds to a few thousand tokens before a
 # diagnosis; 2,048 lets most finish on a vignette and costs nothing for a model that does not think.
 THINK_TOKENS = 2048
+NEGATIONS = frozenset({"non", "not", "no", "without", "excluded", "unlikely"})
 # A single letter or two is never a diagnosis on its own (an answer "B" or "no").
 MIN_ANSWER_CHARS = 3
 THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL | re.IGNORECASE)
@@ -78,7 +79,7 @@ def initials(name: str) -> str:
 def names(text: str, synonyms: tuple[str, ...] = ()) -> list[frozenset[str]]:
     """The canonical forms a diagnosis may be given in: its own, its synonyms', its initials."""
     forms = [canonical(n) for n in (text, *synonyms)]
-    forms += [frozenset({i}) for i in (initials(text), *(initials(s) for s in synonyms)) if i]
+    forms += [frozenset({_word(i)}) for i in (initials(text), *(initials(s) for s in synonyms)) if i]  # "ARDS" as an answer reads "ard"
     return [f for f in forms if f]
 
 
@@ -94,7 +95,8 @@ def mentions(answer: str, forms: list[frozenset[str]]) -> int:
         return len(said)
     if len(answer.strip()) < MIN_ANSWER_CHARS:
         return 0
-    return max((len(f) for f in forms if f <= said), default=0)
+    # a negation the name lacks turns the answer into another diagnosis ("non-ST-elevation", "not appendicitis")
+    return max((len(f) for f in forms if f <= said and not (said & NEGATIONS) - f), default=0)
 
 
 def split_reasoning(text: str) -> tuple[str, str]:
@@ -123,6 +125,12 @@ def still_thinking(text: str) -> bool:
     return "<|channel|>" in text and "<|channel|>final" not in text
 
 
+def answer_lines(answer: str) -> list[str]:
+    """The lines of an answer that say something: not blank, not a heading such as "**Diagnosis:**"."""
+    lines = [line.strip().strip("*#_ ").strip() for line in answer.splitlines()]
+    return [line for line in lines if line and not line.endswith(":") and re.search(r"[A-Za-z0-9]", line)]
+
+
 def answer_line_done(text: str) -> bool:
     """True once a reply, still being generated, has finished a line of answer after any thinking."""
     if still_thinking(text):
@@ -131,4 +139,4 @@ def answer_line_done(text: str) -> bool:
         after = text.rpartition("<|channel|>final")[2].split("<|message|>", 1)[-1]
     else:
         after = re.split(r"</think>", text, flags=re.IGNORECASE)[-1]
-    return re.search(r"\S[^\n]*\n", after) is not None
+    return bool(answer_lines(after.rpartition("\n")[0])) if "\n" in after else False

@@ -118,7 +118,9 @@ def _check_options(config: ProfileConfig) -> None:
     if config.accuracy:
         from edgecds.cases import load_cases
 
-        load_cases(config.cases)  # a bad case file stops the run now, not after the measurements
+        if any(c.is_open for c in load_cases(config.cases).cases):  # a bad case file stops the run now, not after the measurements
+            raise UsageError(f"{config.cases}: open-ended cases need a free-text mode; score them with "
+                             "`edgecds eval --mode generate` (profile's accuracy step scores options, loglik)")
 
 
 def run_profile(config: ProfileConfig, reporter: Reporter | None = None) -> ProfileResult:

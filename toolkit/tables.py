@@ -128,7 +128,9 @@ def answers_table(records: Sequence[EvalRecord]) -> Table:
     """Free-text answers (generate/topk): errors as the studies class them, each with its 95%
     interval, pass@k next to greedy accuracy, the judge's agreement with the matcher, reasoning length."""
     def rate(m: dict[str, Any], kind: str) -> str:
-        r = m.get("error_rates", {}).get(kind)
+        if "error_rates" not in m:  # recorded before error rates were: the counts only
+            return str(m.get("errors", {}).get(kind, ""))
+        r = m["error_rates"].get(kind)
         return f"{r['rate'] * 100:.0f} [{r['low'] * 100:.0f}-{r['high'] * 100:.0f}]" if r else "0"
 
     rows = []
