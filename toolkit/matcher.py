@@ -11,7 +11,8 @@ canonical forms are equal as word sets, or one's word set contains the other's:
 - an abbreviation matches when it is listed as a synonym, or is the initials of a name of three or
   more words ("BPPV" for benign paroxysmal positional vertigo).
 An answer names a diagnosis when its words contain all of the name's words (an answer may say
-more: "probably acute appendicitis, perforated"); a broader answer ("pneumonia" for Legionnaires'
+more: "probably acute appendicitis, perforated") and no negation the name lacks ("non-ST-elevation
+myocardial infarction" is not a STEMI, "not appendicitis" is not appendicitis); a broader answer ("pneumonia" for Legionnaires'
 disease, "pericarditis" for acute pericarditis) names it only where the case lists it as a synonym.
 
 `split_reasoning(text)` removes a reasoning model's thinking before matching: DeepSeek-R1 and Qwen3
