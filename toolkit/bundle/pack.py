@@ -92,7 +92,9 @@ def _model_card(choice: Choice, manifest: dict[str, Any]) -> str:
 
 def _licence_files(source_path: str) -> list[Path]:
     folder = Path(source_path).parent if Path(source_path).is_file() else Path(source_path)
-    return sorted(p for p in folder.glob("*") if p.is_file() and p.name.upper().startswith(("LICENSE", "LICENCE", "NOTICE", "COPYING")))
+    # the registry keeps terms under their own names (LICENSE, NOTICE.md, GEMMA_TERMS.html)
+    marks = ("LICENSE", "LICENCE", "NOTICE", "COPYING", "TERMS")
+    return sorted(p for p in folder.glob("*") if p.is_file() and any(m in p.name.upper() for m in marks))
 
 
 @dataclass(frozen=True)

