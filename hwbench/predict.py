@@ -55,6 +55,23 @@ REPACK_RULES: dict[str, dict[str, int]] = {
 assert set(REPACK_RULES) == set(CPU_ISAS), "every ISA a profile may name needs its repack rule"
 
 
+# llama.cpp's graph metadata is sized for a maximum node count (llama_context::graph_max_nodes):
+# max(1024, 8 x tensors) for most models, max(40 x micro-batch tokens, 32 x tensors) for the hybrid
+# recurrent ones. Each node costs its tensor header plus graph and scheduler hash-table entries:
+# 472 bytes, measured here as the load-time RSS of the zoo's qwen3next at micro-batch 512 against 128.
+GRAPH_NODE_BYTES = 472
+HYBRID_GRAPH_ARCHS = frozenset({"qwen3next", "qwen35", "qwen35moe"})
+# Live float32 values a gated-delta-net layer holds per micro-batch token, as a multiple of its
+# convolution channels (values, keys and queries): chunked decay masks, attention within the chunk
+# and state updates. Measured on the zoo's qwen3next (ubatch 128 and 512, context 512 and 4096).
+DELTA_NET_LIVE_PER_CHANNEL = 8
+# llama.cpp keeps a BPE vocabulary's merges in a map beside its tokens; a merge costs 1.22 times a
+# token entry (vocabulary-only loads here: Gemma 3's 262,144 tokens without merges grew the process by
+# 177 B a token, SmolLM2's 49,152 tokens with 48,900 merges by 393 B a token). The calibrated
+# `vocab_bytes_per_token` is per token entry, merges counted apart with this weight.
+MERGE_COST_IN_TOKENS = 1.22
+
+
 @dataclass(frozen=True)
 class ModelShape:
     architecture: str
@@ -67,6 +84,32 @@ class ModelShape:
     context_train: int
     n_ff: int = 0
     n_vocab: int = 0
+    n_expert: int = 0  # mixture of experts: experts a layer has, and how many a token uses
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    n_ff_shexp: int = 0  # an always-on shared expert's width
+    n_swa: int = 0  # sliding window of the sliding layers (0: none); llama.cpp's default keeps their cache full size
+    n_recurrent_layers: int = 0  # hybrid models: layers with a recurrent state instead of a KV cache
+    recurrent_floats: int = 0  # float32 values of one recurrent layer's state (conv + ssm), one sequence
+    conv_channels: int = 0  # a recurrent layer's convolution channels (d_inner + 2 x groups x state)
+    n_tensors: int = 0
+    n_merges: int = 0  # a BPE vocabulary's merges
+
+    @property
+    def vocab_units(self) -> float:
+        """The vocabulary's size in token entries, each merge weighed as MERGE_COST_IN_TOKENS."""
+        return self.n_vocab + MERGE_COST_IN_TOKENS * self.n_merges
+
+    @property
+    def n_kv_layers(self) -> int:
+        return self.n_layers - self.n_recurrent_layers
+
+    @property
+    def n_ff_active(self) -> int:
+        """Feed-forward width a token goes through: the dense one, or its experts' and the shared one."""
+        if self.n_expert:
+            return self.n_expert_used * self.n_ff_exp + self.n_ff_shexp
+        return self.n_ff
 
     @classmethod
     def from_gguf(cls, info: GgufInfo) -> ModelShape:
@@ -75,7 +118,7 @@ class ModelShape:
 
         def number(key: str, default: int | None = None) -> int:
             value = meta.get(f"{arch}.{key}", default)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or value < 0 or (value == 0 and default != 0):
                 raise InvalidInputError(f"{info.path}: metadata {arch}.{key} is {value!r}, expected a positive integer")
             return value
 
@@ -83,18 +126,55 @@ class ModelShape:
         head_dim = n_embd // n_head
         tokens = meta.get("tokenizer.ggml.tokens")
         n_vocab = len(tokens) if isinstance(tokens, list) else number("vocab_size", 0)
+        merges = meta.get("tokenizer.ggml.merges")
+        n_layers = number("block_count")
+        recurrent, state, channels = 0, 0, 0
+        if number("ssm.inner_size", 0):
+            d_conv, d_inner, d_state, groups = number("ssm.conv_kernel"), number("ssm.inner_size"), number("ssm.state_size"), number("ssm.group_count", 0)
+            interval = number("full_attention_interval", 4)
+            recurrent = sum(1 for i in range(n_layers) if (i + 1) % interval)  # llama.cpp: every interval-th layer attends
+            channels = d_inner + 2 * groups * d_state
+            state = (d_conv - 1) * channels + d_state * d_inner  # llama_hparams::n_embd_r() + n_embd_s()
         return cls(
             architecture=str(arch),
-            n_layers=number("block_count"),
+            n_layers=n_layers,
             n_embd=n_embd,
             n_head=n_head,
             n_head_kv=number("attention.head_count_kv", n_head),
             head_dim_k=number("attention.key_length", head_dim),
             head_dim_v=number("attention.value_length", head_dim),
             context_train=number("context_length"),
-            n_ff=number("feed_forward_length"),
+            n_ff=number("feed_forward_length", 0),
             n_vocab=n_vocab,
+            n_expert=number("expert_count", 0),
+            n_expert_used=number("expert_used_count", 0),
+            n_ff_exp=number("expert_feed_forward_length", 0),
+            n_ff_shexp=number("expert_shared_feed_forward_length", 0),
+            n_swa=number("attention.sliding_window", 0),
+            n_recurrent_layers=recurrent,
+            recurrent_floats=state,
+            conv_channels=channels,
+            n_tensors=len(info.tensors),
+            n_merges=len(merges) if isinstance(merges, list) else 0,
         )
+
+
+def graph_nodes(shape: ModelShape, n_tokens: int) -> int:
+    """llama.cpp's maximum graph size for a micro-batch of `n_tokens` (llama_context::graph_max_nodes)."""
+    if shape.architecture in HYBRID_GRAPH_ARCHS:
+        return max(n_tokens * 40, 32 * shape.n_tensors)
+    return max(1024, 8 * shape.n_tensors)
+
+
+def graph_extra_bytes(shape: ModelShape, settings: RunSettings) -> int:
+    """Graph metadata beyond a plain model's (which the calibrated fixed part already holds)."""
+    n_tokens = min(settings.n_ubatch, settings.n_batch, padded_ctx(settings.n_ctx))
+    return (graph_nodes(shape, n_tokens) - max(1024, 8 * shape.n_tensors)) * GRAPH_NODE_BYTES
+
+
+def recurrent_state_bytes(shape: ModelShape, n_seq: int = 1) -> int:
+    """llama.cpp's recurrent memory: one float32 conv and ssm state per recurrent layer and sequence."""
+    return shape.n_recurrent_layers * shape.recurrent_floats * 4 * n_seq
 
 
 def cache_type(name: str) -> GgmlType:
@@ -118,7 +198,7 @@ def kv_cell_bytes(shape: ModelShape, type_k: str = "f16", type_v: str = "f16") -
     """Bytes of K and V for one cell across all layers."""
     k_row = row_bytes(cache_type(type_k), shape.n_head_kv * shape.head_dim_k)
     v_row = row_bytes(cache_type(type_v), shape.n_head_kv * shape.head_dim_v)
-    return shape.n_layers * (k_row + v_row)
+    return shape.n_kv_layers * (k_row + v_row)  # recurrent layers of a hybrid model keep no KV
 
 
 def kv_cache_bytes(shape: ModelShape, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
@@ -129,17 +209,29 @@ def kv_cache_bytes(shape: ModelShape, n_ctx: int, type_k: str = "f16", type_v: s
 # --- compute buffers -------------------------------------------------------------------------
 
 
+def _masks(shape: ModelShape) -> int:
+    """A sliding-window model builds a second mask for its sliding layers."""
+    return 2 if shape.n_swa else 1
+
+
+def _activation_bytes(shape: ModelShape, n_tokens: int) -> int:
+    """The micro-batch's activations (residual, normed input, Q/K/V and the FFN a token uses); in a
+    hybrid model's recurrent layers, the gated delta net's chunked intermediates when larger."""
+    dense = n_tokens * 4 * (3 * shape.n_embd + shape.n_ff_active)
+    delta = n_tokens * 4 * DELTA_NET_LIVE_PER_CHANNEL * shape.conv_channels if shape.n_recurrent_layers else 0
+    return max(dense, delta) if delta else dense
+
+
 def _attention_stage_bytes(shape: ModelShape, n_kv: int, n_tokens: int) -> int:
     """Live tensors while attending without flash attention: scores for every head plus the f32
-    mask, and the activations of the micro-batch (residual, normed input, Q/K/V and FFN)."""
-    scores = n_kv * n_tokens * 4 * (shape.n_head + 1)
-    activations = n_tokens * 4 * (3 * shape.n_embd + shape.n_ff)
-    return scores + activations
+    mask(s), and the activations of the micro-batch."""
+    scores = n_kv * n_tokens * 4 * (shape.n_head + _masks(shape))
+    return scores + _activation_bytes(shape, n_tokens)
 
 
 def _flash_stage_bytes(shape: ModelShape, n_kv: int, n_tokens: int) -> int:
-    """With flash attention the scores are never materialised: an f16 mask and the activations."""
-    return n_kv * n_tokens * 2 + n_tokens * 4 * (3 * shape.n_embd + shape.n_ff)
+    """With flash attention the scores are never materialised: f16 mask(s) and the activations."""
+    return n_kv * n_tokens * 2 * _masks(shape) + _activation_bytes(shape, n_tokens)
 
 
 def _work_bytes(shape: ModelShape, n_kv: int, n_tokens: int, type_v: str, flash_attn: bool) -> int:
@@ -252,7 +344,7 @@ class Calibration:
 
     backend: str
     runtime_base_bytes: int  # the process before any model: interpreter and engine libraries
-    vocab_bytes_per_token: float  # the engine's tokenizer tables, per vocabulary entry
+    vocab_bytes_per_token: float  # the engine's tokenizer tables, per token entry (a merge counts MERGE_COST_IN_TOKENS)
     context_fixed_bytes: int  # graph metadata, threads, output buffer and code touched while running
     decode_efficiency: float  # measured decode tokens/s over the bandwidth roofline
     prompt_efficiency: float  # measured prompt tokens/s over the compute roofline
@@ -345,9 +437,11 @@ class Prediction:
 def predict_memory(info: GgufInfo, settings: RunSettings, device: DeviceProfile, calibration: Calibration) -> MemoryPrediction:
     shape = ModelShape.from_gguf(info)
     backend = device_backend(device)
-    kv = kv_cache_bytes(shape, padded_ctx(settings.n_ctx), settings.type_k, settings.type_v)
+    # the KV cache, and a hybrid model's recurrent state beside it (llama.cpp's memory of the context)
+    kv = kv_cache_bytes(shape, padded_ctx(settings.n_ctx), settings.type_k, settings.type_v) + recurrent_state_bytes(shape)
     output = shape.n_vocab * 4  # logits of one sequence's last token
-    runtime = calibration.runtime_base_bytes + round(calibration.vocab_bytes_per_token * shape.n_vocab) + calibration.context_fixed_bytes
+    runtime = (calibration.runtime_base_bytes + round(calibration.vocab_bytes_per_token * shape.vocab_units) + calibration.context_fixed_bytes
+               + graph_extra_bytes(shape, settings))
     if backend == "cpu":
         return MemoryPrediction(
             backend, weights=info.file_size, repacked=repacked_bytes(info, device.cpu_isa), kv_cache=kv,

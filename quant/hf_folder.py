@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from edgecds.errors import InvalidInputError
 
@@ -34,8 +35,9 @@ class HfFolder:
     weight_files: tuple[Path, ...]
 
 
-def check_safetensors(path: Path) -> int:
-    """Validate one safetensors file's header and offsets; return its number of weights."""
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """One safetensors file's header (tensor name -> dtype, shape, offsets), length-checked, and
+    the number of data bytes after it."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -54,7 +56,16 @@ def check_safetensors(path: Path) -> int:
         raise InvalidInputError(f"{path}: corrupt safetensors header: not JSON ({exc})") from None
     if not isinstance(header, dict):
         raise InvalidInputError(f"{path}: corrupt safetensors header: not a JSON object")
-    data_size = size - 8 - header_len
+    return header, size - 8 - header_len
+
+
+def tensor_names(folder: Path) -> set[str]:
+    return {name for weights in sorted(folder.glob("*.safetensors")) for name in read_header(weights)[0] if name != "__metadata__"}
+
+
+def check_safetensors(path: Path) -> int:
+    """Validate one safetensors file's header and offsets; return its number of weights."""
+    header, data_size = read_header(path)
     spans = []
     n_weights = 0
     for name, entry in header.items():
@@ -101,13 +112,33 @@ def converter_architectures() -> frozenset[str]:
     raise InvalidInputError(f"could not read the converter's architecture table in {spec.origin}")
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """A model folder's config.json as a dict, or a clear error."""
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise InvalidInputError(f"{path}: no config.json; this does not look like a Hugging Face model folder")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInputError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise InvalidInputError(f"{config_path}: not a JSON object")
+    return config
+
+
+def read_architecture(path: Path) -> str:
+    architectures = read_config(path).get("architectures") or []
+    if not isinstance(architectures, list) or not architectures or not isinstance(architectures[0], str):
+        raise InvalidInputError(f"{path / 'config.json'}: has no 'architectures' entry naming the model class")
+    return architectures[0]
+
+
 def inspect_hf_folder(path: Path) -> HfFolder:
     """Validate a model folder for conversion; raise InvalidInputError saying what to fix."""
     if not path.exists():
         raise InvalidInputError(f"{path}: no such folder")
     if not path.is_dir():
         raise InvalidInputError(f"{path}: not a folder; give a Hugging Face model folder or a .gguf file")
-    config_path = path / "config.json"
     weights = sorted(path.glob("*.safetensors"))
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if not weights:
@@ -118,16 +149,7 @@ def inspect_hf_folder(path: Path) -> HfFolder:
                 "(e.g. with a trusted copy of transformers: model.save_pretrained(dir, safe_serialization=True))"
             )
         raise InvalidInputError(f"{path}: no *.safetensors weights found")
-    if not config_path.is_file():
-        raise InvalidInputError(f"{path}: no config.json; this does not look like a Hugging Face model folder")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        architectures = config.get("architectures") or []
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        raise InvalidInputError(f"{config_path}: not valid JSON ({exc})") from None
-    if not architectures or not isinstance(architectures[0], str):
-        raise InvalidInputError(f"{config_path}: has no 'architectures' entry naming the model class")
-    arch = architectures[0]
+    arch = read_architecture(path)
     supported = converter_architectures()
     if arch not in supported:
         near = sorted(a for a in supported if "CausalLM" in a)

@@ -11,7 +11,8 @@ from edgecds.errors import UnknownNameError
 from edgecds.hwbench.predict import ModelShape, kv_cache_bytes
 from edgecds.quant.gguf_file import read_gguf
 
-SMOLLM2 = ModelShape("llama", n_layers=30, n_embd=576, n_head=9, n_head_kv=3, head_dim_k=64, head_dim_v=64, context_train=8192, n_ff=1536, n_vocab=49152)
+SMOLLM2 = ModelShape("llama", n_layers=30, n_embd=576, n_head=9, n_head_kv=3, head_dim_k=64, head_dim_v=64, context_train=8192, n_ff=1536, n_vocab=49152,
+                     n_tensors=272, n_merges=48900)
 LLAMA3_8B = ModelShape("llama", n_layers=32, n_embd=4096, n_head=32, n_head_kv=8, head_dim_k=128, head_dim_v=128, context_train=8192)
 
 
@@ -107,9 +108,9 @@ LOGITS = 49152 * 4  # one row of float32 logits over SmolLM2's vocabulary
 
 def _runtime(backend: str) -> int:
     """The runtime's bytes from the shipped constants: the interpreter and engine, the vocabulary
-    tables (per entry), and the fixed per-context part."""
+    tables (per token entry, and 1.22 entries a BPE merge), and the fixed per-context part."""
     c = load_calibrations()[backend]
-    return c.runtime_base_bytes + round(c.vocab_bytes_per_token * 49152) + c.context_fixed_bytes
+    return c.runtime_base_bytes + round(c.vocab_bytes_per_token * (49152 + 1.22 * 48900)) + c.context_fixed_bytes
 
 
 def _variant(default_variants: object, qtype: str) -> Path:

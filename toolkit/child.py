@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,7 +94,14 @@ def result_line(stdout: str) -> dict[str, Any] | None:
 
 
 def stderr_tail(stderr: str, lines: int = 6) -> str:
-    return "\n".join(stderr.strip().splitlines()[-lines:])
+    """The child's last lines; when it died of one of edgecds's own errors, just that error's
+    message (the traceback above it says nothing to a user)."""
+    text = stderr.strip().splitlines()
+    for index in range(len(text) - 1, -1, -1):
+        own = re.match(r"edgecds\.errors\.\w+: ", text[index])
+        if own:
+            return "\n".join([text[index][own.end():], *text[index + 1:]])
+    return "\n".join(text[-lines:])
 
 
 def run_json_child(cmd: list[str], what: str, timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:

@@ -9,7 +9,8 @@ Each constant comes from its own small measurement, separate from the workloads 
 later judged on (bench_predict runs full contexts of 512 to 8,192 cells):
 
 - runtime base: the high-water mark of a fresh process that has imported the engine, nothing loaded;
-- vocabulary: the growth of a fresh process that loads only the model's vocabulary, per entry;
+- vocabulary: the growth of a fresh process that loads only the model's vocabulary, per token entry
+  (its BPE merges, if any, weighed by MERGE_COST_IN_TOKENS);
 - fixed per-context part: a tiny run (256 cells, 16 prompt tokens, 4 decoded) less every other
   predicted part;
 - speed efficiencies: one mid-size run (1,024 cells, 256 prompt tokens, 64 decoded) against the
@@ -83,7 +84,7 @@ def calibrate(model: Path) -> dict[str, Any]:
     shape = predict.ModelShape.from_gguf(info)
     base = _run_child("import", model)["import"]["VmHWM"]
     vocab_probe = _run_child("vocab", model)
-    vocab_per_token = (vocab_probe["vocab"]["VmHWM"] - vocab_probe["import"]["VmHWM"]) / vocab_probe["n_vocab"]
+    vocab_per_token = (vocab_probe["vocab"]["VmHWM"] - vocab_probe["import"]["VmHWM"]) / shape.vocab_units
 
     target = resolve_target("host")  # this machine, as detected
     host = target.host

@@ -1,0 +1,165 @@
+"""The test zoo: one small model per family clinics deploy, with random weights, built from a config.
+
+Conversion, parity, memory and speed do not depend on what the weights learned, so a family's
+layout is exercised by a model with its real config.json fields (the published model's, shrunk
+to a few layers and a narrow width) and seeded random weights. Each is built with transformers'
+own class, saved as bf16 safetensors (as the published checkpoints are) with the default
+model's tokenizer (a byte-level BPE every family's converter accepts), and cached per machine
+under EDGECDS_HOME/models/zoo/ keyed by everything that made it.
+
+Build side: needs torch and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgecds.atomic import atomic_path, remove_stale_temporaries
+from edgecds.digest import cache_key, sha256_file
+from edgecds.errors import UnknownNameError
+from edgecds.home import models_dir
+
+BUILDER_VERSION = 1  # bump when what a build writes changes, so caches rebuild
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja")
+STAMP = "edgecds-zoo.json"
+# Width of every zoo model: a multiple of 256 so the k-quants (256-weight blocks) apply to every
+# matrix as they do in the real models, instead of falling back to wider types.
+WIDTH = 256
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    architecture: str  # the HF class, config.json's `architectures[0]`
+    represents: str  # the published models whose layout this is
+    layout: tuple[str, ...]  # what it exercises beyond a plain Llama block
+    config: dict[str, Any]  # config.json as published, shrunk
+    gguf_arch: str  # llama.cpp's architecture name after conversion
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _common(**values: Any) -> dict[str, Any]:
+    base = {"vocab_size": 49152, "hidden_size": WIDTH, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+            # wider than the usual 0.02 so that random logits have a clear top token to compare
+            "initializer_range": 0.1}
+    merged = {**base, **values}
+    return {k: v for k, v in merged.items() if v is not None or k != "head_dim"}  # head_dim None: the class derives it
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("llama3", "LlamaForCausalLM", "Llama 3.1 8B / 3.2 1B-3B, DeepSeek-R1-Distill-Llama-8B", ("gqa", "rope-llama3", "tied-output"),
+           _common(model_type="llama", intermediate_size=512, rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=True, hidden_act="silu",
+                   attention_bias=False, mlp_bias=False, rms_norm_eps=1e-5,
+                   rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                 "original_max_position_embeddings": 8192, "rope_type": "llama3"}),
+           "llama"),
+    Family("mistral", "MistralForCausalLM", "Mistral 7B v0.3, Ministral", ("gqa",),
+           _common(model_type="mistral", intermediate_size=512, rope_theta=1000000.0, tie_word_embeddings=False,
+                   hidden_act="silu", sliding_window=None, rms_norm_eps=1e-5),
+           "llama"),
+    Family("qwen2", "Qwen2ForCausalLM", "Qwen2.5 0.5B-32B, DeepSeek-R1-Distill-Qwen-1.5B/7B/14B/32B", ("gqa", "qkv-bias"),
+           _common(model_type="qwen2", intermediate_size=512, rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu",
+                   use_sliding_window=False, sliding_window=4096, max_window_layers=2),
+           "qwen2"),
+    Family("qwen3", "Qwen3ForCausalLM", "Qwen3 0.6B-32B", ("gqa", "qk-norm", "head-dim-apart-from-width"),
+           _common(model_type="qwen3", intermediate_size=512, head_dim=128, rope_theta=1000000.0, tie_word_embeddings=True,
+                   hidden_act="silu", attention_bias=False, use_sliding_window=False, max_window_layers=2),
+           "qwen3"),
+    Family("qwen3moe", "Qwen3MoeForCausalLM", "Qwen3-30B-A3B, Qwen3-235B-A22B", ("gqa", "qk-norm", "moe"),
+           _common(model_type="qwen3_moe", intermediate_size=512, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
+                   decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, head_dim=64, rope_theta=1000000.0,
+                   tie_word_embeddings=False, hidden_act="silu", attention_bias=False, router_aux_loss_coef=0.001),
+           "qwen3moe"),
+    Family("qwen3next", "Qwen3NextForCausalLM", "Qwen3-Next-80B-A3B", ("hybrid-recurrent", "gated-delta-net", "moe", "shared-expert", "partial-rope"),
+           _common(model_type="qwen3_next", num_hidden_layers=4, full_attention_interval=4, intermediate_size=512,
+                   layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+                   linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
+                   linear_conv_kernel_dim=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+                   shared_expert_intermediate_size=128, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
+                   partial_rotary_factor=0.25, rope_theta=10000000.0, tie_word_embeddings=False, hidden_act="silu"),
+           "qwen3next"),
+    Family("gemma3", "Gemma3ForCausalLM", "Gemma 3 270M-27B (text), MedGemma 27B text", ("sliding-window", "qk-norm", "gqa", "tied-output", "sandwich-norm"),
+           # six layers: llama.cpp assumes Gemma 3's five sliding layers to one global (the converter writes no pattern)
+           _common(model_type="gemma3_text", intermediate_size=512, num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64,
+                   num_hidden_layers=6, sliding_window=512, layer_types=["sliding_attention"] * 5 + ["full_attention"], rope_theta=1000000.0,
+                   rope_local_base_freq=10000.0, rope_scaling=None, hidden_activation="gelu_pytorch_tanh",
+                   final_logit_softcapping=None, attn_logit_softcapping=None, tie_word_embeddings=True, max_position_embeddings=32768),
+           "gemma3"),
+    Family("gpt-oss", "GptOssForCausalLM", "gpt-oss-20b, gpt-oss-120b", ("moe", "attention-sinks", "sliding-window", "biases", "yarn-rope"),
+           _common(model_type="gpt_oss", intermediate_size=WIDTH, num_local_experts=4, num_experts_per_tok=2, experts_per_token=2,
+                   sliding_window=128, layer_types=["sliding_attention", "full_attention"], rope_theta=150000.0,
+                   rope_scaling={"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+                                 "rope_type": "yarn", "truncate": False},
+                   swiglu_limit=7.0, attention_bias=True, tie_word_embeddings=False, hidden_act="silu", rms_norm_eps=1e-5,
+                   max_position_embeddings=131072, router_aux_loss_coef=0.9, output_router_logits=False),
+           "gpt-oss", notes="bf16 experts, not MXFP4 as published: the converter stores them as given (it warns)"),
+    # Phi-4-mini: the Phi3 layout with a byte-level BPE (GPT2Tokenizer) as here. Not named "phi3": llama.cpp gives
+    # models whose name contains "phi3" or "phi-3" Phi-3's sentencepiece special tokens, which this vocabulary lacks.
+    Family("phi4-mini", "Phi3ForCausalLM", "Phi-4-mini (and the Phi-3/3.5 layout)", ("fused-qkv", "fused-gate-up", "partial-rope", "tied-output"),
+           _common(model_type="phi3", intermediate_size=512, num_key_value_heads=2, head_dim=None, partial_rotary_factor=0.75,
+                   rope_theta=10000.0, rope_scaling=None, tie_word_embeddings=True, hidden_act="silu", rms_norm_eps=1e-5,
+                   original_max_position_embeddings=4096, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0),
+           "phi3"),
+)
+# Families llama.cpp runs but transformers 4.57 has no class for (gemma4, qwen3_5, qwen3_5_moe): not in
+# the zoo, so nothing here claims they convert or run; see the README's family table.
+NOT_COVERED = {
+    "gemma4": "transformers 4.57 has no Gemma4 class to build from or compare against, and the converter reads its "
+              "tokenizer as a sentencepiece-style vocabulary (LlamaHfVocab) that the default model's byte-level BPE is not",
+    "qwen35": "transformers 4.57 has no Qwen3_5 class; the hybrid layout is covered by qwen3next, which the converter's Qwen3.5 "
+              "classes extend",
+    "qwen35moe": "as qwen35, with experts; covered by qwen3next's experts",
+}
+
+
+def find_family(name: str) -> Family:
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise UnknownNameError("model family", name, [f.name for f in FAMILIES])
+
+
+def zoo_dir() -> Path:
+    return models_dir() / "zoo"
+
+
+def build(family: Family, tokenizer_from: Path, seed: int = 0, into: Path | None = None) -> Path:
+    """The family's random-weight HF folder (cached): config.json, bf16 safetensors, tokenizer."""
+    tokenizer = {name: sha256_file(tokenizer_from / name) for name in TOKENIZER_FILES if (tokenizer_from / name).is_file()}
+    stamp = {"family": family.name, "config": family.config, "seed": seed, "tokenizer": tokenizer, "builder_version": BUILDER_VERSION}
+    target = into or zoo_dir() / f"{family.name}-{cache_key(stamp, 12)}"
+    try:
+        if json.loads((target / STAMP).read_text()) == stamp:
+            return target
+    except (OSError, ValueError):
+        pass
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent)
+    with atomic_path(target, directory=True) as temp:
+        _write_model(family, temp, seed)
+        for name in tokenizer:
+            shutil.copyfile(tokenizer_from / name, temp / name)
+        (temp / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+    return target
+
+
+def _write_model(family: Family, folder: Path, seed: int) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = {k: v for k, v in family.config.items() if k != "model_type"}
+    config = AutoConfig.for_model(family.config["model_type"], architectures=[family.architecture], dtype="bfloat16", **values)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # norms start at one (or zero for Gemma's 1+w); perturb them so they are tested too
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
