@@ -321,18 +321,27 @@ def is_output_tied(info: GgufInfo) -> bool:
     return not any(t.name == "output.weight" for t in info.tensors)
 
 
+def _active_share(info: GgufInfo, t: TensorInfo) -> float:
+    """The share of a tensor one token uses: its experts' share in a mixture of experts, else all of it."""
+    if "_exps" not in t.name and ".experts." not in t.name:
+        return 1.0
+    arch = info.architecture
+    used, total = info.metadata.get(f"{arch}.expert_used_count"), info.metadata.get(f"{arch}.expert_count")
+    return used / total if isinstance(used, int) and isinstance(total, int) and total > 0 else 1.0
+
+
 def bytes_read_per_token(info: GgufInfo) -> int:
     """Weight bytes a decode step reads: everything but the embedding table, of which it reads one
-    row, unless the output projection shares that table (then all of it)."""
-    if is_output_tied(info):
-        return info.tensor_bytes
-    return sum(t.n_bytes for t in info.tensors if not _is_embedding(t))
+    row, unless the output projection shares that table (then all of it); of a mixture of experts,
+    only the experts a token is routed to."""
+    tied = is_output_tied(info)
+    return int(sum(t.n_bytes * _active_share(info, t) for t in info.tensors if tied or not _is_embedding(t)))
 
 
 def matmul_parameters(info: GgufInfo) -> int:
     """Weights multiplied per token (FLOPs are twice this), the embedding only when it is the output."""
     tied = is_output_tied(info)
-    return sum(t.n_elements for t in info.tensors if len(t.shape) >= 2 and (tied or not _is_embedding(t)))
+    return int(sum(t.n_elements * _active_share(info, t) for t in info.tensors if len(t.shape) >= 2 and (tied or not _is_embedding(t))))
 
 
 # --- calibration --------------------------------------------------------------------------------
@@ -545,6 +554,7 @@ class PlanEntry:
     prediction: Prediction | None
     why_not: str = ""
     unknown: bool = False  # no predictor for this format: whether it fits is for `profile` to measure
+    file_bytes: int | None = None  # the file's size; estimated when the plan was made from a config
 
     @property
     def fits(self) -> bool:
@@ -552,6 +562,7 @@ class PlanEntry:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "type": self.type, "format": self.format, "fits": None if self.unknown else self.fits,
+                "file_bytes": self.file_bytes,
                 "why_not": self.prediction.why_not if self.prediction else self.why_not,
                 "prediction": self.prediction.to_dict() if self.prediction else None}
 
@@ -588,5 +599,6 @@ def plan(variants_json: Path, device: DeviceProfile, n_ctx: int | None = None, k
             entries.append(PlanEntry(variant.name, variant.type, variant.format, None, f"no predictor for {variant.format} yet: `edgecds profile` measures it", unknown=True))
         else:
             info = read_gguf(variant_file(folder, variant))
-            entries.append(PlanEntry(variant.name, variant.type, variant.format, predict(info, settings, device, calibrations)))
+            entries.append(PlanEntry(variant.name, variant.type, variant.format, predict(info, settings, device, calibrations),
+                                     file_bytes=info.file_size))
     return Plan(device.id, settings, entries)

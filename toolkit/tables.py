@@ -169,19 +169,21 @@ def plan_table(result: Any, device: Any) -> Table:
         elif not entry.fits:
             notes.append(f"does not fit: {entry.type}: {p.why_not if p else entry.why_not}")
         if p is None:
-            rows.append([entry.type, entry.format, "", "", "", "", "", "unknown" if entry.unknown else "no"])
+            rows.append([entry.type, entry.format, "", "", "", "", "", "", "unknown" if entry.unknown else "no"])
             continue
         gpu = f"{p.memory.gpu_layers}/{p.memory.total_layers}" if p.memory.backend != "cpu" else "cpu"
         prompt = f"{p.speed.prompt_tps:.0f}" if p.speed.prompt_tps else ""
-        rows.append([entry.type, entry.format, f"{p.memory.peak_bytes / MIB:.0f}", f"{p.headroom_bytes / MIB:.0f}", gpu,
+        size = f"{entry.file_bytes / MIB:.0f}" if entry.file_bytes else ""
+        rows.append([entry.type, entry.format, size, f"{p.memory.peak_bytes / MIB:.0f}", f"{p.headroom_bytes / MIB:.0f}", gpu,
                      f"{p.speed.decode_tps:.0f}", prompt, "yes" if p.fits else "no"])
     settings = result.settings
-    title = (f"Predicted, not measured: {device.id} ({device.budget_gib:g} GiB budget), context {settings.n_ctx}, "
+    kind = "Estimated from config.json, no file yet" if result.label.startswith("estimated") else "Predicted, not measured"
+    title = (f"{kind}: {device.id} ({device.budget_gib:g} GiB budget), context {settings.n_ctx}, "
              f"KV cache {settings.type_k}, {settings.threads} threads")
     notes.insert(0, f"power mode: {device.power_mode}")
     if any(e.prediction and not e.prediction.speed.calibrated for e in result.entries):
         notes.append("note: speeds on this backend use assumed efficiencies, not edgecds measurements (hwbench/calibration.json)")
-    return Table(title, ["variant", "format", "peak MiB", "headroom MiB", "GPU layers", "decode tok/s", "prompt tok/s", "fits"], rows, notes)
+    return Table(title, ["variant", "format", "file MiB", "peak MiB", "headroom MiB", "GPU layers", "decode tok/s", "prompt tok/s", "fits"], rows, notes)
 
 
 def choice_table(choice: Any, budget_gib: float) -> Table:

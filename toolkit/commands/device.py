@@ -117,32 +117,51 @@ def devices_show(profiles_dirs: tuple[Path, ...], device_id: str, as_json: bool)
 
 
 @click.command()
-@click.argument("variants", type=click.Path(path_type=Path, exists=True))
+@click.argument("variants", type=click.Path(path_type=Path, exists=True), required=False)
 @device_option(DEVICE_HELP)
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="Context length.  [default: the device's]")
 @click.option("--cache-type", "kv_type", default="f16", show_default=True,
               help="KV-cache type for K and V, as llama.cpp's -ctk/-ctv (f16, q8_0, q4_0, ...).")
+@click.option("--model-config", "model_config", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Estimate from a model's config.json alone, before downloading it (instead of VARIANTS; needs the build extra).")
+@click.option("--types", "types_text", help="With --model-config: the GGUF types to estimate.  [default: the default GGUF types]")
 @profiles_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def plan(variants: Path, device_id: str, n_ctx: int | None, kv_type: str, profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
+def plan(variants: Path | None, device_id: str, n_ctx: int | None, kv_type: str, model_config: Path | None, types_text: str | None,
+         profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
     """Predict which variants fit a device, and how fast they run there, before anything is loaded.
 
     VARIANTS is a variants.json written by `edgecds quantize` (or its folder). Every figure is a
     prediction from the files' headers and the device profile, not a measurement; `edgecds
-    profile` measures on the device itself.
+    profile` measures on the device itself. With --model-config, the files do not exist yet: sizes
+    come from the config's shapes and llama.cpp's choice of type per tensor, and are estimates.
 
     \b
     Examples:
       edgecds plan --device jetson-orin-nano-8gb edgecds-out/SmolLM2-135M-Instruct
       edgecds plan --device rtx-3060-12gb variants.json --ctx 8192 --cache-type q8_0 --json
       edgecds plan --device jetson variants.json      # every Jetson profile
+      edgecds plan --model-config Qwen3-30B-A3B/config.json --types Q4_K_M,Q8_0 --device jetson-orin-nx-16gb --ctx 8192
     """
     from edgecds.devices import DEVICE_CLASSES
-    from edgecds.hwbench.predict import plan as make_plan
     from edgecds.target import plan_devices
 
+    if (variants is None) == (model_config is None):
+        raise click.UsageError("give either VARIANTS (a variants.json or its folder) or --model-config config.json")
+    if types_text and model_config is None:
+        raise click.UsageError("--types goes with --model-config; with VARIANTS every recorded variant is planned")
     targets = plan_devices(device_id, profiles_dirs)
-    plans = [make_plan(variants, device, n_ctx, kv_type) for device in targets]
+    if model_config is not None:
+        from edgecds.hwbench.from_config import config_plan
+        from edgecds.quant.types import DEFAULT_TYPES, parse_type_list
+
+        types = parse_type_list(types_text or ",".join(DEFAULT_TYPES))
+        plans = [config_plan(model_config, types, device, n_ctx, kv_type) for device in targets]
+    else:
+        from edgecds.hwbench.predict import plan as make_plan
+
+        assert variants is not None
+        plans = [make_plan(variants, device, n_ctx, kv_type) for device in targets]
     if as_json:  # one device: its plan; a class: a list, one plan a device
         print_json(plans[0].to_dict() if device_id not in DEVICE_CLASSES else [p.to_dict() for p in plans])
         return

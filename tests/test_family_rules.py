@@ -1,0 +1,74 @@
+"""Fast checks of the family support that need no engine: llama.cpp's type rules as ported, the
+converter's MTP switch, and what a child's own error shows."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from edgecds.child import stderr_tail
+from edgecds.hwbench.from_config import _Weight, tensor_types
+from edgecds.quant.gguf_convert import converter_command
+from edgecds.quant.types import quant_type
+
+
+def _dense(n_layers: int, tied: bool) -> list[_Weight]:
+    weights = [_Weight("model.embed_tokens.weight", (256, 1000), "token_embd", None)]
+    for i in range(n_layers):
+        for role, shape in (("attn_q", (256, 256)), ("attn_k", (256, 64)), ("attn_v", (256, 64)), ("attn_output", (256, 256)),
+                            ("ffn_gate", (256, 512)), ("ffn_up", (256, 512)), ("ffn_down", (512, 256))):
+            weights.append(_Weight(f"model.layers.{i}.{role}.weight", shape, role, i))
+        weights.append(_Weight(f"model.layers.{i}.input_layernorm.weight", (256,), "other", i))
+    if not tied:
+        weights.append(_Weight("lm_head.weight", (256, 1000), "output", None))
+    return weights
+
+
+def test_q4_k_m_gives_more_bits_to_the_first_last_and_every_third_v_and_down() -> None:
+    weights = _dense(16, tied=False)
+    types = dict(zip([w.hf_name for w in weights], tensor_types(weights, quant_type("Q4_K_M"), 16, 0, 4), strict=True))
+    # llama.cpp's use_more_bits(i, 16): i < 2, i >= 14, or (i - 2) % 3 == 2
+    more = [i for i in range(16) if types[f"model.layers.{i}.attn_v.weight"] == "Q6_K"]
+    assert more == [0, 1, 4, 7, 10, 13, 14, 15]
+    assert [i for i in range(16) if types[f"model.layers.{i}.ffn_down.weight"] == "Q6_K"] == more
+    assert types["model.layers.3.attn_q.weight"] == "Q4_K" and types["model.layers.3.input_layernorm.weight"] == "F32"
+    assert types["lm_head.weight"] == "Q6_K" and types["model.embed_tokens.weight"] == "Q4_K"
+
+
+def test_a_tied_embedding_is_quantized_as_the_output_and_odd_widths_fall_back() -> None:
+    weights = _dense(2, tied=True)
+    types = tensor_types(weights, quant_type("Q2_K"), 2, 0, 4)
+    assert types[0] == "Q6_K"  # the table doubles as the output
+    by_role = {w.category: t for w, t in zip(weights, types, strict=True) if w.layer == 0}
+    assert by_role["attn_v"] == "Q4_K" and by_role["ffn_down"] == "Q3_K" and by_role["attn_output"] == "Q3_K"
+    # rows of 320 are not whole 256-blocks: Q4_K falls back to Q5_0, a favoured layer's Q6_K to Q8_0
+    odd = [_Weight("model.layers.0.self_attn.q_proj.weight", (320, 256), "attn_q", 0),
+           _Weight("model.layers.0.mlp.down_proj.weight", (320, 256), "ffn_down", 0)]
+    assert tensor_types(odd, quant_type("Q4_K_M"), 16, 0, 1) == ["Q5_0", "Q8_0"]
+
+
+def _folder(tmp_path: Path, name: str, arch: str, tensors: list[str]) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": [arch]}))
+    header = json.dumps({name: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i, name in enumerate(tensors)}).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4 * len(tensors))
+    return folder
+
+
+def test_qwen3_next_without_mtp_layers_converts_with_no_mtp(tmp_path: Path) -> None:
+    f16 = quant_type("F16")
+    fine_tuned = _folder(tmp_path, "fine-tuned", "Qwen3NextForCausalLM", ["model.layers.0.mlp.gate.weight"])
+    published = _folder(tmp_path, "published", "Qwen3NextForCausalLM", ["model.layers.0.mlp.gate.weight", "mtp.fc.weight"])
+    llama = _folder(tmp_path, "llama", "LlamaForCausalLM", ["model.layers.0.mlp.gate_proj.weight"])
+    assert "--no-mtp" in converter_command(fine_tuned, tmp_path / "a.gguf", f16)
+    assert "--no-mtp" not in converter_command(published, tmp_path / "b.gguf", f16)
+    assert "--no-mtp" not in converter_command(llama, tmp_path / "c.gguf", f16)  # the converter refuses the flag there
+
+
+def test_a_childs_own_error_is_shown_without_its_traceback() -> None:
+    stderr = ('Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n    raise EngineError(...)\n'
+              "edgecds.errors.EngineError: m.gguf: llama.cpp could not load it\n")
+    assert stderr_tail(stderr) == "m.gguf: llama.cpp could not load it"
+    assert stderr_tail("a\nb\nc\nSegmentation fault", lines=2) == "c\nSegmentation fault"
