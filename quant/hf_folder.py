@@ -157,5 +157,30 @@ def inspect_hf_folder(path: Path) -> HfFolder:
             f"{path}: architecture {arch} is not supported by llama.cpp's converter; "
             f"it supports {len(supported)} architectures, for text generation: {', '.join(near)}"
         )
+    _check_runs_as_configured(path, arch)
     n_params = sum(check_safetensors(w) for w in weights)
     return HfFolder(path, arch, n_params, tuple(weights))
+
+
+# Layouts llama.cpp assumes rather than reads: the converter writes no per-layer pattern for them, so
+# a config that differs converts without error and then computes something else (measured on a
+# two-layer Gemma 3 with one sliding and one global layer: logits off by up to 2.3 from transformers).
+ASSUMED_SLIDING_PATTERN = {"Gemma3ForCausalLM": 6, "Gemma3ForConditionalGeneration": 6}
+
+
+def _check_runs_as_configured(path: Path, arch: str) -> None:
+    period = ASSUMED_SLIDING_PATTERN.get(arch)
+    if period is None:
+        return
+    config = read_config(path)
+    nested = config.get("text_config")
+    text: dict[str, Any] = nested if isinstance(nested, dict) else config
+    layer_types = text.get("layer_types")
+    if not isinstance(layer_types, list) or not text.get("sliding_window"):
+        return
+    assumed = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(len(layer_types))]
+    if layer_types != assumed:
+        raise InvalidInputError(
+            f"{path}: config.json's layer_types are not {arch}'s {period - 1} sliding-window layers to one global, which "
+            "llama.cpp assumes for this architecture (the converter does not record the pattern); the converted model "
+            "would compute different outputs than this checkpoint, so edgecds refuses it")

@@ -29,8 +29,22 @@ from typing import Any
 
 from edgecds.child import emit_json
 
-FUSION_VERSION = 1  # part of the cache key: a change to the rewrite recompiles every variant
-MODEL_TYPES = ("llama", "mistral")  # rotary, grouped heads, no bias and no q/k norm: what the matcher knows
+FUSION_VERSION = 2  # part of the cache key: a change to the rewrite recompiles every variant
+# rotary over whole heads in one shared table, grouped heads, optional q/k/v biases (qwen2) and
+# per-head q/k norms (qwen3, qwen3_moe): what the matcher knows
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
+# Why the rest are run as exported: what GroupQueryAttention, or this matcher, does not express.
+NOT_FUSED = {
+    "gemma3_text": "two rotary tables (a local base for the sliding-window layers, a global one for the rest) and "
+                   "sliding windows on five layers of six: the matcher knows one shared table and no window",
+    "gemma3": "as gemma3_text",
+    "gpt_oss": "attention sinks, a sliding window on every other layer and biased projections: not matched yet",
+    "phi3": "one fused qkv projection split three ways, and rotary over part of each head: not matched yet",
+    "qwen3_next": "Optimum does not export it",
+}
+# ops allowed between a projection and its transpose into heads: the reshape, a bias, an RMS norm
+HEAD_CHAIN_OPS = frozenset({"Reshape", "Add", "Mul", "Cast", "Div", "Pow", "ReduceMean", "Sqrt", "Reciprocal",
+                            "SimplifiedLayerNormalization", "Constant", "Shape", "Gather", "Unsqueeze", "Concat"})
 MATMULS = ("MatMul", "MatMulNBits")
 DOMAIN = "com.microsoft"
 # Compiled vs original logits on 72 positions of the clinical text. A graph whose MatMulNBits
@@ -77,8 +91,10 @@ class _Graph:
     def is_projection(self, node: Any) -> bool:
         return node is not None and node.op_type in MATMULS and node.input[1] in self.weights
 
-    def projection_behind(self, tensor: str) -> Any:
-        """The weight matmul whose output, reshaped into heads and transposed, `tensor` comes from."""
+    def heads_behind(self, tensor: str) -> tuple[Any, str]:
+        """The weight matmul that `tensor` (a layer's new keys or values, heads first) comes from, and
+        the tensor just before the transpose into heads (batch, tokens, heads, dim): the projection
+        after its bias and per-head norm (Qwen2's biases, Qwen3's q/k norms), before any rotary."""
         found, seen, todo = [], set(), [tensor]
         while todo:
             node = self.producer.get(todo.pop())
@@ -86,13 +102,52 @@ class _Graph:
                 continue
             seen.add(id(node))
             if node.op_type == "Transpose":
-                reshape = self.producer.get(node.input[0])
-                if reshape is not None and reshape.op_type == "Reshape" and self.is_projection(self.producer.get(reshape.input[0])):
-                    found.append(self.producer[reshape.input[0]])
+                projection = self.projection_through(node.input[0])
+                if projection is not None:
+                    found.append((projection, node.input[0]))
                     continue
             todo.extend(node.input)
         _check(len(found) == 1, f"{tensor}: expected one projection feeding it, found {len(found)}")
         return found[0]
+
+    def projection_through(self, tensor: str) -> Any:
+        """The one projection `tensor` is computed from through a reshape into heads and, optionally,
+        a bias and an elementwise per-head norm; None when the chain is anything else."""
+        projections, reshapes, seen, todo = set(), 0, set(), [tensor]
+        found = None
+        while todo:
+            name = todo.pop()
+            node = self.producer.get(name)
+            if node is None or name in self.weights or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if self.is_projection(node):
+                projections.add(id(node))
+                found = node
+                continue
+            if node.op_type not in HEAD_CHAIN_OPS:
+                return None
+            if node.op_type == "Reshape":
+                reshapes += 1
+                todo.append(node.input[0])  # its shape input is arithmetic on the batch and length
+                continue
+            todo.extend(node.input)
+        return found if len(projections) == 1 and reshapes == 1 else None
+
+    def heads_after(self, projection: Any) -> str:
+        """Forward from a projection (Q's) to the tensor just before its transpose into heads."""
+        seen, todo = set(), [projection.output[0]]
+        while todo:
+            for node in self.consumers.get(todo.pop(0), []):
+                if id(node) in seen:
+                    continue
+                seen.add(id(node))
+                if node.op_type == "Transpose":
+                    _check(self.projection_through(node.input[0]) is projection, f"{projection.name}: its heads come from elsewhere too")
+                    return str(node.input[0])
+                _check(node.op_type in HEAD_CHAIN_OPS, f"{projection.name}: {node.op_type} before the heads' transpose")
+                todo.extend(node.output)
+        raise CannotFuse(f"no transpose into heads after {projection.name}")
 
     def first_projection_after(self, tensor: str) -> Any:
         """The first weight matmul downstream of `tensor` (a layer's output projection)."""
@@ -172,8 +227,10 @@ def fuse_attention(model: Any, config: dict[str, Any]) -> tuple[int, int]:
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    _check(config.get("model_type") in MODEL_TYPES, f"model_type {config.get('model_type')!r} is not one of {', '.join(MODEL_TYPES)}")
-    _check(not config.get("sliding_window"), "sliding-window attention is not supported")
+    model_type = config.get("model_type")
+    _check(model_type in MODEL_TYPES, f"model_type {model_type!r}: " + NOT_FUSED.get(str(model_type), f"not one of {', '.join(MODEL_TYPES)}"))
+    sliding = config.get("sliding_window") and config.get("use_sliding_window", True)
+    _check(not sliding, "sliding-window attention is not supported")
     n_layers, n_heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads") or n_heads)
     head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // n_heads)
@@ -191,6 +248,7 @@ def fuse_attention(model: Any, config: dict[str, Any]) -> tuple[int, int]:
     graph.initializer.extend([
         numpy_helper.from_array(cos, f"{p}/cos_cache"), numpy_helper.from_array(sin, f"{p}/sin_cache"),
         numpy_helper.from_array(np.array([1], np.int64), f"{p}/axis1"), numpy_helper.from_array(np.array(1, np.int64), f"{p}/one"),
+        numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{p}/packed_shape"),
     ])
     # Sequence lengths from the mask, as genai's builder derives them: seqlens_k = tokens - 1, and the total.
     shared = [
@@ -205,15 +263,25 @@ def fuse_attention(model: Any, config: dict[str, Any]) -> tuple[int, int]:
     fused = []
     for i in range(n_layers):
         key_cat, value_cat = (_concat_of_past(g, i, kv) for kv in ("key", "value"))
-        k_proj, v_proj = g.projection_behind(key_cat.input[1]), g.projection_behind(value_cat.input[1])
+        (k_proj, k_heads), (v_proj, v_heads) = g.heads_behind(key_cat.input[1]), g.heads_behind(value_cat.input[1])
         _check(k_proj.input[0] == v_proj.input[0], f"layer {i}: K and V read different inputs")
         q_proj = [n for n in g.consumers[k_proj.input[0]] if g.is_projection(n) and n is not k_proj and n is not v_proj]
         _check(len(q_proj) == 1, f"layer {i}: expected one Q projection beside K and V, found {len(q_proj)}")
+        q_heads = g.heads_after(q_proj[0])
         o_proj = g.first_projection_after(f"present.{i}.value")
         out = f"{p}/{i}/attention"
+        packed = []  # GroupQueryAttention reads (batch, tokens, heads x dim): the heads as computed, flattened
+        for role, heads in (("q", q_heads), ("k", k_heads), ("v", v_heads)):
+            before = g.producer.get(heads)
+            if before is not None and before.op_type == "Reshape":  # no norm: the projection's own output (with its bias)
+                packed.append(before.input[0])
+                continue
+            flat = f"{p}/{i}/{role}_packed"
+            shared.append(helper.make_node("Reshape", [heads, f"{p}/packed_shape"], [flat], name=flat))
+            packed.append(flat)
         fused.append(helper.make_node(
             "GroupQueryAttention",
-            [q_proj[0].output[0], k_proj.output[0], v_proj.output[0], f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+            [*packed, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
              f"{p}/seqlens_k", f"{p}/total", f"{p}/cos_cache", f"{p}/sin_cache"],
             [out, f"present.{i}.key", f"present.{i}.value"], name=f"{p}/{i}", domain=DOMAIN,
             num_heads=n_heads, kv_num_heads=n_kv, do_rotary=1, rotary_interleaved=0, scale=float(head_dim) ** -0.5))

@@ -72,3 +72,20 @@ def test_a_childs_own_error_is_shown_without_its_traceback() -> None:
               "edgecds.errors.EngineError: m.gguf: llama.cpp could not load it\n")
     assert stderr_tail(stderr) == "m.gguf: llama.cpp could not load it"
     assert stderr_tail("a\nb\nc\nSegmentation fault", lines=2) == "c\nSegmentation fault"
+
+
+def test_a_gemma3_whose_layer_pattern_llama_cpp_would_not_follow_is_refused(tmp_path: Path) -> None:
+    from edgecds.errors import InvalidInputError
+    from edgecds.quant.hf_folder import inspect_hf_folder
+
+    folder = _folder(tmp_path, "gemma", "Gemma3ForCausalLM", ["model.layers.0.self_attn.q_proj.weight"])
+    config = {"architectures": ["Gemma3ForCausalLM"], "sliding_window": 512, "layer_types": ["sliding_attention", "full_attention"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    try:
+        inspect_hf_folder(folder)
+        raise AssertionError("a two-layer sliding/global Gemma 3 was accepted")
+    except InvalidInputError as exc:
+        assert "5 sliding-window layers to one global" in str(exc)
+    config["layer_types"] = ["sliding_attention"] * 5 + ["full_attention"]  # Gemma 3 as published
+    (folder / "config.json").write_text(json.dumps(config))
+    assert inspect_hf_folder(folder).architecture == "Gemma3ForCausalLM"

@@ -117,6 +117,18 @@ def write_limit_reached(path: Path) -> str | None:
 
 
 @contextlib.contextmanager
+def waiting_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder`, waiting for another run that holds it (a shared cache:
+    the second run then finds what the first one made)."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".edgecds.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+@contextlib.contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on `folder` so two runs never write (or clean) it at once."""
     import fcntl

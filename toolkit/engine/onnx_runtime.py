@@ -83,12 +83,29 @@ def _cache_key(folder: Path) -> str:
     return cache_key([str(folder.resolve()), files, FUSION_VERSION, ort.__version__], length=24)
 
 
+def _compile(folder: Path, cache: Path) -> None:
+    """Run the fusion child into a temporary beside `cache` and publish its record (fused or declined)."""
+    from edgecds.atomic import atomic_path, remove_stale_temporaries
+    from edgecds.child import die_with_parent, exit_cause, result_line
+
+    remove_stale_temporaries(cache.parent)  # a compile that was killed half-way (the lock says none is running)
+    print(f"edgecds: compiling {folder.name} for fused attention (once; cached in {cache.parent})", file=sys.stderr, flush=True)
+    with atomic_path(cache, directory=True) as tmp:
+        proc = subprocess.run([sys.executable, "-m", "edgecds.quant.onnx_fuse", str(folder), str(tmp)], capture_output=True,
+                              text=True, check=False, preexec_fn=die_with_parent())
+        record = result_line(proc.stdout) if proc.returncode == 0 else None
+        if record is None:
+            last = " ".join(proc.stderr.strip().splitlines()[-1:])
+            record = {"declined": f"the compile step failed ({exit_cause(proc.returncode)}): {last}"}
+        tmp.mkdir(parents=True, exist_ok=True)  # a child that died early never made it
+        (tmp / "fusion.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+
 def compiled_graph(folder: Path, n_ctx: int) -> tuple[Path, str]:
     """The variant's graph with fused attention, compiled once into EDGECDS_HOME and verified there
     (edgecds.quant.onnx_fuse, in a child so its memory never counts in a measurement); the graph as
     exported, and why, when the rewrite declines this layout. The path to load and a log line."""
-    from edgecds.atomic import atomic_path, remove_stale_temporaries
-    from edgecds.child import die_with_parent, exit_cause, result_line
+    from edgecds.atomic import waiting_lock
     from edgecds.home import edgecds_home
     from edgecds.quant.onnx_model import MODEL_FILE, check_onnx_folder
 
@@ -97,17 +114,10 @@ def compiled_graph(folder: Path, n_ctx: int) -> tuple[Path, str]:
     exported = folder / MODEL_FILE
     how = "from the cache"
     if not record_path.is_file():
-        remove_stale_temporaries(cache.parent)  # a compile that was killed half-way
-        print(f"edgecds: compiling {folder.name} for fused attention (once; cached in {cache.parent})", file=sys.stderr, flush=True)
-        with atomic_path(cache, directory=True) as tmp:
-            proc = subprocess.run([sys.executable, "-m", "edgecds.quant.onnx_fuse", str(folder), str(tmp)], capture_output=True,
-                                  text=True, check=False, preexec_fn=die_with_parent())
-            record = result_line(proc.stdout) if proc.returncode == 0 else None
-            if record is None:
-                last = " ".join(proc.stderr.strip().splitlines()[-1:])
-                record = {"declined": f"the compile step failed ({exit_cause(proc.returncode)}): {last}"}
-            (tmp / "fusion.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        how = "compiled now"
+        with waiting_lock(cache.parent):  # two processes compiling at once: the second waits, then reads the cache
+            if not record_path.is_file():
+                _compile(folder, cache)
+                how = "compiled now"
     record = _json(cache, "fusion.json")
     if "fused" not in record:
         return exported, f"graph as exported ({record.get('declined', 'no fusion record')}; delete {cache} to retry)"
