@@ -175,7 +175,7 @@ def _text_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def _family_of(config: dict[str, Any]) -> Any:
     architectures = config.get("architectures") or []
-    names = {a for a in architectures if isinstance(a, str)}
+    names = {a for a in architectures if isinstance(a, str)} if isinstance(architectures, list) else set()
     text = _text_config(config)
     for family in FAMILIES:
         if family.architecture in names or family.config["model_type"] == text.get("model_type"):
@@ -185,21 +185,31 @@ def _family_of(config: dict[str, Any]) -> Any:
                             f"{text.get('model_type')!r}); a config-only estimate knows the families in the zoo: {', '.join(known)}")
 
 
-def hf_weights(config: dict[str, Any]) -> list[_Weight]:
-    """Every weight of the model `config` describes, from transformers' class on the meta device."""
+# A config is untrusted: sizes past any published model are refused before transformers builds
+# millions of modules from them, even on the meta device.
+LIMITS = {"num_hidden_layers": 1024, "num_experts": 4096, "num_local_experts": 4096, "num_attention_heads": 1024}
+
+
+def hf_weights(config: dict[str, Any], family: Any) -> tuple[list[_Weight], dict[str, Any]]:
+    """Every weight of the model `config` describes, from transformers' class on the meta device,
+    and the configuration as transformers completed it (its defaults filled in)."""
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError:
         raise InvalidInputError("a config-only estimate needs the build side (torch, transformers): pip install 'edgecds[build]'") from None
     text = dict(_text_config(config))
-    model_type = text.pop("model_type")
+    model_type = str(text.pop("model_type", None) or family.config["model_type"])
+    for key, limit in LIMITS.items():
+        value = text.get(key)
+        if value is not None and not (isinstance(value, int) and 0 < value <= limit):
+            raise InvalidInputError(f"config.json: {key} is {value!r}; expected a whole number from 1 to {limit}")
     try:
         hf_config = AutoConfig.for_model(model_type, **text)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InvalidInputError(f"transformers cannot build a {model_type!r} model from this config.json ({exc})") from None
+    except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
+        raise InvalidInputError(f"transformers cannot build a {model_type!r} model from this config.json ({type(exc).__name__}: {exc})") from None
     weights = []
     for name, param in model.named_parameters():  # tied weights appear once, as the embedding
         shape = tuple(int(d) for d in param.shape)
@@ -210,7 +220,9 @@ def hf_weights(config: dict[str, Any]) -> list[_Weight]:
             ggml = tuple(reversed(shape))
         match = re.search(r"layers\.(\d+)\.", name)
         weights.append(_Weight(name, ggml, _category(name), int(match.group(1)) if match else None))
-    return _stack_experts(weights)
+    completed = hf_config.to_dict()
+    completed["model_type"] = model_type
+    return _stack_experts(weights), completed
 
 
 def _stack_experts(weights: list[_Weight]) -> list[_Weight]:
@@ -235,7 +247,7 @@ def _vocabulary(config_path: Path, n_vocab: int) -> tuple[int, int, int]:
     """(tokens, merges, metadata bytes) from tokenizer.json beside the config, or an estimate."""
     tokenizer = config_path.parent / "tokenizer.json"
     try:
-        spec = json.loads(tokenizer.read_text(encoding="utf-8"))
+        spec = _load_json(tokenizer, MAX_TOKENIZER_BYTES)
         vocab = spec["model"]["vocab"]
         merges = spec["model"].get("merges") or []
         added = [t["content"] for t in spec.get("added_tokens") or [] if t.get("content") not in vocab]
@@ -246,29 +258,44 @@ def _vocabulary(config_path: Path, n_vocab: int) -> tuple[int, int, int]:
         # each token: its string's 8-byte length and a 4-byte type; a merge-free (sentencepiece) vocabulary adds a score
         per_token = 8 + 4 + (0 if merges else 4)
         return tokens, len(merges), text + tokens * per_token + merge_bytes
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (InvalidInputError, ValueError, KeyError, TypeError, AttributeError):  # no usable tokenizer: estimate the vocabulary
         return n_vocab, 0, n_vocab * ENTRY_BYTES_GUESS
+
+
+MAX_CONFIG_BYTES = 4 << 20  # a config.json is kilobytes
+MAX_TOKENIZER_BYTES = 64 << 20  # a 262k-entry tokenizer.json is ~30 MB
+
+
+def _load_json(path: Path, limit: int) -> Any:
+    """A JSON file read with a size bound, or a clear error (never a traceback)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(limit + 1)
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: cannot be read ({exc})") from None
+    if len(raw) > limit:
+        raise InvalidInputError(f"{path}: larger than {limit >> 20} MiB; this is not a {path.name}")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidInputError(f"{path}: not valid JSON ({type(exc).__name__})") from None
 
 
 @functools.lru_cache(maxsize=4)
 def _model(config_text: str) -> tuple[Any, dict[str, Any], tuple[_Weight, ...]]:
-    """The family, text config and weights of a config.json's text (built once per config: a large
-    mixture of experts takes transformers seconds even on the meta device)."""
-    try:
-        config = json.loads(config_text)
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"not a readable config.json ({exc})") from None
+    """The family, text config (as transformers completed it) and weights of a config.json's text,
+    built once per config: a large mixture of experts takes transformers seconds even on the meta device."""
+    config = json.loads(config_text)
     if not isinstance(config, dict):
         raise InvalidInputError("config.json is not a JSON object")
-    return _family_of(config), _text_config(config), tuple(hf_weights(config))
+    family = _family_of(config)
+    weights, completed = hf_weights(config, family)
+    return family, completed, tuple(weights)
 
 
 def estimate_gguf(config_path: Path, qtype: QuantType) -> GgufInfo:
     """A `GgufInfo` with the tensors and metadata a `qtype` GGUF of this model would have; no file."""
-    try:
-        config_text = config_path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"{config_path}: not a readable config.json ({exc})") from None
+    config_text = json.dumps(_load_json(config_path, MAX_CONFIG_BYTES), sort_keys=True)
     try:
         family, text, frozen = _model(config_text)
     except InvalidInputError as exc:

@@ -130,6 +130,9 @@ class ModelShape:
         n_layers = number("block_count")
         recurrent, state, channels = 0, 0, 0
         if number("ssm.inner_size", 0):
+            if arch not in HYBRID_GRAPH_ARCHS:  # Mamba, Falcon-H1, ...: other layouts of recurrent and attention layers
+                raise InvalidInputError(f"{info.path}: {arch} has recurrent (state-space) layers laid out in a way the predictor does not "
+                                        f"model yet (it knows {', '.join(sorted(HYBRID_GRAPH_ARCHS))}); `edgecds profile` measures it")
             d_conv, d_inner, d_state, groups = number("ssm.conv_kernel"), number("ssm.inner_size"), number("ssm.state_size"), number("ssm.group_count", 0)
             interval = number("full_attention_interval", 4)
             recurrent = sum(1 for i in range(n_layers) if (i + 1) % interval)  # llama.cpp: every interval-th layer attends

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgecds.atomic import atomic_path, remove_stale_temporaries
+from edgecds.atomic import atomic_path, remove_stale_temporaries, waiting_lock
 from edgecds.digest import cache_key, sha256_file
 from edgecds.errors import UnknownNameError
 from edgecds.home import models_dir
@@ -135,19 +135,24 @@ def build(family: Family, tokenizer_from: Path, seed: int = 0, into: Path | None
     tokenizer = {name: sha256_file(tokenizer_from / name) for name in TOKENIZER_FILES if (tokenizer_from / name).is_file()}
     stamp = {"family": family.name, "config": family.config, "seed": seed, "tokenizer": tokenizer, "builder_version": BUILDER_VERSION}
     target = into or zoo_dir() / f"{family.name}-{cache_key(stamp, 12)}"
-    try:
-        if json.loads((target / STAMP).read_text()) == stamp:
-            return target
-    except (OSError, ValueError):
-        pass
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target.parent)
-    with atomic_path(target, directory=True) as temp:
-        _write_model(family, temp, seed)
-        for name in tokenizer:
-            shutil.copyfile(tokenizer_from / name, temp / name)
-        (temp / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+    if _stamped(target) == stamp:
+        return target
+    with waiting_lock(target.parent):  # two builds at once: the second waits and finds the first one's folder
+        if _stamped(target) != stamp:
+            remove_stale_temporaries(target.parent)
+            with atomic_path(target, directory=True) as temp:
+                _write_model(family, temp, seed)
+                for name in tokenizer:
+                    shutil.copyfile(tokenizer_from / name, temp / name)
+                (temp / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
     return target
+
+
+def _stamped(folder: Path) -> Any:
+    try:
+        return json.loads((folder / STAMP).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _write_model(family: Family, folder: Path, seed: int) -> None:

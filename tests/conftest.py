@@ -33,9 +33,9 @@ _spec.loader.exec_module(_guard)  # installs itself here too: the variable is se
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Anything that needs the real default model is slow; `-m "not slow"` leaves a fast set."""
+    """Anything that needs a real model (the default one, or Gemma's wheels) is slow; `-m "not slow"` leaves a fast set."""
     for item in items:
-        if "model_store" in getattr(item, "fixturenames", ()):
+        if {"model_store", "gemma_wheels"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 

@@ -234,5 +234,9 @@ def test_onnx_variants_match_transformers_and_the_fused_graph_matches_the_export
             logits[fuse] = np.asarray(runtime.eval_logits(tokens))
             runtime.close()
     assert ONNX_FAMILIES[name] in note, note  # fused, or declined with the family's reason
-    same = compare_logits(logits[False], logits[True])
-    assert same.top1_agreement >= 0.9, same  # the fused graph computes what the export computes
+    if ONNX_FAMILIES[name] == "fused":
+        assert note.startswith("graph compiled with fused attention"), note
+        same = compare_logits(logits[False], logits[True])
+        assert same.top1_agreement >= 0.9, same  # the fused graph computes what the export computes
+    else:
+        assert note.startswith("graph as exported"), note

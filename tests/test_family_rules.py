@@ -89,3 +89,27 @@ def test_a_gemma3_whose_layer_pattern_llama_cpp_would_not_follow_is_refused(tmp_
     config["layer_types"] = ["sliding_attention"] * 5 + ["full_attention"]  # Gemma 3 as published
     (folder / "config.json").write_text(json.dumps(config))
     assert inspect_hf_folder(folder).architecture == "Gemma3ForCausalLM"
+
+
+def test_plan_from_a_config_takes_transformers_defaults_and_refuses_bad_configs_clearly(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgecds.cli import cli
+
+    def plan(config: object, name: str = "config.json") -> tuple[int, str]:
+        path = tmp_path / name
+        path.write_text(config if isinstance(config, str) else json.dumps(config))
+        out = CliRunner().invoke(cli, ["plan", "--model-config", str(path), "--types", "Q4_K_M", "--device", "laptop-x86-16gb", "--json"])
+        return out.exit_code, out.output
+
+    # only the class named: transformers' LlamaConfig defaults are Llama 2 7B's (32 x 4096, 32k vocabulary)
+    code, out = plan({"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    assert code == 0, out
+    entry = json.loads(out)["entries"][0]
+    assert 3.5e9 < entry["file_bytes"] < 4.3e9  # Llama 2 7B Q4_K_M is 4.08 GB
+    for bad, says in (({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 10**7}, "num_hidden_layers"),
+                      ({"architectures": 5, "model_type": "bert"}, "no architecture"),
+                      ("[" * 100_000, "not valid JSON"),
+                      ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_attention_heads": 0}, "num_attention_heads")):
+        code, out = plan(bad)
+        assert code != 0 and says in out and "Traceback" not in out, out

