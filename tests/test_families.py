@@ -240,3 +240,29 @@ def test_onnx_variants_match_transformers_and_the_fused_graph_matches_the_export
         assert same.top1_agreement >= 0.9, same  # the fused graph computes what the export computes
     else:
         assert note.startswith("graph as exported"), note
+
+
+def test_real_gemma3_is_measured_bundled_with_its_terms_verified_and_run(gemma_gguf: Path, model_store: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second real model through the clinic's chain: requantized (it ships as Q4_K_M), measured here,
+    bundled with the Gemma terms it requires, verified, and run offline from the bundle."""
+    from click.testing import CliRunner
+
+    from edgecds.cli import cli
+
+    monkeypatch.setenv("EDGECDS_HOME", str(model_store))
+    out, bundle = tmp_path / "gemma", tmp_path / "bundle"
+
+    def edgecds(*args: str) -> str:
+        result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    edgecds("quantize", str(gemma_gguf), "--types", "Q8_0", "--allow-requantize", "-o", str(out), "--quiet")
+    edgecds("profile", str(out), "--device", "auto", "--no-accuracy", "-r", "1", "-p", "64", "-n", "16")
+    edgecds("bundle", str(out / "results.json"), "--device", "auto", "--output", str(bundle))
+    assert {"GEMMA_TERMS.html", "NOTICE.md"} <= {p.name for p in bundle.iterdir()}
+    assert "Gemma Terms of Use" in (bundle / "MODEL_CARD.md").read_text()
+    assert "OK" in edgecds("verify", f"{bundle}.tar.gz")
+    answer = edgecds("run", str(bundle), "-p", "The most common cause of community-acquired pneumonia is", "--max-tokens", "8")
+    assert answer.strip()
