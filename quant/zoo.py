@@ -40,7 +40,9 @@ class Family:
     config: dict[str, Any]  # config.json as published, shrunk
     gguf_arch: str  # llama.cpp's architecture name after conversion
     notes: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    # families transformers has no class for: built with the class of `built_with` (a model_type and
+    # its config), then the tensors renamed and split to the names and shapes the converter expects
+    built_with: dict[str, Any] = field(default_factory=dict)
 
 
 def _common(**values: Any) -> dict[str, Any]:
@@ -85,6 +87,33 @@ FAMILIES: tuple[Family, ...] = (
                    shared_expert_intermediate_size=128, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
                    partial_rotary_factor=0.25, rope_theta=10000000.0, tie_word_embeddings=False, hidden_act="silu"),
            "qwen3next"),
+    # Qwen3.5, dense and MoE: transformers 4.57 has no class, so the Qwen3-Next class builds them (with dense MLPs,
+    # or its experts) and the linear-attention projections are split into Qwen3.5's in_proj_qkv/z and in_proj_b/a.
+    Family("qwen35", "Qwen3_5ForCausalLM", "Qwen3.5 27B, a clinical fine-tune of it",
+           ("hybrid-recurrent", "gated-delta-net", "gated-attention", "interleaved-mrope", "no-transformers-class"),
+           _common(model_type="qwen3_5_text", num_hidden_layers=4, full_attention_interval=4, intermediate_size=512,
+                   layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+                   linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
+                   linear_conv_kernel_dim=4, tie_word_embeddings=False, hidden_act="silu", attn_output_gate=True,
+                   rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                                    "mrope_section": [3, 3, 2], "mrope_interleaved": True}),
+           "qwen35", notes="no logit parity or config-only estimate: transformers 4.57 has no Qwen3.5 class",
+           built_with={"model_type": "qwen3_next", "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                       "shared_expert_intermediate_size": 128, "mlp_only_layers": [0, 1, 2, 3], "partial_rotary_factor": 0.25,
+                       "rope_theta": 10000000.0}),
+    Family("qwen35moe", "Qwen3_5MoeForCausalLM", "Qwen3.5-35B-A3B, the fine-tuned Qwen3.5-35B of the studies",
+           ("hybrid-recurrent", "gated-delta-net", "gated-attention", "interleaved-mrope", "moe", "shared-expert", "no-transformers-class"),
+           _common(model_type="qwen3_5_moe_text", num_hidden_layers=4, full_attention_interval=4, intermediate_size=512,
+                   layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+                   linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
+                   linear_conv_kernel_dim=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+                   shared_expert_intermediate_size=128, tie_word_embeddings=False, hidden_act="silu", attn_output_gate=True,
+                   rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                                    "mrope_section": [3, 3, 2], "mrope_interleaved": True}),
+           "qwen35moe", notes="no logit parity or config-only estimate: transformers 4.57 has no Qwen3.5 class",
+           built_with={"model_type": "qwen3_next", "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                       "shared_expert_intermediate_size": 128, "mlp_only_layers": [], "partial_rotary_factor": 0.25,
+                       "rope_theta": 10000000.0}),
     Family("gemma3", "Gemma3ForCausalLM", "Gemma 3 270M-27B (text), MedGemma 27B text", ("sliding-window", "qk-norm", "gqa", "tied-output", "sandwich-norm"),
            # six layers: llama.cpp assumes Gemma 3's five sliding layers to one global (the converter writes no pattern)
            _common(model_type="gemma3_text", intermediate_size=512, num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64,
@@ -108,14 +137,10 @@ FAMILIES: tuple[Family, ...] = (
                    original_max_position_embeddings=4096, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0),
            "phi3"),
 )
-# Families llama.cpp runs but transformers 4.57 has no class for (gemma4, qwen3_5, qwen3_5_moe): not in
-# the zoo, so nothing here claims they convert or run; see the README's family table.
+# Families the issue names that are not in the zoo, so nothing here claims they convert or run.
 NOT_COVERED = {
     "gemma4": "transformers 4.57 has no Gemma4 class to build from or compare against, and the converter reads its "
               "tokenizer as a sentencepiece-style vocabulary (LlamaHfVocab) that the default model's byte-level BPE is not",
-    "qwen35": "transformers 4.57 has no Qwen3_5 class; the hybrid layout is covered by qwen3next, which the converter's Qwen3.5 "
-              "classes extend",
-    "qwen35moe": "as qwen35, with experts; covered by qwen3next's experts",
 }
 
 
@@ -159,8 +184,11 @@ def _write_model(family: Family, folder: Path, seed: int) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    values = {k: v for k, v in family.config.items() if k != "model_type"}
-    config = AutoConfig.for_model(family.config["model_type"], architectures=[family.architecture], dtype="bfloat16", **values)
+    source = {**family.config, **family.built_with}
+    values = {k: v for k, v in source.items() if k not in ("model_type", "rope_parameters", "attn_output_gate") or not family.built_with}
+    values.pop("model_type", None)
+    architecture = family.architecture if not family.built_with else "Qwen3NextForCausalLM"
+    config = AutoConfig.for_model(source["model_type"], architectures=[architecture], dtype="bfloat16", **values)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # norms start at one (or zero for Gemma's 1+w); perturb them so they are tested too
@@ -168,3 +196,32 @@ def _write_model(family: Family, folder: Path, seed: int) -> None:
             if param.ndim == 1:
                 param.add_(torch.randn_like(param) * 0.1)
     model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    if family.built_with:
+        _as_qwen35(family, folder)
+
+
+def _as_qwen35(family: Family, folder: Path) -> None:
+    """Rename a Qwen3-Next checkpoint's tensors to Qwen3.5's: the fused linear-attention input
+    projections split in two (the order within each is immaterial for random weights), then the
+    config.json Qwen3.5's converter reads."""
+    from safetensors.torch import load_file, save_file
+
+    config = family.config
+    k_dim = config["linear_num_key_heads"] * config["linear_key_head_dim"]
+    v_dim = config["linear_num_value_heads"] * config["linear_value_head_dim"]
+    heads = config["linear_num_value_heads"]
+    tensors = load_file(folder / "model.safetensors")
+    renamed = {}
+    for name, tensor in tensors.items():
+        if name.endswith("linear_attn.in_proj_qkvz.weight"):
+            renamed[name.replace("in_proj_qkvz", "in_proj_qkv")] = tensor[: 2 * k_dim + v_dim].clone()
+            renamed[name.replace("in_proj_qkvz", "in_proj_z")] = tensor[2 * k_dim + v_dim:].clone()
+        elif name.endswith("linear_attn.in_proj_ba.weight"):
+            renamed[name.replace("in_proj_ba", "in_proj_b")] = tensor[:heads].clone()
+            renamed[name.replace("in_proj_ba", "in_proj_a")] = tensor[heads:].clone()
+        else:
+            renamed[name] = tensor
+    save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
+    written = json.loads((folder / "config.json").read_text())
+    keep = {k: written[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "dtype") if k in written}
+    (folder / "config.json").write_text(json.dumps({**config, **keep, "architectures": [family.architecture]}, indent=2) + "\n")

@@ -82,12 +82,14 @@ def _family(family: Any, tokenizer: Path, out: Path, calibration: Any, threads: 
                            "represents": family.represents, "layout": list(family.layout), "build_s": round(time.perf_counter() - start, 1)}
     result = run_quantize(QuantizeConfig(source=folder, output=out / family.name, types=parse_type_list(GGUF_TYPES)))
     base = Path(result.output_dir)
+    has_class = not family.built_with  # transformers can build it: the parity reference and the config-only estimate
     row["gguf"] = {t: {"mib": round(r.file_size / 2**20, 2), "bits_per_weight": round(r.bits_per_weight, 2),
                        "build_s": r.seconds.get("build"), "estimate_error_pct": round(
-                           (estimate_gguf(folder / "config.json", quant_type(t)).file_size - r.file_size) / r.file_size * 100, 2)}
+                           (estimate_gguf(folder / "config.json", quant_type(t)).file_size - r.file_size) / r.file_size * 100, 2)
+                       if has_class else None}
                    for t in GGUF_TYPES.split(",") if (r := _record(result, t))}
     row["conversion_s"] = row["gguf"]["F16"]["build_s"]
-    row["parity_f16"] = asdict(logit_parity(folder, variant_file(base, _record(result, "F16"))))
+    row["parity_f16"] = asdict(logit_parity(folder, variant_file(base, _record(result, "F16")))) if has_class else None
     q4 = variant_file(base, _record(result, "Q4_K_M"))
     row["peak"] = _peaks(q4, calibration)
     row["gguf_q4_k_m_decode_tps"] = _decode_tps(q4, threads)
@@ -181,7 +183,8 @@ def _print_table(rows: list[dict[str, Any]], gemma: dict[str, Any] | None) -> No
         onnx = r.get("onnx") or {}
         speed = onnx.get("int4_decode_tps") or {}
         parity = "/".join(f"{p['top1_agreement']:.2f}" for p in (onnx.get("parity") or {}).values()) or onnx.get("why", "")[:40]
-        print(f"{r['family']:10s} {r['conversion_s'] or 0:6.1f} {r['parity_f16']['p99_abs_diff']:8.4f} {r['parity_f16']['top1_agreement']:5.2f} "
+        parity_f16 = r["parity_f16"] or {"p99_abs_diff": float("nan"), "top1_agreement": float("nan")}
+        print(f"{r['family']:10s} {r['conversion_s'] or 0:6.1f} {parity_f16['p99_abs_diff']:8.4f} {parity_f16['top1_agreement']:5.2f} "
               f"{r['peak']['512']['error_pct']:+6.1f}% {r['peak']['4096']['error_pct']:+6.1f}% {r['gguf_q4_k_m_decode_tps']:8.1f} "
               f"{speed.get('exported', ''):>11} / {speed.get('fused', ''):>10}  {parity}")
     if gemma:
