@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecds.errors import InvalidInputError
+from edgecds.jsonfile import read_json
 from edgecds.quant.gguf_file import GgufInfo, TensorInfo
 from edgecds.quant.types import GGML_TYPE_BY_NAME, QuantType
 from edgecds.quant.zoo import FAMILIES
@@ -247,7 +248,7 @@ def _vocabulary(config_path: Path, n_vocab: int) -> tuple[int, int, int]:
     """(tokens, merges, metadata bytes) from tokenizer.json beside the config, or an estimate."""
     tokenizer = config_path.parent / "tokenizer.json"
     try:
-        spec = _load_json(tokenizer, MAX_TOKENIZER_BYTES)
+        spec = read_json(tokenizer, MAX_TOKENIZER_BYTES)
         vocab = spec["model"]["vocab"]
         merges = spec["model"].get("merges") or []
         added = [t["content"] for t in spec.get("added_tokens") or [] if t.get("content") not in vocab]
@@ -266,21 +267,6 @@ MAX_CONFIG_BYTES = 4 << 20  # a config.json is kilobytes
 MAX_TOKENIZER_BYTES = 64 << 20  # a 262k-entry tokenizer.json is ~30 MB
 
 
-def _load_json(path: Path, limit: int) -> Any:
-    """A JSON file read with a size bound, or a clear error (never a traceback)."""
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(limit + 1)
-    except OSError as exc:
-        raise InvalidInputError(f"{path}: cannot be read ({exc})") from None
-    if len(raw) > limit:
-        raise InvalidInputError(f"{path}: larger than {limit >> 20} MiB; this is not a {path.name}")
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise InvalidInputError(f"{path}: not valid JSON ({type(exc).__name__})") from None
-
-
 @functools.lru_cache(maxsize=4)
 def _model(config_text: str) -> tuple[Any, dict[str, Any], tuple[_Weight, ...]]:
     """The family, text config (as transformers completed it) and weights of a config.json's text,
@@ -295,7 +281,7 @@ def _model(config_text: str) -> tuple[Any, dict[str, Any], tuple[_Weight, ...]]:
 
 def estimate_gguf(config_path: Path, qtype: QuantType) -> GgufInfo:
     """A `GgufInfo` with the tensors and metadata a `qtype` GGUF of this model would have; no file."""
-    config_text = json.dumps(_load_json(config_path, MAX_CONFIG_BYTES), sort_keys=True)
+    config_text = json.dumps(read_json(config_path, MAX_CONFIG_BYTES), sort_keys=True)
     try:
         family, text, frozen = _model(config_text)
     except InvalidInputError as exc:

@@ -114,16 +114,12 @@ def converter_architectures() -> frozenset[str]:
 
 def read_config(path: Path) -> dict[str, Any]:
     """A model folder's config.json as a dict, or a clear error."""
+    from edgecds.jsonfile import read_json_object
+
     config_path = path / "config.json"
     if not config_path.is_file():
         raise InvalidInputError(f"{path}: no config.json; this does not look like a Hugging Face model folder")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInputError(f"{config_path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise InvalidInputError(f"{config_path}: not a JSON object")
-    return config
+    return read_json_object(config_path)
 
 
 def read_architecture(path: Path) -> str:

@@ -263,22 +263,9 @@ def fuse_attention(model: Any, config: dict[str, Any]) -> tuple[int, int]:
     fused = []
     for i in range(n_layers):
         key_cat, value_cat = (_concat_of_past(g, i, kv) for kv in ("key", "value"))
-        (k_proj, k_heads), (v_proj, v_heads) = g.heads_behind(key_cat.input[1]), g.heads_behind(value_cat.input[1])
-        _check(k_proj.input[0] == v_proj.input[0], f"layer {i}: K and V read different inputs")
-        q_proj = [n for n in g.consumers[k_proj.input[0]] if g.is_projection(n) and n is not k_proj and n is not v_proj]
-        _check(len(q_proj) == 1, f"layer {i}: expected one Q projection beside K and V, found {len(q_proj)}")
-        q_heads = g.heads_after(q_proj[0])
+        packed = _packed_heads(g, i, key_cat, value_cat, p, shared)
         o_proj = g.first_projection_after(f"present.{i}.value")
         out = f"{p}/{i}/attention"
-        packed = []  # GroupQueryAttention reads (batch, tokens, heads x dim): the heads as computed, flattened
-        for role, heads in (("q", q_heads), ("k", k_heads), ("v", v_heads)):
-            before = g.producer.get(heads)
-            if before is not None and before.op_type == "Reshape":  # no norm: the projection's own output (with its bias)
-                packed.append(before.input[0])
-                continue
-            flat = f"{p}/{i}/{role}_packed"
-            shared.append(helper.make_node("Reshape", [heads, f"{p}/packed_shape"], [flat], name=flat))
-            packed.append(flat)
         fused.append(helper.make_node(
             "GroupQueryAttention",
             [*packed, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
@@ -294,6 +281,28 @@ def fuse_attention(model: Any, config: dict[str, Any]) -> tuple[int, int]:
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return n_layers, positions
+
+
+def _packed_heads(g: _Graph, i: int, key_cat: Any, value_cat: Any, p: str, shared: list[Any]) -> list[str]:
+    """Layer i's Q, K and V as GroupQueryAttention reads them, (batch, tokens, heads x dim): each
+    projection's heads as computed (after its bias and norm, before rotary), flattened; new
+    Reshape nodes go to `shared`."""
+    from onnx import helper
+
+    (k_proj, k_heads), (v_proj, v_heads) = g.heads_behind(key_cat.input[1]), g.heads_behind(value_cat.input[1])
+    _check(k_proj.input[0] == v_proj.input[0], f"layer {i}: K and V read different inputs")
+    q_proj = [n for n in g.consumers[k_proj.input[0]] if g.is_projection(n) and n is not k_proj and n is not v_proj]
+    _check(len(q_proj) == 1, f"layer {i}: expected one Q projection beside K and V, found {len(q_proj)}")
+    packed = []
+    for role, heads in (("q", g.heads_after(q_proj[0])), ("k", k_heads), ("v", v_heads)):
+        before = g.producer.get(heads)
+        if before is not None and before.op_type == "Reshape":  # no norm: the projection's own output (with its bias)
+            packed.append(str(before.input[0]))
+            continue
+        flat = f"{p}/{i}/{role}_packed"
+        shared.append(helper.make_node("Reshape", [heads, f"{p}/packed_shape"], [flat], name=flat))
+        packed.append(flat)
+    return packed
 
 
 def _replace_nodes(graph: Any, nodes: list[Any]) -> None:

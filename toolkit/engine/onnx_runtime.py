@@ -27,16 +27,10 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def _json(folder: Path, name: str) -> dict[str, Any]:
+    from edgecds.jsonfile import read_json_object
+
     path = folder / name
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInputError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise InvalidInputError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _int(data: dict[str, Any], key: str, where: str) -> int:
