@@ -123,7 +123,7 @@ def _onnx(folder: Path, out: Path, threads: int) -> dict[str, Any]:
     for round_ in range(ROUNDS):
         for fuse in ((False, True) if round_ % 2 == 0 else (True, False)):
             runs[fuse].append(_decode_tps(int4, threads, fuse_attention=fuse))
-    exported, fused = statistics.median(runs[False]), statistics.median(runs[True])
+    exported, fused = round(statistics.median(runs[False]), 1), round(statistics.median(runs[True]), 1)
     data["int4_decode_tps"] = {"exported": exported, "fused": fused, "rounds": ROUNDS, "samples": {"exported": runs[False], "fused": runs[True]},
                                "fused_over_exported": round(fused / exported, 3) if exported else None}
     return data
