@@ -160,7 +160,8 @@ def tensor_types(weights: list[_Weight], qtype: QuantType, n_layers: int, n_expe
         if len(w.shape) < 2 or "norm" in w.hf_name:
             types.append("F32")  # the converter keeps vectors (norms, biases, sinks) in float32
         elif qtype.producer == "converter" or not _quantizable(w):
-            types.append("F32" if w.category == "router" and qtype.producer == "converter" else float_type)
+            # the converter writes routers and convolutions in float32, and the quantizer leaves them so
+            types.append("F32" if w.category in ("router", "ssm_conv") else float_type)
         else:
             types.append(_with_fallback(_mixture_type(st, w, qtype.base, qtype.name), w.shape[0]))
     return types
@@ -201,10 +202,18 @@ def hf_weights(config: dict[str, Any], family: Any) -> tuple[list[_Weight], dict
         raise InvalidInputError("a config-only estimate needs the build side (torch, transformers): pip install 'edgecds[build]'") from None
     text = dict(_text_config(config))
     model_type = str(text.pop("model_type", None) or family.config["model_type"])
+    if family.built_with:  # Qwen3.5: no class here; Qwen3-Next's builds the same shapes, then split as the converter expects
+        from edgecds.quant.zoo import qwen35_build_config
+
+        text = qwen35_build_config({**text, "model_type": model_type}, moe="moe" in family.layout)
+        model_type = text.pop("model_type")
     for key, limit in LIMITS.items():
         value = text.get(key)
         if value is not None and not (isinstance(value, int) and 0 < value <= limit):
             raise InvalidInputError(f"config.json: {key} is {value!r}; expected a whole number from 1 to {limit}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its notes on optional fast kernels are not the user's concern here
     try:
         hf_config = AutoConfig.for_model(model_type, **text)
         with torch.device("meta"):
@@ -223,7 +232,23 @@ def hf_weights(config: dict[str, Any], family: Any) -> tuple[list[_Weight], dict
         weights.append(_Weight(name, ggml, _category(name), int(match.group(1)) if match else None))
     completed = hf_config.to_dict()
     completed["model_type"] = model_type
+    if family.built_with:
+        weights = _split_qwen35(weights, completed)
     return _stack_experts(weights), completed
+
+
+def _split_qwen35(weights: list[_Weight], config: dict[str, Any]) -> list[_Weight]:
+    from edgecds.quant.zoo import qwen35_splits
+
+    splits = qwen35_splits(config)
+    out = []
+    for w in weights:
+        fused = next((old for old in splits if f"linear_attn.{old}." in w.hf_name), None)
+        if fused is None:
+            out.append(w)
+            continue
+        out.extend(_Weight(w.hf_name.replace(fused, part), (w.shape[0], rows), w.category, w.layer) for part, rows in splits[fused])
+    return out
 
 
 def _stack_experts(weights: list[_Weight]) -> list[_Weight]:

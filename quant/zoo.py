@@ -23,7 +23,7 @@ from edgecds.digest import cache_key, sha256_file
 from edgecds.errors import UnknownNameError
 from edgecds.home import models_dir
 
-BUILDER_VERSION = 1  # bump when what a build writes changes, so caches rebuild
+BUILDER_VERSION = 2  # bump when what a build writes changes, so caches rebuild
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja")
 STAMP = "edgecds-zoo.json"
 # Width of every zoo model: a multiple of 256 so the k-quants (256-weight blocks) apply to every
@@ -40,8 +40,8 @@ class Family:
     config: dict[str, Any]  # config.json as published, shrunk
     gguf_arch: str  # llama.cpp's architecture name after conversion
     notes: str = ""
-    # families transformers has no class for: built with the class of `built_with` (a model_type and
-    # its config), then the tensors renamed and split to the names and shapes the converter expects
+    # families transformers has no class for: built with the class `built_with` names (Qwen3.5 with
+    # Qwen3-Next's, `qwen35_build_config`), then the tensors split to the names the converter expects
     built_with: dict[str, Any] = field(default_factory=dict)
 
 
@@ -98,9 +98,7 @@ FAMILIES: tuple[Family, ...] = (
                    rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
                                     "mrope_section": [3, 3, 2], "mrope_interleaved": True}),
            "qwen35", notes="no logit parity or config-only estimate: transformers 4.57 has no Qwen3.5 class",
-           built_with={"model_type": "qwen3_next", "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
-                       "shared_expert_intermediate_size": 128, "mlp_only_layers": [0, 1, 2, 3], "partial_rotary_factor": 0.25,
-                       "rope_theta": 10000000.0}),
+           built_with={"architecture": "Qwen3NextForCausalLM"}),
     Family("qwen35moe", "Qwen3_5MoeForCausalLM", "Qwen3.5-35B-A3B, the fine-tuned Qwen3.5-35B of the studies",
            ("hybrid-recurrent", "gated-delta-net", "gated-attention", "interleaved-mrope", "moe", "shared-expert", "no-transformers-class"),
            _common(model_type="qwen3_5_moe_text", num_hidden_layers=4, full_attention_interval=4, intermediate_size=512,
@@ -111,9 +109,7 @@ FAMILIES: tuple[Family, ...] = (
                    rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
                                     "mrope_section": [3, 3, 2], "mrope_interleaved": True}),
            "qwen35moe", notes="no logit parity or config-only estimate: transformers 4.57 has no Qwen3.5 class",
-           built_with={"model_type": "qwen3_next", "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
-                       "shared_expert_intermediate_size": 128, "mlp_only_layers": [], "partial_rotary_factor": 0.25,
-                       "rope_theta": 10000000.0}),
+           built_with={"architecture": "Qwen3NextForCausalLM"}),
     Family("gemma3", "Gemma3ForCausalLM", "Gemma 3 270M-27B (text), MedGemma 27B text", ("sliding-window", "qk-norm", "gqa", "tied-output", "sandwich-norm"),
            # six layers: llama.cpp assumes Gemma 3's five sliding layers to one global (the converter writes no pattern)
            _common(model_type="gemma3_text", intermediate_size=512, num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64,
@@ -184,10 +180,9 @@ def _write_model(family: Family, folder: Path, seed: int) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    source = {**family.config, **family.built_with}
-    values = {k: v for k, v in source.items() if k not in ("model_type", "rope_parameters", "attn_output_gate") or not family.built_with}
-    values.pop("model_type", None)
-    architecture = family.architecture if not family.built_with else "Qwen3NextForCausalLM"
+    source = qwen35_build_config(family.config, moe="moe" in family.layout) if family.built_with else family.config
+    values = {k: v for k, v in source.items() if k != "model_type"}
+    architecture = family.built_with.get("architecture", family.architecture)
     config = AutoConfig.for_model(source["model_type"], architectures=[architecture], dtype="bfloat16", **values)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -200,6 +195,27 @@ def _write_model(family: Family, folder: Path, seed: int) -> None:
         _as_qwen35(family, folder)
 
 
+def qwen35_splits(config: dict[str, Any]) -> dict[str, list[tuple[str, int]]]:
+    """Qwen3-Next's fused linear-attention input projections as Qwen3.5 splits them: each old name
+    part -> (new name part, rows), in order. The zoo slices tensors by it; the config-only estimate, shapes."""
+    k_dim = int(config["linear_num_key_heads"]) * int(config["linear_key_head_dim"])
+    v_dim = int(config["linear_num_value_heads"]) * int(config["linear_value_head_dim"])
+    heads = int(config["linear_num_value_heads"])
+    return {"in_proj_qkvz": [("in_proj_qkv", 2 * k_dim + v_dim), ("in_proj_z", v_dim)],
+            "in_proj_ba": [("in_proj_b", heads), ("in_proj_a", heads)]}
+
+
+def qwen35_build_config(config: dict[str, Any], moe: bool) -> dict[str, Any]:
+    """A Qwen3.5 text config as the Qwen3-Next config whose class builds the same shapes (dense MLPs
+    on every layer, or its experts), before `qwen35_splits` renames the linear-attention inputs."""
+    values = {k: v for k, v in config.items() if k not in ("model_type", "rope_parameters", "attn_output_gate", "architectures")}
+    rope = config.get("rope_parameters") or {}
+    values["partial_rotary_factor"] = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.25))
+    values["rope_theta"] = rope.get("rope_theta", config.get("rope_theta", 10000000.0))
+    values["mlp_only_layers"] = [] if moe else list(range(int(config["num_hidden_layers"])))
+    return {**values, "model_type": "qwen3_next"}
+
+
 def _as_qwen35(family: Family, folder: Path) -> None:
     """Rename a Qwen3-Next checkpoint's tensors to Qwen3.5's: the fused linear-attention input
     projections split in two (the order within each is immaterial for random weights), then the
@@ -207,20 +223,18 @@ def _as_qwen35(family: Family, folder: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     config = family.config
-    k_dim = config["linear_num_key_heads"] * config["linear_key_head_dim"]
-    v_dim = config["linear_num_value_heads"] * config["linear_value_head_dim"]
-    heads = config["linear_num_value_heads"]
+    splits = qwen35_splits(config)
     tensors = load_file(folder / "model.safetensors")
     renamed = {}
     for name, tensor in tensors.items():
-        if name.endswith("linear_attn.in_proj_qkvz.weight"):
-            renamed[name.replace("in_proj_qkvz", "in_proj_qkv")] = tensor[: 2 * k_dim + v_dim].clone()
-            renamed[name.replace("in_proj_qkvz", "in_proj_z")] = tensor[2 * k_dim + v_dim:].clone()
-        elif name.endswith("linear_attn.in_proj_ba.weight"):
-            renamed[name.replace("in_proj_ba", "in_proj_b")] = tensor[:heads].clone()
-            renamed[name.replace("in_proj_ba", "in_proj_a")] = tensor[heads:].clone()
-        else:
+        fused = next((old for old in splits if f"linear_attn.{old}." in name), None)
+        if fused is None:
             renamed[name] = tensor
+            continue
+        start = 0
+        for new_part, rows in splits[fused]:
+            renamed[name.replace(fused, new_part)] = tensor[start:start + rows].clone()
+            start += rows
     save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
     written = json.loads((folder / "config.json").read_text())
     keep = {k: written[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "dtype") if k in written}

@@ -157,7 +157,7 @@ def test_real_gemma3_predicted_within_five_percent_and_generates(gemma_gguf: Pat
     assert len(check.tokens) == 8 and check.text.strip()
 
 
-@pytest.mark.parametrize("name", WITH_CLASS)
+@pytest.mark.parametrize("name", FAMILY_IDS)
 def test_config_only_estimate_within_three_percent_of_the_real_files(zoo: Any, name: str) -> None:
     from edgecds.hwbench.from_config import estimate_gguf
     from edgecds.quant.types import quant_type
@@ -193,15 +193,24 @@ def test_plan_from_a_config_alone_says_it_is_an_estimate(zoo: Any, tmp_path: Pat
     assert text.exit_code == 0 and "Estimated from config.json" in text.output
 
 
-def test_a_family_transformers_cannot_build_is_refused_by_the_config_estimate_with_the_reason(zoo: Any) -> None:
-    from edgecds.errors import InvalidInputError
+def test_a_multimodal_qwen35_config_is_estimated_from_its_text_model(zoo: Any, tmp_path: Path) -> None:
+    """Qwen3.5 as published: a Qwen3_5ForConditionalGeneration config whose text_config is the language
+    model (transformers 4.57 has no class for it; Qwen3-Next's builds the same shapes)."""
+    import shutil
+
     from edgecds.hwbench.from_config import estimate_gguf
     from edgecds.quant.types import quant_type
     from edgecds.quant.zoo import find_family
 
-    folder, _ = zoo(find_family("qwen35"))
-    with pytest.raises(InvalidInputError, match="transformers cannot build a 'qwen3_5_text' model"):
-        estimate_gguf(folder / "config.json", quant_type("Q4_K_M"))
+    folder, result = zoo(find_family("qwen35"))
+    text = json.loads((folder / "config.json").read_text())
+    published = {"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5", "text_config": text,
+                 "vision_config": {"depth": 2, "hidden_size": 64}}
+    (tmp_path / "config.json").write_text(json.dumps(published))
+    shutil.copyfile(folder / "tokenizer.json", tmp_path / "tokenizer.json")
+    estimate = estimate_gguf(tmp_path / "config.json", quant_type("Q4_K_M"))
+    assert estimate.architecture == "qwen35"
+    assert estimate.file_size == pytest.approx(_variant(result, "Q4_K_M").stat().st_size, rel=0.03)
 
 
 def test_every_family_llama_cpp_runs_is_in_the_zoo_or_named_with_a_reason() -> None:

@@ -113,3 +113,17 @@ def test_plan_from_a_config_takes_transformers_defaults_and_refuses_bad_configs_
                       ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_attention_heads": 0}, "num_attention_heads")):
         code, out = plan(bad)
         assert code != 0 and says in out and "Traceback" not in out, out
+
+
+def test_qwen35_27b_is_estimated_from_its_published_config() -> None:
+    """The question the config-only estimate answers: Qwen3.5-27B (no transformers class here) at Q4_K_M,
+    before 54 GB are fetched. The fixture is the published config's text model fields."""
+    from edgecds.hwbench.from_config import estimate_gguf
+
+    config = Path(__file__).parent / "fixtures" / "qwen3.5-27b-config.json"
+    info = estimate_gguf(config, quant_type("Q4_K_M"))
+    assert info.architecture == "qwen35"
+    assert 26.5e9 < info.n_parameters < 27.5e9  # the language model of "27B"
+    assert 4.6 < info.bits_per_weight < 5.1  # Q4_K_M's mixture on a large model
+    types = info.tensor_type_counts()
+    assert types["Q6_K"] > 0 and types["Q4_K"] > types["Q6_K"]

@@ -82,11 +82,10 @@ def _family(family: Any, tokenizer: Path, out: Path, calibration: Any, threads: 
                            "represents": family.represents, "layout": list(family.layout), "build_s": round(time.perf_counter() - start, 1)}
     result = run_quantize(QuantizeConfig(source=folder, output=out / family.name, types=parse_type_list(GGUF_TYPES)))
     base = Path(result.output_dir)
-    has_class = not family.built_with  # transformers can build it: the parity reference and the config-only estimate
+    has_class = not family.built_with  # transformers has its class: the parity reference
     row["gguf"] = {t: {"mib": round(r.file_size / 2**20, 2), "bits_per_weight": round(r.bits_per_weight, 2),
                        "build_s": r.seconds.get("build"), "estimate_error_pct": round(
-                           (estimate_gguf(folder / "config.json", quant_type(t)).file_size - r.file_size) / r.file_size * 100, 2)
-                       if has_class else None}
+                           (estimate_gguf(folder / "config.json", quant_type(t)).file_size - r.file_size) / r.file_size * 100, 2)}
                    for t in GGUF_TYPES.split(",") if (r := _record(result, t))}
     row["conversion_s"] = row["gguf"]["F16"]["build_s"]
     row["parity_f16"] = asdict(logit_parity(folder, variant_file(base, _record(result, "F16")))) if has_class else None
