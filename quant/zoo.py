@@ -97,7 +97,7 @@ FAMILIES: tuple[Family, ...] = (
                    linear_conv_kernel_dim=4, tie_word_embeddings=False, hidden_act="silu", attn_output_gate=True,
                    rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
                                     "mrope_section": [3, 3, 2], "mrope_interleaved": True}),
-           "qwen35", notes="no logit parity or config-only estimate: transformers 4.57 has no Qwen3.5 class",
+           "qwen35", notes="no logit parity: transformers 4.57 has no Qwen3.5 class to compare against",
            built_with={"architecture": "Qwen3NextForCausalLM"}),
     Family("qwen35moe", "Qwen3_5MoeForCausalLM", "Qwen3.5-35B-A3B, the fine-tuned Qwen3.5-35B of the studies",
            ("hybrid-recurrent", "gated-delta-net", "gated-attention", "interleaved-mrope", "moe", "shared-expert", "no-transformers-class"),
@@ -108,7 +108,7 @@ FAMILIES: tuple[Family, ...] = (
                    shared_expert_intermediate_size=128, tie_word_embeddings=False, hidden_act="silu", attn_output_gate=True,
                    rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
                                     "mrope_section": [3, 3, 2], "mrope_interleaved": True}),
-           "qwen35moe", notes="no logit parity or config-only estimate: transformers 4.57 has no Qwen3.5 class",
+           "qwen35moe", notes="no logit parity: transformers 4.57 has no Qwen3.5 class to compare against",
            built_with={"architecture": "Qwen3NextForCausalLM"}),
     Family("gemma3", "Gemma3ForCausalLM", "Gemma 3 270M-27B (text), MedGemma 27B text", ("sliding-window", "qk-norm", "gqa", "tied-output", "sandwich-norm"),
            # six layers: llama.cpp assumes Gemma 3's five sliding layers to one global (the converter writes no pattern)
