@@ -72,29 +72,20 @@ def transformers_logits(folder: Path, tokens: list[int]) -> object:
     return out.logits[0].float().numpy()
 
 
-def variant_logits(path: Path, tokens: list[int], n_ctx: int = 1024) -> object:
-    from edgecds.engine.factory import open_runtime
-
-    runtime = open_runtime(path, EngineSettings(n_ctx=n_ctx))
-    try:
-        runtime.reset()
-        return runtime.eval_logits(tokens)
-    finally:
-        runtime.close()
-
-
-def parity_tokens(path: Path, max_tokens: int = 300) -> list[int]:
-    """The parity text as the variant's own engine tokenizes it (no BOS: not every vocabulary has one)."""
+def variant_logits(path: Path, max_tokens: int = 300) -> tuple[list[int], object]:
+    """The parity text as the variant's own engine tokenizes it (no BOS: not every vocabulary has
+    one), and every position's next-token logits; one load of the variant."""
     from edgecds.engine.factory import open_runtime
 
     runtime = open_runtime(path, EngineSettings(n_ctx=1024))
     try:
-        tokens = runtime.tokenize(PARITY_TEXT, add_bos=False)
+        tokens = runtime.tokenize(PARITY_TEXT, add_bos=False)[:max_tokens]
+        runtime.reset()
+        return tokens, runtime.eval_logits(tokens)
     finally:
         runtime.close()
-    return tokens[:max_tokens]
 
 
 def logit_parity(folder: Path, variant: Path, max_tokens: int = 300) -> Parity:
-    tokens = parity_tokens(variant, max_tokens)
-    return compare_logits(transformers_logits(folder, tokens), variant_logits(variant, tokens))
+    tokens, logits = variant_logits(variant, max_tokens)
+    return compare_logits(transformers_logits(folder, tokens), logits)

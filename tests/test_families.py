@@ -233,7 +233,7 @@ def test_onnx_variants_match_transformers_and_the_fused_graph_matches_the_export
 
     from edgecds.engine import EngineSettings
     from edgecds.engine.factory import open_runtime
-    from edgecds.quant.parity import compare_logits, logit_parity, parity_tokens
+    from edgecds.quant.parity import PARITY_TEXT, compare_logits, logit_parity
     from edgecds.quant.zoo import find_family
 
     folder, _ = zoo(find_family(name))
@@ -247,11 +247,11 @@ def test_onnx_variants_match_transformers_and_the_fused_graph_matches_the_export
         assert fp32.p99_abs_diff <= 1e-3 and fp32.top1_agreement >= 0.99, fp32
         assert int8.top1_agreement >= 0.7, int8
         int4 = _variant(result, "ONNX_INT4")
-        tokens = parity_tokens(int4, 120)
         logits = {}
         for fuse in (False, True):
             runtime = open_runtime(int4, EngineSettings(n_ctx=512, fuse_attention=fuse))
             note = runtime.engine_log()[1]
+            tokens = runtime.tokenize(PARITY_TEXT, add_bos=False)[:120]
             runtime.reset()
             logits[fuse] = np.asarray(runtime.eval_logits(tokens))
             runtime.close()
