@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -388,13 +389,15 @@ def measure_in_subprocess(model_path: Path, settings: RunSettings, workload: Wor
 
 
 def measure_repeated(model_path: Path, settings: RunSettings, repeats: int, timeout: float = TIMEOUT_SECONDS,
-                     unified_memory: bool = False, gpu: bool = False, fill_context: bool = False) -> list[Measurement]:
+                     unified_memory: bool = False, gpu: bool = False, fill_context: bool = False,
+                     on_repeat: Callable[[int], None] | None = None) -> list[Measurement]:
     """`repeats` fresh processes, each loading, warming up and timing the work once. Repeating
     whole processes, not passes inside one, makes the spread honest: it then includes what
     changes from one process to the next (where memory lands, clocks, neighbours), which two
     profile runs would otherwise disagree by. A run that other processes disturbed is measured
     again, up to MAX_RERUNS times; the least disturbed is kept, with how many reruns it took.
-    `fill_context`: the first process also fills the context once after its timed work."""
+    `fill_context`: the first process also fills the context once after its timed work.
+    `on_repeat(done)` is called after each kept process."""
     runs = []
     for i in range(repeats):
         workload = Workload(repeats=1, fill_context=fill_context and i == 0)
@@ -403,6 +406,8 @@ def measure_repeated(model_path: Path, settings: RunSettings, repeats: int, time
             tries.append(measure_in_subprocess(model_path, settings, workload, timeout, unified_memory, gpu))
         kept = min(tries, key=lambda m: max(m.others_cpu_cores or [0.0]))
         runs.append(replace(kept, reruns=len(tries) - 1))
+        if on_repeat is not None:
+            on_repeat(len(runs))
     return runs
 
 

@@ -225,9 +225,9 @@ def test_interrupted_and_concurrent_runs_never_leave_a_mismatched_pair(profiled:
     first = build(results, device, out)
     before = (Path(first["archive"]).read_bytes(), (out / "manifest.json").read_bytes())
     (out.parent / ".b.killed.edgecds-tmp").mkdir()  # what killed runs leave
-    (out.parent / ".b.tar.gz.killed.edgecds-tmp").write_bytes(b"x" * 4096)
+    (out.parent / ".b.tar.killed.edgecds-tmp").write_bytes(b"x" * 4096)
 
-    def interrupted(folder: Path, target: Path, name: str | None = None) -> None:
+    def interrupted(folder: Path, target: Path, name: str | None = None, progress: object = None) -> str:
         target.write_bytes(b"half an archive")
         raise KeyboardInterrupt  # as a kill while the archive is written
 

@@ -285,6 +285,6 @@ def test_real_gemma3_is_measured_bundled_with_its_terms_verified_and_run(gemma_g
     edgecds("bundle", str(out / "results.json"), "--device", "auto", "--output", str(bundle))
     assert {"GEMMA_TERMS.html", "NOTICE.md"} <= {p.name for p in bundle.iterdir()}
     assert "Gemma Terms of Use" in (bundle / "MODEL_CARD.md").read_text()
-    assert "OK" in edgecds("verify", f"{bundle}.tar.gz")
+    assert "OK" in edgecds("verify", f"{bundle}.tar")
     answer = edgecds("run", str(bundle), "-p", "The most common cause of community-acquired pneumonia is", "--max-tokens", "8")
     assert answer.strip()

@@ -117,7 +117,7 @@ def test_the_clinic_commands_run_without_the_build_side(default_variants: object
          "-o", str(results), "-q", "--json"],
         ["report", str(results), "-o", str(tmp_path / "report.html")],
         ["bundle", str(results), "--variants", str(variants), "-o", str(tmp_path / "bundle")],
-        ["verify", str(tmp_path / "bundle.tar.gz")],
+        ["verify", str(tmp_path / "bundle.tar")],
         ["run", str(tmp_path / "bundle"), "-p", "Fever and a stiff neck: the first test?", "-n", "4"],
     ]
     for args in steps:

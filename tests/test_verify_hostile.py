@@ -129,7 +129,7 @@ def test_a_truncated_archive_is_named_not_aborted(tmp_path: Path) -> None:
         tar.add(bundle, arcname="b")
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     result = CliRunner().invoke(cli, ["verify", str(archive)])
-    assert result.exit_code == 1 and "not a complete, readable .tar.gz" in result.output and "fetch it again" in result.output
+    assert result.exit_code == 1 and "not a complete, readable bundle archive" in result.output and "fetch it again" in result.output
 
 
 @pytest.mark.parametrize("kind", ["link to /dev/zero", "fifo", "folder", "huge"])

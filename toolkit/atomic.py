@@ -141,3 +141,20 @@ def folder_lock(folder: Path) -> Iterator[None]:
         except BlockingIOError:
             raise EdgecdsError(f"another edgecds run is writing to {folder}; wait for it to finish or choose another folder") from None
         yield
+
+
+DISK_MARGIN = 64 << 20  # room left for logs, temporaries and the file system's own needs
+
+
+def require_free(folder: Path, needed: int, what: str, advice: str) -> None:
+    """Refuse, before a byte is written, work that needs more of `folder`'s disk than is free:
+    a full disk found halfway wastes the time spent and can leave other programs short."""
+    from edgecds.errors import NotEnoughDiskError
+
+    probe = folder
+    while not probe.exists() and probe != probe.parent:  # the nearest folder that exists is on the same disk
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed + DISK_MARGIN > free:
+        raise NotEnoughDiskError(f"{what}: about {needed / 2**20:.0f} MiB needed, but {probe} has {free / 2**20:.0f} MiB free; "
+                                 f"{advice}; nothing was written")

@@ -10,6 +10,7 @@ starting with BOS, the second half of each chunk scored.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from edgecds.errors import InvalidInputError
@@ -28,8 +29,9 @@ def log_softmax(row: Any) -> Any:
     return shifted - math.log(float(np.exp(shifted).sum()))
 
 
-def drift_logprobs(runtime: Runtime, text: str) -> tuple[Any, Any]:
-    """(log-probabilities at every scored position, the token that followed each)."""
+def drift_logprobs(runtime: Runtime, text: str, on_chunk: Callable[[int, int], None] | None = None) -> tuple[Any, Any]:
+    """(log-probabilities at every scored position, the token that followed each). `on_chunk(done,
+    total)` is called before the first chunk and after each (a large model takes a while per chunk)."""
     import numpy as np
 
     tokens = runtime.tokenize(text, add_bos=False)
@@ -39,6 +41,8 @@ def drift_logprobs(runtime: Runtime, text: str) -> tuple[Any, Any]:
     first = DRIFT_CTX // 2
     rows, targets = [], []
     for c in range(n_chunks):
+        if on_chunk is not None:
+            on_chunk(c, n_chunks)
         chunk = tokens[c * DRIFT_CTX : (c + 1) * DRIFT_CTX]
         chunk[0] = runtime.bos()
         runtime.reset()
@@ -46,6 +50,8 @@ def drift_logprobs(runtime: Runtime, text: str) -> tuple[Any, Any]:
         for j in range(first, DRIFT_CTX - 1):
             rows.append(log_softmax(logits[j]).astype(np.float32))
             targets.append(chunk[j + 1])
+    if on_chunk is not None:
+        on_chunk(n_chunks, n_chunks)
     return np.stack(rows), np.array(targets)
 
 

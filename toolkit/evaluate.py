@@ -462,7 +462,7 @@ def _evaluate(folder: Path, variant: VariantRecord, reference: VariantRecord, ca
     try:
         results: list[CaseResult] = []
         if reporter:
-            reporter.start(f"{label}: {len(cases)} cases ({config.mode})", len(cases))
+            reporter.start(f"{label}: {len(cases)} cases ({config.mode})", len(cases), "cases")
         for i, case in enumerate(cases):
             results.append(score_case(runtime, case, config.mode, config.k, config.think_tokens, config.sampling))
             if reporter:
@@ -493,7 +493,7 @@ def _judge(config: EvalConfig, cases: list[Case], results: list[CaseResult], set
     by_id = {c.id: c for c in cases}
     try:
         if reporter:
-            reporter.start(f"{label}: judged by {config.judge.name}", len(results))
+            reporter.start(f"{label}: judged by {config.judge.name}", len(results), "answers")
         for i, r in enumerate(results):
             if r.answer.strip():
                 case = by_id[r.id]
@@ -510,9 +510,15 @@ def _judge(config: EvalConfig, cases: list[Case], results: list[CaseResult], set
 
 def _drift(folder: Path, runtime: Runtime, variant: VariantRecord, reference: VariantRecord, text: str, reporter: Reporter | None,
            label: str) -> dict[str, Any] | None:
+    def on_chunk(done: int, total: int) -> None:
+        if reporter:
+            if done == 0:
+                reporter.start(f"{label}: drift on the clinical text", total, "chunks")
+            reporter.advance_to(done)
+
+    logprobs, targets = drift_logprobs(runtime, text, on_chunk)
     if reporter:
-        reporter.note(f"{label}: drift on the clinical text")
-    logprobs, targets = drift_logprobs(runtime, text)
+        reporter.finish()
     cache = _drift_cache(folder, reference, text)
     if variant.sha256 == reference.sha256:
         _save_reference(cache, logprobs, targets)

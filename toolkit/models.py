@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from edgecds.atomic import atomic_path, remove_stale_temporaries, waiting_lock
+from edgecds.atomic import atomic_path, remove_stale_temporaries, require_free, waiting_lock
 from edgecds.digest import sha256_file
 from edgecds.errors import InvalidInputError, ModelUnavailableError, UnknownNameError
 from edgecds.home import models_dir
@@ -205,10 +204,7 @@ def _result(model: RegistryModel, origin: str) -> PullResult:
 
 
 def _check_disk(model: RegistryModel, folder: Path) -> None:
-    free = shutil.disk_usage(folder).free
-    if model.size + (64 << 20) > free:
-        raise ModelUnavailableError(f"{model.id} needs {model.size / 2**20:.0f} MiB in {folder}, which has {free / 2**20:.0f} MiB free; "
-                                    "free space or point EDGECDS_HOME at a larger disk; nothing was written")
+    require_free(folder, model.size, model.id, "free space or point EDGECDS_HOME at a larger disk")
 
 
 # A member's size and a way to open it, wherever it is read from.

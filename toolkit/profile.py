@@ -9,6 +9,7 @@ interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -175,14 +176,17 @@ def _measure_or_reuse(folder: Path, variant: VariantRecord, target: Target, sett
     if reporter:
         reporter.note(f"{label}: {config.repeats} fresh processes, each: load, warm-up, "
                       f"pp{settings.effective_prompt_tokens}, tg{settings.decode_tokens}, time to first token")
-    record = _profile_one(folder, variant, target, settings, recorded_settings, key, config)
+        reporter.start(f"{label}: profile", config.repeats, "processes")
+    record = _profile_one(folder, variant, target, settings, recorded_settings, key, config, reporter.advance_to if reporter else None)
+    if reporter:
+        reporter.finish()
     if reporter and record.status != "measured":
         reporter.note(f"{label}: {record.status}: {record.reason}")
     return Outcome(record, False)
 
 
 def _profile_one(folder: Path, variant: VariantRecord, target: Target, settings: Any, recorded_settings: dict[str, Any], key: str,
-                 config: ProfileConfig) -> MeasurementRecord:
+                 config: ProfileConfig, on_repeat: Callable[[int], None] | None = None) -> MeasurementRecord:
     from edgecds.hwbench.measure import measure_repeated
 
     start = time.perf_counter()
@@ -205,7 +209,7 @@ def _profile_one(folder: Path, variant: VariantRecord, target: Target, settings:
     unified = device.memory_kind == "unified" and device.device_class == "jetson"
     try:
         runs = measure_repeated(path, settings, config.repeats, timeout=config.timeout, unified_memory=unified,
-                                gpu=settings.n_gpu_layers != 0, fill_context=True)
+                                gpu=settings.n_gpu_layers != 0, fill_context=True, on_repeat=on_repeat)
     except EngineError as exc:
         return record("failed", str(exc), predicted)
     return record("measured", "", predicted, _summary(runs, predicted))

@@ -1,26 +1,59 @@
 """Progress of long work, reported by the library and drawn (or not) by the CLI.
 
 Library functions take an optional `Reporter` instead of printing. The CLI passes one that draws
-rich progress bars on stderr, or none with `--quiet` or when stderr is not a terminal.
+rich progress bars with the time left on stderr when it is a terminal, plain progress lines when
+it is a pipe or a file (a log a person reads later, or follows with `tail -f`), and nothing but
+errors with `--quiet`.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 POLL_SECONDS = 0.1
+# A plain progress line at most this often (seconds): often enough to follow a step of many
+# minutes, rare enough that a log stays readable. EDGECDS_PROGRESS_EVERY sets it (0: every update).
+PLAIN_EVERY_SECONDS = 10.0
+PLAIN_EVERY_ENV = "EDGECDS_PROGRESS_EVERY"
+BYTES = "bytes"
 
 
 class Reporter(Protocol):
     shows_bars: bool  # whether progress bars are wanted (a terminal, not --quiet); tools' own bars follow it
 
-    def start(self, label: str, total: int) -> None: ...
+    def start(self, label: str, total: int, unit: str = BYTES) -> None: ...
     def advance_to(self, done: int) -> None: ...
     def finish(self) -> None: ...
     def note(self, message: str) -> None: ...
+
+
+def amount(done: int, total: int, unit: str) -> str:
+    """'1.2 of 2.6 GiB', or '3 of 10 cases'."""
+    if unit != BYTES:
+        return f"{done} of {total} {unit}"
+    scale, suffix = (2**30, "GiB") if total >= 2**30 else (2**20, "MiB")
+    return f"{done / scale:.1f} of {total / scale:.1f} {suffix}"
+
+
+def seconds_left(done: int, total: int, elapsed: float) -> float | None:
+    """Time left at the pace so far; None before there is a pace to go by."""
+    if done <= 0 or elapsed <= 0:
+        return None
+    return max(total - done, 0) * elapsed / done
+
+
+def clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def offset(progress: Callable[[int], None] | None, base: int) -> Callable[[int], None] | None:
+    """`progress` for one file among several: its bytes counted after the `base` already done."""
+    return None if progress is None else (lambda n: progress(base + n))
 
 
 def watch_file_growth(wait: Callable[[float], bool], path: Path, expected_bytes: int, reporter: Reporter | None) -> None:
@@ -41,31 +74,34 @@ def watch_file_growth(wait: Callable[[float], bool], path: Path, expected_bytes:
 
 
 class RichReporter:
-    """Byte progress bars on stderr, one per step; messages above them."""
+    """Progress bars on stderr, one per step, with the time elapsed and left; messages above them."""
 
     shows_bars = True
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self._console = Console(stderr=True)
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True), TimeElapsedColumn(),
-            console=self._console, transient=False,
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}"), TimeElapsedColumn(),
+            TextColumn("left"), TimeRemainingColumn(), console=self._console, transient=False,
         )
         self._task: Any = None
+        self._unit = BYTES
 
-    def start(self, label: str, total: int) -> None:
+    def start(self, label: str, total: int, unit: str = BYTES) -> None:
         if self._task is None:
             self._progress.start()
         else:
             self._progress.stop_task(self._task)
-        self._task = self._progress.add_task(label, total=max(total, 1))
+        self._unit = unit
+        self._task = self._progress.add_task(label, total=max(total, 1), amount=amount(0, total, unit))
 
     def advance_to(self, done: int) -> None:
         if self._task is not None:
-            self._progress.update(self._task, completed=done)
+            total = int(self._progress.tasks[-1].total or 1)
+            self._progress.update(self._task, completed=done, amount=amount(done, total, self._unit))
 
     def finish(self) -> None:
         if self._task is not None:
@@ -77,27 +113,50 @@ class RichReporter:
 
 
 class PlainReporter:
-    """No bars (quiet, or not a terminal): step notes only, as plain lines on stderr."""
+    """Not a terminal: a line when a step starts, then one at most every PLAIN_EVERY_SECONDS with
+    how far it is and the time left. Quiet: nothing at all."""
 
     shows_bars = False
 
-    def __init__(self, quiet: bool) -> None:
+    def __init__(self, quiet: bool, every: float | None = None) -> None:
         self._quiet = quiet
+        if every is None:
+            try:
+                every = float(os.environ.get(PLAIN_EVERY_ENV, PLAIN_EVERY_SECONDS))
+            except ValueError:
+                every = PLAIN_EVERY_SECONDS
+        self._every = max(every, 0.0)
+        self._label, self._total, self._unit, self._began, self._last = "", 0, BYTES, 0.0, 0.0
 
-    def start(self, label: str, total: int) -> None:
-        pass
-
-    def advance_to(self, done: int) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-    def note(self, message: str) -> None:
+    def _line(self, message: str) -> None:
         if not self._quiet:
             import click
 
             click.echo(message, err=True)
+
+    def start(self, label: str, total: int, unit: str = BYTES) -> None:
+        self._label, self._total, self._unit = label.strip(), max(total, 1), unit
+        self._began = self._last = time.monotonic()
+        self._line(f"{self._label}: started, {amount(0, self._total, unit).split(' of ', 1)[1]}")
+
+    def advance_to(self, done: int) -> None:
+        if not self._label:
+            return
+        now = time.monotonic()
+        if now - self._last < self._every or done >= self._total:
+            return
+        self._last = now
+        left = seconds_left(done, self._total, now - self._began)
+        pace = f", about {clock(left)} left" if left is not None else ""
+        self._line(f"{self._label}: {100 * done // self._total}% ({amount(done, self._total, self._unit)}){pace}")
+
+    def finish(self) -> None:
+        if self._label:
+            self._line(f"{self._label}: done in {clock(time.monotonic() - self._began)}")
+        self._label = ""
+
+    def note(self, message: str) -> None:
+        self._line(message)
 
 
 def make_reporter(quiet: bool) -> Reporter:

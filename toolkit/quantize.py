@@ -9,23 +9,20 @@ An interruption at any point leaves only temporaries, which the next run removes
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgecds import __version__
-from edgecds.atomic import atomic_path, folder_lock, remove_stale_temporaries
+from edgecds.atomic import atomic_path, folder_lock, remove_stale_temporaries, require_free
 from edgecds.digest import cache_key, sha256_file, sha256_folder
-from edgecds.errors import InvalidInputError, NotEnoughDiskError, UsageError
+from edgecds.errors import InvalidInputError, UsageError
 from edgecds.progress import Reporter
 from edgecds.quant.gguf_file import GgufInfo, read_gguf
 from edgecds.quant.gguf_quantize import QuantizerOptions
 from edgecds.quant.onnx_build import OnnxOptions
 from edgecds.quant.types import DEFAULT_FORMAT, QUANT_TYPE_BY_NAME, QuantType, default_types
 from edgecds.variants import VARIANTS_FILE, SourceRecord, VariantRecord, VariantsFile, is_reusable, load_variants, variant_file
-
-DISK_MARGIN = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -135,12 +132,7 @@ def _gguf_schedule(source: _Source, types: tuple[QuantType, ...], requested: boo
 
 
 def _check_disk(folder: Path, needed: int) -> None:
-    free = shutil.disk_usage(folder).free
-    if needed + DISK_MARGIN > free:
-        raise NotEnoughDiskError(
-            f"the planned variants need about {needed / 2**20:.0f} MiB but {folder} has {free / 2**20:.0f} MiB free; "
-            "free space, choose another --output, or build fewer types with --types"
-        )
+    require_free(folder, needed, "the planned variants", "free space, choose another --output, or build fewer types with --types")
 
 
 def default_output_dir(source_name: str) -> Path:

@@ -177,6 +177,7 @@ def variant_digest(path: Path) -> str:
     return sha256_folder(path) if path.is_dir() else sha256_file(path)
 
 
+
 def open_variants(path: Path) -> tuple[Path, VariantsFile]:
     """The variants folder and its record, given the folder or its variants.json; an error saying
     what to run when there is none."""

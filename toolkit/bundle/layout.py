@@ -23,6 +23,7 @@ SIGNATURE = "signature.json"
 ENGINE_CONFIG = "runtime.json"  # the name bundles already shipped use
 MODEL_CARD = "MODEL_CARD.md"
 MODEL_DIR = "model"
+ARCHIVE_SUFFIX = ".tar"  # uncompressed: quantized weights do not compress (earlier versions wrote .tar.gz; verify reads both)
 MAX_CONFIG_BYTES = 1 << 20
 SYSTEM_PROMPT = (
     "You are a clinical decision-support assistant for a qualified clinician. Suggest differential diagnoses and next steps "

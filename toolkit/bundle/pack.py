@@ -1,5 +1,5 @@
 """Writing a bundle: the chosen variant's file, manifest.json, runtime.json, MODEL_CARD.md and the
-model's licence in a folder, and a reproducible .tar.gz of it.
+model's licence in a folder, and a reproducible, uncompressed .tar of it.
 
 The manifest records every file's sha256 and size, the versions, the device, the measurements,
 the scores, the constraints and the choice; `sign` signs it when a key is given.
@@ -7,7 +7,6 @@ the scores, the constraints and the choice; `sign` signs it when a key is given.
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 import tarfile
@@ -16,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from edgecds import __version__
-from edgecds.atomic import atomic_path, folder_lock, remove_stale_temporaries
+from edgecds.atomic import atomic_path, folder_lock, remove_stale_temporaries, require_free
 from edgecds.bundle.choose import Choice
 from edgecds.bundle.layout import (
+    ARCHIVE_SUFFIX,
     ENGINE_CONFIG,
     MANIFEST,
     MODEL_CARD,
@@ -30,8 +30,11 @@ from edgecds.bundle.layout import (
 )
 from edgecds.bundle.sign import sign_manifest
 from edgecds.devices import DeviceProfile
-from edgecds.digest import sha256_file
+from edgecds.digest import HashingWriter, Progress, copy_hashed, folder_digest_of, sha256_file
 from edgecds.errors import InvalidInputError, UsageError
+from edgecds.progress import Reporter, offset
+
+COPY_CHUNK = 8 << 20  # tarfile copies 16 KiB at a time by default: slow for gigabytes
 
 
 def _model_card(choice: Choice, manifest: dict[str, Any]) -> str:
@@ -109,8 +112,8 @@ class BundleResult:
 
 def _measured_variant(choice: Choice, variants_dir: Path | None) -> tuple[Any, Any, Path]:
     """(variants.json, the chosen variant's record, its file or folder), found in `variants_dir`
-    or beside the results file, and checked by hash against what was measured."""
-    from edgecds.variants import check_unchanged, load_variants
+    or beside the results file. Its hash is checked as it is copied into the bundle (`_fill`)."""
+    from edgecds.variants import load_variants, variant_file
 
     c = choice.chosen
     if c is None:
@@ -125,7 +128,10 @@ def _measured_variant(choice: Choice, variants_dir: Path | None) -> tuple[Any, A
     if record is None:
         raise InvalidInputError(f"{folder / 'variants.json'} does not list the measured {c.variant} (sha256 {c.sha256[:12]}): "
                                 "pass the folder it was measured from with --variants DIR, or quantize and profile again")
-    return variants, record, check_unchanged(folder, record)
+    path = variant_file(folder, record)
+    if not (path.is_dir() if record.format == "onnx" else path.is_file()):
+        raise InvalidInputError(f"{path} is missing; run `edgecds quantize` again to rebuild it")
+    return variants, record, path
 
 
 def _engine_config(choice: Choice, device: DeviceProfile, record: Any, model_path: Path) -> BundleEngineConfig:
@@ -167,11 +173,15 @@ def _manifest(choice: Choice, device: DeviceProfile, variants: Any, record: Any)
 
 
 def write_bundle(choice: Choice, device: DeviceProfile, output: Path, sign_key: Path | None = None,
-                 variants_dir: Path | None = None) -> BundleResult:
+                 variants_dir: Path | None = None, reporter: Reporter | None = None) -> BundleResult:
     """The bundle folder and its archive beside it. Both are built under temporary names and
     published folder first, archive last, after the old archive is removed: an interruption leaves
     the old pair, or the new folder without an archive, never a folder and an archive that differ.
-    One run at a time writes into a folder; what a killed run left there is removed first."""
+    One run at a time writes into a folder; what a killed run left there is removed first.
+
+    The model is read twice in all: copied into the folder with its hash taken on the way (the
+    check that it is still what was measured), then streamed into the archive, hashed as written.
+    Nothing is compressed: quantized weights do not compress, and the time would be wasted."""
     variants, record, model_path = _measured_variant(choice, variants_dir)
     warnings: list[str] = []
     licences = _licence_files(variants.source.path)
@@ -179,32 +189,65 @@ def write_bundle(choice: Choice, device: DeviceProfile, output: Path, sign_key: 
         warnings.append(f"no licence file found beside the source model {variants.source.path}; add the model's licence before shipping")
     engine = _engine_config(choice, device, record, model_path)
     manifest = _manifest(choice, device, variants, record)
+    model_files = sorted(p for p in model_path.rglob("*") if p.is_file()) if model_path.is_dir() else [model_path]
+    model_bytes = sum(p.stat().st_size for p in model_files) + sum(p.stat().st_size for p in licences)
+    require_free(output.parent, 2 * model_bytes, f"the bundle (its folder and its archive, {model_bytes / 2**20:.0f} MiB each)",
+                 "free space or choose another --output")
     output.parent.mkdir(parents=True, exist_ok=True)
-    archive = output.with_name(output.name + ".tar.gz")
+    archive = output.with_name(output.name + ARCHIVE_SUFFIX)
     with folder_lock(output.parent):
         remove_stale_temporaries(output.parent)
         # the inner (folder) is published on leaving before the outer (archive)
         with atomic_path(archive) as packed, atomic_path(output, directory=True) as folder:
-            _fill(folder, model_path, licences, engine, choice, manifest, sign_key)
-            write_reproducible_tar(folder, packed, output.name)
-            archive.unlink(missing_ok=True)  # from here on, no archive until this folder's is published
-    return BundleResult(str(output), str(archive), sha256_file(archive), choice.explanation(), sign_key is not None, tuple(warnings))
+            _fill(folder, model_path, record, licences, engine, choice, manifest, sign_key, _bytes_step(reporter, "bundle: copy and hash", model_bytes))
+            archive_sha256 = write_reproducible_tar(folder, packed, output.name, _bytes_step(reporter, "bundle: archive", model_bytes))
+            for old in (archive, output.with_name(output.name + ".tar.gz")):  # .tar.gz: what earlier versions wrote
+                old.unlink(missing_ok=True)  # from here on, no archive until this folder's is published
+    return BundleResult(str(output), str(archive), archive_sha256, choice.explanation(), sign_key is not None, tuple(warnings))
 
 
-def _fill(folder: Path, model_path: Path, licences: list[Path], engine: BundleEngineConfig, choice: Choice, manifest: dict[str, Any],
-          sign_key: Path | None) -> None:
-    """Write the bundle's files into `folder`, the manifest (every file's hash) last but the signature."""
+def _bytes_step(reporter: Reporter | None, label: str, total: int) -> Progress | None:
+    """A progress callback that starts `label` on its first call (and ends the step before it)."""
+    if reporter is None:
+        return None
+    started = False
+
+    def advance(done: int) -> None:
+        nonlocal started
+        if not started:
+            reporter.finish()
+            reporter.start(label, total)
+            started = True
+        reporter.advance_to(min(done, total))
+
+    return advance
+
+
+def _fill(folder: Path, model_path: Path, record: Any, licences: list[Path], engine: BundleEngineConfig, choice: Choice,
+          manifest: dict[str, Any], sign_key: Path | None, progress: Progress | None) -> None:
+    """Write the bundle's files into `folder`, the manifest (every file's hash) last but the signature.
+    The model is copied and hashed in one pass; a model that changed since it was measured is refused."""
     (folder / MODEL_DIR).mkdir()
-    if model_path.is_dir():  # an ONNX variant: its folder, every file listed and hashed
-        shutil.copytree(model_path, folder / MODEL_DIR / model_path.name, symlinks=False)
-    else:
-        shutil.copyfile(model_path, folder / MODEL_DIR / model_path.name)
+    target = folder / MODEL_DIR / model_path.name
+    sources = sorted(p for p in model_path.rglob("*") if p.is_file()) if model_path.is_dir() else [model_path]
+    copied: dict[Path, str] = {}  # bundle path -> sha256 of the bytes written there
+    done = 0
+    for source in sources:  # an ONNX variant: its folder, every file listed and hashed
+        if source.is_symlink():
+            raise InvalidInputError(f"{source}: a symlink in a variant's folder; bundles hold plain files only")
+        dest = target / source.relative_to(model_path) if model_path.is_dir() else target
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        copied[dest] = copy_hashed(source, dest, offset(progress, done))
+        done += dest.stat().st_size
+    digest = folder_digest_of(copied, target) if model_path.is_dir() else copied[target]
+    if digest != record.sha256:
+        raise InvalidInputError(f"{model_path} changed since `edgecds quantize` recorded it (sha256 differs); run quantize again")
     for lic in licences:
         shutil.copyfile(lic, folder / lic.name)
     (folder / ENGINE_CONFIG).write_text(engine.to_json(), encoding="utf-8")
     (folder / MODEL_CARD).write_text(_model_card(choice, manifest), encoding="utf-8")
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        manifest["files"][path.relative_to(folder).as_posix()] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+        manifest["files"][path.relative_to(folder).as_posix()] = {"sha256": copied.get(path) or sha256_file(path), "size": path.stat().st_size}
     manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
     (folder / MANIFEST).write_bytes(manifest_bytes)
     if sign_key is not None:
@@ -221,23 +264,27 @@ def _licence_id(source_path: str) -> str | None:
     return None
 
 
-def write_reproducible_tar(folder: Path, target: Path, name: str | None = None) -> None:
-    """Same folder contents, same bytes: sorted entries, time 0, owner 0, fixed modes, gzip time 0.
-    `name` is the folder's name inside the archive (default: its own)."""
+def write_reproducible_tar(folder: Path, target: Path, name: str | None = None, progress: Progress | None = None) -> str:
+    """Same folder contents, same bytes: sorted entries, time 0, owner 0, fixed modes, no
+    compression (weights do not compress; the archive costs what copying does). `name` is the
+    folder's name inside the archive (default: its own). Returns the archive's sha256, taken as it
+    is written."""
     buffer_name = name or folder.name
-    with open(target, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        entries = sorted(folder.rglob("*"), key=lambda p: p.relative_to(folder).as_posix())
-        for path in [folder, *entries]:
-            name = buffer_name if path == folder else f"{buffer_name}/{path.relative_to(folder).as_posix()}"
-            info = tarfile.TarInfo(name)
-            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-            if path.is_symlink():
-                raise VerifyError(f"{path}: a symlink has no place in a bundle")
-            if path.is_dir():
-                info.type, info.mode = tarfile.DIRTYPE, 0o755
-                tar.addfile(info)
-            else:
-                info.size, info.mode = path.stat().st_size, 0o644
-                with open(path, "rb") as fh:
-                    tar.addfile(info, fh)
+    with open(target, "wb") as raw:
+        hashed = HashingWriter(raw, progress)
+        with tarfile.open(fileobj=hashed, mode="w", format=tarfile.PAX_FORMAT, copybufsize=COPY_CHUNK) as tar:  # type: ignore[call-overload]
+            entries = sorted(folder.rglob("*"), key=lambda p: p.relative_to(folder).as_posix())
+            for path in [folder, *entries]:
+                member = buffer_name if path == folder else f"{buffer_name}/{path.relative_to(folder).as_posix()}"
+                info = tarfile.TarInfo(member)
+                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+                if path.is_symlink():
+                    raise VerifyError(f"{path}: a symlink has no place in a bundle")
+                if path.is_dir():
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(info)
+                else:
+                    info.size, info.mode = path.stat().st_size, 0o644
+                    with open(path, "rb") as fh:
+                        tar.addfile(info, fh)
+    return hashed.hexdigest()

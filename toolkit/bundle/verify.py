@@ -25,7 +25,8 @@ from typing import Any
 
 from edgecds.bundle.layout import ENGINE_CONFIG, MANIFEST, SCHEMA_VERSION, SIGNATURE, BundleEngineConfig, VerifyError
 from edgecds.bundle.sign import check_signature
-from edgecds.digest import sha256_file
+from edgecds.digest import Progress, sha256_file
+from edgecds.progress import Reporter, offset
 
 MAX_MEMBERS = 4096  # a bundle holds a handful of files (an ONNX variant a dozen); more is an attack
 MAX_MANIFEST_BYTES = 16 << 20
@@ -132,15 +133,16 @@ def _check_members(archive: Path, members: list[tuple[tarfile.TarInfo, PurePosix
     return tops.pop()
 
 
-def safe_extract(archive: Path, into: Path) -> Path:
+def safe_extract(archive: Path, into: Path, progress: Progress | None = None) -> Path:
     """Extract a bundle archive, refusing (not rewriting) any member that is not a plain file or
     folder inside the target (`..`, absolute names, links, devices, FIFOs, sparse files), any file
     the manifest does not list at that size, and an archive larger than the free disk; headers are
     checked before anything is written. Returns the bundle folder."""
     try:
-        with tarfile.open(archive, mode="r:gz") as tar:
+        with tarfile.open(archive, mode="r:*") as tar:  # .tar, and the .tar.gz earlier versions wrote
             members, manifest = _read_headers(tar, archive)
             top = _check_members(archive, members, manifest, into)
+            done = 0
             for m, name in members:
                 target = into.joinpath(*name.parts)
                 if m.isdir():
@@ -152,17 +154,20 @@ def safe_extract(archive: Path, into: Path) -> Path:
                     raise VerifyError(f"{archive}: member {m.name!r} cannot be read")
                 with src, open(target, "wb") as dst:
                     _copy_at_most(src, dst, m.size)
+                done += m.size
+                if progress is not None:
+                    progress(done)
     except (OSError, EOFError, zlib.error, tarfile.TarError) as exc:
         if isinstance(exc, OSError) and exc.filename and not str(exc.filename).startswith(str(archive)):
             raise VerifyError(f"{archive}: could not be extracted into {into.parent}: {exc.strerror}") from None
-        raise VerifyError(f"{archive}: not a complete, readable .tar.gz ({type(exc).__name__}: {exc}); fetch it again") from None
+        raise VerifyError(f"{archive}: not a complete, readable bundle archive ({type(exc).__name__}: {exc}); fetch it again") from None
     return into / top
 
 
 def _copy_at_most(src: Any, dst: Any, size: int) -> None:
     left = size
     while left > 0:
-        chunk = src.read(min(left, 1 << 20))
+        chunk = src.read(min(left, 8 << 20))
         if not chunk:
             raise EOFError("the archive ends inside a member")
         dst.write(chunk)
@@ -210,15 +215,19 @@ def _check_model_listed(bundle: Path, files: dict[str, dict[str, Any]]) -> None:
         raise VerifyError(f"{bundle / ENGINE_CONFIG}: its model {config.model!r} is not listed in the manifest")
 
 
-def verify_bundle(bundle: Path, trusted_key: str | None = None) -> VerifyResult:
+def verify_bundle(bundle: Path, trusted_key: str | None = None, reporter: Reporter | None = None) -> VerifyResult:
     """Every byte against the manifest; raises VerifyError naming the file at fault. With
-    `trusted_key` (hex; default $EDGECDS_TRUSTED_KEY) the bundle must be signed by that key."""
+    `trusted_key` (hex; default $EDGECDS_TRUSTED_KEY) the bundle must be signed by that key.
+    Files are read in chunks: memory stays flat whatever the model's size."""
     trusted_key = trusted_key or os.environ.get(TRUSTED_KEY_ENV) or None
     if bundle.is_file():
         with tempfile.TemporaryDirectory(prefix="edgecds-verify-") as tmp:
-            folder = safe_extract(bundle, Path(tmp))
+            size = bundle.stat().st_size
+            if reporter:
+                reporter.start("verify: extract", size)
+            folder = safe_extract(bundle, Path(tmp), reporter.advance_to if reporter else None)
             try:
-                result = verify_bundle(folder, trusted_key)
+                result = verify_bundle(folder, trusted_key, reporter)
             except VerifyError as exc:  # name the archive, not a temporary folder that is about to go
                 raise VerifyError(str(exc).replace(str(folder), f"{bundle}:{folder.name}")) from None
             return VerifyResult(str(bundle), result.files, result.signed, result.signer, result.trusted_signer)
@@ -237,9 +246,15 @@ def verify_bundle(bundle: Path, trusted_key: str | None = None) -> VerifyResult:
         raise VerifyError(f"{bundle / name}: not listed in the manifest (an extra file)")
     for name in sorted(expected - present):
         raise VerifyError(f"{bundle / name}: listed in the manifest but missing")
+    total, done = sum(int(e["size"]) for e in files.values()), 0
+    if reporter:
+        reporter.start("verify: sha256", total)
     for name, entry in sorted(files.items()):
         path = bundle / name
-        if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
+        if path.stat().st_size != entry["size"] or sha256_file(path, offset(reporter.advance_to if reporter else None, done)) != entry["sha256"]:
             raise VerifyError(f"{path}: does not match the manifest (size or sha256 differs)")
+        done += entry["size"]
+    if reporter:
+        reporter.finish()
     _check_model_listed(bundle, files)
     return VerifyResult(str(bundle), len(files), signed, signer, trusted_key is not None)

@@ -54,15 +54,16 @@ def report_command(results: tuple[Path, ...], output: Path | None, constraints: 
               help="The variants folder the results were measured from (checked by hash).  [default: the results file's folder]")
 @profiles_dir_option(help="Your own device profiles.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def bundle_command(results: tuple[Path, ...], device_id: str, output: Path | None, constraints: Any, sign_key: Path | None,
-                   variants_dir: Path | None, profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
+                   variants_dir: Path | None, profiles_dirs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
     """Choose the best variant measured on a device and pack it for the clinic.
 
     A variant qualifies when it fits, meets every constraint and is not significantly worse than
     its reference; among qualifiers the most faithful to the reference wins (drift within 0.01
     counting as equal), then the faster, then the smaller (--prefer changes the order). Every
     other variant is listed with the rule that decided. The bundle (folder and a
-    reproducible .tar.gz) holds the model, manifest.json, runtime.json, MODEL_CARD.md and the
+    reproducible, uncompressed .tar) holds the model, manifest.json, runtime.json, MODEL_CARD.md and the
     model's licence.
 
     \b
@@ -81,7 +82,9 @@ def bundle_command(results: tuple[Path, ...], device_id: str, output: Path | Non
             click.echo(f"{r.variant}: {'; '.join(r.reasons)}", err=True)
         raise UsageError(choice.advice)
     folder = output or Path("bundles") / f"{choice.chosen.variant}-{device.id}"
-    result = write_bundle(choice, device, folder, sign_key, variants_dir)
+    from edgecds.progress import make_reporter
+
+    result = write_bundle(choice, device, folder, sign_key, variants_dir, make_reporter(quiet))
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     if as_json:
@@ -115,17 +118,19 @@ def keygen_command(private_key: Path) -> None:
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True))
 @click.option("--key", "trusted_key", help="The signer's public key (hex, from KEY.pem.pub); the bundle must be signed by it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def verify_command(bundle: Path, trusted_key: str | None, as_json: bool) -> None:
-    """Check a bundle (folder or .tar.gz) byte for byte against its manifest; exit 0 only if all holds.
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def verify_command(bundle: Path, trusted_key: str | None, as_json: bool, quiet: bool) -> None:
+    """Check a bundle (folder or .tar archive) byte for byte against its manifest; exit 0 only if all holds.
 
     \b
     Examples:
-      edgecds verify bundles/Q4_K_M-laptop-x86-16gb.tar.gz
+      edgecds verify bundles/Q4_K_M-laptop-x86-16gb.tar
       edgecds verify bundles/Q4_K_M-laptop-x86-16gb --key $(cat key.pem.pub)
     """
     from edgecds.bundle.verify import verify_bundle
+    from edgecds.progress import make_reporter
 
-    result = verify_bundle(bundle, trusted_key)
+    result = verify_bundle(bundle, trusted_key, make_reporter(quiet))
     if as_json:
         print_json(asdict(result))
         return
