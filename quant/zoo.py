@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,9 @@ class Family:
     # families transformers has no class for: built with the class `built_with` names (Qwen3.5 with
     # Qwen3-Next's, `qwen35_build_config`), then the tensors split to the names the converter expects
     built_with: dict[str, Any] = field(default_factory=dict)
+    # the dtype the random weights are drawn in before the bf16 save: float32 for the small families
+    # (their cached weights depend on it), bfloat16 for the sized shapes, which need half the memory
+    init_dtype: str = "float32"
 
 
 def _common(**values: Any) -> dict[str, Any]:
@@ -140,6 +143,59 @@ NOT_COVERED = {
 }
 
 
+
+
+@dataclass(frozen=True)
+class SizedShape:
+    """One size of Qwen2.5's layout (the qwen2 family) at its published width and depth, for the
+    scale benchmark. The vocabulary stays the zoo's 49,152 tokens (its tokenizer is the default
+    model's), not Qwen's 151,936, so `parameters` is below the published count."""
+
+    name: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    parameters: int  # as transformers counts them, tied embedding once (checked by tests/test_scale_shapes.py)
+    shape_of: str  # the published model with these shapes, or why the shape was chosen
+
+
+SCALE_LAYOUT = "qwen2"
+# What every Qwen2.5 size from 0.5B to 3B publishes alike. No head_dim: the class derives it (64 at
+# 0.5B, 128 from 1.5B); the sliding-window fields have no effect with use_sliding_window false.
+QWEN25_COMMON: dict[str, Any] = {"rope_theta": 1000000.0, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+                                 "tie_word_embeddings": True, "use_sliding_window": False, "sliding_window": 32768}
+SCALE_SHAPES: tuple[SizedShape, ...] = (
+    SizedShape("qwen2.5-tiny", 256, 2, 512, 4, 2, 13_764_864, "the zoo's qwen2 width and depth, tied: for tests"),
+    # Not published: a size below 0.5B whose widths are multiples of 256 (every matrix k-quantizable),
+    # 64-wide heads and Qwen2.5's ratio of MLP to width (about 5.4)
+    SizedShape("qwen2.5-0.2b", 768, 16, 4096, 12, 2, 210_805_504, "no published model: Qwen2.5's layout below 0.5B"),
+    SizedShape("qwen2.5-0.5b", 896, 24, 4864, 14, 2, 401_938_304, "Qwen2.5-0.5B (494M with its own vocabulary)"),
+    SizedShape("qwen2.5-1.5b", 1536, 28, 8960, 12, 2, 1_385_838_080, "Qwen2.5-1.5B, DeepSeek-R1-Distill-Qwen-1.5B (1.54B)"),
+    SizedShape("qwen2.5-3b", 2048, 36, 11008, 16, 2, 2_875_437_056, "Qwen2.5-3B (3.09B)"),
+)
+
+
+def find_scale_shape(name: str) -> SizedShape:
+    for shape in SCALE_SHAPES:
+        if shape.name == name:
+            return shape
+    raise UnknownNameError("scale shape", name, [s.name for s in SCALE_SHAPES])
+
+
+def scale_family(shape: SizedShape) -> Family:
+    """The qwen2 family at one of SCALE_SHAPES' sizes, initialised in bf16 (3B in fp32 would take
+    12 GB of RAM); `build` builds and caches it as any family."""
+    base = find_family(SCALE_LAYOUT)
+    sized = {"hidden_size": shape.hidden_size, "num_hidden_layers": shape.num_hidden_layers, "intermediate_size": shape.intermediate_size,
+             "num_attention_heads": shape.num_attention_heads, "num_key_value_heads": shape.num_key_value_heads,
+             "max_window_layers": shape.num_hidden_layers}
+    config = {k: v for k, v in {**base.config, **QWEN25_COMMON, **sized}.items() if k != "head_dim"}
+    return replace(base, name=shape.name, represents=shape.shape_of, layout=(*base.layout, "tied-output"), config=config,
+                   init_dtype="bfloat16")
+
+
 def find_family(name: str) -> Family:
     for family in FAMILIES:
         if family.name == name:
@@ -154,7 +210,7 @@ def zoo_dir() -> Path:
 def build(family: Family, tokenizer_from: Path, seed: int = 0, into: Path | None = None) -> Path:
     """The family's random-weight HF folder (cached): config.json, bf16 safetensors, tokenizer."""
     tokenizer = {name: sha256_file(tokenizer_from / name) for name in TOKENIZER_FILES if (tokenizer_from / name).is_file()}
-    stamp = {"family": family.name, "config": family.config, "seed": seed, "tokenizer": tokenizer, "builder_version": BUILDER_VERSION}
+    stamp = build_stamp(family, tokenizer, seed)
     target = into or zoo_dir() / f"{family.name}-{cache_key(stamp, 12)}"
     if _stamped(target) == stamp:
         return target
@@ -167,6 +223,15 @@ def build(family: Family, tokenizer_from: Path, seed: int = 0, into: Path | None
                     shutil.copyfile(tokenizer_from / name, temp / name)
                 (temp / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
     return target
+
+
+def build_stamp(family: Family, tokenizer: dict[str, str], seed: int) -> dict[str, Any]:
+    """Everything that made a build (its cache key). The init dtype only where it is not float32, so
+    the families that predate it keep their stamps and caches."""
+    stamp = {"family": family.name, "config": family.config, "seed": seed, "tokenizer": tokenizer, "builder_version": BUILDER_VERSION}
+    if family.init_dtype != "float32":
+        stamp["init_dtype"] = family.init_dtype
+    return stamp
 
 
 def _stamped(folder: Path) -> Any:
@@ -185,7 +250,7 @@ def _write_model(family: Family, folder: Path, seed: int) -> None:
     architecture = family.built_with.get("architecture", family.architecture)
     config = AutoConfig.for_model(source["model_type"], architectures=[architecture], dtype="bfloat16", **values)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, family.init_dtype))
     with torch.no_grad():  # norms start at one (or zero for Gemma's 1+w); perturb them so they are tested too
         for param in model.parameters():
             if param.ndim == 1:
