@@ -222,8 +222,10 @@ def test_every_family_llama_cpp_runs_is_in_the_zoo_or_named_with_a_reason() -> N
 
 
 # ONNX through edgecds's runtime, where Optimum exports the family: the layouts the fused attention
-# learnt here (qwen2's biases, qwen3_moe's q/k norms and experts) and one it declines (gpt-oss).
-ONNX_FAMILIES = {"qwen2": "fused", "qwen3moe": "fused", "gpt-oss": "attention sinks"}
+# learnt here (qwen2's biases, qwen3_moe's q/k norms and experts, gemma3's two rotary tables, norms
+# after the transpose and sliding windows, gpt-oss's attention sinks and windows) and one it
+# declines (phi4-mini's fused qkv).
+ONNX_FAMILIES = {"qwen2": "fused", "qwen3moe": "fused", "gemma3": "fused", "gpt-oss": "fused", "phi4-mini": "one fused qkv projection"}
 
 
 @pytest.mark.parametrize("name", list(ONNX_FAMILIES))
@@ -260,6 +262,13 @@ def test_onnx_variants_match_transformers_and_the_fused_graph_matches_the_export
         assert note.startswith("graph compiled with fused attention"), note
         same = compare_logits(logits[False], logits[True])
         assert same.top1_agreement >= 0.9, same  # the fused graph computes what the export computes
+        # the float graph fused: the same logits to float rounding, past the widest sliding window
+        from edgecds.quant.onnx_fuse import compile_folder, layer_windows
+
+        config = json.loads((folder / "config.json").read_text())
+        report = compile_folder(_variant(result, "ONNX_FP32"), tmp_path_factory.mktemp(f"{name}-fused"))
+        assert report.verify["positions"] > max(layer_windows(config, config["num_hidden_layers"]) or [0]), report
+        assert report.verify["max_abs_diff"] <= 1e-3, report
     else:
         assert note.startswith("graph as exported"), note
 
