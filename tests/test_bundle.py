@@ -275,3 +275,24 @@ def test_on_real_variants_noise_does_not_choose(profiled: tuple[Path, str], tmp_
     assert fast.chosen is not None
     fastest = max(considered, key=lambda c: c.decode_tps)
     assert fast.chosen.decode_tps >= fastest.decode_tps - max(fastest.decode_spread, fast.chosen.decode_spread)
+
+
+def test_a_model_changed_since_it_was_measured_is_not_bundled(profiled: tuple[Path, str], tmp_path: Path) -> None:
+    """The hash is taken as the model is copied into the bundle: a file changed after profile (same
+    size, one byte) is refused, and nothing is left under the bundle's names."""
+    results, device = profiled
+    copy = tmp_path / "variants"
+    copy.mkdir()
+    for path in results.parent.iterdir():
+        if path.suffix == ".json" or path.name.endswith(("Q4_K_M.gguf", "Q8_0.gguf")):
+            shutil.copyfile(path, copy / path.name)
+    for gguf in copy.glob("*.gguf"):
+        with open(gguf, "r+b") as fh:
+            fh.seek(-1, 2)
+            last = fh.read(1)
+            fh.seek(-1, 2)
+            fh.write(bytes([last[0] ^ 1]))
+    out = tmp_path / "bundles" / "b"
+    code, text = invoke("bundle", str(copy / "results.json"), "--device", device, "-o", str(out), "--variants", str(copy))
+    assert code == 1 and "changed since `edgecds quantize` recorded it" in text, text
+    assert sorted(p.name for p in out.parent.iterdir()) == [".edgecds.lock"]  # no folder, no archive, no temporary

@@ -139,7 +139,7 @@ def test_verify_shows_bars_with_the_time_left_on_a_terminal(big_bundle: tuple[Pa
     code, out = on_terminal(["verify", str(big_bundle[1])])
     assert code == 0, out
     assert "verify: extract" in out and "verify: sha256" in out
-    assert "320.0 of 320.0 MiB" in out and "left" in out and "0:00:00" in out  # amount done, the time-left column
+    assert "320.0 of 320.0 MiB" in out and "0:00:00 left" in out  # the amount done, and edgecds's time-left column at the end
     assert "\x1b[" in out  # drawn as a bar (terminal control codes), not as plain lines
     assert "OK: 2 files" in out
 
@@ -172,3 +172,48 @@ def test_eval_reports_each_case_and_drift_chunk_on_a_pipe(default_variants: Quan
     assert any("% (1 of 2 cases)" in line and "left" in line for line in lines), lines
     assert any("drift on the clinical text: started" in line and "chunks" in line for line in lines), lines
     assert any("drift on the clinical text: " in line and " chunks)" in line and "left" in line for line in lines), lines
+
+
+def test_progress_figures_and_a_step_that_never_begins() -> None:
+    from edgecds.progress import amount, lazy_step, time_left
+
+    assert amount(512, 2048, "bytes") == "0.5 of 2.0 KiB" and amount(3 << 30, 6 << 30, "bytes") == "3.0 of 6.0 GiB"
+    assert amount(1, 4, "cases") == "1 of 4 cases"
+    # time left at the pace since the step began (one update a minute still gives an estimate)
+    assert time_left(1, 4, 60.0) == "0:03:00" and time_left(0, 4, 60.0) == "-:--:--"
+
+    calls: list[tuple[str, object]] = []
+
+    class Recorder:
+        shows_bars = False
+
+        def start(self, label: str, total: int, unit: str = "bytes") -> None:
+            calls.append(("start", (label, total, unit)))
+
+        def advance_to(self, done: int) -> None:
+            calls.append(("advance", done))
+
+        def finish(self) -> None:
+            calls.append(("finish", None))
+
+        def note(self, message: str) -> None:
+            calls.append(("note", message))
+
+    step = lazy_step(Recorder(), "profile", 3, "processes")
+    assert step is not None and calls == []  # a skipped variant shows no step at all
+    step(1)
+    step(5)  # never past the total
+    assert calls == [("finish", None), ("start", ("profile", 3, "processes")), ("advance", 1), ("advance", 3)]
+
+
+def test_an_onnx_variant_ships_exactly_the_files_its_hash_covers(tmp_path: Path) -> None:
+    from edgecds.bundle.pack import _model_files
+    from edgecds.digest import folder_digest_of, sha256_file, sha256_folder
+
+    folder = tmp_path / "ONNX_INT4"
+    (folder / "sub").mkdir(parents=True)
+    for name, data in {"model.onnx": b"graph", "model.onnx.data": b"weights", "sub/x.json": b"{}", ".stray": b"added later"}.items():
+        (folder / name).write_bytes(data)
+    files = _model_files(folder)
+    assert [p.relative_to(folder).as_posix() for p in files] == ["model.onnx", "model.onnx.data", "sub/x.json"]
+    assert folder_digest_of({p: sha256_file(p) for p in files}, folder) == sha256_folder(folder)

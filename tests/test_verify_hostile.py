@@ -221,3 +221,34 @@ def test_a_token_on_the_command_line_is_warned_about_and_a_token_file_is_read(tm
     token_file.write_text("s3cret-in-a-file\n")
     result = CliRunner().invoke(cli, ["serve", str(bundle), "--token-file", str(token_file)])
     assert result.exit_code == 1 and "process list" not in result.output and "not listed in the manifest" in result.output
+
+
+def test_an_archive_in_another_compression_is_refused_unopened(tmp_path: Path) -> None:
+    """Only the uncompressed tar (and the gzip one earlier versions wrote) is read: xz or bz2 can ask
+    for decoder memory without bound."""
+    bundle = fake_bundle(tmp_path / "b")
+    for mode in ("w:xz", "w:bz2"):
+        archive = tmp_path / f"{mode[2:]}.tar"
+        with tarfile.open(archive, mode) as tar:  # type: ignore[call-overload]
+            tar.add(bundle, arcname="b")
+        result = CliRunner().invoke(cli, ["verify", str(archive)])
+        assert result.exit_code == 1 and "not a complete, readable bundle archive" in result.output, result.output
+
+
+def test_the_gzip_archives_earlier_versions_wrote_still_verify(tmp_path: Path) -> None:
+    bundle = fake_bundle(tmp_path / "b")
+    archive = tmp_path / "b.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(bundle, arcname="b")
+    result = CliRunner().invoke(cli, ["verify", str(archive)])
+    assert result.exit_code == 0 and "OK: 2 files" in result.output, result.output
+
+
+@pytest.mark.parametrize("size", [10**400, -1, True, 2**63])
+def test_a_manifest_size_no_file_can_have_is_a_message(tmp_path: Path, size: object) -> None:
+    bundle = fake_bundle(tmp_path / "b")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["model/m.gguf"]["size"] = size
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(cli, ["verify", str(bundle)])
+    assert result.exit_code == 1 and "a size a file can have" in result.output, result.output

@@ -32,7 +32,8 @@ def copy_hashed(source: Path, target: Path, progress: Progress | None = None) ->
     h = hashlib.sha256()
     buffer = bytearray(_CHUNK)
     view, done = memoryview(buffer), 0
-    with open(source, "rb", buffering=0) as src, open(target, "wb", buffering=0) as dst:
+    # a buffered writer writes every byte or raises (a raw one may write fewer on a full disk)
+    with open(source, "rb", buffering=0) as src, open(target, "wb") as dst:
         while n := src.readinto(buffer):
             h.update(view[:n])
             dst.write(view[:n])

@@ -516,9 +516,11 @@ def _drift(folder: Path, runtime: Runtime, variant: VariantRecord, reference: Va
                 reporter.start(f"{label}: drift on the clinical text", total, "chunks")
             reporter.advance_to(done)
 
-    logprobs, targets = drift_logprobs(runtime, text, on_chunk)
-    if reporter:
-        reporter.finish()
+    try:
+        logprobs, targets = drift_logprobs(runtime, text, on_chunk)
+    finally:
+        if reporter:
+            reporter.finish()
     cache = _drift_cache(folder, reference, text)
     if variant.sha256 == reference.sha256:
         _save_reference(cache, logprobs, targets)

@@ -20,7 +20,7 @@ from edgecds.devices import DeviceProfile
 from edgecds.engine import device_backend, settings_for
 from edgecds.errors import EngineError, InvalidInputError, UsageError
 from edgecds.host import HostInfo
-from edgecds.progress import Reporter
+from edgecds.progress import Reporter, lazy_step
 from edgecds.results import (
     RESULTS_FILE,
     HostFingerprint,
@@ -176,10 +176,12 @@ def _measure_or_reuse(folder: Path, variant: VariantRecord, target: Target, sett
     if reporter:
         reporter.note(f"{label}: {config.repeats} fresh processes, each: load, warm-up, "
                       f"pp{settings.effective_prompt_tokens}, tg{settings.decode_tokens}, time to first token")
-        reporter.start(f"{label}: profile", config.repeats, "processes")
-    record = _profile_one(folder, variant, target, settings, recorded_settings, key, config, reporter.advance_to if reporter else None)
-    if reporter:
-        reporter.finish()
+    try:
+        record = _profile_one(folder, variant, target, settings, recorded_settings, key, config,
+                              lazy_step(reporter, f"{label}: profile", config.repeats, "processes"))
+    finally:
+        if reporter:
+            reporter.finish()
     if reporter and record.status != "measured":
         reporter.note(f"{label}: {record.status}: {record.reason}")
     return Outcome(record, False)

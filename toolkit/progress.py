@@ -8,6 +8,7 @@ errors with `--quiet`.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ def amount(done: int, total: int, unit: str) -> str:
     """'1.2 of 2.6 GiB', or '3 of 10 cases'."""
     if unit != BYTES:
         return f"{done} of {total} {unit}"
-    scale, suffix = (2**30, "GiB") if total >= 2**30 else (2**20, "MiB")
+    scale, suffix = (2**30, "GiB") if total >= 2**30 else (2**20, "MiB") if total >= 2**20 else (2**10, "KiB")
     return f"{done / scale:.1f} of {total / scale:.1f} {suffix}"
 
 
@@ -49,6 +50,24 @@ def seconds_left(done: int, total: int, elapsed: float) -> float | None:
 def clock(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def lazy_step(reporter: Reporter | None, label: str, total: int, unit: str = BYTES) -> Callable[[int], None] | None:
+    """A progress callback for a step that starts `label` on its first call (so a step that never
+    begins, a skipped variant, shows nothing) and ends any step before it."""
+    if reporter is None:
+        return None
+    started = False
+
+    def advance(done: int) -> None:
+        nonlocal started
+        if not started:
+            reporter.finish()
+            reporter.start(label, total, unit)
+            started = True
+        reporter.advance_to(min(done, total))
+
+    return advance
 
 
 def offset(progress: Callable[[int], None] | None, base: int) -> Callable[[int], None] | None:
@@ -73,6 +92,13 @@ def watch_file_growth(wait: Callable[[float], bool], path: Path, expected_bytes:
         reporter.advance_to(expected_bytes)
 
 
+def time_left(done: int, total: int, elapsed: float | None) -> str:
+    """The time-left column: at the pace since the step began. rich's own estimate uses only the
+    last 30 s of updates, and shows nothing when steps advance less often, as a large model's do."""
+    left = seconds_left(done, total, elapsed or 0.0)
+    return clock(left) if left is not None else "-:--:--"
+
+
 class RichReporter:
     """Progress bars on stderr, one per step, with the time elapsed and left; messages above them."""
 
@@ -80,12 +106,17 @@ class RichReporter:
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+        from rich.text import Text
+
+        class TimeLeft(ProgressColumn):
+            def render(self, task: Any) -> Text:
+                return Text(f"{time_left(int(task.completed), int(task.total or 1), task.elapsed)} left", style="progress.remaining")
 
         self._console = Console(stderr=True)
         self._progress = Progress(
             TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}"), TimeElapsedColumn(),
-            TextColumn("left"), TimeRemainingColumn(), console=self._console, transient=False,
+            TimeLeft(), console=self._console, transient=False,
         )
         self._task: Any = None
         self._unit = BYTES
@@ -105,7 +136,8 @@ class RichReporter:
 
     def finish(self) -> None:
         if self._task is not None:
-            self._progress.stop()
+            self._progress.stop()  # the finished bar stays on screen; the next step draws only its own
+            self._progress.remove_task(self._task)
             self._task = None
 
     def note(self, message: str) -> None:
@@ -125,7 +157,7 @@ class PlainReporter:
                 every = float(os.environ.get(PLAIN_EVERY_ENV, PLAIN_EVERY_SECONDS))
             except ValueError:
                 every = PLAIN_EVERY_SECONDS
-        self._every = max(every, 0.0)
+        self._every = every if math.isfinite(every) and every >= 0 else PLAIN_EVERY_SECONDS
         self._label, self._total, self._unit, self._began, self._last = "", 0, BYTES, 0.0, 0.0
 
     def _line(self, message: str) -> None:
@@ -160,8 +192,16 @@ class PlainReporter:
 
 
 def make_reporter(quiet: bool) -> Reporter:
+    """The reporter for a command; on a terminal, its display is closed when the command ends,
+    however it ends (an error midway must not leave a live bar and a hidden cursor)."""
     import sys
 
+    import click
+
     if not quiet and sys.stderr.isatty():
-        return RichReporter()
+        reporter = RichReporter()
+        context = click.get_current_context(silent=True)
+        if context is not None:
+            context.call_on_close(reporter.finish)
+        return reporter
     return PlainReporter(quiet)

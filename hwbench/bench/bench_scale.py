@@ -115,6 +115,10 @@ class StepSample:
     # own peak (host.benchmark_peak_rss_bytes): exec after vfork keeps the parent's high-water mark
     largest_process_peak_rss_bytes: int
     sampled_largest_process_rss_bytes: int  # the largest one process seen by sampling (includes unwaited ones)
+    # RssAnon: memory the processes hold privately (heap, buffers), without the file pages an engine
+    # maps (llama.cpp mmaps the model: those pages are the page cache, shared and reclaimable)
+    tree_peak_private_bytes: int
+    largest_process_peak_private_bytes: int
     processes_seen: int
     written_bytes: int  # kernel write accounting (ru_oublock) over the child and its waited descendants
     output_growth_bytes: int | None  # growth of the step's output folder, where it has one
@@ -128,6 +132,17 @@ class StepSample:
         return self.rc == 0
 
 
+def _rss_anon(pid: int) -> int:
+    """A process's private resident memory (RssAnon in /proc/PID/status), in bytes; 0 if gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 class TreeSampler(threading.Thread):
     """Samples a process tree every SAMPLE_SECONDS: summed and per-process RSS, and free disk; kills
     the tree past its deadline."""
@@ -137,8 +152,9 @@ class TreeSampler(threading.Thread):
         self.root = psutil.Process(pid)
         self.disk = disk
         self.deadline = time.monotonic() + timeout_s
-        self.tree_peak = 0
+        self.tree_peak = self.tree_private_peak = 0
         self.process_peaks: dict[int, int] = {}
+        self.private_peaks: dict[int, int] = {}
         self.free_min = shutil.disk_usage(disk).free
         self.timed_out = False
         self._done = threading.Event()
@@ -150,15 +166,18 @@ class TreeSampler(threading.Thread):
             return []
 
     def sample(self) -> None:
-        total = 0
+        total = private = 0
         for proc in self._tree():
             try:
                 rss = int(proc.memory_info().rss)
+                anon = _rss_anon(proc.pid)
             except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
                 continue
-            total += rss
+            total, private = total + rss, private + anon
             self.process_peaks[proc.pid] = max(self.process_peaks.get(proc.pid, 0), rss)
+            self.private_peaks[proc.pid] = max(self.private_peaks.get(proc.pid, 0), anon)
         self.tree_peak = max(self.tree_peak, total)
+        self.tree_private_peak = max(self.tree_private_peak, private)
         self.free_min = min(self.free_min, shutil.disk_usage(self.disk).free)
 
     def kill_tree(self) -> None:
@@ -222,6 +241,7 @@ def measure(step: str, cmd: list[str], logs: Path, disk: Path, output: Path | No
     return StepSample(
         step=step, command=[str(c) for c in cmd], rc=rc, wall_s=round(wall, 3), tree_peak_rss_bytes=sampler.tree_peak,
         largest_process_peak_rss_bytes=usage.ru_maxrss * 1024, sampled_largest_process_rss_bytes=max(sampler.process_peaks.values(), default=0),
+        tree_peak_private_bytes=sampler.tree_private_peak, largest_process_peak_private_bytes=max(sampler.private_peaks.values(), default=0),
         processes_seen=len(sampler.process_peaks), written_bytes=usage.ru_oublock * 512,
         output_growth_bytes=folder_bytes(output) - grown_from if output and grown_from is not None else None,
         free_disk_needed_bytes=max(0, free_before - sampler.free_min), load_average_before=round(load, 2), extra=extra,
@@ -475,7 +495,8 @@ def fits(sizes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if rows:
             out[name] = {"seconds": power_fit([(p, s["wall_s"]) for p, s in rows]),
                          "tree_peak_rss": power_fit([(p, s["tree_peak_rss_bytes"]) for p, s in rows]),
-                         "largest_process_peak_rss": power_fit([(p, s["largest_process_peak_rss_bytes"]) for p, s in rows])}
+                         "largest_process_peak_rss": power_fit([(p, s["largest_process_peak_rss_bytes"]) for p, s in rows]),
+                         "tree_peak_private": power_fit([(p, s.get("tree_peak_private_bytes", 0)) for p, s in rows])}
     return out
 
 
@@ -558,6 +579,7 @@ BYTE_TICKS = [2.0**k for k in range(16, 44)]
 
 
 def _range(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v > 0] or [1.0]  # a log axis: zeros (nothing measured) are not drawn
     lo, hi = min(values), max(values)
     return lo / 1.3, hi * 1.3  # a margin, and a width for a single size
 
@@ -663,7 +685,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from edgecds.models import DEFAULT_MODEL, find_model, is_pulled, model_folder
 
-    shapes = sorted((find_scale_shape(n.strip()) for n in args.sizes.split(",") if n.strip()), key=lambda s: s.parameters)
+    named = {n.strip(): find_scale_shape(n.strip()) for n in args.sizes.split(",") if n.strip()}  # each size once
+    shapes = sorted(named.values(), key=lambda s: s.parameters)
     onnx_limit = -1 if args.onnx_up_to == "none" else find_scale_shape(args.onnx_up_to).parameters
     model = find_model(DEFAULT_MODEL)
     if not is_pulled(model):

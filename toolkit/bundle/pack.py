@@ -32,7 +32,7 @@ from edgecds.bundle.sign import sign_manifest
 from edgecds.devices import DeviceProfile
 from edgecds.digest import HashingWriter, Progress, copy_hashed, folder_digest_of, sha256_file
 from edgecds.errors import InvalidInputError, UsageError
-from edgecds.progress import Reporter, offset
+from edgecds.progress import Reporter, lazy_step, offset
 
 COPY_CHUNK = 8 << 20  # tarfile copies 16 KiB at a time by default: slow for gigabytes
 
@@ -189,38 +189,33 @@ def write_bundle(choice: Choice, device: DeviceProfile, output: Path, sign_key: 
         warnings.append(f"no licence file found beside the source model {variants.source.path}; add the model's licence before shipping")
     engine = _engine_config(choice, device, record, model_path)
     manifest = _manifest(choice, device, variants, record)
-    model_files = sorted(p for p in model_path.rglob("*") if p.is_file()) if model_path.is_dir() else [model_path]
-    model_bytes = sum(p.stat().st_size for p in model_files) + sum(p.stat().st_size for p in licences)
-    require_free(output.parent, 2 * model_bytes, f"the bundle (its folder and its archive, {model_bytes / 2**20:.0f} MiB each)",
-                 "free space or choose another --output")
+    model_bytes = sum(p.stat().st_size for p in _model_files(model_path)) + sum(p.stat().st_size for p in licences)
     output.parent.mkdir(parents=True, exist_ok=True)
     archive = output.with_name(output.name + ARCHIVE_SUFFIX)
     with folder_lock(output.parent):
-        remove_stale_temporaries(output.parent)
-        # the inner (folder) is published on leaving before the outer (archive)
-        with atomic_path(archive) as packed, atomic_path(output, directory=True) as folder:
-            _fill(folder, model_path, record, licences, engine, choice, manifest, sign_key, _bytes_step(reporter, "bundle: copy and hash", model_bytes))
-            archive_sha256 = write_reproducible_tar(folder, packed, output.name, _bytes_step(reporter, "bundle: archive", model_bytes))
-            for old in (archive, output.with_name(output.name + ".tar.gz")):  # .tar.gz: what earlier versions wrote
-                old.unlink(missing_ok=True)  # from here on, no archive until this folder's is published
+        remove_stale_temporaries(output.parent)  # before the disk check: a killed run's files are not in the way
+        require_free(output.parent, 2 * model_bytes, f"the bundle (its folder and its archive, {model_bytes / 2**20:.0f} MiB each)",
+                     "free space or choose another --output")
+        try:
+            # the inner (folder) is published on leaving before the outer (archive)
+            with atomic_path(archive) as packed, atomic_path(output, directory=True) as folder:
+                _fill(folder, model_path, record, licences, engine, choice, manifest, sign_key,
+                      lazy_step(reporter, "bundle: copy and hash", model_bytes))
+                archive_sha256 = write_reproducible_tar(folder, packed, output.name, lazy_step(reporter, "bundle: archive", model_bytes))
+                for old in (archive, output.with_name(output.name + ".tar.gz")):  # .tar.gz: what earlier versions wrote
+                    old.unlink(missing_ok=True)  # from here on, no archive until this folder's is published
+        finally:
+            if reporter:
+                reporter.finish()
     return BundleResult(str(output), str(archive), archive_sha256, choice.explanation(), sign_key is not None, tuple(warnings))
 
 
-def _bytes_step(reporter: Reporter | None, label: str, total: int) -> Progress | None:
-    """A progress callback that starts `label` on its first call (and ends the step before it)."""
-    if reporter is None:
-        return None
-    started = False
-
-    def advance(done: int) -> None:
-        nonlocal started
-        if not started:
-            reporter.finish()
-            reporter.start(label, total)
-            started = True
-        reporter.advance_to(min(done, total))
-
-    return advance
+def _model_files(model_path: Path) -> list[Path]:
+    """The variant's file, or an ONNX variant's files: those its hash covers (hidden files are not
+    part of a variant, so none is shipped unchecked)."""
+    if not model_path.is_dir():
+        return [model_path]
+    return sorted(p for p in model_path.rglob("*") if (p.is_file() or p.is_symlink()) and not p.name.startswith("."))
 
 
 def _fill(folder: Path, model_path: Path, record: Any, licences: list[Path], engine: BundleEngineConfig, choice: Choice,
@@ -229,7 +224,7 @@ def _fill(folder: Path, model_path: Path, record: Any, licences: list[Path], eng
     The model is copied and hashed in one pass; a model that changed since it was measured is refused."""
     (folder / MODEL_DIR).mkdir()
     target = folder / MODEL_DIR / model_path.name
-    sources = sorted(p for p in model_path.rglob("*") if p.is_file()) if model_path.is_dir() else [model_path]
+    sources = _model_files(model_path)
     copied: dict[Path, str] = {}  # bundle path -> sha256 of the bytes written there
     done = 0
     for source in sources:  # an ONNX variant: its folder, every file listed and hashed

@@ -25,7 +25,7 @@ from typing import Any
 
 from edgecds.bundle.layout import ENGINE_CONFIG, MANIFEST, SCHEMA_VERSION, SIGNATURE, BundleEngineConfig, VerifyError
 from edgecds.bundle.sign import check_signature
-from edgecds.digest import Progress, sha256_file
+from edgecds.digest import sha256_file
 from edgecds.progress import Reporter, offset
 
 MAX_MEMBERS = 4096  # a bundle holds a handful of files (an ONNX variant a dozen); more is an attack
@@ -133,16 +133,26 @@ def _check_members(archive: Path, members: list[tuple[tarfile.TarInfo, PurePosix
     return tops.pop()
 
 
-def safe_extract(archive: Path, into: Path, progress: Progress | None = None) -> Path:
+def _open_archive(archive: Path) -> tarfile.TarFile:
+    """An uncompressed tar, or the gzip one earlier versions wrote; nothing else is opened (other
+    compressors can ask for unbounded decoder memory)."""
+    with open(archive, "rb") as fh:
+        gzipped = fh.read(2) == b"\x1f\x8b"
+    return tarfile.open(archive, mode="r:gz" if gzipped else "r:")
+
+
+def safe_extract(archive: Path, into: Path, reporter: Reporter | None = None) -> Path:
     """Extract a bundle archive, refusing (not rewriting) any member that is not a plain file or
     folder inside the target (`..`, absolute names, links, devices, FIFOs, sparse files), any file
     the manifest does not list at that size, and an archive larger than the free disk; headers are
     checked before anything is written. Returns the bundle folder."""
     try:
-        with tarfile.open(archive, mode="r:*") as tar:  # .tar, and the .tar.gz earlier versions wrote
+        with _open_archive(archive) as tar:
             members, manifest = _read_headers(tar, archive)
             top = _check_members(archive, members, manifest, into)
-            done = 0
+            done, total = 0, sum(m.size for m, _ in members if m.isfile())
+            if reporter:
+                reporter.start("verify: extract", total)
             for m, name in members:
                 target = into.joinpath(*name.parts)
                 if m.isdir():
@@ -155,8 +165,10 @@ def safe_extract(archive: Path, into: Path, progress: Progress | None = None) ->
                 with src, open(target, "wb") as dst:
                     _copy_at_most(src, dst, m.size)
                 done += m.size
-                if progress is not None:
-                    progress(done)
+                if reporter:
+                    reporter.advance_to(done)
+            if reporter:
+                reporter.finish()
     except (OSError, EOFError, zlib.error, tarfile.TarError) as exc:
         if isinstance(exc, OSError) and exc.filename and not str(exc.filename).startswith(str(archive)):
             raise VerifyError(f"{archive}: could not be extracted into {into.parent}: {exc.strerror}") from None
@@ -184,8 +196,10 @@ def _manifest_files(manifest_path: Path, data: bytes) -> dict[str, dict[str, Any
         raise VerifyError(f"{manifest_path}: not a manifest of schema_version {SCHEMA_VERSION}") from None
     for name, entry in files.items():
         relative = PurePosixPath(name)
-        if not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or not isinstance(entry.get("sha256"), str):
-            raise VerifyError(f"{manifest_path}: the entry for {name!r} is not {{\"sha256\": ..., \"size\": ...}}")
+        size = entry.get("size") if isinstance(entry, dict) else None
+        if (not isinstance(entry, dict) or not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 2**63
+                or not isinstance(entry.get("sha256"), str)):
+            raise VerifyError(f"{manifest_path}: the entry for {name!r} is not {{\"sha256\": ..., \"size\": ...}} with a size a file can have")
         if relative.is_absolute() or ".." in relative.parts or not relative.parts:
             raise VerifyError(f"{manifest_path}: lists {name!r}, a path outside the bundle")
     if ENGINE_CONFIG not in files:
@@ -222,10 +236,7 @@ def verify_bundle(bundle: Path, trusted_key: str | None = None, reporter: Report
     trusted_key = trusted_key or os.environ.get(TRUSTED_KEY_ENV) or None
     if bundle.is_file():
         with tempfile.TemporaryDirectory(prefix="edgecds-verify-") as tmp:
-            size = bundle.stat().st_size
-            if reporter:
-                reporter.start("verify: extract", size)
-            folder = safe_extract(bundle, Path(tmp), reporter.advance_to if reporter else None)
+            folder = safe_extract(bundle, Path(tmp), reporter)
             try:
                 result = verify_bundle(folder, trusted_key, reporter)
             except VerifyError as exc:  # name the archive, not a temporary folder that is about to go
@@ -249,12 +260,14 @@ def verify_bundle(bundle: Path, trusted_key: str | None = None, reporter: Report
     total, done = sum(int(e["size"]) for e in files.values()), 0
     if reporter:
         reporter.start("verify: sha256", total)
-    for name, entry in sorted(files.items()):
-        path = bundle / name
-        if path.stat().st_size != entry["size"] or sha256_file(path, offset(reporter.advance_to if reporter else None, done)) != entry["sha256"]:
-            raise VerifyError(f"{path}: does not match the manifest (size or sha256 differs)")
-        done += entry["size"]
-    if reporter:
-        reporter.finish()
+    try:
+        for name, entry in sorted(files.items()):
+            path = bundle / name
+            if path.stat().st_size != entry["size"] or sha256_file(path, offset(reporter.advance_to if reporter else None, done)) != entry["sha256"]:
+                raise VerifyError(f"{path}: does not match the manifest (size or sha256 differs)")
+            done += entry["size"]
+    finally:
+        if reporter:
+            reporter.finish()
     _check_model_listed(bundle, files)
     return VerifyResult(str(bundle), len(files), signed, signer, trusted_key is not None)
