@@ -324,7 +324,6 @@ def _concat_of_past(g: _Graph, layer: int, kv: str) -> Any:
 
 def fuse_attention(model: Any, config: dict[str, Any]) -> tuple[int, int]:
     """Rewrite `model` (an onnx ModelProto, weights loaded) in place; (layers fused, max positions)."""
-    import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     model_type = config.get("model_type")
@@ -346,31 +345,13 @@ def fuse_attention(model: Any, config: dict[str, Any]) -> tuple[int, int]:
     g = _Graph(graph)
 
     p = "/edgecds/gqa"
-    graph.initializer.extend([
-        numpy_helper.from_array(np.array([1], np.int64), f"{p}/axis1"), numpy_helper.from_array(np.array(1, np.int64), f"{p}/one"),
-        numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{p}/packed_shape"),
-    ])
-    # Sequence lengths from the mask, as genai's builder derives them: seqlens_k = tokens - 1, and the total.
-    shared = [
-        helper.make_node("ReduceSum", ["attention_mask", f"{p}/axis1"], [f"{p}/tokens"], name=f"{p}/tokens", keepdims=0),
-        helper.make_node("Sub", [f"{p}/tokens", f"{p}/one"], [f"{p}/last"], name=f"{p}/last"),
-        helper.make_node("Cast", [f"{p}/last"], [f"{p}/seqlens_k"], name=f"{p}/seqlens_k", to=TensorProto.INT32),
-        helper.make_node("Shape", ["attention_mask"], [f"{p}/mask_shape"], name=f"{p}/mask_shape"),
-        helper.make_node("Gather", [f"{p}/mask_shape", f"{p}/one"], [f"{p}/total64"], name=f"{p}/total64", axis=0),
-        helper.make_node("Cast", [f"{p}/total64"], [f"{p}/total"], name=f"{p}/total", to=TensorProto.INT32),
-    ]
+    shared = _sequence_lengths(graph, p)
     tables: dict[tuple[str, str], tuple[str, str]] = {}  # (Cos op, Sin op) -> its cache initializers
     replaced: set[int] = set()
     fused = []
     for i in range(n_layers):
         key_cat, value_cat = (_concat_of_past(g, i, kv) for kv in ("key", "value"))
-        ops = _rotary_ops(g, key_cat.input[1])
-        if (ops[0].name, ops[1].name) not in tables:
-            cos, sin = _rope_tables(model, g, ops, head_dim, positions)
-            names = (f"{p}/cos_cache_{len(tables)}", f"{p}/sin_cache_{len(tables)}")
-            graph.initializer.extend([numpy_helper.from_array(cos, names[0]), numpy_helper.from_array(sin, names[1])])
-            tables[(ops[0].name, ops[1].name)] = names
-        cos_name, sin_name = tables[(ops[0].name, ops[1].name)]
+        cos_name, sin_name = _layer_tables(model, g, key_cat, tables, head_dim, positions, p)
         packed = _packed_heads(g, i, key_cat, value_cat, p, shared)
         sinks = _attention_sinks(g, key_cat, n_heads)
         if sinks is not None:
@@ -395,6 +376,42 @@ def fuse_attention(model: Any, config: dict[str, Any]) -> tuple[int, int]:
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return n_layers, positions
+
+
+def _sequence_lengths(graph: Any, p: str) -> list[Any]:
+    """Sequence lengths from the mask, as genai's builder derives them: seqlens_k = tokens - 1,
+    and the total; with the constants the rewrite shares."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array([1], np.int64), f"{p}/axis1"), numpy_helper.from_array(np.array(1, np.int64), f"{p}/one"),
+        numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{p}/packed_shape"),
+    ])
+    return [
+        helper.make_node("ReduceSum", ["attention_mask", f"{p}/axis1"], [f"{p}/tokens"], name=f"{p}/tokens", keepdims=0),
+        helper.make_node("Sub", [f"{p}/tokens", f"{p}/one"], [f"{p}/last"], name=f"{p}/last"),
+        helper.make_node("Cast", [f"{p}/last"], [f"{p}/seqlens_k"], name=f"{p}/seqlens_k", to=TensorProto.INT32),
+        helper.make_node("Shape", ["attention_mask"], [f"{p}/mask_shape"], name=f"{p}/mask_shape"),
+        helper.make_node("Gather", [f"{p}/mask_shape", f"{p}/one"], [f"{p}/total64"], name=f"{p}/total64", axis=0),
+        helper.make_node("Cast", [f"{p}/total64"], [f"{p}/total"], name=f"{p}/total", to=TensorProto.INT32),
+    ]
+
+
+def _layer_tables(model: Any, g: _Graph, key_cat: Any, tables: dict[tuple[str, str], tuple[str, str]], head_dim: int,
+                  positions: int, p: str) -> tuple[str, str]:
+    """The cos/sin cache initializers for the rotary table this layer uses, made the first time a
+    table is met (Gemma 3 has two: local and global)."""
+    from onnx import numpy_helper
+
+    ops = _rotary_ops(g, key_cat.input[1])
+    key = (ops[0].name, ops[1].name)
+    if key not in tables:
+        cos, sin = _rope_tables(model, g, ops, head_dim, positions)
+        names = (f"{p}/cos_cache_{len(tables)}", f"{p}/sin_cache_{len(tables)}")
+        g.graph.initializer.extend([numpy_helper.from_array(cos, names[0]), numpy_helper.from_array(sin, names[1])])
+        tables[key] = names
+    return tables[key]
 
 
 def _packed_heads(g: _Graph, i: int, key_cat: Any, value_cat: Any, p: str, shared: list[Any]) -> list[str]:
