@@ -296,3 +296,25 @@ def test_a_model_changed_since_it_was_measured_is_not_bundled(profiled: tuple[Pa
     code, text = invoke("bundle", str(copy / "results.json"), "--device", device, "-o", str(out), "--variants", str(copy))
     assert code == 1 and "changed since `edgecds quantize` recorded it" in text, text
     assert sorted(p.name for p in out.parent.iterdir()) == [".edgecds.lock"]  # no folder, no archive, no temporary
+
+
+def test_bundle_on_a_disk_too_small_is_refused_before_writing(profiled: tuple[Path, str], tmp_path: Path) -> None:
+    """A disk that really is 64 MiB (a tmpfs of that size), for a model of ~100-140 MiB written twice."""
+    from tests.test_scale import on_small_disk, small_disk
+
+    if small_disk.args[0]:  # the skipif condition
+        pytest.skip(small_disk.kwargs["reason"])
+    results, device = profiled
+    code, out, left = on_small_disk(tmp_path / "disk", 64, "bundle", str(results), "--device", device, "-o", str(tmp_path / "disk" / "b"))
+    assert code == 1 and "the bundle (its folder and its archive" in out and "MiB needed" in out and "MiB free" in out, out
+    assert "Traceback" not in out and left == [".edgecds.lock"], left  # nothing but the folder's lock
+
+
+def test_bundle_shows_its_steps_with_the_time_left_on_a_terminal(profiled: tuple[Path, str], tmp_path: Path) -> None:
+    from tests.test_scale import on_terminal
+
+    results, device = profiled
+    code, out = on_terminal(["bundle", str(results), "--device", device, "-o", str(tmp_path / "b")])
+    assert code == 0, out
+    assert "bundle: copy and hash" in out and "bundle: archive" in out and "0:00:00 left" in out
+    assert "Bundle: " in out and "Archive: " in out and f"{tmp_path / 'b'}.tar" in out  # the result lines survive the bars

@@ -223,12 +223,12 @@ def test_every_family_llama_cpp_runs_is_in_the_zoo_or_named_with_a_reason() -> N
 
 # ONNX through edgecds's runtime, where Optimum exports the family: the layouts the fused attention
 # learnt here (qwen2's biases, qwen3_moe's q/k norms and experts, gemma3's two rotary tables, norms
-# after the transpose and sliding windows, gpt-oss's attention sinks and windows) and one it
-# declines (phi4-mini's fused qkv).
-ONNX_FAMILIES = {"qwen2": "fused", "qwen3moe": "fused", "gemma3": "fused", "gpt-oss": "fused", "phi4-mini": "one fused qkv projection"}
+# after the transpose and sliding windows, gpt-oss's attention sinks and windows). What it declines
+# (phi3's fused qkv) is logged with its reason: test_family_rules.py, without an export.
+ONNX_FAMILIES = ("qwen2", "qwen3moe", "gemma3", "gpt-oss")
 
 
-@pytest.mark.parametrize("name", list(ONNX_FAMILIES))
+@pytest.mark.parametrize("name", ONNX_FAMILIES)
 def test_onnx_variants_match_transformers_and_the_fused_graph_matches_the_export(zoo: Any, name: str, model_store: Path,
                                                                                tmp_path_factory: pytest.TempPathFactory) -> None:
     import numpy as np
@@ -257,20 +257,16 @@ def test_onnx_variants_match_transformers_and_the_fused_graph_matches_the_export
             runtime.reset()
             logits[fuse] = np.asarray(runtime.eval_logits(tokens))
             runtime.close()
-    assert ONNX_FAMILIES[name] in note, note  # fused, or declined with the family's reason
-    if ONNX_FAMILIES[name] == "fused":
-        assert note.startswith("graph compiled with fused attention"), note
-        same = compare_logits(logits[False], logits[True])
-        assert same.top1_agreement >= 0.9, same  # the fused graph computes what the export computes
-        # the float graph fused: the same logits to float rounding, past the widest sliding window
-        from edgecds.quant.onnx_fuse import compile_folder, layer_windows
+    assert note.startswith("graph compiled with fused attention"), note
+    same = compare_logits(logits[False], logits[True])
+    assert same.top1_agreement >= 0.9, same  # the fused graph computes what the export computes
+    # the float graph fused: the same logits to float rounding, past the widest sliding window
+    from edgecds.quant.onnx_fuse import compile_folder, layer_windows
 
-        config = json.loads((folder / "config.json").read_text())
-        report = compile_folder(_variant(result, "ONNX_FP32"), tmp_path_factory.mktemp(f"{name}-fused"))
-        assert report.verify["positions"] > max(layer_windows(config, config["num_hidden_layers"]) or [0]), report
-        assert report.verify["max_abs_diff"] <= 1e-3, report
-    else:
-        assert note.startswith("graph as exported"), note
+    config = json.loads((folder / "config.json").read_text())
+    report = compile_folder(_variant(result, "ONNX_FP32"), tmp_path_factory.mktemp(f"{name}-fused"))
+    assert report.verify["positions"] > max(layer_windows(config, config["num_hidden_layers"]) or [0]), report
+    assert report.verify["max_abs_diff"] <= 1e-3, report
 
 
 def test_real_gemma3_is_measured_bundled_with_its_terms_verified_and_run(gemma_gguf: Path, model_store: Path, tmp_path: Path,

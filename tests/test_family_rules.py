@@ -127,3 +127,28 @@ def test_qwen35_27b_is_estimated_from_its_published_config() -> None:
     assert 4.6 < info.bits_per_weight < 5.1  # Q4_K_M's mixture on a large model
     types = info.tensor_type_counts()
     assert types["Q6_K"] > 0 and types["Q4_K"] > types["Q6_K"]
+
+
+def test_fused_attention_declines_a_layout_it_does_not_know_with_the_reason() -> None:
+    """What the runtime logs when it runs a family's graph as exported (the matcher never reaches the graph)."""
+    import pytest
+
+    from edgecds.quant.onnx_fuse import NOT_FUSED, CannotFuse, fuse_attention
+
+    for model_type, reason in NOT_FUSED.items():
+        with pytest.raises(CannotFuse, match="model_type") as caught:
+            fuse_attention(None, {"model_type": model_type})
+        assert reason in str(caught.value)
+    with pytest.raises(CannotFuse, match="soft-capping"):
+        fuse_attention(None, {"model_type": "gemma3_text", "attn_logit_softcapping": 50.0})
+
+
+def test_sliding_windows_per_layer_as_transformers_reads_the_config() -> None:
+    from edgecds.quant.onnx_fuse import VERIFY_CHUNKS, layer_windows, verify_chunks
+
+    gemma = {"sliding_window": 512, "layer_types": ["sliding_attention"] * 5 + ["full_attention"], "num_hidden_layers": 6}
+    assert layer_windows(gemma, 6) == [512] * 5 + [0]
+    assert verify_chunks(gemma) == (32, 16, 512) + (1,) * 24  # decoding crosses the window's edge
+    assert layer_windows({"sliding_window": 4096, "use_sliding_window": False}, 2) == [0, 0]  # qwen2: off
+    assert layer_windows({"sliding_window": 4096}, 2) == [4096, 4096]  # mistral: on for every layer
+    assert verify_chunks({"num_hidden_layers": 2}) == VERIFY_CHUNKS

@@ -217,3 +217,12 @@ def test_an_onnx_variant_ships_exactly_the_files_its_hash_covers(tmp_path: Path)
     files = _model_files(folder)
     assert [p.relative_to(folder).as_posix() for p in files] == ["model.onnx", "model.onnx.data", "sub/x.json"]
     assert folder_digest_of({p: sha256_file(p) for p in files}, folder) == sha256_folder(folder)
+
+
+@pytest.mark.slow
+def test_quantize_shows_its_bar_with_the_time_left_on_a_terminal(default_variants: QuantizeResult, tmp_path: Path) -> None:
+    f16 = Path(default_variants.output_dir) / next(o.record.path for o in default_variants.outcomes if o.record.type == "F16")
+    code, out = on_terminal(["quantize", str(f16), "--types", "Q4_0", "-o", str(tmp_path / "out")])
+    assert code == 0, out
+    assert "Q4_0    quantize" in out and " left" in out and "MiB" in out and "\x1b[" in out
+    assert "Q4_0: verifying" in out
