@@ -203,27 +203,17 @@ def test_two_runs_cannot_write_one_folder_at_once(f16_gguf: Path, tmp_path: Path
 
 
 def test_progress_bars_only_on_a_terminal(f16_gguf: Path, tmp_path: Path) -> None:
-    import pty
+    from tests.test_scale import on_terminal
 
     args = edgecds_cmd("quantize", str(f16_gguf), "--types", "Q4_0", "-o", str(tmp_path / "tty"))
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=follower)
-    os.close(follower)
-    seen = b""
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # the terminal closes when the child exits
-            break
-        if not chunk:
-            break
-        seen += chunk
-    assert proc.wait() == 0
-    text = seen.decode("utf-8", errors="replace")
+    code, text = on_terminal(args[3:])  # after python -m edgecds
+    assert code == 0, text
     assert "Q4_0" in text and "quantize" in text and "━" in text  # a rich bar, drawn on the terminal
+    assert " left" in text and "MiB" in text  # with the amount done and the time left
 
     piped = subprocess.run([*args[:-1], str(tmp_path / "pipe")], capture_output=True, text=True, check=True)
     assert "Q4_0: verifying" in piped.stderr and "━" not in piped.stderr  # notes, no bar, when not a terminal
+    assert "Q4_0    quantize: started" in piped.stderr  # a plain line when the step starts
     assert "━" in piped.stdout  # the result table goes to stdout
     quiet = subprocess.run([*args[:-1], str(tmp_path / "quiet"), "--quiet", "--json"], capture_output=True, text=True, check=True)
     assert quiet.stderr == ""

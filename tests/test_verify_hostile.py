@@ -252,3 +252,17 @@ def test_a_manifest_size_no_file_can_have_is_a_message(tmp_path: Path, size: obj
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     result = CliRunner().invoke(cli, ["verify", str(bundle)])
     assert result.exit_code == 1 and "a size a file can have" in result.output, result.output
+
+
+def test_unpacking_a_damaged_archive_leaves_nothing(tmp_path: Path) -> None:
+    """`verify --into`: a member whose bytes differ from the manifest fails after extraction, and the
+    half-made folder goes with it."""
+    bundle = fake_bundle(tmp_path / "b")
+    (bundle / "model" / "m.gguf").write_bytes(b"GGUF" + b"\1" * 60)  # same size, other bytes
+    archive = tmp_path / "b.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(bundle, arcname="b")
+    into = tmp_path / "into"
+    result = CliRunner().invoke(cli, ["verify", str(archive), "--into", str(into)])
+    assert result.exit_code == 1 and "does not match the manifest" in result.output, result.output
+    assert sorted(p.name for p in into.iterdir()) == [".edgecds.lock"]

@@ -26,6 +26,21 @@ def sha256_file(path: Path, progress: Progress | None = None) -> str:
     return h.hexdigest()
 
 
+def sha256_stream(stream: BinaryIO, size: int, progress: Progress | None = None) -> str:
+    """The sha256 of exactly `size` bytes read from `stream` (an archive member), in chunks; a
+    stream that ends early raises EOFError."""
+    h, done = hashlib.sha256(), 0
+    while done < size:
+        chunk = stream.read(min(_CHUNK, size - done))
+        if not chunk:
+            raise EOFError("the archive ends inside a member")
+        h.update(chunk)
+        done += len(chunk)
+        if progress is not None:
+            progress(done)
+    return h.hexdigest()
+
+
 def copy_hashed(source: Path, target: Path, progress: Progress | None = None) -> str:
     """Copy `source` to `target` and return the sha256 of the bytes written, in one pass: a copy
     and its hash cost one read, not two."""

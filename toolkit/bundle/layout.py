@@ -81,8 +81,17 @@ class BundleEngineConfig:
         try:
             if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
                 raise VerifyError(f"{path}: missing, not a plain file, or too large; this is not an edgecds bundle")
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise VerifyError(f"{path}: not readable ({exc})") from None
+        return cls.parse(raw, path)
+
+    @classmethod
+    def parse(cls, raw: bytes, path: Path) -> BundleEngineConfig:
+        """`runtime.json`'s bytes, checked; `path` names it in messages (a file, or a member of an archive)."""
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise VerifyError(f"{path}: not readable as JSON ({exc})") from None
         try:
             config: BundleEngineConfig = dataclass_from_dict(cls, data, str(path))

@@ -1,13 +1,14 @@
-"""`edgecds verify`: a bundle (folder, or an archive extracted safely) checked byte for byte
-against its manifest, and its signature against a trusted key.
+"""`edgecds verify`: a bundle (folder or archive) checked byte for byte against its manifest, and
+its signature against a trusted key.
 
-An archive came over a network or a USB stick: it is read twice. First its headers alone, with
-the manifest it carries: every member must be a plain file or folder inside one top folder,
-listed in the manifest at the size the manifest gives, and all of them must fit the free disk,
-before a byte is written (sparse members, size bombs and 100k-member archives are refused there).
-Then each file is copied, never more than its declared size. A folder's `manifest.json` and
-`signature.json` are read only when they are plain files of a bounded size: a link, a FIFO or a
-device there is refused unopened.
+An archive came over a network or a USB stick. Its headers are read first, with the manifest it
+carries: every member must be a plain file or folder inside one top folder, listed in the manifest
+at the size the manifest gives (sparse members, size bombs and 100k-member archives are refused
+there). Then each member is hashed as it streams out of the archive, never more than its declared
+size: nothing is written, so verifying costs one read of the archive. `--into DIR` then unpacks a
+verified archive (`safe_extract`: the same header checks, and the free disk, before a byte is
+written). A folder's `manifest.json` and `signature.json` are read only when they are plain files
+of a bounded size: a link, a FIFO or a device there is refused unopened.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import stat
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from edgecds.bundle.layout import ENGINE_CONFIG, MANIFEST, SCHEMA_VERSION, SIGNATURE, BundleEngineConfig, VerifyError
+from edgecds.bundle.layout import ENGINE_CONFIG, MANIFEST, MAX_CONFIG_BYTES, SCHEMA_VERSION, SIGNATURE, BundleEngineConfig, VerifyError
 from edgecds.bundle.sign import check_signature
-from edgecds.digest import sha256_file
+from edgecds.digest import sha256_file, sha256_stream
 from edgecds.progress import Reporter, offset
 
 MAX_MEMBERS = 4096  # a bundle holds a handful of files (an ONNX variant a dozen); more is an attack
@@ -105,9 +107,9 @@ def _read_headers(tar: tarfile.TarFile, archive: Path) -> tuple[list[tuple[tarfi
     return members, manifest
 
 
-def _check_members(archive: Path, members: list[tuple[tarfile.TarInfo, PurePosixPath]], manifest: bytes, into: Path) -> str:
-    """The one top folder; every file listed at its size; folders and files never sharing a name;
-    the whole fitting the free disk. Returns the top folder's name."""
+def _check_members(archive: Path, members: list[tuple[tarfile.TarInfo, PurePosixPath]], manifest: bytes) -> tuple[str, int]:
+    """The one top folder; every file listed at its size; folders and files never sharing a name.
+    Returns the top folder's name and the bytes its files hold."""
     tops = {name.parts[0] for _, name in members}
     if len(tops) != 1:
         raise VerifyError(f"{archive}: a bundle archive holds one folder, this holds {len(tops)} top-level entries; refused, nothing extracted")
@@ -126,11 +128,7 @@ def _check_members(archive: Path, members: list[tuple[tarfile.TarInfo, PurePosix
             what = "not listed in the manifest" if relative not in sizes else f"{m.size} bytes, the manifest says {sizes[relative]}"
             raise VerifyError(f"{archive}: member {m.name!r} is {what}; refused, nothing extracted")
         total += m.size
-    free = shutil.disk_usage(into).free
-    if total + DISK_MARGIN > free:
-        raise VerifyError(f"{archive}: unpacks to {total / 2**20:.0f} MiB but {into} has {free / 2**20:.0f} MiB free; "
-                          "free space (or set TMPDIR to a larger disk); nothing extracted")
-    return tops.pop()
+    return tops.pop(), total
 
 
 def _open_archive(archive: Path) -> tarfile.TarFile:
@@ -149,8 +147,12 @@ def safe_extract(archive: Path, into: Path, reporter: Reporter | None = None) ->
     try:
         with _open_archive(archive) as tar:
             members, manifest = _read_headers(tar, archive)
-            top = _check_members(archive, members, manifest, into)
-            done, total = 0, sum(m.size for m, _ in members if m.isfile())
+            top, total = _check_members(archive, members, manifest)
+            free = shutil.disk_usage(into).free
+            if total + DISK_MARGIN > free:
+                raise VerifyError(f"{archive}: unpacks to {total / 2**20:.0f} MiB but {into} has {free / 2**20:.0f} MiB free; "
+                                  "free space or choose another folder; nothing extracted")
+            done = 0
             if reporter:
                 reporter.start("verify: extract", total)
             for m, name in members:
@@ -221,53 +223,134 @@ def _present_files(bundle: Path) -> set[str]:
     return present
 
 
-def _check_model_listed(bundle: Path, files: dict[str, dict[str, Any]]) -> None:
+def _check_model_listed(where: Path, config: BundleEngineConfig, files: dict[str, dict[str, Any]]) -> None:
     """The model runtime.json names is inside the bundle and covered by the manifest."""
-    config = BundleEngineConfig.read(bundle)
-    model = config.model_path(bundle).relative_to(bundle).as_posix()
+    model = config.model_path(where).relative_to(where).as_posix()
     if model not in files and not any(name.startswith(model + "/") for name in files):
-        raise VerifyError(f"{bundle / ENGINE_CONFIG}: its model {config.model!r} is not listed in the manifest")
+        raise VerifyError(f"{where / ENGINE_CONFIG}: its model {config.model!r} is not listed in the manifest")
+
+
+# (size, sha256) of a present file, reporting bytes read to the progress callback
+Digest = Callable[[str, Callable[[int], None] | None], tuple[int, str]]
+
+
+@dataclass(frozen=True)
+class _Contents:
+    """A bundle as verify reads it, from its folder or straight from its archive."""
+
+    where: Path  # how its files are named in messages: the folder, or ARCHIVE:TOP
+    manifest: bytes
+    signature: bytes | None
+    present: set[str]  # the files it holds, relative
+    runtime: Callable[[], BundleEngineConfig]
+    digest: Digest
 
 
 def verify_bundle(bundle: Path, trusted_key: str | None = None, reporter: Reporter | None = None) -> VerifyResult:
     """Every byte against the manifest; raises VerifyError naming the file at fault. With
     `trusted_key` (hex; default $EDGECDS_TRUSTED_KEY) the bundle must be signed by that key.
-    Files are read in chunks: memory stays flat whatever the model's size."""
+    Files are read in chunks: memory stays flat whatever the model's size; an archive is
+    verified as it is read, without unpacking it."""
     trusted_key = trusted_key or os.environ.get(TRUSTED_KEY_ENV) or None
     if bundle.is_file():
-        with tempfile.TemporaryDirectory(prefix="edgecds-verify-") as tmp:
-            folder = safe_extract(bundle, Path(tmp), reporter)
-            try:
-                result = verify_bundle(folder, trusted_key, reporter)
-            except VerifyError as exc:  # name the archive, not a temporary folder that is about to go
-                raise VerifyError(str(exc).replace(str(folder), f"{bundle}:{folder.name}")) from None
-            return VerifyResult(str(bundle), result.files, result.signed, result.signer, result.trusted_signer)
+        try:
+            with _open_archive(bundle) as tar:
+                return _check(_archive_contents(bundle, tar), trusted_key, reporter, str(bundle))
+        except (OSError, EOFError, zlib.error, tarfile.TarError) as exc:
+            raise VerifyError(f"{bundle}: not a complete, readable bundle archive ({type(exc).__name__}: {exc}); fetch it again") from None
     if not bundle.is_dir():
         raise VerifyError(f"{bundle}: no such bundle folder or archive")
-    manifest_path = bundle / MANIFEST
-    manifest_bytes = read_plain_file(manifest_path, MAX_MANIFEST_BYTES)
     signed = os.path.lexists(bundle / SIGNATURE)
-    signer = check_signature(bundle, manifest_bytes, read_plain_file(bundle / SIGNATURE, MAX_SIGNATURE_BYTES)) if signed else None
+
+    def digest(name: str, progress: Callable[[int], None] | None) -> tuple[int, str]:
+        path = bundle / name
+        return path.stat().st_size, sha256_file(path, progress)
+
+    contents = _Contents(bundle, read_plain_file(bundle / MANIFEST, MAX_MANIFEST_BYTES),
+                         read_plain_file(bundle / SIGNATURE, MAX_SIGNATURE_BYTES) if signed else None,
+                         _present_files(bundle), lambda: BundleEngineConfig.read(bundle), digest)
+    return _check(contents, trusted_key, reporter, str(bundle))
+
+
+def _archive_contents(archive: Path, tar: tarfile.TarFile) -> _Contents:
+    """The archive's bundle, its headers checked first; the small files read bounded, the rest
+    hashed as they stream out of it."""
+    members, manifest = _read_headers(tar, archive)
+    top, _total = _check_members(archive, members, manifest)
+    files = {PurePosixPath(*name.parts[1:]).as_posix(): m for m, name in members if m.isfile()}
+
+    def read_small(name: str, limit: int) -> bytes | None:
+        member = files.get(name)
+        if member is None:
+            return None
+        if member.size > limit:
+            raise VerifyError(f"{archive}:{top}/{name}: {member.size} bytes, more than the {limit} such a file can hold; refused")
+        src = tar.extractfile(member)
+        return src.read(limit) if src else b""
+
+    def digest(name: str, progress: Callable[[int], None] | None) -> tuple[int, str]:
+        member = files[name]
+        src = tar.extractfile(member)
+        if src is None:
+            raise VerifyError(f"{archive}: member {member.name!r} cannot be read")
+        with src:
+            return member.size, sha256_stream(src, member.size, progress)
+
+    def runtime() -> BundleEngineConfig:
+        raw = read_small(ENGINE_CONFIG, MAX_CONFIG_BYTES)
+        if raw is None:
+            raise VerifyError(f"{archive}:{top}/{ENGINE_CONFIG}: missing; this is not an edgecds bundle")
+        return BundleEngineConfig.parse(raw, Path(f"{archive}:{top}") / ENGINE_CONFIG)
+
+    return _Contents(Path(f"{archive}:{top}"), manifest, read_small(SIGNATURE, MAX_SIGNATURE_BYTES), set(files), runtime, digest)
+
+
+def _check(c: _Contents, trusted_key: str | None, reporter: Reporter | None, shown: str) -> VerifyResult:
+    """The checks a folder and an archive share: signature, the trusted signer, the manifest's
+    entries, no extra or missing file, every file's size and hash, the model listed."""
+    signed = c.signature is not None
+    signer = check_signature(c.where, c.manifest, c.signature) if c.signature is not None else None
     if trusted_key is not None and signer != trusted_key.strip().lower():
-        raise VerifyError(f"{bundle / SIGNATURE}: " + ("the bundle is not signed" if not signed else f"signed by {signer}, not by the trusted key"))
-    files = _manifest_files(manifest_path, manifest_bytes)
+        raise VerifyError(f"{c.where / SIGNATURE}: " + ("the bundle is not signed" if not signed else f"signed by {signer}, not by the trusted key"))
+    files = _manifest_files(c.where / MANIFEST, c.manifest)
     expected = set(files) | {MANIFEST} | ({SIGNATURE} if signed else set())
-    present = _present_files(bundle)
-    for name in sorted(present - expected):
-        raise VerifyError(f"{bundle / name}: not listed in the manifest (an extra file)")
-    for name in sorted(expected - present):
-        raise VerifyError(f"{bundle / name}: listed in the manifest but missing")
+    for name in sorted(c.present - expected):
+        raise VerifyError(f"{c.where / name}: not listed in the manifest (an extra file)")
+    for name in sorted(expected - c.present):
+        raise VerifyError(f"{c.where / name}: listed in the manifest but missing")
     total, done = sum(int(e["size"]) for e in files.values()), 0
     if reporter:
         reporter.start("verify: sha256", total)
     try:
-        for name, entry in sorted(files.items()):
-            path = bundle / name
-            if path.stat().st_size != entry["size"] or sha256_file(path, offset(reporter.advance_to if reporter else None, done)) != entry["sha256"]:
-                raise VerifyError(f"{path}: does not match the manifest (size or sha256 differs)")
+        for name, entry in sorted(files.items()):  # the archive's own order: one pass through it
+            size, sha = c.digest(name, offset(reporter.advance_to if reporter else None, done))
+            if size != entry["size"] or sha != entry["sha256"]:
+                raise VerifyError(f"{c.where / name}: does not match the manifest (size or sha256 differs)")
             done += entry["size"]
     finally:
         if reporter:
             reporter.finish()
-    _check_model_listed(bundle, files)
-    return VerifyResult(str(bundle), len(files), signed, signer, trusted_key is not None)
+    _check_model_listed(c.where, c.runtime(), files)
+    return VerifyResult(shown, len(files), signed, signer, trusted_key is not None)
+
+
+def unpack_bundle(archive: Path, into: Path, trusted_key: str | None = None, reporter: Reporter | None = None) -> tuple[VerifyResult, Path]:
+    """Unpack an archive into `into` as its top folder: headers and the free disk checked before a
+    byte is written (`safe_extract`), then the unpacked folder verified; it gets its final name only
+    then. An interruption, or a bundle that fails, leaves nothing but a temporary the next run removes."""
+    from edgecds.atomic import TEMP_MARK, folder_lock, remove_stale_temporaries
+
+    into.mkdir(parents=True, exist_ok=True)
+    with folder_lock(into):
+        remove_stale_temporaries(into)
+        staging = Path(tempfile.mkdtemp(prefix=".unpacking.", suffix=TEMP_MARK, dir=into))
+        try:
+            folder = safe_extract(archive, staging, reporter)
+            target = into / folder.name
+            if os.path.lexists(target):
+                raise VerifyError(f"{target} already exists; remove it or unpack into another folder")
+            result = verify_bundle(folder, trusted_key, reporter)
+            os.replace(folder, target)  # within the same folder: one rename
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return VerifyResult(str(target), result.files, result.signed, result.signer, result.trusted_signer), target

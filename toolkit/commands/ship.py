@@ -119,24 +119,32 @@ def keygen_command(private_key: Path) -> None:
 @click.option("--key", "trusted_key", help="The signer's public key (hex, from KEY.pem.pub); the bundle must be signed by it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-def verify_command(bundle: Path, trusted_key: str | None, as_json: bool, quiet: bool) -> None:
+@click.option("--into", type=click.Path(path_type=Path, file_okay=False),
+              help="Unpack a verified archive into this folder (headers and free disk checked before a byte is written; "
+                   "the unpacked bundle verified before it gets its name).")
+def verify_command(bundle: Path, trusted_key: str | None, as_json: bool, quiet: bool, into: Path | None) -> None:
     """Check a bundle (folder or .tar archive) byte for byte against its manifest; exit 0 only if all holds.
+    An archive is checked as it is read, without unpacking it; --into DIR also unpacks it, safely.
 
     \b
     Examples:
       edgecds verify bundles/Q4_K_M-laptop-x86-16gb.tar
+      edgecds verify bundles/Q4_K_M-laptop-x86-16gb.tar --into /opt/edgecds/bundles
       edgecds verify bundles/Q4_K_M-laptop-x86-16gb --key $(cat key.pem.pub)
     """
-    from edgecds.bundle.verify import verify_bundle
+    from edgecds.bundle.verify import unpack_bundle, verify_bundle
     from edgecds.progress import make_reporter
 
-    result = verify_bundle(bundle, trusted_key, make_reporter(quiet))
+    if into is not None and not bundle.is_file():
+        raise UsageError("--into unpacks an archive (a .tar); a bundle folder is already unpacked")
+    reporter = make_reporter(quiet)
+    result = verify_bundle(bundle, trusted_key, reporter) if into is None else unpack_bundle(bundle, into, trusted_key, reporter)[0]
     if as_json:
         print_json(asdict(result))
         return
     signer = f"signed by {result.signer}" + (" (the trusted key)" if result.trusted_signer else " (not checked against a trusted key: pass --key)") \
         if result.signed else "not signed"
-    click.echo(f"OK: {result.files} files match the manifest; {signer}")
+    click.echo(f"OK: {result.files} files match the manifest; {signer}" + (f"\nUnpacked: {result.bundle}" if into is not None else ""))
 
 
 @click.command("run")
