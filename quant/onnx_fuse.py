@@ -45,6 +45,8 @@ NOT_FUSED = {
 # ops allowed between a projection and its transpose into heads: the reshape, a bias, an RMS norm
 HEAD_CHAIN_OPS = frozenset({"Reshape", "Add", "Mul", "Cast", "Div", "Pow", "ReduceMean", "Sqrt", "Reciprocal",
                             "SimplifiedLayerNormalization", "Constant", "Shape", "Gather", "Unsqueeze", "Concat"})
+# where a rotate-half begins: slicing (or splitting) the heads into halves
+ROTARY_SPLITS = ("Slice", "Split")
 # ops of an RMS norm over each head's last axis, as Optimum spells it
 NORM_OPS = frozenset({"Cast", "Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul", "Reciprocal", "Constant", "SimplifiedLayerNormalization"})
 MATMULS = ("MatMul", "MatMulNBits")
@@ -63,20 +65,34 @@ QUANTIZED_OPS = frozenset({"MatMulNBits", "MatMulInteger", "DynamicQuantizeLinea
 VERIFY_CHUNKS = (32, 16) + (1,) * 24  # a prompt in two batches (the second after a cache), then decode
 
 
+WINDOWED_BY_LAYER = ("gemma3_text", "gpt_oss")  # families whose windows are per layer, never on every layer
+
+
 def verify_chunks(config: dict[str, Any]) -> tuple[int, ...]:
     """VERIFY_CHUNKS, with a batch as long as the widest sliding window in the middle, so that the
     decode steps after it attend across the window's edge (where a wrong window shows)."""
-    window = max(layer_windows(config, int(config.get("num_hidden_layers") or 0)) or [0])
+    try:
+        window = max(layer_windows(config, int(config.get("num_hidden_layers") or 0)) or [0])
+    except CannotFuse:
+        window = 0
     return VERIFY_CHUNKS[:2] + ((window,) if window else ()) + VERIFY_CHUNKS[2:]
 
 
 def layer_windows(config: dict[str, Any], n_layers: int) -> list[int]:
     """Each layer's sliding window in tokens (0: attends to the whole context), as transformers
-    reads the config: `layer_types` where given, else one window for every layer when it is on."""
-    window = int(config.get("sliding_window") or 0)
+    reads the config: `layer_types` where given, else Gemma's `sliding_window_pattern` (every
+    Nth layer global), else one window for every layer when it is on."""
+    window = config.get("sliding_window")
+    window = window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else 0
     types = config.get("layer_types")
-    if isinstance(types, list) and len(types) == n_layers:
+    if types is not None:
+        _check(isinstance(types, list) and len(types) == n_layers, f"layer_types does not list {n_layers} layers")
         return [window if t == "sliding_attention" else 0 for t in types]
+    pattern = config.get("sliding_window_pattern")
+    if isinstance(pattern, int) and pattern > 0:
+        return [0 if (i + 1) % pattern == 0 else window for i in range(n_layers)]
+    _check(config.get("model_type") not in WINDOWED_BY_LAYER or not window,
+           f"{config.get('model_type')} windows some layers but the config says neither layer_types nor sliding_window_pattern")
     on = window and config.get("use_sliding_window", True)
     return [window if on else 0] * n_layers
 
@@ -218,6 +234,42 @@ class _Graph:
         return str(out)
 
 
+def _window_attribute(window: int) -> int:
+    """`local_window_size` for a window of `window` tokens counting the current one (transformers'
+    sliding window). onnxruntime releases differ: older CPU kernels attend one token more than the
+    attribute says (fixed in 2025), so this one is asked, with one tiny session."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    global _WINDOW_EXTRA
+    if _WINDOW_EXTRA is None:
+        n, size = 6, 8  # value rows one-hot by position, equal scores: the last row's output counts the keys it saw
+        node = helper.make_node("GroupQueryAttention", ["q", "k", "v", "", "", "seqlens_k", "total"], ["out", "pk", "pv"], domain=DOMAIN,
+                                num_heads=1, kv_num_heads=1, local_window_size=2)
+        floats = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, n, size]) for x in "qkv"]
+        ints = [helper.make_tensor_value_info(x, TensorProto.INT32, [1]) for x in ("seqlens_k", "total")]
+        outs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in ("out", "pk", "pv")]
+        model = helper.make_model(helper.make_graph([node], "probe", floats + ints, outs),
+                                  opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+        v = np.zeros((1, n, size), np.float32)
+        v[0, np.arange(n), np.arange(n)] = 1
+        zeros = np.zeros((1, n, size), np.float32)
+        try:
+            session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            out = session.run(["out"], {"q": zeros, "k": zeros, "v": v, "seqlens_k": np.array([n - 1], np.int32),
+                                        "total": np.array([n], np.int32)})[0]
+        except Exception as exc:  # onnxruntime's own error classes
+            raise CannotFuse(f"this onnxruntime's GroupQueryAttention does not run a sliding window ({type(exc).__name__})") from None
+        seen = int((out[0, -1] > 1e-6).sum())
+        _check(seen in (2, 3), f"this onnxruntime's sliding window attends {seen} keys for a window of 2: not understood")
+        _WINDOW_EXTRA = seen - 2
+    return window - _WINDOW_EXTRA
+
+
+_WINDOW_EXTRA: int | None = None
+
+
 def _rotary_ops(g: _Graph, rotated: str) -> tuple[Any, Any]:
     """The Cos and Sin ops whose tables rotate `rotated` (a layer's new keys), found upstream of it."""
     found: dict[str, list[Any]] = {"Cos": [], "Sin": []}
@@ -255,7 +307,7 @@ def _positions_source(g: _Graph, cos: Any) -> str:
     return str(ranges[0].output[0])
 
 
-def _rope_tables(model: Any, g: _Graph, ops: tuple[Any, Any], head_dim: int, positions: int) -> tuple[Any, Any]:
+def _rope_tables(model: Any, g: _Graph, ops: tuple[Any, Any], head_dim: int, positions: int, half_tables: bool = False) -> tuple[Any, Any]:
     """cos and sin per position, computed by the graph's own rotary subgraph (so any scaling baked
     into its inverse frequencies carries over), halved as GroupQueryAttention's tables are."""
     import numpy as np
@@ -271,7 +323,7 @@ def _rope_tables(model: Any, g: _Graph, ops: tuple[Any, Any], head_dim: int, pos
         raise CannotFuse(f"the rotary subgraph does not run on its own ({type(exc).__name__}: {exc})") from None
     c, s = np.asarray(c, np.float32).reshape(positions, -1), np.asarray(s, np.float32).reshape(positions, -1)
     half = head_dim // 2
-    if c.shape[1] == half:  # one angle per pair already (gpt-oss rotates the two halves with it)
+    if c.shape[1] == half and half_tables:  # one angle per pair already (gpt-oss rotates the two halves with it)
         return np.ascontiguousarray(c), np.ascontiguousarray(s)
     _check(c.shape[1] == head_dim, f"rotary covers {c.shape[1]} of {head_dim} dimensions (partial rotary is not supported)")
     _check(np.allclose(c[:, :half], c[:, half:]), "the rotary table is not rotate-half layout")
@@ -346,19 +398,21 @@ def fuse_attention(model: Any, config: dict[str, Any]) -> tuple[int, int]:
 
     p = "/edgecds/gqa"
     shared = _sequence_lengths(graph, p)
-    tables: dict[tuple[str, str], tuple[str, str]] = {}  # (Cos op, Sin op) -> its cache initializers
+    tables: dict[tuple[int, int], tuple[str, str]] = {}  # (Cos op, Sin op) -> its cache initializers
     replaced: set[int] = set()
     fused = []
     for i in range(n_layers):
         key_cat, value_cat = (_concat_of_past(g, i, kv) for kv in ("key", "value"))
-        cos_name, sin_name = _layer_tables(model, g, key_cat, tables, head_dim, positions, p)
+        cos_name, sin_name = _layer_tables(model, g, key_cat, tables, head_dim, positions, p, model_type == "gpt_oss")
         packed = _packed_heads(g, i, key_cat, value_cat, p, shared)
         sinks = _attention_sinks(g, key_cat, n_heads)
+        _check((sinks is not None) == (model_type == "gpt_oss"),
+               f"layer {i}: " + ("no attention sinks found where gpt-oss has them" if sinks is None else "a per-head term before the softmax this family should not have"))
         if sinks is not None:
             graph.initializer.append(numpy_helper.from_array(sinks, f"{p}/{i}/head_sink"))
         o_proj = g.first_projection_after(f"present.{i}.value")
         out = f"{p}/{i}/attention"
-        window: dict[str, Any] = {"local_window_size": windows[i]} if windows[i] else {}
+        window: dict[str, Any] = {"local_window_size": _window_attribute(windows[i])} if windows[i] else {}
         fused.append(helper.make_node(
             "GroupQueryAttention",
             [*packed, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
@@ -398,16 +452,16 @@ def _sequence_lengths(graph: Any, p: str) -> list[Any]:
     ]
 
 
-def _layer_tables(model: Any, g: _Graph, key_cat: Any, tables: dict[tuple[str, str], tuple[str, str]], head_dim: int,
-                  positions: int, p: str) -> tuple[str, str]:
+def _layer_tables(model: Any, g: _Graph, key_cat: Any, tables: dict[tuple[int, int], tuple[str, str]], head_dim: int,
+                  positions: int, p: str, half_tables: bool) -> tuple[str, str]:
     """The cos/sin cache initializers for the rotary table this layer uses, made the first time a
     table is met (Gemma 3 has two: local and global)."""
     from onnx import numpy_helper
 
     ops = _rotary_ops(g, key_cat.input[1])
-    key = (ops[0].name, ops[1].name)
+    key = (id(ops[0]), id(ops[1]))  # by the ops themselves: exported names can be empty
     if key not in tables:
-        cos, sin = _rope_tables(model, g, ops, head_dim, positions)
+        cos, sin = _rope_tables(model, g, ops, head_dim, positions, half_tables)
         names = (f"{p}/cos_cache_{len(tables)}", f"{p}/sin_cache_{len(tables)}")
         g.graph.initializer.extend([numpy_helper.from_array(cos, names[0]), numpy_helper.from_array(sin, names[1])])
         tables[key] = names
@@ -454,14 +508,18 @@ def _norm_after_transpose(g: _Graph, heads: str, prefix: str, shared: list[Any])
     while todo and end is None:
         name = todo.pop(0)
         consumers = g.consumers.get(name, [])
-        if name != start and any(c.op_type == "Slice" for c in consumers):
+        if name != start and any(c.op_type in ROTARY_SPLITS for c in consumers):
             end = name
             break
         for node in consumers:
             if node.op_type in NORM_OPS and id(node) not in seen:
                 seen.add(id(node))
                 todo.extend(node.output)
-    if end is None or any(c.op_type == "Slice" for c in g.consumers.get(start, [])):
+    if any(c.op_type in ROTARY_SPLITS for c in g.consumers.get(start, [])):
+        return heads  # the rotary reads the transposed heads directly: no norm
+    if end is None:
+        _check(not any(n.op_type in ("ReduceMean", "SimplifiedLayerNormalization") for n in g.graph.node if id(n) in seen),
+               f"{start}: a norm after the transpose into heads whose end this matcher cannot find")
         return heads
     # the norm's nodes: back from its end to the transpose
     nodes: dict[int, Any] = {}
@@ -477,12 +535,12 @@ def _norm_after_transpose(g: _Graph, heads: str, prefix: str, shared: list[Any])
         back.extend(node.input)
     renamed = {start: heads}
     copies = []
-    for node in (n for n in g.graph.node if id(n) in nodes):  # the graph's order is topological
+    for count, node in enumerate(n for n in g.graph.node if id(n) in nodes):  # the graph's order is topological
         if node.op_type == "Constant":
             continue
-        outputs = [f"{prefix}/{k}/{out.rsplit('/', 1)[-1]}" for k, out in enumerate(node.output)]
+        outputs = [f"{prefix}/{count}/{k}" for k in range(len(node.output))]  # unique, whatever the exporter named them
         renamed.update(zip(node.output, outputs, strict=True))
-        copy = helper.make_node(node.op_type, [renamed.get(x, x) for x in node.input], outputs, name=f"{prefix}/{node.name}",
+        copy = helper.make_node(node.op_type, [renamed.get(x, x) for x in node.input], outputs, name=f"{prefix}/{count}",
                                 domain=node.domain or None)
         copy.attribute.extend(node.attribute)
         copies.append(copy)

@@ -152,3 +152,17 @@ def test_sliding_windows_per_layer_as_transformers_reads_the_config() -> None:
     assert layer_windows({"sliding_window": 4096, "use_sliding_window": False}, 2) == [0, 0]  # qwen2: off
     assert layer_windows({"sliding_window": 4096}, 2) == [4096, 4096]  # mistral: on for every layer
     assert verify_chunks({"num_hidden_layers": 2}) == VERIFY_CHUNKS
+    # configs saved before layer_types: Gemma's pattern (every sixth layer global)
+    assert layer_windows({"sliding_window": 512, "sliding_window_pattern": 6}, 12) == ([512] * 5 + [0]) * 2
+    assert layer_windows({"sliding_window": -1}, 2) == [0, 0]  # no window, not a negative one
+
+
+def test_a_window_config_the_matcher_cannot_read_is_declined() -> None:
+    import pytest
+
+    from edgecds.quant.onnx_fuse import CannotFuse, layer_windows
+
+    with pytest.raises(CannotFuse, match="does not list 6 layers"):
+        layer_windows({"sliding_window": 512, "layer_types": ["sliding_attention"] * 5}, 6)
+    with pytest.raises(CannotFuse, match="neither layer_types nor sliding_window_pattern"):
+        layer_windows({"model_type": "gemma3_text", "sliding_window": 512}, 6)  # not a window on every layer

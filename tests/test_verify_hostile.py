@@ -255,8 +255,8 @@ def test_a_manifest_size_no_file_can_have_is_a_message(tmp_path: Path, size: obj
 
 
 def test_unpacking_a_damaged_archive_leaves_nothing(tmp_path: Path) -> None:
-    """`verify --into`: a member whose bytes differ from the manifest fails after extraction, and the
-    half-made folder goes with it."""
+    """`verify --into`: a member whose bytes differ from the manifest is found as the archive is read,
+    before anything is written."""
     bundle = fake_bundle(tmp_path / "b")
     (bundle / "model" / "m.gguf").write_bytes(b"GGUF" + b"\1" * 60)  # same size, other bytes
     archive = tmp_path / "b.tar"
@@ -265,4 +265,41 @@ def test_unpacking_a_damaged_archive_leaves_nothing(tmp_path: Path) -> None:
     into = tmp_path / "into"
     result = CliRunner().invoke(cli, ["verify", str(archive), "--into", str(into)])
     assert result.exit_code == 1 and "does not match the manifest" in result.output, result.output
-    assert sorted(p.name for p in into.iterdir()) == [".edgecds.lock"]
+    assert f"{archive}:b/model/m.gguf" in result.output and not into.exists()
+
+
+def test_deeply_nested_json_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    for name in ("manifest.json", "signature.json"):
+        bundle = fake_bundle(tmp_path / name)
+        (bundle / name).write_text("[" * 200_000)
+        result = CliRunner().invoke(cli, ["verify", str(bundle)])
+        assert result.exit_code == 1 and name in result.output, result.output
+        assert not isinstance(result.exception, RecursionError)
+
+
+@pytest.mark.parametrize("case", ["hidden top folder", "signature.json as a folder"])
+def test_names_an_archive_must_not_use_are_refused(tmp_path: Path, case: str) -> None:
+    bundle = fake_bundle(tmp_path / "b")
+    archive = tmp_path / "b.tar"
+    with tarfile.open(archive, "w") as tar:
+        if case == "hidden top folder":
+            tar.add(bundle, arcname=".b.edgecds-tmp")  # would pass for a temporary the next run deletes
+        else:
+            tar.add(bundle, arcname="b")
+            info = tarfile.TarInfo("b/signature.json")
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+    result = CliRunner().invoke(cli, ["verify", str(archive)])
+    assert result.exit_code == 1 and "refused" in result.output, result.output
+
+
+def test_members_in_any_order_are_read_in_one_pass(tmp_path: Path) -> None:
+    """Hashed in the archive's own order (a gzip archive read backwards costs a decompression per member)."""
+    bundle = fake_bundle(tmp_path / "b")
+    archive = tmp_path / "b.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(bundle, arcname="b", recursive=False)
+        for path in sorted(bundle.rglob("*"), reverse=True):
+            tar.add(path, arcname=f"b/{path.relative_to(bundle).as_posix()}", recursive=False)
+    result = CliRunner().invoke(cli, ["verify", str(archive)])
+    assert result.exit_code == 0 and "OK: 2 files" in result.output, result.output

@@ -91,8 +91,8 @@ class BundleEngineConfig:
         """`runtime.json`'s bytes, checked; `path` names it in messages (a file, or a member of an archive)."""
         try:
             data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise VerifyError(f"{path}: not readable as JSON ({exc})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise VerifyError(f"{path}: not readable as JSON ({type(exc).__name__})") from None
         try:
             config: BundleEngineConfig = dataclass_from_dict(cls, data, str(path))
         except EdgecdsError as exc:

@@ -57,7 +57,7 @@ def check_signature(bundle: Path, manifest_bytes: bytes, signature_bytes: bytes)
         sig = json.loads(signature_bytes.decode("utf-8"))
         public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(sig["public_key"]))
         signature = bytes.fromhex(sig["signature"])
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError):
         raise VerifyError(f"{path}: not an edgecds signature") from None
     try:
         public.verify(signature, manifest_bytes)

@@ -13,6 +13,7 @@ of a bounded size: a link, a FIFO or a device there is refused unopened.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,6 +31,9 @@ from edgecds.bundle.sign import check_signature
 from edgecds.digest import sha256_file, sha256_stream
 from edgecds.progress import Reporter, offset
 
+# what reading a hostile archive raises: tarfile's own parser also raises ValueError (bad sparse
+# maps) and RecursionError (chained long-name headers); none may become a traceback
+ARCHIVE_ERRORS = (OSError, EOFError, ValueError, RecursionError, zlib.error, tarfile.TarError)
 MAX_MEMBERS = 4096  # a bundle holds a handful of files (an ONNX variant a dozen); more is an attack
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_SIGNATURE_BYTES = 64 << 10
@@ -81,7 +85,7 @@ def _manifest_sizes(archive: Path, data: bytes) -> dict[str, int]:
         sizes = {str(k): int(v["size"]) for k, v in files.items() if isinstance(v, dict) and isinstance(v.get("size"), int)}
         if len(sizes) != len(files):
             raise ValueError("entries")
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise VerifyError(f"{archive}: its {MANIFEST} is not an edgecds manifest; refused, nothing extracted") from None
     return sizes
 
@@ -98,6 +102,8 @@ def _read_headers(tar: tarfile.TarFile, archive: Path) -> tuple[list[tuple[tarfi
         if name in seen:
             raise VerifyError(f"{archive}: member {m.name!r} appears twice; refused, nothing extracted")
         seen.add(name)
+        if len(name.parts) == 2 and name.parts[1] in (MANIFEST, SIGNATURE, ENGINE_CONFIG) and not m.isfile():
+            raise VerifyError(f"{archive}: member {m.name!r} is not a plain file; refused, nothing extracted")
         if m.isfile() and len(name.parts) == 2 and name.parts[1] == MANIFEST:
             if m.size > MAX_MANIFEST_BYTES:
                 raise VerifyError(f"{archive}: its {MANIFEST} is {m.size} bytes; refused, nothing extracted")
@@ -115,6 +121,8 @@ def _check_members(archive: Path, members: list[tuple[tarfile.TarInfo, PurePosix
         raise VerifyError(f"{archive}: a bundle archive holds one folder, this holds {len(tops)} top-level entries; refused, nothing extracted")
     if not manifest:
         raise VerifyError(f"{archive}: no {MANIFEST} in its folder; not an edgecds bundle; refused, nothing extracted")
+    if next(iter(tops)).startswith("."):  # a hidden name could pass for one of edgecds's own temporaries or locks
+        raise VerifyError(f"{archive}: its folder {next(iter(tops))!r} is a hidden name; refused, nothing extracted")
     sizes = _manifest_sizes(archive, manifest)
     folders = {name for m, name in members if m.isdir()} | {p for _, name in members for p in name.parents if p != PurePosixPath(".")}
     total = 0
@@ -171,7 +179,7 @@ def safe_extract(archive: Path, into: Path, reporter: Reporter | None = None) ->
                     reporter.advance_to(done)
             if reporter:
                 reporter.finish()
-    except (OSError, EOFError, zlib.error, tarfile.TarError) as exc:
+    except ARCHIVE_ERRORS as exc:
         if isinstance(exc, OSError) and exc.filename and not str(exc.filename).startswith(str(archive)):
             raise VerifyError(f"{archive}: could not be extracted into {into.parent}: {exc.strerror}") from None
         raise VerifyError(f"{archive}: not a complete, readable bundle archive ({type(exc).__name__}: {exc}); fetch it again") from None
@@ -194,7 +202,7 @@ def _manifest_files(manifest_path: Path, data: bytes) -> dict[str, dict[str, Any
         files = manifest["files"]
         if manifest.get("schema_version") != SCHEMA_VERSION or not isinstance(files, dict):
             raise ValueError("schema")
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise VerifyError(f"{manifest_path}: not a manifest of schema_version {SCHEMA_VERSION}") from None
     for name, entry in files.items():
         relative = PurePosixPath(name)
@@ -241,7 +249,7 @@ class _Contents:
     where: Path  # how its files are named in messages: the folder, or ARCHIVE:TOP
     manifest: bytes
     signature: bytes | None
-    present: set[str]  # the files it holds, relative
+    present: list[str]  # the files it holds, relative, in the order they are best read (an archive's own)
     runtime: Callable[[], BundleEngineConfig]
     digest: Digest
 
@@ -256,7 +264,7 @@ def verify_bundle(bundle: Path, trusted_key: str | None = None, reporter: Report
         try:
             with _open_archive(bundle) as tar:
                 return _check(_archive_contents(bundle, tar), trusted_key, reporter, str(bundle))
-        except (OSError, EOFError, zlib.error, tarfile.TarError) as exc:
+        except ARCHIVE_ERRORS as exc:
             raise VerifyError(f"{bundle}: not a complete, readable bundle archive ({type(exc).__name__}: {exc}); fetch it again") from None
     if not bundle.is_dir():
         raise VerifyError(f"{bundle}: no such bundle folder or archive")
@@ -268,7 +276,7 @@ def verify_bundle(bundle: Path, trusted_key: str | None = None, reporter: Report
 
     contents = _Contents(bundle, read_plain_file(bundle / MANIFEST, MAX_MANIFEST_BYTES),
                          read_plain_file(bundle / SIGNATURE, MAX_SIGNATURE_BYTES) if signed else None,
-                         _present_files(bundle), lambda: BundleEngineConfig.read(bundle), digest)
+                         sorted(_present_files(bundle)), lambda: BundleEngineConfig.read(bundle), digest)
     return _check(contents, trusted_key, reporter, str(bundle))
 
 
@@ -288,21 +296,28 @@ def _archive_contents(archive: Path, tar: tarfile.TarFile) -> _Contents:
         src = tar.extractfile(member)
         return src.read(limit) if src else b""
 
+    hashed_runtime: list[bytes] = []
+
     def digest(name: str, progress: Callable[[int], None] | None) -> tuple[int, str]:
         member = files[name]
         src = tar.extractfile(member)
         if src is None:
             raise VerifyError(f"{archive}: member {member.name!r} cannot be read")
         with src:
+            if name == ENGINE_CONFIG and member.size <= MAX_CONFIG_BYTES:  # kept: the settings checked are the bytes hashed
+                raw = src.read(member.size)
+                hashed_runtime.append(raw)
+                return len(raw), hashlib.sha256(raw).hexdigest()
             return member.size, sha256_stream(src, member.size, progress)
 
     def runtime() -> BundleEngineConfig:
-        raw = read_small(ENGINE_CONFIG, MAX_CONFIG_BYTES)
-        if raw is None:
-            raise VerifyError(f"{archive}:{top}/{ENGINE_CONFIG}: missing; this is not an edgecds bundle")
-        return BundleEngineConfig.parse(raw, Path(f"{archive}:{top}") / ENGINE_CONFIG)
+        where = Path(f"{archive}:{top}") / ENGINE_CONFIG
+        if not hashed_runtime:
+            raise VerifyError(f"{where}: missing, or too large for runtime settings; this is not an edgecds bundle")
+        return BundleEngineConfig.parse(hashed_runtime[0], where)
 
-    return _Contents(Path(f"{archive}:{top}"), manifest, read_small(SIGNATURE, MAX_SIGNATURE_BYTES), set(files), runtime, digest)
+    # in the archive's own order: one pass forward through it (a gzip archive cannot seek back cheaply)
+    return _Contents(Path(f"{archive}:{top}"), manifest, read_small(SIGNATURE, MAX_SIGNATURE_BYTES), list(files), runtime, digest)
 
 
 def _check(c: _Contents, trusted_key: str | None, reporter: Reporter | None, shown: str) -> VerifyResult:
@@ -314,15 +329,16 @@ def _check(c: _Contents, trusted_key: str | None, reporter: Reporter | None, sho
         raise VerifyError(f"{c.where / SIGNATURE}: " + ("the bundle is not signed" if not signed else f"signed by {signer}, not by the trusted key"))
     files = _manifest_files(c.where / MANIFEST, c.manifest)
     expected = set(files) | {MANIFEST} | ({SIGNATURE} if signed else set())
-    for name in sorted(c.present - expected):
+    for name in sorted(set(c.present) - expected):
         raise VerifyError(f"{c.where / name}: not listed in the manifest (an extra file)")
-    for name in sorted(expected - c.present):
+    for name in sorted(expected - set(c.present)):
         raise VerifyError(f"{c.where / name}: listed in the manifest but missing")
     total, done = sum(int(e["size"]) for e in files.values()), 0
     if reporter:
         reporter.start("verify: sha256", total)
     try:
-        for name, entry in sorted(files.items()):  # the archive's own order: one pass through it
+        for name in (n for n in c.present if n in files):  # in the order they are best read
+            entry = files[name]
             size, sha = c.digest(name, offset(reporter.advance_to if reporter else None, done))
             if size != entry["size"] or sha != entry["sha256"]:
                 raise VerifyError(f"{c.where / name}: does not match the manifest (size or sha256 differs)")
@@ -335,11 +351,15 @@ def _check(c: _Contents, trusted_key: str | None, reporter: Reporter | None, sho
 
 
 def unpack_bundle(archive: Path, into: Path, trusted_key: str | None = None, reporter: Reporter | None = None) -> tuple[VerifyResult, Path]:
-    """Unpack an archive into `into` as its top folder: headers and the free disk checked before a
-    byte is written (`safe_extract`), then the unpacked folder verified; it gets its final name only
-    then. An interruption, or a bundle that fails, leaves nothing but a temporary the next run removes."""
-    from edgecds.atomic import TEMP_MARK, folder_lock, remove_stale_temporaries
+    """Unpack an archive into `into` as its top folder. The archive is verified first as it is read
+    (signature and trusted signer included: nothing is written for a bundle that fails); then it is
+    extracted (`safe_extract`: headers and the free disk checked first), the unpacked files are
+    verified again (the archive could change between the two reads), made durable, and the folder
+    gets its final name only then. An interruption, or a failure, leaves nothing but a temporary
+    the next run removes."""
+    from edgecds.atomic import TEMP_MARK, folder_lock, fsync_path, remove_stale_temporaries
 
+    verify_bundle(archive, trusted_key, reporter)
     into.mkdir(parents=True, exist_ok=True)
     with folder_lock(into):
         remove_stale_temporaries(into)
@@ -347,10 +367,19 @@ def unpack_bundle(archive: Path, into: Path, trusted_key: str | None = None, rep
         try:
             folder = safe_extract(archive, staging, reporter)
             target = into / folder.name
-            if os.path.lexists(target):
+            try:
+                result = verify_bundle(folder, trusted_key, reporter)
+            except VerifyError as exc:  # name the archive, not a temporary folder that is about to go
+                raise VerifyError(str(exc).replace(str(folder), f"{archive}:{folder.name}")) from None
+            for path in [*sorted(folder.rglob("*")), folder]:
+                fsync_path(path)
+            if os.path.lexists(target):  # checked after the long part, just before the rename
                 raise VerifyError(f"{target} already exists; remove it or unpack into another folder")
-            result = verify_bundle(folder, trusted_key, reporter)
-            os.replace(folder, target)  # within the same folder: one rename
+            try:
+                os.rename(folder, target)  # within one folder: one step
+            except OSError as exc:
+                raise VerifyError(f"{target}: could not be created ({exc.strerror}); remove what is there or unpack elsewhere") from None
+            fsync_path(into)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return VerifyResult(str(target), result.files, result.signed, result.signer, result.trusted_signer), target
