@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) \
-		$(BIN)/python -m pip install --progress-bar off -c constraints.txt -e '.[build,test]'
+		$(BIN)/python -m pip install --progress-bar off -c constraints.txt -e '.[build,test,fleet]'
 	touch $@
 
 demo: install

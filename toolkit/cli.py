@@ -5,7 +5,7 @@ Each command parses options, builds a config, calls one library function and ren
 happen inside commands, so device-side commands never load the build side (torch, transformers).
 Library errors are mapped to exit codes in one place, `EdgecdsGroup.invoke`.
 
-The commands live in `edgecds.commands` (build, device, ship); this module only registers them.
+The commands live in `edgecds.commands` (build, device, ship, fleet); this module only registers them.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import click
 from edgecds import __version__
 from edgecds.commands.build import inspect, models, quantize, types_command
 from edgecds.commands.device import compare_command, devices, doctor, eval_command, plan, profile
+from edgecds.commands.fleet import fleet
 from edgecds.commands.ship import bundle_command, keygen_command, report_command, run_command, serve_command, verify_command
 from edgecds.errors import EdgecdsError, UsageError, write_failure_message
 
@@ -69,6 +70,8 @@ cli.add_command(keygen_command)
 cli.add_command(verify_command)
 cli.add_command(run_command)
 cli.add_command(serve_command)
+# many devices
+cli.add_command(fleet)
 
 
 def main() -> None:

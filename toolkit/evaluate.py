@@ -328,7 +328,7 @@ class EvalResult:
                 "review_file": self.review_file, "evaluations": [dict(asdict(o.record), reused=o.reused) for o in self.outcomes]}
 
 
-def _reference_of(records: list[VariantRecord]) -> VariantRecord:
+def reference_of(records: list[VariantRecord]) -> VariantRecord:
     from edgecds.quant.types import QUANT_TYPE_BY_NAME
 
     floats = [v for v in records if v.type in QUANT_TYPE_BY_NAME and QUANT_TYPE_BY_NAME[v.type].is_float]
@@ -348,7 +348,7 @@ def _with_references(variants: VariantsFile, folder: Path, types: tuple[str, ...
         wanted = [v for v in picked if v.format == fmt]
         if not wanted:
             continue
-        reference = _reference_of([v for v in variants.variants if v.format == fmt])  # always scored: flips need it
+        reference = reference_of([v for v in variants.variants if v.format == fmt])  # always scored: flips need it
         references[fmt] = reference
         chosen += [reference] + [v for v in wanted if v is not reference]
     return references, chosen

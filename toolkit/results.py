@@ -178,7 +178,8 @@ def _stat(data: Any, where: str) -> Stat:
     return stat
 
 
-def _record(data: Any, where: str) -> MeasurementRecord:
+def parse_measurement(data: Any, where: str) -> MeasurementRecord:
+    """A measurement record read from JSON (a results file, or a fleet node's report), validated."""
     record = dataclass_from_dict(MeasurementRecord, data, where)
     if record.status not in STATUSES:
         raise InvalidInputError(f"{where}: status {record.status!r} is not one of {', '.join(STATUSES)}")
@@ -195,6 +196,10 @@ def _record(data: Any, where: str) -> MeasurementRecord:
                             "measured": measured})
 
 
+def parse_host(data: Any, where: str) -> HostFingerprint:
+    return dataclass_from_dict(HostFingerprint, data, where)  # type: ignore[no-any-return]
+
+
 def load_results(path: Path) -> ResultsFile | None:
     """The results file, or None when there is none yet; a malformed one is an error naming what."""
     if not path.exists():
@@ -203,12 +208,12 @@ def load_results(path: Path) -> ResultsFile | None:
     hosts, records = data.get("hosts"), data.get("records")
     if not isinstance(hosts, dict) or not isinstance(records, list):
         raise InvalidInputError(f"{path}: 'hosts' must be an object and 'records' a list")
-    parsed_hosts = {k: dataclass_from_dict(HostFingerprint, v, f"{path}: hosts.{k}") for k, v in hosts.items()}
-    parsed = [_record(r, f"{path}: records[{i}]") for i, r in enumerate(records)]
+    parsed_hosts = {k: parse_host(v, f"{path}: hosts.{k}") for k, v in hosts.items()}
+    parsed = [parse_measurement(r, f"{path}: records[{i}]") for i, r in enumerate(records)]
     raw_evaluations = data.get("evaluations", [])
     if not isinstance(raw_evaluations, list):
         raise InvalidInputError(f"{path}: 'evaluations' must be a list")
-    evaluations = [_evaluation(e, f"{path}: evaluations[{i}]") for i, e in enumerate(raw_evaluations)]
+    evaluations = [parse_evaluation(e, f"{path}: evaluations[{i}]") for i, e in enumerate(raw_evaluations)]
     unknown = sorted(({r.host for r in parsed} | {e.host for e in evaluations}) - parsed_hosts.keys())
     if unknown:
         raise InvalidInputError(f"{path}: records name host(s) {', '.join(unknown)} that 'hosts' does not describe")
@@ -236,7 +241,8 @@ def _check_figures(record: EvalRecord, where: str) -> None:
                 raise InvalidInputError(f"{where}.{group}.{name} must be a number, not {value!r}")
 
 
-def _evaluation(data: Any, where: str) -> EvalRecord:
+def parse_evaluation(data: Any, where: str) -> EvalRecord:
+    """An evaluation record read from JSON, validated."""
     record = dataclass_from_dict(EvalRecord, data, where)
     _check_figures(record, where)
     if not all(isinstance(c, dict) and isinstance(c.get("id"), str) and isinstance(c.get("correct"), bool) for c in record.per_case):

@@ -1,0 +1,220 @@
+"""The fleet on a real local Ray cluster: several nodes on this machine (Ray's own multi-node test
+utility, loopback only), labelled as device kinds, running the real engines on the default model.
+
+Every node has its own EDGECDS_HOME (its own store of received files and its workspaces), as a
+separate device would. The conftest's network guard covers every Ray process started here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from edgecds.cli import cli
+from edgecds.errors import UsageError
+from edgecds.fleet.cluster import device_resource, head_environment, join_plan, split_address
+from edgecds.fleet.run import FleetConfig, FleetResult, JobOptions, run_fleet
+from edgecds.quantize import QuantizeResult
+from edgecds.results import load_results
+from edgecds.target import resolve_target
+
+ROOT = Path(__file__).resolve().parents[1]
+OTHER = "jetson-orin-nano-8gb"  # a kind this machine is not: its records say so (on_target false)
+QUICK = JobOptions(n_ctx=512, prompt_tokens=32, decode_tokens=8, repeats=1)
+TYPES = ("Q8_0", "Q4_K_M")
+
+
+@dataclass
+class Fleet:
+    cluster: Any
+    address: str
+    here: str  # the kind this machine is detected as
+    nodes: dict[str, list[tuple[Any, Path]]] = field(default_factory=dict)  # kind -> (Ray node, its EDGECDS_HOME)
+
+    def add(self, kind: str, home: Path) -> Any:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("EDGECDS_HOME", str(home))  # the node's processes, and so its tasks, inherit it
+            node = self.cluster.add_node(num_cpus=1, resources={device_resource(kind): 1}, node_ip_address="127.0.0.1")
+        self.nodes.setdefault(kind, []).append((node, home))
+        return node
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    """A head (the build machine: schedules only) and three device nodes: two of this machine's
+    kind, one of another kind."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in head_environment("127.0.0.1:6379").items():
+            mp.setenv(name, value)
+        import ray
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
+        made = Fleet(cluster, cluster.address, resolve_target("auto").id)
+        made.add(made.here, tmp_path / "node-a1")
+        made.add(made.here, tmp_path / "node-a2")
+        made.add(OTHER, tmp_path / "node-b")
+        cluster.wait_for_nodes()
+        try:
+            yield made
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+
+
+@pytest.fixture
+def variants(default_variants: QuantizeResult, tmp_path: Path) -> Path:
+    """The default model's float reference, Q8_0 and Q4_K_M, with its variants.json."""
+    source = Path(default_variants.output_dir)
+    folder = tmp_path / "variants"
+    folder.mkdir()
+    shutil.copy(source / "variants.json", folder)
+    for outcome in default_variants.outcomes:
+        if outcome.record.type in ("F16", *TYPES):
+            shutil.copy(source / outcome.record.path, folder / outcome.record.path)
+    return folder
+
+
+def blobs(home: Path) -> list[Path]:
+    folder = home / "fleet" / "blobs"
+    return [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.exists() else []
+
+
+def by_status(result: FleetResult) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for task in result.tasks:
+        counts[task.status] = counts.get(task.status, 0) + 1
+    return counts
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+def test_profile_and_eval_across_kinds_merge_into_results_bundle_and_report_accept(fleet: Fleet, variants: Path, tmp_path: Path) -> None:
+    config = FleetConfig("profile", variants, (fleet.here, OTHER), fleet.address, TYPES, QUICK)
+    result = run_fleet(config)
+    assert by_status(result) == {"done": 4}, result.tasks
+    results = load_results(variants / "results.json")
+    assert results is not None
+    measured = {(r.device, r.variant.type): r for r in results.records}
+    assert sorted(measured) == sorted((d, t) for d in (fleet.here, OTHER) for t in TYPES)  # each (kind, variant) once
+    assert len(results.records) == 4 and all(r.status == "measured" for r in results.records)
+    assert all(r.on_target for (d, _), r in measured.items() if d == fleet.here)  # the node's own detection says so
+    assert not any(r.on_target for (d, _), r in measured.items() if d == OTHER)
+    assert all(r.host in results.hosts for r in results.records)
+    other_nodes = {t.node for t in result.tasks if t.device == OTHER}
+    assert other_nodes == {fleet.nodes[OTHER][0][0].node_id}  # scheduled only where the kind's resource is
+    assert {t.node for t in result.tasks if t.device == fleet.here} <= {n.node_id for n, _ in fleet.nodes[fleet.here]}
+    assert all(t.received_bytes > 0 for t in result.tasks)  # every file travelled by content to a node that lacked it
+
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text("\n".join((ROOT / "toolkit" / "clinical" / "cases-v1.jsonl").read_text().splitlines()[:4]) + "\n")
+    code, out = invoke("fleet", "eval", str(variants), "--devices", fleet.here, "--address", fleet.address, "--types", ",".join(TYPES),
+                       "--cases", str(cases), "--no-drift", "--json", "-q")
+    assert code == 0, out
+    evaluated = json.loads(out)
+    assert [t["status"] for t in evaluated["tasks"]] == ["done", "done"]
+    results = load_results(variants / "results.json")
+    assert results is not None
+    assert {e.variant.type for e in results.evaluations} == {"F16", *TYPES}
+    assert all(e.paired is not None for e in results.evaluations if e.variant.type in TYPES)
+    assert len(results.records) == 4  # the measurements are still there
+
+    code, out = invoke("bundle", str(variants / "results.json"), "--device", fleet.here, "-o", str(tmp_path / "bundle"), "--json")
+    assert code == 0, out
+    assert json.loads(out[out.index("{"):])["choice"]["chosen"]["variant"] in TYPES
+    code, out = invoke("report", str(variants / "results.json"), "-o", str(tmp_path / "report.html"))
+    assert code == 0, out
+    assert (tmp_path / "report.html").stat().st_size > 0
+
+    again = run_fleet(config)  # a re-run measures nothing twice
+    assert by_status(again) == {"reused": 4}
+    after = load_results(variants / "results.json")
+    assert after is not None and sorted(r.key for r in after.records) == sorted(r.key for r in results.records)
+
+
+def test_a_node_that_holds_a_file_by_hash_is_not_sent_it_again(fleet: Fleet, variants: Path) -> None:
+    config = FleetConfig("profile", variants, (OTHER,), fleet.address, ("Q4_K_M",), QUICK)
+    first = run_fleet(config)
+    assert [t.status for t in first.tasks] == ["done"] and first.tasks[0].received_bytes > 0
+    second = run_fleet(FleetConfig("profile", variants, (OTHER,), fleet.address, ("Q4_K_M",), JobOptions(**{**QUICK.__dict__, "force": True}),
+                                   again=True))
+    assert [t.status for t in second.tasks] == ["done"]
+    assert second.tasks[0].received_bytes == 0 and second.tasks[0].reused_files == 1
+
+
+def test_a_tampered_file_is_refused_on_arrival_and_a_kind_without_nodes_is_reported(fleet: Fleet, variants: Path) -> None:
+    target = next(variants.glob("*Q4_K_M.gguf"))
+    with open(target, "r+b") as handle:  # same size, one byte changed after quantize recorded its hash
+        handle.seek(target.stat().st_size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    code, out = invoke("fleet", "profile", str(variants), "--devices", f"{OTHER},rtx-3060-12gb", "--address", fleet.address,
+                       "--types", "Q4_K_M", "-r", "1", "-p", "32", "-n", "8", "--ctx", "512", "--json", "-q")
+    assert code == 1, out
+    tasks = {t["device"]: t for t in json.loads(out)["tasks"]}
+    assert tasks[OTHER]["status"] == "failed" and "refused before loading" in tasks[OTHER]["reason"]
+    assert tasks["rtx-3060-12gb"]["status"] == "no-node" and "fleet join" in tasks["rtx-3060-12gb"]["reason"]
+    assert blobs(fleet.nodes[OTHER][0][1]) == []  # nothing kept, nothing loaded
+    results = load_results(variants / "results.json")
+    assert results is None or not results.records
+    log = json.loads((variants / "fleet.json").read_text())
+    assert {t["status"] for t in log["tasks"].values()} == {"failed", "no-node"}
+
+
+def _kill_when_received(fleet: Fleet, kind: str, removed: list[str]) -> None:
+    """Remove the node of `kind` that has received its file (so it runs the task), once."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for node, home in fleet.nodes[kind]:
+            if blobs(home):
+                fleet.cluster.remove_node(node, allow_graceful=False)
+                removed.append(node.node_id)
+                return
+        time.sleep(0.05)
+
+
+def test_a_killed_node_s_task_is_retried_on_another_of_its_kind_or_recorded_as_failed(fleet: Fleet, variants: Path) -> None:
+    removed: list[str] = []
+    killers = [threading.Thread(target=_kill_when_received, args=(fleet, kind, removed)) for kind in (fleet.here, OTHER)]
+    for killer in killers:
+        killer.start()
+    slow = JobOptions(n_ctx=512, prompt_tokens=64, decode_tokens=32, repeats=3)
+    result = run_fleet(FleetConfig("profile", variants, (fleet.here, OTHER), fleet.address, ("Q8_0",), slow, poll_seconds=0.5))
+    for killer in killers:
+        killer.join()
+    assert len(removed) == 2
+    tasks = {t.device: t for t in result.tasks}
+    assert tasks[fleet.here].status == "done" and tasks[fleet.here].node not in removed  # retried on the other node of the kind
+    assert tasks[OTHER].status == "failed" and tasks[OTHER].reason  # its only node died: recorded, not waited on
+    results = load_results(variants / "results.json")
+    assert results is not None and [(r.device, r.status) for r in results.records] == [(fleet.here, "measured")]
+
+
+def test_cluster_settings_keep_traffic_to_the_named_cluster() -> None:
+    env = head_environment("127.0.0.1:6379")
+    assert env["RAY_USAGE_STATS_ENABLED"] == "0" and env["RAY_USAGE_STATS_REPORT_URL"].startswith("http://127.0.0.1:")
+    assert (Path(env["HOME"]) / "ray_bootstrap_config.yaml").read_text().count("type: local") == 1
+    code, out = invoke("fleet", "head", "--json")
+    assert code == 0, out
+    argv = json.loads(out)["argv"]
+    assert "--include-dashboard=false" in argv and "--disable-usage-stats" in argv
+    with pytest.raises(UsageError, match="loopback"):
+        join_plan("127.0.0.1:6379", OTHER, None, True)
+    with pytest.raises(UsageError, match="HOST:PORT"):
+        split_address("10.0.0.5:notaport")
+    code, out = invoke("fleet", "profile", str(ROOT), "--devices", "no-such-device", "--address", "127.0.0.1:1")
+    assert code != 0 and "no-such-device" in out

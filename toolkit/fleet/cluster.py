@@ -1,0 +1,203 @@
+"""Ray for edgecds: the one place its settings, its address and the device labels are defined.
+
+Ray is configured through its own means (the address, `ray start` options, environment variables)
+so that nothing leaves for anywhere but the cluster the user names: usage statistics off and their
+"disabled" notice sent nowhere, no dashboard, no cloud-metadata probing, loopback kept loopback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgecds.errors import EdgecdsError, UsageError
+from edgecds.home import HOME_ENV, edgecds_home
+
+RESOURCE_PREFIX = "edgecds-device:"  # a node's custom resource naming the device profile it is
+DEFAULT_PORT = 6379  # Ray's own default head port
+INSTALL_HINT = "the fleet needs Ray: pip install 'edgecds[fleet]'"
+# The head reads its cluster description from ~/ray_bootstrap_config.yaml (as a head Ray's
+# launcher started would); without one it asks cloud metadata servers which cloud it is on.
+# edgecds gives the head a home holding one that says what the cluster is: on-premises.
+BOOTSTRAP_CONFIG = "ray_bootstrap_config.yaml"
+BOOTSTRAP_TEXT = "cluster_name: edgecds-fleet\nprovider:\n  type: local\n"
+
+
+def device_resource(device_id: str) -> str:
+    return RESOURCE_PREFIX + device_id
+
+
+def devices_of(resources: dict[str, Any]) -> list[str]:
+    return sorted(k[len(RESOURCE_PREFIX):] for k in resources if k.startswith(RESOURCE_PREFIX))
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """HOST:PORT (or HOST, Ray's default port); anything else is a usage error."""
+    host, _, port = address.strip().rpartition(":") if ":" in address else (address.strip(), "", str(DEFAULT_PORT))
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"cluster address {address!r}: expected HOST:PORT, e.g. 10.0.0.5:{DEFAULT_PORT}")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def node_ip_toward(address: str) -> str:
+    """This machine's address as the cluster at `address` sees it: the interface a packet to the
+    cluster would leave by (a UDP socket's connect sends nothing). Ray would otherwise ask the
+    route to a public DNS server."""
+    host, port = split_address(address)
+    if is_loopback(host):
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, port))
+            return str(probe.getsockname()[0])
+    except OSError as exc:
+        raise EdgecdsError(f"cannot reach the cluster at {address}: {exc.strerror or exc}; check the address and the network") from None
+
+
+def ray_environment(address: str) -> dict[str, str]:
+    """The environment every Ray process edgecds starts or connects from runs with."""
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_USAGE_STATS_PROMPT_ENABLED": "0",
+           # Ray posts a "usage stats are disabled" notice to its server even when they are; to nowhere
+           "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
+           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if is_loopback(split_address(address)[0]):
+        # Ray turns a loopback address into the machine's network address unless told that this
+        # machine is the whole cluster (the variable's name is Ray's, from its macOS/Windows default)
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    return env
+
+
+def head_home(home: Path | None = None) -> Path:
+    """The home folder the head runs with: it holds only Ray's cluster description."""
+    folder = (home or edgecds_home()) / "fleet" / "head-home"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / BOOTSTRAP_CONFIG).write_text(BOOTSTRAP_TEXT, encoding="utf-8")
+    return folder
+
+
+def head_environment(address: str) -> dict[str, str]:
+    return {**ray_environment(address), "HOME": str(head_home()), HOME_ENV: str(edgecds_home())}
+
+
+def require_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise UsageError(INSTALL_HINT) from None
+    return ray
+
+
+def ray_command() -> str:
+    found = Path(sys.executable).with_name("ray")
+    if found.exists():
+        return str(found)
+    which = shutil.which("ray")
+    if which is None:
+        raise UsageError(INSTALL_HINT)
+    return which
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    """A `ray start` command line and its environment: what `fleet head` and `fleet join` run."""
+
+    argv: list[str]
+    env: dict[str, str]
+    device: str | None
+    notes: list[str] = field(default_factory=list)
+
+    def run(self) -> int:
+        env = {**os.environ, **self.env}
+        try:
+            return subprocess.run(self.argv, env=env, check=False).returncode
+        except KeyboardInterrupt:  # --block: Ctrl-C leaves the cluster
+            return 0
+
+
+def head_plan(address: str, device: str | None, num_cpus: int | None, block: bool) -> StartPlan:
+    host, port = split_address(address)
+    argv = [ray_command(), "start", "--head", f"--port={port}", f"--node-ip-address={host}", "--include-dashboard=false",
+            "--disable-usage-stats"]
+    return StartPlan(_with_node_options(argv, device, num_cpus, block), head_environment(address), device)
+
+
+def join_plan(address: str, device: str, num_cpus: int | None, block: bool) -> StartPlan:
+    host, port = split_address(address)
+    if is_loopback(host):
+        raise UsageError(f"{address} is this machine's loopback: a head listening there accepts no other machine. Start the head "
+                         "with `edgecds fleet head --address HOST:PORT` on its network address, and join that")
+    argv = [ray_command(), "start", f"--address={host}:{port}", f"--node-ip-address={node_ip_toward(address)}", "--disable-usage-stats"]
+    return StartPlan(_with_node_options(argv, device, num_cpus, block), ray_environment(address), device)
+
+
+def _with_node_options(argv: list[str], device: str | None, num_cpus: int | None, block: bool) -> list[str]:
+    # one unit of the device's resource: a node measures one variant at a time, as a person would
+    resources = {device_resource(device): 1} if device else {}
+    return [*argv, f"--resources={json.dumps(resources)}", *([f"--num-cpus={num_cpus}"] if num_cpus else []), *(["--block"] if block else [])]
+
+
+def connect(address: str | None) -> Any:
+    """Connect this process to the cluster as a driver (it must run on one of its nodes, as Ray's
+    drivers do); RAY_ADDRESS when no address is given."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise UsageError("name the cluster: --address HOST:PORT (or set RAY_ADDRESS); start one with `edgecds fleet head`")
+    host, port = split_address(address)
+    os.environ.update(ray_environment(address))  # before Ray reads its settings
+    ray = require_ray()
+    if ray.is_initialized():
+        return ray
+    try:
+        ray.init(address=f"{host}:{port}", _node_ip_address=node_ip_toward(address), include_dashboard=False,
+                 log_to_driver=False, configure_logging=True, logging_level="WARNING")
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise EdgecdsError(f"cannot join the Ray cluster at {host}:{port} as a driver: {exc}. Run fleet commands on a node of "
+                           "the cluster (the build machine that ran `edgecds fleet head`)") from None
+    return ray
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    address: str
+    alive: bool
+    devices: list[str]
+    cpus: float
+    gpus: float
+    memory_gib: float
+
+    @classmethod
+    def of(cls, raw: dict[str, Any]) -> NodeInfo:
+        resources = raw.get("Resources") or {}
+        return cls(str(raw.get("NodeID")), str(raw.get("NodeManagerAddress")), bool(raw.get("Alive")), devices_of(resources),
+                   float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), round(float(resources.get("memory", 0)) / 2**30, 1))
+
+
+def list_nodes(ray: Any) -> list[NodeInfo]:
+    return [NodeInfo.of(n) for n in ray.nodes()]
+
+
+def live_kinds(ray: Any) -> dict[str, int]:
+    """How many live nodes hold each device kind."""
+    counts: dict[str, int] = {}
+    for node in list_nodes(ray):
+        if node.alive:
+            for device in node.devices:
+                counts[device] = counts.get(device, 0) + 1
+    return counts

@@ -1,0 +1,126 @@
+"""Variant files by content: the build machine offers files by sha256, a node fetches what it does
+not already hold, and checks the hash before anything loads.
+
+A node keeps what it received under $EDGECDS_HOME/fleet/blobs/<sha256>, so a second variant task,
+or a second run, does not move the same bytes again; a kept file is hashed again before each use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from edgecds.atomic import require_free
+from edgecds.errors import InvalidInputError
+from edgecds.home import edgecds_home
+
+CHUNK = 16 << 20  # bytes per object-store transfer: large enough to stream, small enough to hold twice
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    relpath: str  # where the file goes in the node's workspace, relative to it
+    sha256: str
+    size: int
+
+
+class FileServer:
+    """A Ray actor on the build machine: reads the files it was given, by hash, and nothing else."""
+
+    def __init__(self, files: dict[str, str]) -> None:
+        self.files = dict(files)  # sha256 -> path on the build machine
+
+    def read(self, sha256: str, offset: int, length: int) -> bytes:
+        path = self.files.get(sha256)
+        if path is None:
+            raise InvalidInputError(f"the build machine does not offer {sha256[:16]}")
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(min(length, CHUNK))
+
+
+def start_server(ray: Any, files: dict[str, str]) -> Any:
+    """The server, pinned to this (the driver's) node, where the files are."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    actor = ray.remote(num_cpus=0, max_concurrency=4)(FileServer)
+    return actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(files)
+
+
+def blobs_dir() -> Path:
+    return edgecds_home() / "fleet" / "blobs"
+
+
+def safe_relpath(relpath: str) -> PurePosixPath:
+    path = PurePosixPath(relpath)
+    if not relpath or path.is_absolute() or ".." in path.parts or "\\" in relpath:
+        raise InvalidInputError(f"refused a file path {relpath!r} from the cluster: it must stay inside the workspace")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Arrival:
+    received_bytes: int
+    reused: bool
+
+
+def fetch(ray: Any, server: Any, spec: FileSpec) -> tuple[Path, Arrival]:
+    """The file in this node's store, fetched from `server` unless already held (and still intact)."""
+    store = blobs_dir()
+    store.mkdir(parents=True, exist_ok=True)
+    kept = store / spec.sha256
+    if kept.is_file():
+        if kept.stat().st_size == spec.size and _sha256(kept) == spec.sha256:
+            return kept, Arrival(0, True)
+        kept.unlink()  # damaged since it arrived: fetched again
+    require_free(store, spec.size, f"receiving {spec.relpath}", "free space on this node, or point EDGECDS_HOME elsewhere")
+    partial = store / f".{spec.sha256}.part"
+    digest = hashlib.sha256()
+    received = 0
+    try:
+        with open(partial, "wb") as out:
+            while received < spec.size:
+                block = ray.get(server.read.remote(spec.sha256, received, CHUNK))
+                if not block:
+                    break
+                digest.update(block)
+                out.write(block)
+                received += len(block)
+            out.flush()
+            os.fsync(out.fileno())
+        if received != spec.size or digest.hexdigest() != spec.sha256:
+            raise InvalidInputError(
+                f"{spec.relpath} arrived as {received} bytes with sha256 {digest.hexdigest()[:16]}..., not the {spec.size} bytes "
+                f"with {spec.sha256[:16]}... variants.json records: refused before loading. The build machine's copy changed "
+                "since `edgecds quantize` recorded it, or it was altered on the way; quantize again there")
+        os.replace(partial, kept)
+    finally:
+        partial.unlink(missing_ok=True)
+    return kept, Arrival(received, False)
+
+
+def place(blob: Path, workspace: Path, relpath: str) -> Path:
+    """The blob at its place in the workspace: a hard link (no second copy), else a copy."""
+    target = workspace / safe_relpath(relpath)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and os.path.samefile(target, blob):
+        return target
+    target.unlink(missing_ok=True)
+    try:
+        os.link(blob, target)
+    except OSError:
+        shutil.copyfile(blob, target)
+    return target
