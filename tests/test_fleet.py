@@ -103,6 +103,10 @@ def invoke(*args: str) -> tuple[int, str]:
 
 
 def test_profile_and_eval_across_kinds_merge_into_results_bundle_and_report_accept(fleet: Fleet, variants: Path, tmp_path: Path) -> None:
+    code, out = invoke("fleet", "status", "--address", fleet.address, "--json")
+    assert code == 0, out
+    kinds = sorted(d for n in json.loads(out)["nodes"] for d in n["devices"])
+    assert kinds == sorted([fleet.here, fleet.here, OTHER])  # the head offers no device: it only schedules
     config = FleetConfig("profile", variants, (fleet.here, OTHER), fleet.address, TYPES, QUICK)
     result = run_fleet(config)
     assert by_status(result) == {"done": 4}, result.tasks

@@ -78,7 +78,8 @@ class TaskOutcome:
     keys: list[str] = field(default_factory=list)  # the records it merged
     received_bytes: int = 0
     reused_files: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # submitted to merged, as the build machine saw it
+    node_seconds: float = 0.0  # on the node: receiving the files and measuring
     finished: str = ""
 
 
@@ -292,4 +293,4 @@ def _merge(report: TaskReport, outcome: TaskOutcome, results: ResultsFile, outpu
     results.evaluations = [e for e in results.evaluations if e.key not in keys] + evaluations
     results.save(output)
     return replace(outcome, node=report.node_id, host=host.id, keys=[r.key for r in records] + sorted(keys),
-                   received_bytes=report.received_bytes, reused_files=report.reused_files)
+                   received_bytes=report.received_bytes, reused_files=report.reused_files, node_seconds=report.seconds)

@@ -18,7 +18,8 @@ from edgecds.atomic import require_free
 from edgecds.errors import InvalidInputError
 from edgecds.home import edgecds_home
 
-CHUNK = 16 << 20  # bytes per object-store transfer: large enough to stream, small enough to hold twice
+CHUNK = 16 << 20  # bytes per object-store transfer: large enough to stream, small enough to hold a few
+IN_FLIGHT = 3
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,13 @@ def fetch(ray: Any, server: Any, spec: FileSpec) -> tuple[Path, Arrival]:
     received = 0
     try:
         with open(partial, "wb") as out:
-            while received < spec.size:
-                block = ray.get(server.read.remote(spec.sha256, received, CHUNK))
+            # a few chunks in flight: the next ones cross the network while this one is written
+            offsets = list(range(0, spec.size, CHUNK))
+            inflight = [server.read.remote(spec.sha256, o, CHUNK) for o in offsets[:IN_FLIGHT]]
+            for n in range(len(offsets)):
+                block = ray.get(inflight.pop(0))
+                if n + IN_FLIGHT < len(offsets):
+                    inflight.append(server.read.remote(spec.sha256, offsets[n + IN_FLIGHT], CHUNK))
                 if not block:
                     break
                 digest.update(block)
