@@ -104,13 +104,48 @@ def _joined(worker: threading.Thread, timeout: float) -> bool:
     return not worker.is_alive()
 
 
-def quantize(source: Path, outfile: Path, qtype: QuantType, options: QuantizerOptions, expected_bytes: int, reporter: Reporter | None = None) -> EngineRun:
-    """Quantize `source` into `outfile` (a temporary the caller publishes)."""
+def with_imatrix(params: Any, matrix: Any, file_name: str) -> list[Any]:
+    """Hand the importance matrix to the quantizer and record it in the output's metadata, as
+    llama-quantize does (quantize.imatrix.file/dataset/entries_count/chunks_count). Returns what
+    must stay referenced until the quantizer returns."""
+    import ctypes
+
+    import llama_cpp
+
+    names = sorted(matrix.values)
+    arrays = [matrix.values[n] for n in names]
+    entries = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
+    for i, (name, values) in enumerate(zip(names, arrays, strict=True)):
+        entries[i].name = name.encode()
+        entries[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[i].size = values.size
+    entries[len(names)].name = None  # the terminator llama.cpp looks for
+    texts = [("quantize.imatrix.file", file_name)] + ([("quantize.imatrix.dataset", matrix.datasets[0])] if matrix.datasets else [])
+    numbers = [("quantize.imatrix.entries_count", len(names))] + ([("quantize.imatrix.chunks_count", matrix.chunks)] if matrix.chunks else [])
+    overrides = (llama_cpp.llama_model_kv_override * (len(texts) + len(numbers) + 1))()
+    for i, (key, text) in enumerate(texts):
+        overrides[i].key, overrides[i].tag = key.encode(), llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+        value: Any = overrides[i].value  # the union (llama-cpp-python types it as its members)
+        value.val_str = text.encode()[:127]
+    for i, (key, number) in enumerate(numbers, len(texts)):
+        overrides[i].key, overrides[i].tag = key.encode(), llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+        value = overrides[i].value
+        value.val_i64 = number
+    params.imatrix = entries
+    params.kv_overrides = overrides
+    return [entries, overrides, arrays]
+
+
+def quantize(source: Path, outfile: Path, qtype: QuantType, options: QuantizerOptions, expected_bytes: int, reporter: Reporter | None = None,
+             imatrix: Any = None, imatrix_file: str = "") -> EngineRun:
+    """Quantize `source` into `outfile` (a temporary the caller publishes), with `imatrix` (an
+    imatrix.Imatrix) when given."""
     import ctypes
 
     import llama_cpp
 
     params = default_params(qtype, options)
+    keep = with_imatrix(params, imatrix, imatrix_file) if imatrix is not None else []
     outcome: dict[str, object] = {}
 
     def work() -> None:
@@ -126,6 +161,7 @@ def quantize(source: Path, outfile: Path, qtype: QuantType, options: QuantizerOp
         watch_file_growth(lambda timeout: _joined(worker, timeout), outfile, expected_bytes, reporter)
         worker.join()
         elapsed = time.perf_counter() - start
+    del keep  # the quantizer has returned: the matrix may go
     if "error" in outcome:
         raise EngineError(f"llama.cpp's quantizer failed on {source.name} -> {qtype.name}: {outcome['error']}")
     if outcome.get("rc") != 0:

@@ -98,6 +98,9 @@ class QuantType:
     default: bool
     summary: str
     bits: int = 0  # onnx integer types: bits per weight code
+    # llama.cpp refuses these without an importance matrix (tensor_requires_imatrix in
+    # llama-quant.cpp: "the result will be garbage"): `quantize --imatrix` builds them
+    needs_imatrix: bool = False
 
     @property
     def nominal_bits_per_weight(self) -> float:
@@ -135,6 +138,13 @@ QUANT_TYPES: tuple[QuantType, ...] = (
     QuantType("Q3_K_M", "gguf", "quantizer", "Q3_K", "MOSTLY_Q3_K_M", True, "3-bit k-quant, medium"),
     QuantType("Q3_K_S", "gguf", "quantizer", "Q3_K", "MOSTLY_Q3_K_S", False, "3-bit k-quant, small"),
     QuantType("Q2_K", "gguf", "quantizer", "Q2_K", "MOSTLY_Q2_K", True, "2-bit k-quant, large loss"),
+    # i-quants: a lattice codebook per block, best with an importance matrix; below 3.1 bits llama.cpp requires one
+    QuantType("IQ3_S", "gguf", "quantizer", "IQ3_S", "MOSTLY_IQ3_S", False, "3.44-bit i-quant"),
+    QuantType("IQ3_XXS", "gguf", "quantizer", "IQ3_XXS", "MOSTLY_IQ3_XXS", False, "3.06-bit i-quant, needs --imatrix", needs_imatrix=True),
+    QuantType("IQ2_M", "gguf", "quantizer", "IQ2_S", "MOSTLY_IQ2_M", False, "2.7-bit i-quant, needs --imatrix", needs_imatrix=True),
+    QuantType("IQ2_XS", "gguf", "quantizer", "IQ2_XS", "MOSTLY_IQ2_XS", False, "2.31-bit i-quant, needs --imatrix", needs_imatrix=True),
+    QuantType("IQ2_XXS", "gguf", "quantizer", "IQ2_XXS", "MOSTLY_IQ2_XXS", False, "2.06-bit i-quant, needs --imatrix", needs_imatrix=True),
+    QuantType("IQ1_S", "gguf", "quantizer", "IQ1_S", "MOSTLY_IQ1_S", False, "1.56-bit i-quant, needs --imatrix", needs_imatrix=True),
     # ONNX: weight-only, because activation quantization measured far worse here (ENGINE-NOTES).
     QuantType("ONNX_FP32", "onnx", "optimum", "F32", "text-generation-with-past", True, "Optimum export, reference of the ONNX variants"),
     QuantType("ONNX_FP16", "onnx", "ort-float16", "F16", "float16", False, "fp16 weights and compute, for GPU execution providers"),

@@ -12,9 +12,11 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from edgecds import __version__
 from edgecds.atomic import atomic_path, folder_lock, remove_stale_temporaries, require_free
+from edgecds.calibration import ImatrixOptions, Prepared
 from edgecds.digest import cache_key, sha256_file, sha256_folder
 from edgecds.errors import InvalidInputError, UsageError
 from edgecds.progress import Reporter
@@ -34,6 +36,7 @@ class QuantizeConfig:
     quantizer: QuantizerOptions = field(default_factory=QuantizerOptions)
     onnx: OnnxOptions = field(default_factory=OnnxOptions)
     check_tokens: int = 8
+    imatrix: ImatrixOptions | None = None  # quantize with an importance matrix (GGUF types only)
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,10 @@ def default_output_dir(source_name: str) -> Path:
 
 
 def run_quantize(config: QuantizeConfig, reporter: Reporter | None = None) -> QuantizeResult:
+    unready = [t.name for t in config.types or () if t.needs_imatrix] if config.imatrix is None else []
+    if unready:  # before anything is read or built
+        raise UsageError(f"{', '.join(unready)} need an importance matrix: llama.cpp refuses to quantize below ~3 bits without one "
+                         "(the result would be garbage). Add --imatrix clinical (the shipped clinical calibration text) or --imatrix FILE")
     src = _resolve_source(config, reporter)
     types = config.types if config.types is not None else default_types(config.formats)
     base, quants, warnings = _gguf_schedule(src, tuple(t for t in types if t.format == "gguf"), config.types is not None, config.quantizer)
@@ -202,6 +209,7 @@ class _GgufBuild:
         self.config, self.out, self.source, self.state, self.warnings, self.reporter = config, out, source, state, warnings, reporter
         self.recorded = state.by_type()
         self.outcomes: list[VariantOutcome] = []
+        self.imatrix: Prepared | None = None
         self._reusable: dict[tuple[str, str], bool] = {}  # each recorded file is hashed once a run
         # the converter is build-side only: a GGUF source (device side) never asks its version
         self.conv_tools = {"convert_hf_to_gguf": gguf_convert.converter_version(), "edgecds": __version__} if needs_converter else {}
@@ -210,7 +218,21 @@ class _GgufBuild:
     def key_for(self, q: QuantType, parent_sha: str) -> str:
         if q.is_float:
             return cache_key({"type": q.name, "parent": parent_sha, "tools": self.conv_tools})
-        return cache_key({"type": q.name, "parent": parent_sha, "options": self.config.quantizer.as_key(), "tools": self.quant_tools})
+        return cache_key({"type": q.name, "parent": parent_sha, "options": self.quant_options(), "tools": self.quant_tools})
+
+    def quant_options(self) -> dict[str, Any]:
+        """What changes a quantized file: the quantizer's options and the importance matrix."""
+        matrix = {"imatrix": {k: v for k, v in self.imatrix.provenance.items() if k != "seconds"}} if self.imatrix else {}
+        return {**self.config.quantizer.as_key(), **matrix}
+
+    def prepare_imatrix(self, model: Path, model_sha: str) -> None:
+        from edgecds.calibration import prepare
+
+        if self.config.imatrix is None or self.imatrix is not None:
+            return
+        recorded = [v.options["imatrix"] for v in self.state.variants if isinstance(v.options.get("imatrix"), dict)]
+        self.imatrix = prepare(self.config.imatrix, model, model_sha, self.out, self.source.name, recorded, self.quant_tools, self.reporter)
+        self._reusable.clear()  # the keys of the quantized variants now include the matrix
 
     def reusable(self, q: QuantType, parent_sha: str | None) -> bool:
         if parent_sha is None:
@@ -226,6 +248,8 @@ class _GgufBuild:
             quant_parent: str | None = self.source.sha256
         else:
             quant_parent = self.recorded[base.name].sha256 if float_reused else None
+        if quant_parent is not None and quants:  # the matrix is part of the quantized variants' keys
+            self.prepare_imatrix(source_path if base is None else variant_file(self.out, self.recorded[base.name]), quant_parent)
         needed = sum(q.estimated_bytes(self.source.n_parameters) for q in quants if not self.reusable(q, quant_parent))
         if base is not None and not float_reused:
             needed += base.estimated_bytes(self.source.n_parameters)
@@ -235,6 +259,8 @@ class _GgufBuild:
             record = self.recorded[base.name] if float_reused else self.build(base, source_path, parent_sha)
             self.finish(record, float_reused)
             parent_path, parent_sha = variant_file(self.out, record), record.sha256
+        if quants:
+            self.prepare_imatrix(parent_path, parent_sha)
         for q in quants:
             reused = self.reusable(q, parent_sha)
             self.finish(self.recorded[q.name] if reused else self.build(q, parent_path, parent_sha), reused)
@@ -264,13 +290,14 @@ class _GgufBuild:
                 if q.is_float:
                     run = gguf_convert.convert(parent, temp, q, expected, reporter, model_name=self.source.name)
                 else:
-                    run = gguf_quantize.quantize(parent, temp, q, config.quantizer, expected, reporter)
+                    run = gguf_quantize.quantize(parent, temp, q, config.quantizer, expected, reporter,
+                                                 self.imatrix.matrix if self.imatrix else None, self.imatrix.path.name if self.imatrix else "")
                 if reporter:
                     reporter.finish()
                     reporter.note(f"{q.name}: verifying (header, load in llama.cpp, {config.check_tokens} tokens, sha256)")
                 tools = self.conv_tools if q.is_float else self.quant_tools
                 return _verify(temp, final, q, self.source, parent_sha, self.key_for(q, parent_sha), tools, config, run.seconds,
-                               self.warnings + run.notes)
+                               self.warnings + run.notes, {} if q.is_float else self.quant_options())
         finally:
             if reporter:
                 reporter.finish()
@@ -278,7 +305,7 @@ class _GgufBuild:
 
 def _verify(
     temp: Path, final: Path, q: QuantType, source: SourceRecord, parent_sha: str, key: str,
-    tools: dict[str, str], config: QuantizeConfig, build_s: float, warnings: list[str],
+    tools: dict[str, str], config: QuantizeConfig, build_s: float, warnings: list[str], options: dict[str, Any],
 ) -> VariantRecord:
     from edgecds.hwbench.load_check import check_in_subprocess
 
@@ -290,5 +317,5 @@ def _verify(
         q, check, build_s, time.perf_counter() - start,
         name=final.stem, path=final.name, file_size=temp.stat().st_size, sha256=digest, bits_per_weight=round(info.bits_per_weight, 4),
         n_parameters=info.n_parameters, tensor_types=info.tensor_type_counts(), source_sha256=source.sha256, parent_sha256=parent_sha,
-        tools=tools, options={} if q.is_float else config.quantizer.as_key(), cache_key=key, warnings=list(warnings),
+        tools=tools, options=options, cache_key=key, warnings=list(warnings),
     )

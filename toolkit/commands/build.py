@@ -22,6 +22,11 @@ from edgecds.quant.types import DEFAULT_FORMAT, DEFAULT_TYPES, FORMATS, QUANT_TY
 @click.option("--allow-requantize", is_flag=True, help="Allow quantizing an already-quantized GGUF (loses accuracy; warns).")
 @click.option("--pure", is_flag=True, help="Quantize every tensor to the base type, no k-quant mixture (llama-quantize --pure).")
 @click.option("--leave-output-tensor", is_flag=True, help="Keep output.weight unquantized (llama-quantize --leave-output-tensor).")
+@click.option("--imatrix", "imatrix_text", metavar="clinical|FILE",
+              help="Quantize with an importance matrix (llama-imatrix's method) over the shipped clinical calibration text, a UTF-8 "
+                   "text file of yours, or an imatrix GGUF from llama-imatrix. Needed for IQ3_XXS, IQ2_*, IQ1_S.")
+@click.option("--imatrix-chunks", type=click.IntRange(min=1), help="At most this many chunks of the text (llama-imatrix --chunks).  [default: all]")
+@click.option("--imatrix-ctx", type=click.IntRange(min=16), default=512, show_default=True, help="Tokens per chunk (llama-imatrix -c).")
 @click.option("--block-size", type=click.Choice(["32", "128"]), default="32", show_default=True, help="ONNX: weights per quantization block.")
 @click.option("--asymmetric", is_flag=True, help="ONNX: blocks with zero points (the embedding then stays float32).")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
@@ -33,7 +38,8 @@ from edgecds.quant.types import DEFAULT_FORMAT, DEFAULT_TYPES, FORMATS, QUANT_TY
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def quantize(source: Path | None, types_text: str | None, output: Path | None, fmt: str, allow_requantize: bool,
              pure: bool, leave_output_tensor: bool, block_size: str, asymmetric: bool, accuracy_level: int, keep_embeddings: bool,
-             head_bits: str, threads: int, as_json: bool, quiet: bool) -> None:
+             head_bits: str, threads: int, as_json: bool, quiet: bool, imatrix_text: str | None = None, imatrix_chunks: int | None = None,
+             imatrix_ctx: int = 512) -> None:
     """Build GGUF variants with llama.cpp, and ONNX variants with Optimum and onnxruntime.
 
     SOURCE is a Hugging Face model folder (safetensors only) or a GGUF file (GGUF output only);
@@ -47,6 +53,7 @@ def quantize(source: Path | None, types_text: str | None, output: Path | None, f
       edgecds quantize --format gguf,onnx
       edgecds quantize --format onnx --types ONNX_INT4 --block-size 128
       edgecds quantize model-F16.gguf --types Q4_K_M --json
+      edgecds quantize --imatrix clinical --types Q4_K_M,IQ3_XXS,IQ2_XS -o edgecds-out/imatrix
     """
     from edgecds.progress import make_reporter
     from edgecds.quant.gguf_quantize import QuantizerOptions
@@ -71,6 +78,7 @@ def quantize(source: Path | None, types_text: str | None, output: Path | None, f
         quantizer=QuantizerOptions(threads=threads, allow_requantize=allow_requantize, pure=pure, leave_output_tensor=leave_output_tensor),
         onnx=OnnxOptions(block_size=int(block_size), symmetric=not asymmetric, accuracy_level=accuracy_level,
                          quantize_embeddings=not keep_embeddings, head_bits=int(head_bits)),
+        imatrix=_imatrix_options(imatrix_text, imatrix_chunks, imatrix_ctx),
     )
     reporter = make_reporter(quiet)
     result = run_quantize(config, reporter)
@@ -88,6 +96,12 @@ def quantize(source: Path | None, types_text: str | None, output: Path | None, f
     if result.all_reused:
         click.echo("Nothing to do: every variant is up to date with this source and these options.")
     click.echo(f"Recorded in {result.variants_file}")
+
+
+def _imatrix_options(text: str | None, chunks: int | None, ctx: int) -> Any:
+    from edgecds.calibration import ImatrixOptions
+
+    return ImatrixOptions(text, chunks, ctx) if text else None
 
 
 def _drift_cell(drift: dict[str, Any]) -> str:

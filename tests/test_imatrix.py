@@ -1,0 +1,113 @@
+"""The clinical importance matrix on the real engine and the default model: computed with
+llama-imatrix's accumulation through llama.cpp's eval callback, written in llama.cpp's format,
+handed to llama.cpp's quantizer, recorded in the variant and in the GGUF as llama-quantize does."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgecds.calibration import CALIBRATION_TEXT, calibration_text
+from edgecds.cli import cli
+from edgecds.quant import imatrix
+from edgecds.quant.gguf_file import read_gguf
+from edgecds.quantize import QuantizeResult
+
+ROOT = Path(__file__).resolve().parents[1]
+CLINICAL = ROOT / "toolkit" / "clinical"
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+def _grams(text: str, n: int = 8) -> set[tuple[str, ...]]:
+    words = re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split()
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_the_calibration_text_shares_no_passage_with_the_drift_text_or_any_case() -> None:
+    text = calibration_text()
+    assert "CC0" in text.splitlines()[0] and len(text.split()) > 3000
+    ours = _grams(text)
+    for other in ("drift-text.txt", "cases-v1.jsonl", "open-v1.jsonl"):
+        assert not ours & _grams((CLINICAL / other).read_text(encoding="utf-8")), other
+
+
+def test_i_quants_below_three_bits_are_refused_without_a_matrix(tmp_path: Path) -> None:
+    code, out = invoke("quantize", str(tmp_path), "--types", "Q4_K_M,IQ2_XS", "-o", str(tmp_path / "out"))
+    assert code == 2 and "IQ2_XS need an importance matrix" in out and "--imatrix clinical" in out
+    assert not (tmp_path / "out").exists()  # refused before anything was read or written
+
+
+@pytest.fixture
+def f16(default_variants: QuantizeResult, tmp_path: Path) -> Path:
+    source = next(Path(default_variants.output_dir).glob("*-F16.gguf"))
+    return Path(shutil.copy(source, tmp_path / "model-F16.gguf"))
+
+
+def test_the_matrix_is_computed_over_every_block_weight_and_read_back(f16: Path, tmp_path: Path) -> None:
+    made = imatrix.compute(f16, calibration_text(), CALIBRATION_TEXT, "x", tmp_path / "m.gguf", chunk_size=128, max_chunks=2)
+    assert made.chunks == 2 and made.tokens == 256
+    matrix = imatrix.read(tmp_path / "m.gguf")
+    layers = read_gguf(f16).metadata.get("llama.block_count")
+    assert len(matrix.values) == 7 * int(layers)  # q, k, v, output, gate, up, down of every block
+    assert matrix.datasets == [CALIBRATION_TEXT] and matrix.chunks == 2 and matrix.chunk_size == 128
+    q = matrix.values["blk.0.attn_q.weight"]
+    assert q.shape == (576,) and np.all(q > 0) and np.all(np.isfinite(q))
+    # the same text over more chunks gives other averages: the values come from the activations
+    imatrix.compute(f16, calibration_text(), CALIBRATION_TEXT, "x", tmp_path / "m3.gguf", chunk_size=128, max_chunks=3)
+    assert not np.allclose(imatrix.read(tmp_path / "m3.gguf").values["blk.0.attn_q.weight"], q)
+
+
+def _tensor(path: Path, name: str) -> bytes:
+    import gguf
+
+    return bytes(next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == name).data.tobytes())
+
+
+def test_quantize_with_the_clinical_matrix_records_it_and_changes_the_weights(f16: Path, tmp_path: Path) -> None:
+    plain, imat = tmp_path / "plain", tmp_path / "imat"
+    assert invoke("quantize", str(f16), "--types", "Q3_K_M", "-o", str(plain), "-q")[0] == 0
+    code, out = invoke("quantize", str(f16), "--types", "Q3_K_M,IQ2_XS", "--imatrix", "clinical", "--imatrix-chunks", "2",
+                       "-o", str(imat), "--json", "-q")
+    assert code == 0, out
+    variants = {v["type"]: v for v in json.loads(out)["variants"]}
+    provenance = variants["Q3_K_M"]["options"]["imatrix"]
+    assert provenance["dataset"] == CALIBRATION_TEXT and provenance["chunks"] == 2 and provenance["tokens"] == 1024
+    assert provenance["text_sha256"] == __import__("hashlib").sha256(calibration_text().encode()).hexdigest()
+    assert variants["IQ2_XS"]["options"]["imatrix"] == provenance
+    built = imat / variants["Q3_K_M"]["path"]
+    meta = read_gguf(built).metadata
+    assert meta["quantize.imatrix.dataset"] == CALIBRATION_TEXT and meta["quantize.imatrix.chunks_count"] == 2
+    assert meta["quantize.imatrix.entries_count"] == provenance["entries"] == 210
+    assert meta["quantize.imatrix.file"] == provenance["file"] and (imat / provenance["file"]).is_file()
+    without = next(plain.glob("*Q3_K_M.gguf"))
+    assert "quantize.imatrix.file" not in read_gguf(without).metadata
+    assert _tensor(built, "blk.0.ffn_down.weight") != _tensor(without, "blk.0.ffn_down.weight")
+    assert variants["IQ2_XS"]["tensor_types"].get("IQ2_XS", 0) > 0
+    again = json.loads(invoke("quantize", str(f16), "--types", "Q3_K_M,IQ2_XS", "--imatrix", "clinical", "--imatrix-chunks", "2",
+                              "-o", str(imat), "--json", "-q")[1])
+    assert all(v["reused"] for v in again["variants"])  # nothing computed or quantized twice
+
+
+def test_a_matrix_for_another_model_or_a_damaged_one_is_refused_with_a_message(f16: Path, tmp_path: Path) -> None:
+    wrong = tmp_path / "other.gguf"
+    imatrix.write(wrong, {"blk.0.attn_q.weight": imatrix.Stats(np.ones((1, 960)), 10)}, ["other.txt"], 1, 512)
+    code, out = invoke("quantize", str(f16), "--types", "Q4_K_M", "--imatrix", str(wrong), "-o", str(tmp_path / "o1"))
+    assert code == 1 and "computed for another model" in out and "Traceback" not in out
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\xff" * 64)
+    code, out = invoke("quantize", str(f16), "--types", "Q4_K_M", "--imatrix", str(broken), "-o", str(tmp_path / "o2"))
+    assert code == 1 and "importance-matrix" in out and "Traceback" not in out
+    binary = tmp_path / "notes.txt"
+    binary.write_bytes(b"\xff\xfe clinical")
+    code, out = invoke("quantize", str(f16), "--types", "Q4_K_M", "--imatrix", str(binary), "-o", str(tmp_path / "o3"))
+    assert code == 1 and "not UTF-8" in out
