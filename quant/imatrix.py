@@ -221,8 +221,11 @@ def write(output: Path, stats: dict[str, Stats], datasets: list[str], chunks: in
         writer.add_uint32("imatrix.chunk_size", chunk_size)
         for name in sorted(stats):
             entry = stats[name]
-            writer.add_tensor(f"{name}.in_sum2", entry.sums.astype(np.float32))
-            writer.add_tensor(f"{name}.counts", np.full((entry.sums.shape[0], 1), entry.count, dtype=np.float32))
+            n_mat = entry.sums.shape[0]
+            sums = entry.sums.astype(np.float32)
+            # as llama-imatrix lays them out: one row per matrix, a dense weight's without the matrix axis
+            writer.add_tensor(f"{name}.in_sum2", sums.reshape(-1) if n_mat == 1 else sums)
+            writer.add_tensor(f"{name}.counts", np.full((n_mat,), entry.count, dtype=np.float32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -258,8 +261,9 @@ def read(path: Path) -> Imatrix:
             continue
         weight = name[: -len(".in_sum2")]
         counts = tensors.get(f"{weight}.counts")
-        if counts is None or sums.ndim != 2 or counts.size != sums.shape[0]:
+        if counts is None or counts.size == 0 or sums.size % counts.size:  # llama.cpp drops the matrix axis of a dense weight
             raise InvalidInputError(f"{path}: {weight} has sums without matching counts")
+        sums = sums.reshape(counts.size, -1)
         per = counts.reshape(-1, 1)
         values[weight] = np.where(per > 0, sums / np.where(per > 0, per, 1), 1.0).astype(np.float32).reshape(-1)
     if not values:

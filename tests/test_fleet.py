@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from edgecds.cli import cli
 from edgecds.errors import UsageError
-from edgecds.fleet.cluster import device_resource, head_environment, join_plan, split_address
+from edgecds.fleet.cluster import connect, device_resource, head_environment, join_plan, split_address
 from edgecds.fleet.run import FleetConfig, FleetResult, JobOptions, run_fleet
 from edgecds.quantize import QuantizeResult
 from edgecds.results import load_results
@@ -44,7 +44,9 @@ class Fleet:
     def add(self, kind: str, home: Path) -> Any:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("EDGECDS_HOME", str(home))  # the node's processes, and so its tasks, inherit it
-            node = self.cluster.add_node(num_cpus=1, resources={device_resource(kind): 1}, node_ip_address="127.0.0.1")
+            mp.setenv("HOME", str(home))  # a device's own home, not the head's
+            # what `fleet join` offers: the device's resource, no CPU or GPU for other Ray work
+            node = self.cluster.add_node(num_cpus=0, num_gpus=0, resources={device_resource(kind): 1}, node_ip_address="127.0.0.1")
         self.nodes.setdefault(kind, []).append((node, home))
         return node
 
@@ -55,11 +57,16 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     kind, one of another kind."""
     with pytest.MonkeyPatch.context() as mp:
         for name, value in head_environment("127.0.0.1:6379").items():
-            mp.setenv(name, value)
+            if name != "HOME":
+                mp.setenv(name, value)
         import ray
         from ray.cluster_utils import Cluster
 
+        home = os.environ["HOME"]
+        mp.setenv("HOME", head_environment("127.0.0.1:6379")["HOME"])
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
+        mp.setenv("HOME", home)
+        connect(cluster.address)  # the driver attaches to the head (the build machine) before any device joins
         made = Fleet(cluster, cluster.address, resolve_target("auto").id)
         made.add(made.here, tmp_path / "node-a1")
         made.add(made.here, tmp_path / "node-a2")
@@ -159,7 +166,7 @@ def test_a_node_that_holds_a_file_by_hash_is_not_sent_it_again(fleet: Fleet, var
     assert second.tasks[0].received_bytes == 0 and second.tasks[0].reused_files == 1
 
 
-def test_a_tampered_file_is_refused_on_arrival_and_a_kind_without_nodes_is_reported(fleet: Fleet, variants: Path) -> None:
+def test_a_changed_file_never_leaves_the_build_machine_and_a_kind_without_nodes_is_reported(fleet: Fleet, variants: Path) -> None:
     target = next(variants.glob("*Q4_K_M.gguf"))
     with open(target, "r+b") as handle:  # same size, one byte changed after quantize recorded its hash
         handle.seek(target.stat().st_size // 2)
@@ -170,19 +177,45 @@ def test_a_tampered_file_is_refused_on_arrival_and_a_kind_without_nodes_is_repor
                        "--types", "Q4_K_M", "-r", "1", "-p", "32", "-n", "8", "--ctx", "512", "--json", "-q")
     assert code == 1, out
     tasks = {t["device"]: t for t in json.loads(out)["tasks"]}
-    assert tasks[OTHER]["status"] == "failed" and "refused before loading" in tasks[OTHER]["reason"]
+    assert tasks[OTHER]["status"] == "failed" and "changed since" in tasks[OTHER]["reason"]
     assert tasks["rtx-3060-12gb"]["status"] == "no-node" and "fleet join" in tasks["rtx-3060-12gb"]["reason"]
-    assert blobs(fleet.nodes[OTHER][0][1]) == []  # nothing kept, nothing loaded
+    assert blobs(fleet.nodes[OTHER][0][1]) == []  # nothing sent
     results = load_results(variants / "results.json")
     assert results is None or not results.records
     log = json.loads((variants / "fleet.json").read_text())
     assert {t["status"] for t in log["tasks"].values()} == {"failed", "no-node"}
 
 
-def _kill_when_received(fleet: Fleet, kind: str, removed: list[str]) -> None:
+def test_a_file_altered_on_the_way_is_refused_on_arrival_before_anything_loads(fleet: Fleet, variants: Path, tmp_path: Path) -> None:
+    """The node's own check: the build machine offers bytes that are not the recorded ones."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    from edgecds.fleet.node import TaskSpec, run_task
+    from edgecds.fleet.transfer import FileSpec, start_server
+    from edgecds.variants import open_variants
+
+    folder, record = open_variants(variants)
+    variant = record.by_type()["Q4_K_M"]
+    altered = tmp_path / "altered.gguf"
+    data = bytearray((variants / variant.path).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    altered.write_bytes(bytes(data))
+    server = start_server(ray, {variant.sha256: str(altered)})
+    spec = TaskSpec("profile", OTHER, "Q4_K_M", dict(record.source.__dict__), [dict(variant.__dict__)],
+                    [FileSpec(variant.path, variant.sha256, variant.file_size)], dict(QUICK.__dict__))
+    ref = ray.remote(run_task).options(resources={device_resource(OTHER): 1}, num_cpus=0).remote(spec, server)
+    with pytest.raises(RayTaskError, match="refused before loading"):
+        ray.get(ref, timeout=120)
+    home = fleet.nodes[OTHER][0][1]
+    assert blobs(home) == [] and not list((home / "fleet" / "blobs").glob(".*.part"))  # nothing kept
+    assert not list((home / "fleet").glob("work/*/*.gguf"))  # nothing placed where it could load
+
+
+def _kill_when_received(fleet: Fleet, kind: str, removed: list[str], stop: threading.Event) -> None:
     """Remove the node of `kind` that has received its file (so it runs the task), once."""
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stop.is_set():
         for node, home in fleet.nodes[kind]:
             if blobs(home):
                 fleet.cluster.remove_node(node, allow_graceful=False)
@@ -193,17 +226,23 @@ def _kill_when_received(fleet: Fleet, kind: str, removed: list[str]) -> None:
 
 def test_a_killed_node_s_task_is_retried_on_another_of_its_kind_or_recorded_as_failed(fleet: Fleet, variants: Path) -> None:
     removed: list[str] = []
-    killers = [threading.Thread(target=_kill_when_received, args=(fleet, kind, removed)) for kind in (fleet.here, OTHER)]
+    stop = threading.Event()
+    killers = [threading.Thread(target=_kill_when_received, args=(fleet, kind, removed, stop)) for kind in (fleet.here, OTHER)]
     for killer in killers:
         killer.start()
+    # three fresh processes of pp64/tg32 after the file arrives: seconds in which the node dies
     slow = JobOptions(n_ctx=512, prompt_tokens=64, decode_tokens=32, repeats=3)
-    result = run_fleet(FleetConfig("profile", variants, (fleet.here, OTHER), fleet.address, ("Q8_0",), slow, poll_seconds=0.5))
-    for killer in killers:
-        killer.join()
+    try:
+        result = run_fleet(FleetConfig("profile", variants, (fleet.here, OTHER), fleet.address, ("Q8_0",), slow, poll_seconds=0.5))
+    finally:
+        stop.set()
+        for killer in killers:
+            killer.join()
     assert len(removed) == 2
     tasks = {t.device: t for t in result.tasks}
     assert tasks[fleet.here].status == "done" and tasks[fleet.here].node not in removed  # retried on the other node of the kind
-    assert tasks[OTHER].status == "failed" and tasks[OTHER].reason  # its only node died: recorded, not waited on
+    assert tasks[OTHER].status == "failed"  # its only node died: recorded, not waited on
+    assert "died" in tasks[OTHER].reason or "left" in tasks[OTHER].reason
     results = load_results(variants / "results.json")
     assert results is not None and [(r.device, r.status) for r in results.records] == [(fleet.here, "measured")]
 
@@ -218,7 +257,9 @@ def test_cluster_settings_keep_traffic_to_the_named_cluster() -> None:
     assert "--include-dashboard=false" in argv and "--disable-usage-stats" in argv
     with pytest.raises(UsageError, match="loopback"):
         join_plan("127.0.0.1:6379", OTHER, None, True)
-    with pytest.raises(UsageError, match="HOST:PORT"):
-        split_address("10.0.0.5:notaport")
+    for bad in ("10.0.0.5:notaport", "auto", "fd00::5", "10.0.0.5:0"):
+        with pytest.raises(UsageError):
+            split_address(bad)
+    assert split_address("[fd00::5]:7000") == ("fd00::5", 7000) and split_address("10.0.0.5") == ("10.0.0.5", 6379)
     code, out = invoke("fleet", "profile", str(ROOT), "--devices", "no-such-device", "--address", "127.0.0.1:1")
     assert code != 0 and "no-such-device" in out

@@ -67,6 +67,22 @@ def test_the_matrix_is_computed_over_every_block_weight_and_read_back(f16: Path,
     assert not np.allclose(imatrix.read(tmp_path / "m3.gguf").values["blk.0.attn_q.weight"], q)
 
 
+# llama.cpp's own llama-imatrix, built from the sources vendored in llama-cpp-python 0.3.36's sdist
+# (cmake -DLLAMA_BUILD_TOOLS=ON --target llama-imatrix), run on the default model's F16 as:
+#   llama-imatrix -m SmolLM2-135M-Instruct-F16.gguf -f toolkit/clinical/calibration-text.txt -c 128 -b 128 -ub 128 --chunks 2 --no-ppl
+# Its values (sum / count) for the first and last block's seven weights are kept here.
+TOOL_VALUES = ROOT / "tests" / "fixtures" / "imatrix-llama-imatrix-smollm2.npz"
+
+
+def test_the_matrix_equals_llama_imatrix_s_own_on_the_same_model_text_and_chunks(f16: Path, tmp_path: Path) -> None:
+    imatrix.compute(f16, calibration_text(), CALIBRATION_TEXT, "x", tmp_path / "ours.gguf", chunk_size=128, max_chunks=2)
+    ours = imatrix.read(tmp_path / "ours.gguf").values
+    tool = np.load(TOOL_VALUES)
+    assert len(tool.files) == 14
+    for name in tool.files:  # float sums in another order: equal to a few parts per million
+        np.testing.assert_allclose(ours[name], tool[name], rtol=1e-4, atol=0, err_msg=name)
+
+
 def _tensor(path: Path, name: str) -> bytes:
     import gguf
 

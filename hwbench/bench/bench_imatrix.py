@@ -96,10 +96,11 @@ def main(argv: list[str] | None = None) -> None:
                               "vs_f16": imat[t].paired} for t in only],
             "f16_accuracy": plain["F16"].metrics["accuracy"],
         }
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.output, report)  # the scores are kept even if the comparison below fails
         if args.tool:
             f16 = next((work / "plain").glob("*-F16.gguf"))
             report["tool_comparison"] = compare_with_tool(args.tool, f16, args.chunks or 4, work)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.output, report)
     for row in report["rows"]:
         print(f"{row['type']:<8} KL {row['kl_mean'][0]:.4f} -> {row['kl_mean'][1]:.4f}  top-1 {row['top1'][0]:.3f} -> {row['top1'][1]:.3f}  "

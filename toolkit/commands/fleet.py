@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from edgecds.commands.common import print_json, profiles_dir_option, table
+from edgecds.commands.common import print_json, table
 
 ADDRESS_HELP = "The cluster: HOST:PORT of its head (`edgecds fleet head`).  [default: $RAY_ADDRESS]"
 
@@ -28,7 +28,7 @@ def fleet() -> None:
 
 
 def _start_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    func = click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs Ray may schedule here.  [default: Ray's count]")(func)
+    func = click.option("--num-cpus", type=click.IntRange(min=0), help="CPUs Ray may schedule other work on here.  [default: 0, fleet tasks need none]")(func)
     func = click.option("--block/--no-block", default=True, show_default=True,
                         help="Stay in the foreground (Ctrl-C leaves the cluster); --no-block returns once the node runs.")(func)
     return click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON, and do not start.")(func)
@@ -63,10 +63,9 @@ def fleet_head(address: str, device_id: str | None, num_cpus: int | None, block:
 
 @fleet.command("join")
 @click.argument("address")
-@click.option("--device", "device_id", help="The device profile this node is.  [default: the one `edgecds devices detect` finds]")
-@profiles_dir_option
+@click.option("--device", "device_id", help="The (shipped) device profile this node is.  [default: the one `edgecds devices detect` finds]")
 @_start_options
-def fleet_join(address: str, device_id: str | None, profiles_dirs: tuple[Path, ...], num_cpus: int | None, block: bool, as_json: bool) -> None:
+def fleet_join(address: str, device_id: str | None, num_cpus: int | None, block: bool, as_json: bool) -> None:
     """Join this device to the cluster at ADDRESS, labelled with its device profile and nothing else.
 
     The node offers Ray one unit of `edgecds-device:<id>`, so it runs one fleet task at a time.
@@ -79,7 +78,7 @@ def fleet_join(address: str, device_id: str | None, profiles_dirs: tuple[Path, .
     from edgecds.fleet.cluster import join_plan
     from edgecds.target import AUTO, resolve_target
 
-    target = resolve_target(device_id or AUTO, profiles_dirs)
+    target = resolve_target(device_id or AUTO)
     if not target.here:
         click.echo(f"note: this machine is detected as {target.match.profile.id}, not {target.id}: its measurements for {target.id} "
                    "are recorded as made elsewhere (on_target false)", err=True)
@@ -121,7 +120,8 @@ def _job_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--again", is_flag=True, help="Run tasks fleet.json records as done; with --force the nodes measure again too."),
         click.option("--force", is_flag=True, help="Nodes measure again what their own workspace holds."),
         click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), help="Results file.  [default: results.json beside variants.json]"),
-        profiles_dir_option,
+        click.option("--task-timeout", type=click.FloatRange(min=1), default=3600, show_default=True,
+                     help="Seconds a device kind may go without finishing a task before its remaining tasks are recorded as failed."),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),
         click.option("--quiet", "-q", is_flag=True, help="No progress on stderr."),
     ]):
@@ -138,7 +138,7 @@ def _run(job: str, variants: Path, devices_text: str, types_text: str | None, op
     devices = tuple(d.strip() for d in devices_text.split(",") if d.strip())
     config = FleetConfig(job=job, variants=variants, devices=devices, address=common["address"], types=parse_type_names(types_text),
                          options=options, cases=cases, output=common["output"], retries=common["retries"], again=common["again"],
-                         profiles_dirs=common["profiles_dirs"])
+                         task_timeout=common["task_timeout"])
     result = run_fleet(config, make_reporter(common["quiet"]))
     if common["as_json"]:
         print_json(result.to_dict())

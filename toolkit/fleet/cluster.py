@@ -40,11 +40,17 @@ def devices_of(resources: dict[str, Any]) -> list[str]:
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """HOST:PORT (or HOST, Ray's default port); anything else is a usage error."""
-    host, _, port = address.strip().rpartition(":") if ":" in address else (address.strip(), "", str(DEFAULT_PORT))
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"cluster address {address!r}: expected HOST:PORT, e.g. 10.0.0.5:{DEFAULT_PORT}")
+    """HOST:PORT ([IPv6]:PORT, or HOST for Ray's default port); anything else is a usage error."""
+    text = address.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else (str(DEFAULT_PORT) if not rest else "x")
+    elif text.count(":") > 1:
+        raise UsageError(f"cluster address {address!r}: write an IPv6 address in brackets, e.g. [fd00::5]:{DEFAULT_PORT}")
+    else:
+        host, _, port = text.partition(":") if ":" in text else (text, "", str(DEFAULT_PORT))
+    if not host or host in ("auto", "local") or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"cluster address {address!r}: expected HOST:PORT of the head, e.g. 10.0.0.5:{DEFAULT_PORT}")
     return host, int(port)
 
 
@@ -64,7 +70,7 @@ def node_ip_toward(address: str) -> str:
         return "127.0.0.1"
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect((host, port))
+            probe.connect((host, port))  # a UDP connect: chooses the route, sends nothing
             return str(probe.getsockname()[0])
     except OSError as exc:
         raise EdgecdsError(f"cannot reach the cluster at {address}: {exc.strerror or exc}; check the address and the network") from None
@@ -147,9 +153,11 @@ def join_plan(address: str, device: str, num_cpus: int | None, block: bool) -> S
 
 
 def _with_node_options(argv: list[str], device: str | None, num_cpus: int | None, block: bool) -> list[str]:
-    # one unit of the device's resource: a node measures one variant at a time, as a person would
+    # one unit of the device's resource: a node measures one variant at a time, as a person would.
+    # No CPU or GPU is offered to Ray's scheduler (fleet tasks ask for none), so no other Ray work
+    # lands on a clinic's device, or beside a measurement.
     resources = {device_resource(device): 1} if device else {}
-    return [*argv, f"--resources={json.dumps(resources)}", *([f"--num-cpus={num_cpus}"] if num_cpus else []), *(["--block"] if block else [])]
+    return [*argv, f"--resources={json.dumps(resources)}", f"--num-cpus={num_cpus or 0}", "--num-gpus=0", *(["--block"] if block else [])]
 
 
 def connect(address: str | None) -> Any:
@@ -166,9 +174,10 @@ def connect(address: str | None) -> Any:
     try:
         ray.init(address=f"{host}:{port}", _node_ip_address=node_ip_toward(address), include_dashboard=False,
                  log_to_driver=False, configure_logging=True, logging_level="WARNING")
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise EdgecdsError(f"cannot join the Ray cluster at {host}:{port} as a driver: {exc}. Run fleet commands on a node of "
-                           "the cluster (the build machine that ran `edgecds fleet head`)") from None
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise EdgecdsError(f"cannot join the Ray cluster at {host}:{port} as a driver: {first[:300]}. Is the head running "
+                           "(`edgecds fleet head`)? Run fleet commands on a node of the cluster (the build machine)") from None
     return ray
 
 

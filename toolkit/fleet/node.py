@@ -5,18 +5,20 @@ workspace kept per (job, model, device kind), so a reference scored once is reus
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgecds.atomic import write_json
-from edgecds.fleet.transfer import FileSpec, fetch, place
+from edgecds.errors import InvalidInputError
+from edgecds.fleet.transfer import FileSpec, check_sha256, fetch, place
 from edgecds.home import edgecds_home
-from edgecds.jsonfile import read_json_object
 from edgecds.variants import SCHEMA_VERSION, VARIANTS_FILE
 
 JOBS = ("profile", "eval")
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a profile id: it names a folder
 
 
 @dataclass(frozen=True)
@@ -45,19 +47,16 @@ class TaskReport:
 
 
 def workspace_for(spec: TaskSpec) -> Path:
-    source = str(spec.source.get("sha256", "model"))[:16]
+    source = check_sha256(spec.source.get("sha256"), "the model's sha256")[:16]
+    if spec.job not in JOBS or not DEVICE_ID.fullmatch(spec.device):
+        raise InvalidInputError(f"a fleet task for job {spec.job!r} on device {spec.device[:40]!r}: refused")
     return edgecds_home() / "fleet" / "work" / f"{spec.job}-{source}-{spec.device}"
 
 
 def _write_variants(workspace: Path, spec: TaskSpec) -> None:
-    """variants.json of the workspace: what earlier tasks brought, with this task's records."""
-    path = workspace / VARIANTS_FILE
-    kept: list[dict[str, Any]] = []
-    if path.exists():
-        kept = [v for v in read_json_object(path).get("variants", []) if isinstance(v, dict)]
-    types = {v.get("type") for v in spec.variants}
-    write_json(path, {"schema_version": SCHEMA_VERSION, "source": spec.source,
-                      "variants": [v for v in kept if v.get("type") not in types] + spec.variants})
+    """variants.json of the workspace: exactly the records this task brought (the reference the
+    build machine chose, not one an earlier task left); the scores kept in results.json stay."""
+    write_json(workspace / VARIANTS_FILE, {"schema_version": SCHEMA_VERSION, "source": spec.source, "variants": spec.variants})
 
 
 def run_task(spec: TaskSpec, server: Any) -> TaskReport:

@@ -22,11 +22,11 @@ from edgecds.errors import InvalidInputError, UnknownNameError, UsageError
 from edgecds.evaluate import reference_of
 from edgecds.fleet.cluster import connect, device_resource, live_kinds
 from edgecds.fleet.node import JOBS, TaskReport, TaskSpec, run_task
-from edgecds.fleet.transfer import FileSpec, start_server
+from edgecds.fleet.transfer import FileSpec, check_sha256, safe_relpath, start_server
 from edgecds.jsonfile import read_json_object
 from edgecds.progress import Reporter
 from edgecds.results import RESULTS_FILE, ResultsFile, load_results, parse_evaluation, parse_host, parse_measurement
-from edgecds.variants import VariantRecord, VariantsFile, open_variants, variant_file
+from edgecds.variants import VariantRecord, VariantsFile, check_unchanged, open_variants, variant_file
 
 FLEET_LOG = "fleet.json"
 LOG_SCHEMA = 1
@@ -61,7 +61,7 @@ class FleetConfig:
     retries: int = 2  # further attempts on another node of the kind when a node dies
     again: bool = False  # run tasks fleet.json already records as done
     poll_seconds: float = 2.0
-    profiles_dirs: tuple[Path, ...] = ()
+    task_timeout: float = 3600.0  # a kind that finishes no task for this long has its remaining tasks failed
 
 
 @dataclass
@@ -99,10 +99,18 @@ class FleetResult:
 def _files_of(folder: Path, variant: VariantRecord) -> tuple[list[FileSpec], dict[str, str]]:
     """A variant's files as the node receives them (an ONNX variant is a folder of several)."""
     path = variant_file(folder, variant)
+    safe_relpath(variant.path)
     if variant.format != "onnx":
-        return [FileSpec(variant.path, variant.sha256, variant.file_size)], {variant.sha256: str(path)}
-    specs = [FileSpec(f"{variant.path}/{rel}", sha, (path / rel).stat().st_size) for rel, sha in sorted(variant.files.items())]
-    return specs, {s.sha256: str(path / s.relpath[len(variant.path) + 1:]) for s in specs}
+        return [FileSpec(variant.path, check_sha256(variant.sha256, str(path)), variant.file_size)], {variant.sha256: str(path)}
+    specs, offered = [], {}
+    for rel, sha in sorted(variant.files.items()):
+        safe_relpath(rel)
+        file = path / rel
+        if file.is_symlink() or not file.is_file():
+            raise InvalidInputError(f"{file} is not a regular file in the variant's folder; quantize again")
+        specs.append(FileSpec(f"{variant.path}/{rel}", check_sha256(sha, str(file)), file.stat().st_size))
+        offered[sha] = str(file)
+    return specs, offered
 
 
 def _log_path(output: Path) -> Path:
@@ -113,8 +121,13 @@ def _read_log(output: Path) -> dict[str, dict[str, Any]]:
     path = _log_path(output)
     if not path.exists():
         return {}
-    tasks = read_json_object(path).get("tasks", {})
-    return {k: v for k, v in tasks.items() if isinstance(v, dict)} if isinstance(tasks, dict) else {}
+    data = read_json_object(path)
+    tasks = data.get("tasks")
+    if data.get("schema_version") != LOG_SCHEMA or not isinstance(tasks, dict):
+        raise InvalidInputError(f"{path} is not a fleet log this edgecds writes; move it away to start a new one")
+    # an entry that is not what this edgecds writes is ignored: its task simply runs again
+    return {k: v for k, v in tasks.items() if isinstance(v, dict) and isinstance(v.get("status"), str)
+            and isinstance(v.get("keys"), list) and all(isinstance(x, str) for x in v["keys"]) and v["keys"]}
 
 
 def _present_keys(results: ResultsFile) -> set[str]:
@@ -136,18 +149,22 @@ def _plan(config: FleetConfig, folder: Path, variants: VariantsFile, results: Re
     present = _present_keys(results)
     for device in config.devices:
         for variant in chosen:
-            task_id = cache_key({"job": config.job, "device": device, "variant": variant.sha256, "options": asdict(config.options),
+            options = {k: v for k, v in asdict(config.options).items() if k != "force"}  # --force re-measures, it is not another task
+            task_id = cache_key({"job": config.job, "device": device, "variant": variant.sha256, "options": options,
                                  "cases": asdict(cases) if cases else None})
             outcome = TaskOutcome(task_id, config.job, device, variant.type, variant.sha256, "")
             earlier = log.get(task_id, {})
-            if earlier.get("status") in ("done", "reused") and set(earlier.get("keys") or ["-"]) <= present and not config.again:
+            if earlier.get("status") in ("done", "reused") and set(earlier["keys"]) <= present and not config.again:
                 plan.outcomes.append(replace(outcome, status="reused", keys=list(earlier["keys"]), node=str(earlier.get("node", "")),
                                              host=str(earlier.get("host", ""))))
             elif not kinds.get(device):
                 plan.outcomes.append(replace(outcome, status="no-node", reason=f"no live node of the cluster is a {device}; run "
                                              f"`edgecds fleet join ADDRESS --device {device}` on one"))
             else:
-                plan.specs[task_id] = _spec(config, folder, variants, variant, device, cases, plan)
+                try:
+                    plan.specs[task_id] = _spec(config, folder, variants, variant, device, cases, plan)
+                except InvalidInputError as exc:  # changed or missing on the build machine: nothing is sent
+                    plan.outcomes.append(replace(outcome, status="failed", reason=str(exc)))
     return plan
 
 
@@ -159,6 +176,7 @@ def _spec(config: FleetConfig, folder: Path, variants: VariantsFile, variant: Va
         records = [reference] + ([variant] if variant is not reference else [])
     specs: list[FileSpec] = []
     for record in records:
+        check_unchanged(folder, record)  # only the bytes quantize recorded leave this machine
         files, offered = _files_of(folder, record)
         specs += files
         plan.files.update(offered)
@@ -180,7 +198,7 @@ def _check_devices(config: FleetConfig) -> None:
         raise UsageError(f"unknown fleet job {config.job!r}; known: {', '.join(JOBS)}")
     if not config.devices:
         raise UsageError("name the device kinds: --devices ID,ID (see `edgecds devices list`)")
-    known = load_profiles(config.profiles_dirs)
+    known = load_profiles()  # the shipped profiles: a node knows exactly these
     for device in config.devices:
         if device not in known:
             raise UnknownNameError("device", device, sorted(known))
@@ -218,27 +236,33 @@ def _note(reporter: Reporter | None, outcome: TaskOutcome) -> None:
     reporter.note(f"{outcome.job} {outcome.device} {outcome.type}: {what}")
 
 
+@dataclass
+class _Pending:
+    task_id: str
+    spec: TaskSpec
+    submitted: float
+
+
 def _schedule(ray: Any, config: FleetConfig, plan: _Plan, results: ResultsFile, output: Path, log: dict[str, dict[str, Any]],
               reporter: Reporter | None) -> list[TaskOutcome]:
     server = start_server(ray, plan.files)
     remote = ray.remote(run_task)
-    pending: dict[Any, tuple[str, TaskSpec, float]] = {}
+    pending: dict[Any, _Pending] = {}
     for task_id, spec in plan.specs.items():
         ref = remote.options(resources={device_resource(spec.device): 1}, num_cpus=0, max_retries=config.retries,
                              retry_exceptions=False).remote(spec, server)
-        pending[ref] = (task_id, spec, time.perf_counter())
+        pending[ref] = _Pending(task_id, spec, time.perf_counter())
+    progress = {spec.device: time.perf_counter() for spec in plan.specs.values()}  # when each kind last finished a task
     done: list[TaskOutcome] = []
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=config.poll_seconds)
-            finished = [(ref, _collect(ray, ref, *pending[ref])) for ref in ready] or _orphans(ray, pending)
+            finished = [(ref, _collect(ray, ref, pending[ref])) for ref in ready] or _stalled(ray, pending, progress, config.task_timeout)
             for ref, outcome in finished:
                 del pending[ref]
+                progress[outcome.device] = time.perf_counter()
                 if outcome.status == "done":
-                    try:
-                        outcome = _merge(ray.get(ref), outcome, results, output)
-                    except InvalidInputError as exc:  # a node that reports what no results file may hold
-                        outcome = replace(outcome, status="failed", reason=str(exc))
+                    outcome = _merged(ray.get(ref), outcome, plan.specs[outcome.id], results, output)
                 log[outcome.id] = asdict(outcome)
                 _save_log(output, log)
                 _note(reporter, outcome)
@@ -250,47 +274,80 @@ def _schedule(ray: Any, config: FleetConfig, plan: _Plan, results: ResultsFile, 
     return done
 
 
-def _outcome(task_id: str, spec: TaskSpec, started: float, status: str, reason: str = "") -> TaskOutcome:
-    return TaskOutcome(task_id, spec.job, spec.device, spec.type, spec.variants[-1]["sha256"], status, reason,
-                       seconds=round(time.perf_counter() - started, 3), finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+def _outcome(task: _Pending, status: str, reason: str = "") -> TaskOutcome:
+    spec = task.spec
+    return TaskOutcome(task.task_id, spec.job, spec.device, spec.type, spec.variants[-1]["sha256"], status, reason,
+                       seconds=round(time.perf_counter() - task.submitted, 3), finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
-def _collect(ray: Any, ref: Any, task_id: str, spec: TaskSpec, started: float) -> TaskOutcome:
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _collect(ray: Any, ref: Any, task: _Pending) -> TaskOutcome:
     """A finished task's outcome: done, or failed with the node's own message."""
     from ray.exceptions import RayError, RayTaskError
 
     try:
         ray.get(ref)
     except RayTaskError as exc:  # the task raised: an edgecds error says what to do
-        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-        return _outcome(task_id, spec, started, "failed", str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__)
+        return _outcome(task, "failed", _first_line(exc.cause if getattr(exc, "cause", None) is not None else exc))
     except RayError as exc:  # the node or worker died and the retries are spent
-        return _outcome(task_id, spec, started, "failed", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}")
-    return _outcome(task_id, spec, started, "done")
+        return _outcome(task, "failed", f"{type(exc).__name__}: the node ran the task and died or left (retries spent)")
+    return _outcome(task, "done")
 
 
-def _orphans(ray: Any, pending: dict[Any, tuple[str, TaskSpec, float]]) -> list[tuple[Any, TaskOutcome]]:
-    """Tasks whose device kind has no live node left: cancelled and failed, not waited on."""
+def _stalled(ray: Any, pending: dict[Any, _Pending], progress: dict[str, float], limit: float) -> list[tuple[Any, TaskOutcome]]:
+    """Tasks of a kind with no live node left, or that finished nothing for `limit` seconds:
+    cancelled and failed, not waited on (a task that finished meanwhile is collected)."""
     kinds = live_kinds(ray)
     lost = []
-    for ref, (task_id, spec, started) in pending.items():
-        if not kinds.get(spec.device):
-            ray.cancel(ref, force=True)
-            lost.append((ref, _outcome(task_id, spec, started, "failed", f"every node of kind {spec.device} left or died before the task finished")))
+    now = time.perf_counter()
+    for ref, task in pending.items():
+        device = task.spec.device
+        if kinds.get(device) and now - progress[device] < limit:
+            continue
+        if ray.wait([ref], timeout=0)[0]:
+            lost.append((ref, _collect(ray, ref, task)))
+            continue
+        ray.cancel(ref, force=True)
+        why = (f"every node of kind {device} left or died before the task finished" if not kinds.get(device)
+               else f"no task of kind {device} finished in {limit:g} s (--task-timeout): the node is stuck or unreachable")
+        lost.append((ref, _outcome(task, "failed", why)))
     return lost
 
 
-def _merge(report: TaskReport, outcome: TaskOutcome, results: ResultsFile, output: Path) -> TaskOutcome:
-    """The node's records, validated as a results file's are, merged into results.json (atomically)."""
-    where = f"the report of node {report.node_id[:12]}"
+def _merged(report: Any, outcome: TaskOutcome, spec: TaskSpec, results: ResultsFile, output: Path) -> TaskOutcome:
+    """_merge, with a report that cannot be merged made a failed task, never a stop to the run."""
+    try:
+        return _merge(report, outcome, spec, results, output)
+    except (InvalidInputError, TypeError, AttributeError, KeyError, ValueError) as exc:
+        return replace(outcome, status="failed", reason=f"the node's report was refused: {exc}")
+
+
+def _merge(report: TaskReport, outcome: TaskOutcome, spec: TaskSpec, results: ResultsFile, output: Path) -> TaskOutcome:
+    """The node's records, validated as a results file's are and checked against the task, merged
+    into results.json (atomically)."""
+    if not isinstance(report, TaskReport):
+        raise InvalidInputError(f"a {type(report).__name__}, not a task report (is the node's edgecds the same version?)")
+    where = f"the report of node {str(report.node_id)[:12]}"
     host = parse_host(report.host, f"{where}: host")
     records = [parse_measurement(r, f"{where}: records[{i}]") for i, r in enumerate(report.records)]
     evaluations = [parse_evaluation(e, f"{where}: evaluations[{i}]") for i, e in enumerate(report.evaluations)]
+    shas = {v["sha256"] for v in spec.variants}
+    for item in [*records, *evaluations]:
+        if item.host != host.id or item.variant.sha256 not in shas:
+            raise InvalidInputError(f"{where} holds a record of another host or variant")
+    if any(r.device != spec.device for r in records) or (spec.job == "profile" and not records) or (spec.job == "eval" and not evaluations):
+        raise InvalidInputError(f"{where} does not answer the task ({spec.job} of {spec.type} on {spec.device})")
     results.hosts[host.id] = host
     for record in records:
         results.upsert(record)
     keys = {e.key for e in evaluations}
     results.evaluations = [e for e in results.evaluations if e.key not in keys] + evaluations
     results.save(output)
-    return replace(outcome, node=report.node_id, host=host.id, keys=[r.key for r in records] + sorted(keys),
-                   received_bytes=report.received_bytes, reused_files=report.reused_files, node_seconds=report.seconds)
+    failed = [r for r in records if r.status == "failed"]
+    merged = replace(outcome, node=str(report.node_id), host=host.id, keys=[r.key for r in records] + sorted(keys),
+                     received_bytes=report.received_bytes, reused_files=report.reused_files, node_seconds=report.seconds)
+    return replace(merged, status="failed", reason=failed[0].reason) if failed else merged

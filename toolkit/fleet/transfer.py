@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -53,13 +54,23 @@ def start_server(ray: Any, files: dict[str, str]) -> Any:
     return actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(files)
 
 
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_sha256(value: object, what: str) -> str:
+    """A sha256 from the cluster or a variants.json: it names files, so it must be one."""
+    if not isinstance(value, str) or not SHA256.fullmatch(value):
+        raise InvalidInputError(f"{what}: {str(value)[:80]!r} is not a sha256 (64 hex digits); refused")
+    return value
+
+
 def blobs_dir() -> Path:
     return edgecds_home() / "fleet" / "blobs"
 
 
 def safe_relpath(relpath: str) -> PurePosixPath:
     path = PurePosixPath(relpath)
-    if not relpath or path.is_absolute() or ".." in path.parts or "\\" in relpath:
+    if not isinstance(relpath, str) or not relpath or path.is_absolute() or ".." in path.parts or "\\" in relpath or "//" in relpath:
         raise InvalidInputError(f"refused a file path {relpath!r} from the cluster: it must stay inside the workspace")
     return path
 
@@ -80,6 +91,8 @@ class Arrival:
 
 def fetch(ray: Any, server: Any, spec: FileSpec) -> tuple[Path, Arrival]:
     """The file in this node's store, fetched from `server` unless already held (and still intact)."""
+    check_sha256(spec.sha256, spec.relpath)
+    safe_relpath(spec.relpath)
     store = blobs_dir()
     store.mkdir(parents=True, exist_ok=True)
     kept = store / spec.sha256
@@ -88,7 +101,7 @@ def fetch(ray: Any, server: Any, spec: FileSpec) -> tuple[Path, Arrival]:
             return kept, Arrival(0, True)
         kept.unlink()  # damaged since it arrived: fetched again
     require_free(store, spec.size, f"receiving {spec.relpath}", "free space on this node, or point EDGECDS_HOME elsewhere")
-    partial = store / f".{spec.sha256}.part"
+    partial = store / f".{spec.sha256}.{os.getpid()}.part"  # two nodes may share a home
     digest = hashlib.sha256()
     received = 0
     try:
