@@ -16,7 +16,7 @@ import click
 
 from edgecds import __version__
 from edgecds.commands.build import inspect, models, quantize, types_command
-from edgecds.commands.device import compare_command, devices, doctor, eval_command, plan, profile
+from edgecds.commands.device import compare_command, devices, doctor, eval_command, plan, profile, tune_command
 from edgecds.commands.fleet import fleet
 from edgecds.commands.ship import bundle_command, keygen_command, report_command, run_command, serve_command, verify_command
 from edgecds.errors import EdgecdsError, UsageError, write_failure_message
@@ -63,6 +63,7 @@ cli.add_command(plan)
 cli.add_command(profile)
 cli.add_command(eval_command)
 cli.add_command(compare_command)
+cli.add_command(tune_command)
 # ship
 cli.add_command(report_command)
 cli.add_command(bundle_command)

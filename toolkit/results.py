@@ -150,11 +150,35 @@ class EvalRecord:
         return cache_key({"variant": variant_sha256, "spec": spec, "host": host_id})
 
 
+@dataclass(frozen=True)
+class TuningRecord:
+    """One `edgecds tune` search for one variant on one device: every candidate, and the choice."""
+
+    variant: VariantRef
+    device: str
+    on_target: bool
+    host: str
+    spec: dict[str, Any]  # objective, knobs, the accuracy gate's limits, the workload
+    baseline: dict[str, Any]  # llama.cpp's defaults as profile runs them (EngineSettings' fields)
+    chosen: dict[str, Any]
+    ratio: float | None  # chosen / baseline on the objective (> 1: better); None when nothing was measured
+    measured: int  # candidates measured (pruned ones are not)
+    candidates: list[dict[str, Any]]
+    key: str
+    created: str
+    seconds: float
+
+    @staticmethod
+    def make_key(variant_sha256: str, device: str, spec: dict[str, Any], host_id: str) -> str:
+        return cache_key({"variant": variant_sha256, "device": device, "tune": spec, "host": host_id})
+
+
 @dataclass
 class ResultsFile:
     hosts: dict[str, HostFingerprint] = field(default_factory=dict)
     records: list[MeasurementRecord] = field(default_factory=list)
     evaluations: list[EvalRecord] = field(default_factory=list)
+    tunings: list[TuningRecord] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def by_key(self) -> dict[str, MeasurementRecord]:
@@ -165,7 +189,8 @@ class ResultsFile:
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": self.schema_version, "hosts": {k: asdict(v) for k, v in self.hosts.items()},
-                "records": [asdict(r) for r in self.records], "evaluations": [asdict(e) for e in self.evaluations]}
+                "records": [asdict(r) for r in self.records], "evaluations": [asdict(e) for e in self.evaluations],
+                "tunings": [asdict(t) for t in self.tunings]}
 
     def save(self, path: Path) -> None:
         write_json(path, self.to_dict())
@@ -214,10 +239,21 @@ def load_results(path: Path) -> ResultsFile | None:
     if not isinstance(raw_evaluations, list):
         raise InvalidInputError(f"{path}: 'evaluations' must be a list")
     evaluations = [parse_evaluation(e, f"{path}: evaluations[{i}]") for i, e in enumerate(raw_evaluations)]
-    unknown = sorted(({r.host for r in parsed} | {e.host for e in evaluations}) - parsed_hosts.keys())
+    raw_tunings = data.get("tunings", [])
+    if not isinstance(raw_tunings, list):
+        raise InvalidInputError(f"{path}: 'tunings' must be a list")
+    tunings = [_tuning(t, f"{path}: tunings[{i}]") for i, t in enumerate(raw_tunings)]
+    unknown = sorted(({r.host for r in parsed} | {e.host for e in evaluations} | {t.host for t in tunings}) - parsed_hosts.keys())
     if unknown:
         raise InvalidInputError(f"{path}: records name host(s) {', '.join(unknown)} that 'hosts' does not describe")
-    return ResultsFile(parsed_hosts, parsed, evaluations)
+    return ResultsFile(parsed_hosts, parsed, evaluations, tunings)
+
+
+def _tuning(data: Any, where: str) -> TuningRecord:
+    record = dataclass_from_dict(TuningRecord, data, where)
+    if record.ratio is not None and (isinstance(record.ratio, bool) or not isinstance(record.ratio, (int, float))):
+        raise InvalidInputError(f"{where}.ratio must be a number")
+    return replace(record, variant=dataclass_from_dict(VariantRef, record.variant, f"{where}.variant"))
 
 
 # The figures `bundle` and `report` compute with: each must be a number where it is present.

@@ -49,6 +49,7 @@ class BundleEngineConfig:
     type_v: str = "f16"
     flash_attn: bool = False
     n_batch: int = DEFAULT_BATCH
+    n_ubatch: int | None = None  # None: n_batch (bundles made before `tune` chose it separately)
     sampling: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.0, "top_p": 1.0, "max_tokens": 512, "seed": 0})
     chat_template: str = CHAT_TEMPLATE_NOTE
     system_prompt: str = SYSTEM_PROMPT
@@ -62,7 +63,7 @@ class BundleEngineConfig:
         return int(self.sampling.get("seed", 0))
 
     def engine_settings(self) -> EngineSettings:
-        return EngineSettings(n_ctx=self.n_ctx, n_batch=self.n_batch, n_ubatch=self.n_batch, threads=self.threads,
+        return EngineSettings(n_ctx=self.n_ctx, n_batch=self.n_batch, n_ubatch=self.n_ubatch or self.n_batch, threads=self.threads,
                               n_gpu_layers=self.n_gpu_layers, type_k=self.type_k, type_v=self.type_v, flash_attn=self.flash_attn)
 
     def model_path(self, bundle: Path) -> Path:

@@ -144,7 +144,7 @@ def _engine_config(choice: Choice, device: DeviceProfile, record: Any, model_pat
         format=record.format, model=f"{MODEL_DIR}/{model_path.name}",
         n_ctx=choice.constraints.n_ctx or settings.get("n_ctx") or device.default_ctx, threads=settings.get("threads") or device.cpu_cores,
         n_gpu_layers=settings.get("n_gpu_layers", 0), type_k=settings.get("type_k", "f16"), type_v=settings.get("type_v", "f16"),
-        flash_attn=settings.get("flash_attn", False), n_batch=settings.get("n_batch", 512),
+        flash_attn=settings.get("flash_attn", False), n_batch=settings.get("n_batch", 512), n_ubatch=settings.get("n_ubatch"),
     )
 
 

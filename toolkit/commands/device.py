@@ -3,6 +3,7 @@ and `eval`. None of them imports the build side (torch, transformers)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -352,3 +353,69 @@ def compare_command(results: tuple[Path, ...], alpha: float, subgroups: bool, as
     from edgecds.tables import comparison_table, print_table
 
     print_table(comparison_table(result.comparisons + (result.subgroups if subgroups else []), result.evaluations, alpha))
+
+
+@click.command("tune")
+@click.argument("variants", type=click.Path(path_type=Path, exists=True))
+@device_option("Device profile to tune for; 'auto' takes the one detected here. Another device is refused unless --measure-anyway.",
+               default=AUTO)
+@click.option("--types", "types_text", metavar="LIST", help="Only these GGUF variants (comma list). Default: all GGUF variants.")
+@click.option("--objective", type=click.Choice(["decode", "ttft", "memory"]), default="decode", show_default=True,
+              help="Fastest decode, lowest time to first token, or least peak memory (keeping --min-decode).")
+@click.option("--min-decode", type=click.FloatRange(min=0), default=0.0, show_default=True, help="--objective memory: tokens/s to keep.")
+@click.option("--knobs", default=",".join(("threads", "batch", "flash", "cache", "gpu_layers")), show_default=True,
+              help="Settings to search, in order: threads, batch, flash, cache, gpu_layers.")
+@click.option("--max-kl", type=click.FloatRange(min=0), default=0.002, show_default=True,
+              help="Accuracy gate: mean KL divergence from the default settings' next-token distributions on the drift text.")
+@click.option("--max-flips", "max_flip_share", type=click.FloatRange(0, 1), default=0.02, show_default=True,
+              help="Accuracy gate: share of case answers allowed to change.")
+@click.option("--cases", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="Cases for the gate.  [default: the shipped set]")
+@click.option("--case-limit", type=click.IntRange(min=1), default=40, show_default=True, help="The gate's first N cases.")
+@click.option("--max-candidates", type=click.IntRange(min=1), default=16, show_default=True, help="Stop after this many measured settings.")
+@click.option("--repeats", "-r", type=click.IntRange(min=1), default=2, show_default=True, help="Fresh processes per candidate.")
+@click.option("--prompt-tokens", "-p", type=click.IntRange(min=1), default=256, show_default=True, help="Prompt-processing test size.")
+@click.option("--decode-tokens", "-n", type=click.IntRange(min=1), default=64, show_default=True, help="Generation test size.")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="Context length (kept fixed).  [default: the device's]")
+@click.option("--measure-anyway", is_flag=True, help="Tune on a machine that is not the --device; marked so.")
+@click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), help="Results file.  [default: results.json beside variants.json]")
+@click.option("--json", "as_json", is_flag=True, help="Print the searches as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def tune_command(variants: Path, device_id: str, types_text: str | None, knobs: str, as_json: bool, quiet: bool, **options: Any) -> None:
+    """Search llama.cpp's runtime settings on this device; keep one only if the clinical answers stay.
+
+    Threads, batch and micro-batch, flash attention, the K and V cache types and, on a GPU, the
+    layers offloaded, one at a time from llama.cpp's defaults: each candidate the predictor says
+    fits is measured in fresh processes (as `profile`), then gated against the defaults' next-token
+    distributions (--max-kl) and case answers (--max-flips). The chosen settings become the
+    variant's newest measurement here, so `bundle` writes them into runtime.json.
+
+    \b
+    Examples:
+      edgecds tune edgecds-out/SmolLM2-135M-Instruct --types Q4_K_M,Q8_0
+      edgecds tune out/ --objective memory --min-decode 20 --knobs cache,batch --json
+    """
+    from edgecds.progress import make_reporter
+    from edgecds.quant.types import parse_type_names
+    from edgecds.tune import TuneConfig, run_tune
+
+    config = TuneConfig(variants=variants, device=device_id, types=parse_type_names(types_text),
+                        knobs=tuple(k.strip() for k in knobs.split(",") if k.strip()), **options)
+    records = run_tune(config, make_reporter(quiet))
+    if as_json:
+        print_json({"tunings": [asdict(r) for r in records]})
+        return
+    for r in records:
+        rows = [[c["changed"], _tune_settings(c["settings"]), c["status"], _fmt(c["decode_tps"], ".1f"), _fmt(c["ttft_seconds"], ".3f"),
+                 _fmt((c["peak_rss_bytes"] or 0) / 2**20 if c["peak_rss_bytes"] else None, ".0f"), _fmt(c["kl_mean"], ".4f"),
+                 _fmt(c["flip_share"], ".0%"), c["reason"]] for c in r.candidates]
+        table(f"{r.variant.type} on {r.device}: {r.spec['objective']} x{r.ratio} against the defaults, {r.measured} measured",
+              ["knob", "settings", "status", "decode t/s", "ttft s", "peak MiB", "KL", "flips", "why"], rows)
+    click.echo("Recorded in the results file; `edgecds bundle` runs the bundle with the chosen settings.")
+
+
+def _tune_settings(s: dict[str, Any]) -> str:
+    return f"t{s['threads']} b{s['n_batch']}/{s['n_ubatch']} fa={'on' if s['flash_attn'] else 'off'} K={s['type_k']} V={s['type_v']} ngl={s['n_gpu_layers']}"
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "" if value is None else format(value, spec)

@@ -1,0 +1,130 @@
+"""What `edgecds tune` measures and checks each candidate with: the predictor's pruning, the same
+fresh-process measurement `profile` runs, and the accuracy gate against the baseline settings
+(next-token distributions on the drift text, and each case's chosen option)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from edgecds.errors import EngineError
+from edgecds.results import Measured, MeasurementRecord, Stat, VariantRef
+from edgecds.target import Target
+from edgecds.variants import VariantRecord
+
+
+def _engine(settings: dict[str, Any]) -> Any:
+    from edgecds.engine import EngineSettings
+
+    return EngineSettings(**settings)
+
+
+def _answers_and_drift(path: Path, settings: dict[str, Any], cases: list[Any]) -> tuple[list[int | None], Any, Any]:
+    from edgecds.cases import drift_text
+    from edgecds.drift import DRIFT_CTX, drift_logprobs
+    from edgecds.engine.factory import open_runtime
+    from edgecds.evaluate import score_case
+
+    engine = _engine({**settings, "n_ctx": max(settings["n_ctx"], DRIFT_CTX)})
+    runtime = open_runtime(path, engine)
+    try:
+        answers = [score_case(runtime, case, "loglik").chosen for case in cases]
+        logprobs, targets = drift_logprobs(runtime, drift_text())
+    finally:
+        runtime.close()
+    return answers, logprobs, targets
+
+
+@dataclass
+class Gate:
+    """The baseline's answers and distributions, and the limits a candidate must keep to."""
+
+    cases: list[Any]
+    answers: list[int | None]
+    logprobs: Any
+    targets: Any
+    max_kl: float
+    max_flip_share: float
+
+    @property
+    def n_cases(self) -> int:
+        return len(self.cases)
+
+    @property
+    def drift_tokens(self) -> int:
+        return int(len(self.targets))
+
+    @classmethod
+    def of(cls, path: Path, baseline: dict[str, Any], config: Any) -> Gate:
+        from edgecds.cases import load_cases
+
+        cases = list(load_cases(config.cases).cases)
+        cases = [c for c in cases if not c.is_open][: config.case_limit] if config.case_limit else [c for c in cases if not c.is_open]
+        answers, logprobs, targets = _answers_and_drift(path, baseline, cases)
+        return cls(cases, answers, logprobs, targets, config.max_kl, config.max_flip_share)
+
+    def prune(self, path: Path, settings: Any, target: Target) -> str:
+        """The predictor's reason this candidate cannot fit the device, or ''."""
+        from edgecds.hwbench.predict import predict
+        from edgecds.quant.gguf_file import read_gguf
+
+        prediction = predict(read_gguf(path), settings, target.settings_profile)
+        return "" if prediction.fits else f"predicted not to fit: {prediction.why_not}"
+
+    def check(self, candidate: Any, path: Path) -> None:
+        """Reject the candidate when its distributions or answers moved past the limits."""
+        from edgecds.drift import drift_against
+
+        try:
+            answers, logprobs, _ = _answers_and_drift(path, candidate.settings, self.cases)
+        except EngineError as exc:
+            candidate.status, candidate.reason = "failed", str(exc)
+            return
+        candidate.kl_mean = drift_against(self.logprobs, logprobs, self.targets)["kl_mean"]
+        flips = sum(a != b for a, b in zip(self.answers, answers, strict=True))
+        candidate.flip_share = round(flips / len(self.cases), 4) if self.cases else 0.0
+        if candidate.kl_mean > self.max_kl or candidate.flip_share > self.max_flip_share:
+            candidate.status = "rejected"
+            candidate.reason = (f"accuracy gate: KL {candidate.kl_mean:.4g} (limit {self.max_kl:g}), {flips} of {len(self.cases)} "
+                                f"answers changed (limit {self.max_flip_share:.0%})")
+
+
+def measure_candidate(candidate: Any, path: Path, settings: Any, config: Any) -> None:
+    """Speed, time to first token and peak memory in fresh processes, as `profile` measures."""
+    import statistics
+
+    from edgecds.hwbench.measure import measure_repeated
+
+    try:
+        runs = measure_repeated(path, settings, config.repeats, timeout=config.timeout, gpu=settings.n_gpu_layers != 0)
+    except EngineError as exc:
+        candidate.status, candidate.reason = "failed", str(exc)
+        return
+    candidate.decode_tps = round(statistics.median(m.decode_tps for m in runs), 3)
+    candidate.prompt_tps = round(statistics.median(m.prompt_tps for m in runs), 3)
+    ttfts = [s for m in runs for s in m.ttft_seconds]
+    candidate.ttft_seconds = round(statistics.median(ttfts), 5) if ttfts else None
+    candidate.peak_rss_bytes = max(m.peak_rss_bytes for m in runs)
+    candidate.runs = runs  # kept for the chosen candidate's measurement record
+
+
+def chosen_measurement(best: Any, baseline: Any, variant: VariantRecord, target: Target, config: Any, tuning_key: str,
+                       created: str) -> MeasurementRecord:
+    """The chosen settings as a measurement record: the variant's newest on the device, so
+    `bundle` runs it with them."""
+    from edgecds.hwbench.measure import PEAK_RSS_RESOLUTION, Workload
+
+    runs = best.runs
+    settings = {**best.settings, "prompt_tokens": config.prompt_tokens, "decode_tokens": config.decode_tokens,
+                **asdict(Workload(repeats=1)), "repeats": config.repeats, "repeated": "fresh processes", "tuned": tuning_key}
+    measured = Measured(
+        load_seconds=Stat.of([m.load_seconds for m in runs]), peak_rss_bytes=Stat.of([float(m.peak_rss_bytes) for m in runs], PEAK_RSS_RESOLUTION),
+        prompt_tps=Stat.of([m.prompt_tps for m in runs]), decode_tps=Stat.of([m.decode_tps for m in runs]),
+        ttft_seconds=Stat.of([s for m in runs for s in m.ttft_seconds]) if runs[0].ttft_seconds else None,
+        ttft_prompt_tokens=runs[0].ttft_prompt_tokens, gpu_peak_bytes=None, unified_peak_bytes=None,
+        engine_buffers_mib=runs[0].llama_buffers_mib, notes=[f"settings chosen by edgecds tune ({config.objective})"],
+    )
+    key = MeasurementRecord.make_key(variant.sha256, target.id, settings, target.fingerprint.id)
+    return MeasurementRecord(VariantRef.of(variant), target.id, target.here, target.fingerprint.id, settings, "measured", "", {}, measured,
+                             key, created, 0.0)
