@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -120,6 +121,20 @@ def default_variants(model_store: Path, tmp_path_factory: pytest.TempPathFactory
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDGECDS_HOME", str(model_store))
         return run_quantize(QuantizeConfig(output=out))
+
+
+@pytest.fixture
+def small_variants(default_variants: QuantizeResult, tmp_path: Path) -> Path:
+    """A private folder with the default model's F16, Q8_0 and Q4_K_M and its variants.json (the
+    other types are listed there but not copied: tests that use this pick these three)."""
+    source = Path(default_variants.output_dir)
+    folder = tmp_path / "variants"
+    folder.mkdir()
+    shutil.copy(source / "variants.json", folder)
+    for outcome in default_variants.outcomes:
+        if outcome.record.type in ("F16", "Q8_0", "Q4_K_M"):
+            shutil.copy(source / outcome.record.path, folder / outcome.record.path)
+    return folder
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +23,6 @@ from edgecds.cli import cli
 from edgecds.errors import UsageError
 from edgecds.fleet.cluster import connect, device_resource, head_environment, join_plan, split_address
 from edgecds.fleet.run import FleetConfig, FleetResult, JobOptions, run_fleet
-from edgecds.quantize import QuantizeResult
 from edgecds.results import load_results
 from edgecds.target import resolve_target
 
@@ -80,16 +78,8 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 
 
 @pytest.fixture
-def variants(default_variants: QuantizeResult, tmp_path: Path) -> Path:
-    """The default model's float reference, Q8_0 and Q4_K_M, with its variants.json."""
-    source = Path(default_variants.output_dir)
-    folder = tmp_path / "variants"
-    folder.mkdir()
-    shutil.copy(source / "variants.json", folder)
-    for outcome in default_variants.outcomes:
-        if outcome.record.type in ("F16", *TYPES):
-            shutil.copy(source / outcome.record.path, folder / outcome.record.path)
-    return folder
+def variants(small_variants: Path) -> Path:
+    return small_variants
 
 
 def blobs(home: Path) -> list[Path]:

@@ -5,7 +5,6 @@ bundled into runtime.json and run."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,6 @@ from click.testing import CliRunner
 
 from edgecds.bundle.layout import BundleEngineConfig
 from edgecds.cli import cli
-from edgecds.quantize import QuantizeResult
 from edgecds.results import load_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,15 +25,8 @@ def invoke(*args: str) -> tuple[int, str]:
 
 
 @pytest.fixture
-def variants(default_variants: QuantizeResult, tmp_path: Path) -> Path:
-    source = Path(default_variants.output_dir)
-    folder = tmp_path / "variants"
-    folder.mkdir()
-    shutil.copy(source / "variants.json", folder)
-    for outcome in default_variants.outcomes:
-        if outcome.record.type in ("F16", "Q8_0", "Q4_K_M"):
-            shutil.copy(source / outcome.record.path, folder / outcome.record.path)
-    return folder
+def variants(small_variants: Path) -> Path:
+    return small_variants
 
 
 def test_tune_two_variants_and_the_gate_rejects_a_4_bit_v_cache(variants: Path) -> None:
