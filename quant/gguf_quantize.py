@@ -126,7 +126,7 @@ def with_imatrix(params: Any, matrix: Any, file_name: str) -> list[Any]:
     for i, (key, text) in enumerate(texts):
         overrides[i].key, overrides[i].tag = key.encode(), llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
         value: Any = overrides[i].value  # the union (llama-cpp-python types it as its members)
-        value.val_str = text.encode()[:127]
+        value.val_str = text.encode()[:127].decode("utf-8", "ignore").encode()  # cut on a character, as GGUF needs UTF-8
     for i, (key, number) in enumerate(numbers, len(texts)):
         overrides[i].key, overrides[i].tag = key.encode(), llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
         value = overrides[i].value

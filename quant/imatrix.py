@@ -72,7 +72,16 @@ class Collector:
     skipped_ops: set[str] = field(default_factory=set)  # MoE routing (MUL_MAT_ID) is refused, not silently dropped
     mul_mat_id: int = -1
 
+    error: BaseException | None = None  # raised in the callback, where C cannot take it: re-raised after the chunk
+
     def __call__(self, pointer: Any, ask: bool, user_data: Any) -> bool:
+        try:
+            return self._handle(pointer, ask)
+        except BaseException as exc:  # returning False would silently cut the rest of the graph
+            self.error = self.error or exc
+            return True
+
+    def _handle(self, pointer: Any, ask: bool) -> bool:
         tensor = ctypes.cast(pointer, ctypes.POINTER(GgmlTensor)).contents
         if tensor.op == self.mul_mat_id:
             self.skipped_ops.add("MUL_MAT_ID")
@@ -89,6 +98,8 @@ class Collector:
     def _collect(self, name: str, weight: GgmlTensor, acts: GgmlTensor) -> None:
         import numpy as np
 
+        if not acts.data:
+            raise EngineError(f"the activations entering {name} are not in host memory")
         ne = [int(acts.ne[i]) for i in range(4)]
         nb = [int(acts.nb[i]) for i in range(4)]
         span = sum((n - 1) * s for n, s in zip(ne, nb, strict=True)) + 4
@@ -103,6 +114,8 @@ class Collector:
             for i2 in range(ne[2]):
                 entry.sums[(i3 % int(weight.ne[3])) * int(weight.ne[2]) + (i2 % int(weight.ne[2]))] += squares[i3, i2]
         entry.count += ne[1] * ne[2] * ne[3] // n_mat
+        if not np.isfinite(squares).all():
+            raise EngineError(f"non-finite activations entering {name}: the float model is damaged or overflows in float16")
 
 
 @dataclass(frozen=True)
@@ -157,36 +170,52 @@ def compute(model: Path, text: str, dataset: str, text_sha256: str, output: Path
         n_chunks = _compute_locked(llama_cpp, model, text, dataset, collector, callback, chunk_size, max_chunks, threads, on_chunk, log)
     if collector.skipped_ops:
         raise EngineError("this model routes tokens to experts (MUL_MAT_ID): edgecds computes importance matrices for dense models only")
+    _check_complete(model, collector.stats)
     write(output, collector.stats, [dataset], n_chunks, chunk_size)
     return ImatrixResult(str(output), dataset, text_sha256, n_chunks, chunk_size, n_chunks * chunk_size, len(collector.stats),
                          round(time.perf_counter() - start, 3))
 
 
+def _check_complete(model: Path, stats: dict[str, Stats]) -> None:
+    """Every matrix weight of every block got activations (a partial matrix would quietly leave
+    the rest to the quantizer's defaults)."""
+    from edgecds.quant.gguf_file import read_gguf
+
+    expected = {t.name for t in read_gguf(model).tensors if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) >= 2}
+    missing = sorted(expected - set(stats))
+    if missing:
+        raise EngineError(f"no activations reached {len(missing)} weight(s) ({', '.join(missing[:3])}...): "
+                          "this build of llama.cpp does not run them where edgecds can read them")
+
+
 def _compute_locked(llama_cpp: Any, model: Path, text: str, dataset: str, collector: Collector, callback: Any, chunk_size: int,
                     max_chunks: int | None, threads: int | None, on_chunk: Callable[[int, int], None] | None, log: list[str]) -> int:
     mparams = llama_cpp.llama_model_default_params()
+    mparams.n_gpu_layers = 0  # the callback reads activations in host memory, as the CPU backend leaves them
     handle = llama_cpp.llama_model_load_from_file(str(model).encode(), mparams)
     if not handle:
         raise EngineError(f"llama.cpp could not load {model}:" + "".join(f"\n  {line.strip()}" for line in log[-3:] if line.strip()))
     try:
         vocab = llama_cpp.llama_model_get_vocab(handle)
-        tokens = _tokens(llama_cpp, vocab, text)
+        # a few bytes a token at most: only what the chunks asked for is tokenized
+        tokens = _tokens(llama_cpp, vocab, text if max_chunks is None else text[: (max_chunks + 1) * chunk_size * 16])
         n_chunks = len(tokens) // chunk_size if max_chunks is None else min(max_chunks, len(tokens) // chunk_size)
         if n_chunks < 1:
             raise InvalidInputError(f"the calibration text {dataset} has {len(tokens)} tokens: fewer than one chunk of {chunk_size}")
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = chunk_size
         cparams.cb_eval, cparams.cb_eval_user_data = callback, None
+        cparams.op_offload = False  # a GPU build would otherwise run big products on copies of the weights
         if threads:
             cparams.n_threads = cparams.n_threads_batch = threads
-        _run_chunks(llama_cpp, handle, vocab, cparams, tokens, n_chunks, chunk_size, on_chunk)
+        _run_chunks(llama_cpp, handle, vocab, cparams, tokens, n_chunks, chunk_size, on_chunk, collector)
     finally:
         llama_cpp.llama_model_free(handle)
     return n_chunks
 
 
 def _run_chunks(llama_cpp: Any, handle: Any, vocab: Any, cparams: Any, tokens: list[int], n_chunks: int, chunk_size: int,
-                on_chunk: Callable[[int, int], None] | None) -> None:
+                on_chunk: Callable[[int, int], None] | None, collector: Collector) -> None:
     ctx = llama_cpp.llama_init_from_model(handle, cparams)
     if not ctx:
         raise EngineError("llama.cpp could not create a context for the importance matrix")
@@ -199,6 +228,8 @@ def _run_chunks(llama_cpp: Any, handle: Any, vocab: Any, cparams: Any, tokens: l
             if add_bos:  # as llama-imatrix does: every chunk starts as a document does
                 chunk[0] = bos
             _decode_chunk(llama_cpp, ctx, batch, chunk)
+            if collector.error is not None:
+                raise collector.error
             if on_chunk:
                 on_chunk(n + 1, n_chunks)
     finally:

@@ -10,12 +10,14 @@ shared), so a variant is never calibrated on what it is then scored on.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from edgecds.atomic import atomic_path
 from edgecds.digest import cache_key, sha256_file
 from edgecds.errors import InvalidInputError
 from edgecds.progress import Reporter, lazy_step
@@ -42,14 +44,19 @@ def _text_of(options: ImatrixOptions) -> tuple[str, str]:
     if options.text == CLINICAL:
         return CALIBRATION_TEXT, calibration_text()
     path = Path(options.text)
+    if path.is_dir():
+        raise InvalidInputError(f"--imatrix {path} is a folder; pass a text file")
     if not path.is_file():
         raise InvalidInputError(f"--imatrix {options.text}: no such file; pass 'clinical', a UTF-8 text file or an imatrix GGUF")
     if path.stat().st_size > MAX_TEXT_BYTES:
         raise InvalidInputError(f"--imatrix {path}: larger than {MAX_TEXT_BYTES >> 20} MiB; a calibration text needs far less")
     try:
-        return path.name, path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInputError(f"--imatrix {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not text.strip():
+        raise InvalidInputError(f"--imatrix {path} is empty")
+    return path.name, text
 
 
 def _is_gguf(options: ImatrixOptions) -> bool:
@@ -85,12 +92,11 @@ class Prepared:
 
 
 def prepare(options: ImatrixOptions, model: Path, model_sha: str, out: Path, name: str, recorded: list[dict[str, Any]],
-            tools: dict[str, str], reporter: Reporter | None = None) -> Prepared:
+            tools: dict[str, str], reporter: Reporter | None = None, threads: int | None = None) -> Prepared:
     """The matrix for `model` (the float GGUF): reused when a recorded variant names this very
     computation and the file still hashes the same, else computed (or copied in) and written."""
     from edgecds.quant import imatrix
 
-    target = out / f"{name}-imatrix.gguf"
     if _is_gguf(options):
         source = Path(options.text)
         key = cache_key({"file": sha256_file(source), "model": model_sha})
@@ -98,14 +104,17 @@ def prepare(options: ImatrixOptions, model: Path, model_sha: str, out: Path, nam
         dataset, text = _text_of(options)
         text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
         key = cache_key({"text": text_sha, "model": model_sha, "chunks": options.chunks, "chunk_size": options.chunk_size, "tools": tools})
+    target = out / f"{name}-imatrix-{key[:12]}.gguf"  # one file per computation: earlier variants' provenance keeps naming theirs
     for earlier in recorded:
         if earlier.get("key") == key and target.is_file() and sha256_file(target) == earlier.get("sha256"):
             matrix = imatrix.read(target)
             return Prepared(matrix, target, earlier)
     if _is_gguf(options):
-        matrix = imatrix.read(Path(options.text))
+        if not (target.exists() and os.path.samefile(options.text, target)):
+            with atomic_path(target) as temp:
+                shutil.copyfile(options.text, temp)
+        matrix = imatrix.read(target)  # the copy is what is checked and used
         check_fits(matrix, model)
-        shutil.copyfile(options.text, target)
         provenance = {"dataset": matrix.datasets[0] if matrix.datasets else "", "text_sha256": None, "chunks": matrix.chunks,
                       "chunk_size": matrix.chunk_size, "tokens": matrix.chunks * matrix.chunk_size, "entries": len(matrix.values),
                       "computed_by": "llama-imatrix (brought by the user)"}
@@ -118,7 +127,7 @@ def prepare(options: ImatrixOptions, model: Path, model_sha: str, out: Path, nam
             if steps[0]:
                 steps[0](done)
 
-        made = imatrix.compute(model, text, dataset, text_sha, target, options.chunk_size, options.chunks, on_chunk=on_chunk)
+        made = imatrix.compute(model, text, dataset, text_sha, target, options.chunk_size, options.chunks, threads or None, on_chunk)
         if reporter:
             reporter.finish()
         matrix = imatrix.read(target)

@@ -177,7 +177,7 @@ def _measure_or_reuse(folder: Path, variant: VariantRecord, target: Target, sett
         reporter.note(f"{label}: {config.repeats} fresh processes, each: load, warm-up, "
                       f"pp{settings.effective_prompt_tokens}, tg{settings.decode_tokens}, time to first token")
     try:
-        record = _profile_one(folder, variant, target, settings, recorded_settings, key, config,
+        record = profile_one(folder, variant, target, settings, recorded_settings, key, config,
                               lazy_step(reporter, f"{label}: profile", config.repeats, "processes"))
     finally:
         if reporter:
@@ -187,8 +187,9 @@ def _measure_or_reuse(folder: Path, variant: VariantRecord, target: Target, sett
     return Outcome(record, False)
 
 
-def _profile_one(folder: Path, variant: VariantRecord, target: Target, settings: Any, recorded_settings: dict[str, Any], key: str,
+def profile_one(folder: Path, variant: VariantRecord, target: Target, settings: Any, recorded_settings: dict[str, Any], key: str,
                  config: ProfileConfig, on_repeat: Callable[[int], None] | None = None) -> MeasurementRecord:
+    """One variant measured as `profile` measures it (`tune` measures its choice with it too)."""
     from edgecds.hwbench.measure import measure_repeated
 
     start = time.perf_counter()

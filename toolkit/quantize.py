@@ -231,7 +231,8 @@ class _GgufBuild:
         if self.config.imatrix is None or self.imatrix is not None:
             return
         recorded = [v.options["imatrix"] for v in self.state.variants if isinstance(v.options.get("imatrix"), dict)]
-        self.imatrix = prepare(self.config.imatrix, model, model_sha, self.out, self.source.name, recorded, self.quant_tools, self.reporter)
+        self.imatrix = prepare(self.config.imatrix, model, model_sha, self.out, self.source.name, recorded, self.quant_tools, self.reporter,
+                               self.config.quantizer.threads)
         self._reusable.clear()  # the keys of the quantized variants now include the matrix
 
     def reusable(self, q: QuantType, parent_sha: str | None) -> bool:

@@ -71,10 +71,9 @@ class Candidate:
     prompt_tps: float | None = None
     kl_mean: float | None = None
     flip_share: float | None = None
-    runs: Any = field(default=None, repr=False)  # the measurements (hwbench.measure), not recorded
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "runs"}
+        return asdict(self)
 
 
 def _score(candidate: Candidate, objective: str, min_decode: float) -> float | None:
@@ -157,21 +156,22 @@ def run_tune(config: TuneConfig, reporter: Reporter | None = None) -> list[Tunin
             results = load_results(output) or ResultsFile()
             results.hosts[target.fingerprint.id] = target.fingerprint
             results.tunings = [t for t in results.tunings if t.key != record.key] + [record]
-            if measurement is not None:
-                results.upsert(measurement)
+            results.upsert(measurement)
             results.save(output)
             records.append(record)
     return records
 
 
 def _tune_one(config: TuneConfig, target: Target, folder: Path, variant: VariantRecord,
-              reporter: Reporter | None) -> tuple[TuningRecord, MeasurementRecord | None]:
+              reporter: Reporter | None) -> tuple[TuningRecord, MeasurementRecord]:
     from edgecds.tune_gate import Gate
 
     start = time.perf_counter()
     path = check_unchanged(folder, variant)
     baseline_settings = {k: v for k, v in asdict(target.engine_settings(config.n_ctx)).items()
                          if k not in ("prompt_tokens", "decode_tokens", "fuse_attention")}
+    if baseline_settings["n_gpu_layers"] != 0 and not _engine_has_gpu():  # as profile records it: every layer on the CPU
+        baseline_settings["n_gpu_layers"] = 0
     if reporter:
         reporter.note(f"{variant.type}: baseline (llama.cpp's defaults on {target.id}), then the gate's reference answers")
     gate = Gate.of(path, baseline_settings, config)
@@ -184,9 +184,19 @@ def _tune_one(config: TuneConfig, target: Target, folder: Path, variant: Variant
                 break
             candidate = search.try_({**best.settings, **change}, knob)
             _judge(candidate, best, config, reporter, variant.type)
-        best = max([best] + [c for c in search.candidates if c.status == "accepted" and c.changed == knob],
-                   key=lambda c: _score(c, config.objective, config.min_decode) or float("-inf"))
+        best = max([best] + [c for c in search.candidates if c.status == "accepted" and c.changed == knob], key=lambda c: _ranked(c, config))
     return _record(config, target, variant, search, baseline, best, time.perf_counter() - start)
+
+
+def _ranked(candidate: Candidate, config: TuneConfig) -> float:
+    score = _score(candidate, config.objective, config.min_decode)
+    return float("-inf") if score is None else score
+
+
+def _engine_has_gpu() -> bool:
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
 
 
 def _judge(candidate: Candidate, best: Candidate, config: TuneConfig, reporter: Reporter | None, label: str) -> None:
@@ -197,7 +207,8 @@ def _judge(candidate: Candidate, best: Candidate, config: TuneConfig, reporter: 
         better = new is not None and (old is None or (new * MIN_GAIN > old if new < 0 else new > old * MIN_GAIN))
         candidate.status = "accepted" if better else "worse"
         if candidate.status == "worse":
-            candidate.reason = f"not {MIN_GAIN - 1:.0%} better on {config.objective} than the current choice"
+            candidate.reason = (f"below --min-decode {config.min_decode:g}" if new is None
+                                else f"not {MIN_GAIN - 1:.0%} better on {config.objective} than the current choice")
     if reporter:
         reporter.note(f"{label}: {candidate.changed} {_changed_text(candidate.settings)}: {candidate.status}"
                       + (f" ({candidate.reason})" if candidate.reason else ""))
@@ -209,7 +220,7 @@ def _changed_text(settings: dict[str, Any]) -> str:
 
 
 def _record(config: TuneConfig, target: Target, variant: VariantRecord, search: _Search, baseline: Candidate, best: Candidate,
-            seconds: float) -> tuple[TuningRecord, MeasurementRecord | None]:
+            seconds: float) -> tuple[TuningRecord, MeasurementRecord]:
     from edgecds.tune_gate import chosen_measurement
 
     base, top = _score(baseline, config.objective, config.min_decode), _score(best, config.objective, config.min_decode)
@@ -218,9 +229,11 @@ def _record(config: TuneConfig, target: Target, variant: VariantRecord, search: 
     gate = {"max_kl": config.max_kl, "max_flip_share": config.max_flip_share, "cases": search.gate.n_cases,
             "drift_tokens": search.gate.drift_tokens}
     spec = {"objective": config.objective, "min_decode": config.min_decode, "knobs": list(config.knobs), "gate": gate,
+            "n_ctx": baseline.settings["n_ctx"], "cases": search.gate.cases_name, "case_limit": config.case_limit,
             "workload": {"prompt_tokens": config.prompt_tokens, "decode_tokens": config.decode_tokens, "repeats": config.repeats}}
     key = TuningRecord.make_key(variant.sha256, target.id, spec, target.fingerprint.id)
-    measurement = chosen_measurement(best, baseline, variant, target, config, key, created) if best is not baseline else None
+    # always: a search that keeps the defaults must also replace what an earlier tune chose
+    measurement = chosen_measurement(best, variant, search.folder, target, config, key)
     record = TuningRecord(VariantRef.of(variant), target.id, target.here, target.fingerprint.id, spec, baseline.settings, best.settings,
                           round(ratio, 4) if ratio else None, search.measured, [c.to_dict() for c in search.candidates], key, created,
                           round(seconds, 3))

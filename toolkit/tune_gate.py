@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecds.errors import EngineError
-from edgecds.results import Measured, MeasurementRecord, Stat, VariantRef
+from edgecds.results import MeasurementRecord
 from edgecds.target import Target
 from edgecds.variants import VariantRecord
 
@@ -46,6 +46,7 @@ class Gate:
     targets: Any
     max_kl: float
     max_flip_share: float
+    cases_name: str = ""
 
     @property
     def n_cases(self) -> int:
@@ -59,17 +60,20 @@ class Gate:
     def of(cls, path: Path, baseline: dict[str, Any], config: Any) -> Gate:
         from edgecds.cases import load_cases
 
-        cases = list(load_cases(config.cases).cases)
-        cases = [c for c in cases if not c.is_open][: config.case_limit] if config.case_limit else [c for c in cases if not c.is_open]
+        case_set = load_cases(config.cases)
+        closed = [c for c in case_set.cases if not c.is_open]
+        cases = closed[: config.case_limit] if config.case_limit else closed
         answers, logprobs, targets = _answers_and_drift(path, baseline, cases)
-        return cls(cases, answers, logprobs, targets, config.max_kl, config.max_flip_share)
+        return cls(cases, answers, logprobs, targets, config.max_kl, config.max_flip_share, f"{case_set.name} ({case_set.sha256[:12]})")
 
     def prune(self, path: Path, settings: Any, target: Target) -> str:
-        """The predictor's reason this candidate cannot fit the device, or ''."""
+        """The predictor's reason this candidate cannot fit the device at its whole context, or ''."""
+        from dataclasses import replace
+
         from edgecds.hwbench.predict import predict
         from edgecds.quant.gguf_file import read_gguf
 
-        prediction = predict(read_gguf(path), settings, target.settings_profile)
+        prediction = predict(read_gguf(path), replace(settings, prompt_tokens=None, decode_tokens=1), target.settings_profile)
         return "" if prediction.fits else f"predicted not to fit: {prediction.why_not}"
 
     def check(self, candidate: Any, path: Path) -> None:
@@ -106,25 +110,19 @@ def measure_candidate(candidate: Any, path: Path, settings: Any, config: Any) ->
     ttfts = [s for m in runs for s in m.ttft_seconds]
     candidate.ttft_seconds = round(statistics.median(ttfts), 5) if ttfts else None
     candidate.peak_rss_bytes = max(m.peak_rss_bytes for m in runs)
-    candidate.runs = runs  # kept for the chosen candidate's measurement record
 
 
-def chosen_measurement(best: Any, baseline: Any, variant: VariantRecord, target: Target, config: Any, tuning_key: str,
-                       created: str) -> MeasurementRecord:
-    """The chosen settings as a measurement record: the variant's newest on the device, so
-    `bundle` runs it with them."""
-    from edgecds.hwbench.measure import PEAK_RSS_RESOLUTION, Workload
+def chosen_measurement(best: Any, variant: VariantRecord, folder: Path, target: Target, config: Any, tuning_key: str) -> MeasurementRecord:
+    """The chosen settings measured as `profile` measures (fresh processes, the context filled once,
+    the predictor's figures beside them): the variant's newest record on the device, so `bundle`
+    runs it with them and checks them against the budget as it checks any."""
+    from edgecds.engine import RunSettings
+    from edgecds.hwbench.measure import Workload
+    from edgecds.profile import ProfileConfig, profile_one
 
-    runs = best.runs
-    settings = {**best.settings, "prompt_tokens": config.prompt_tokens, "decode_tokens": config.decode_tokens,
-                **asdict(Workload(repeats=1)), "repeats": config.repeats, "repeated": "fresh processes", "tuned": tuning_key}
-    measured = Measured(
-        load_seconds=Stat.of([m.load_seconds for m in runs]), peak_rss_bytes=Stat.of([float(m.peak_rss_bytes) for m in runs], PEAK_RSS_RESOLUTION),
-        prompt_tps=Stat.of([m.prompt_tps for m in runs]), decode_tps=Stat.of([m.decode_tps for m in runs]),
-        ttft_seconds=Stat.of([s for m in runs for s in m.ttft_seconds]) if runs[0].ttft_seconds else None,
-        ttft_prompt_tokens=runs[0].ttft_prompt_tokens, gpu_peak_bytes=None, unified_peak_bytes=None,
-        engine_buffers_mib=runs[0].llama_buffers_mib, notes=[f"settings chosen by edgecds tune ({config.objective})"],
-    )
-    key = MeasurementRecord.make_key(variant.sha256, target.id, settings, target.fingerprint.id)
-    return MeasurementRecord(VariantRef.of(variant), target.id, target.here, target.fingerprint.id, settings, "measured", "", {}, measured,
-                             key, created, 0.0)
+    settings = RunSettings(**best.settings, prompt_tokens=config.prompt_tokens, decode_tokens=config.decode_tokens)
+    recorded = {**asdict(settings), **asdict(Workload(repeats=1)), "repeats": config.repeats, "repeated": "fresh processes",
+                "tuned": tuning_key}
+    key = MeasurementRecord.make_key(variant.sha256, target.id, recorded, target.fingerprint.id)
+    profile = ProfileConfig(variants=folder, device=target.id, repeats=config.repeats, timeout=config.timeout, accuracy=False)
+    return profile_one(folder, variant, target, settings, recorded, key, profile)

@@ -26,7 +26,7 @@ from edgecds.quant.types import DEFAULT_FORMAT, DEFAULT_TYPES, FORMATS, QUANT_TY
               help="Quantize with an importance matrix (llama-imatrix's method) over the shipped clinical calibration text, a UTF-8 "
                    "text file of yours, or an imatrix GGUF from llama-imatrix. Needed for IQ3_XXS, IQ2_*, IQ1_S.")
 @click.option("--imatrix-chunks", type=click.IntRange(min=1), help="At most this many chunks of the text (llama-imatrix --chunks).  [default: all]")
-@click.option("--imatrix-ctx", type=click.IntRange(min=16), default=512, show_default=True, help="Tokens per chunk (llama-imatrix -c).")
+@click.option("--imatrix-ctx", type=click.IntRange(min=16, max=8192), default=512, show_default=True, help="Tokens per chunk (llama-imatrix -c).")
 @click.option("--block-size", type=click.Choice(["32", "128"]), default="32", show_default=True, help="ONNX: weights per quantization block.")
 @click.option("--asymmetric", is_flag=True, help="ONNX: blocks with zero points (the embedding then stays float32).")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
