@@ -253,3 +253,22 @@ def test_cluster_settings_keep_traffic_to_the_named_cluster() -> None:
     assert split_address("[fd00::5]:7000") == ("fd00::5", 7000) and split_address("10.0.0.5") == ("10.0.0.5", 6379)
     code, out = invoke("fleet", "profile", str(ROOT), "--devices", "no-such-device", "--address", "127.0.0.1:1")
     assert code != 0 and "no-such-device" in out
+
+
+def test_join_offers_the_detected_device_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgecds.fleet.cluster as cluster
+
+    # the route toward a real head is asked of the kernel with a UDP socket; here it is given
+    monkeypatch.setattr(cluster, "node_ip_toward", lambda address: "10.0.0.9")
+    code, out = invoke("fleet", "join", "10.0.0.5:6379", "--json")
+    assert code == 0, out
+    plan = json.loads(out)
+    detected = resolve_target("auto").id
+    assert plan["device"] == detected
+    argv = plan["argv"]
+    assert argv[1:3] == ["start", "--address=10.0.0.5:6379"] and "--node-ip-address=10.0.0.9" in argv
+    assert json.loads(next(a for a in argv if a.startswith("--resources="))[len("--resources="):]) == {device_resource(detected): 1}
+    assert "--num-cpus=0" in argv and "--num-gpus=0" in argv and "--disable-usage-stats" in argv and "--block" in argv
+    assert plan["env"]["RAY_USAGE_STATS_ENABLED"] == "0" and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in plan["env"]
+    code, out = invoke("fleet", "join", "10.0.0.5:6379", "--device", OTHER, "--json")
+    assert code == 0 and json.loads(out[out.index("{"):])["device"] == OTHER and "on_target false" in out
