@@ -25,16 +25,24 @@ from edgecds.tune import TuneConfig, run_tune
 from edgecds.variants import open_variants, variant_file
 
 
-def _predicted_elsewhere(path: Path, chosen: dict[str, Any]) -> list[dict[str, Any]]:
-    """Decode speed and memory the predictor expects on each profile, defaults against chosen."""
+def _predicted_elsewhere(path: Path, candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each device profile, the candidate settings (threads, context and GPU layers stay the
+    device's) the predictor expects to beat the device's defaults, and by how much."""
     info = read_gguf(path)
     rows = []
     for device in load_profiles().values():
         default = settings_for(device)
-        tuned = RunSettings(**{**asdict(default), **{k: v for k, v in chosen.items() if k not in ("n_ctx", "threads", "n_gpu_layers")}})
-        a, b = predict(info, default, device), predict(info, tuned, device)
-        rows.append({"device": device.id, "decode_ratio": round(b.speed.decode_tps / a.speed.decode_tps, 3),
-                     "memory_ratio": round(b.memory.peak_bytes / a.memory.peak_bytes, 3)})
+        base = predict(info, default, device)
+        best: dict[str, Any] = {"device": device.id, "decode": None, "memory": None}
+        for c in candidates[1:]:
+            moved = {k: v for k, v in c["settings"].items() if k not in ("n_ctx", "threads", "n_gpu_layers")}
+            guess = predict(info, RunSettings(**{**asdict(default), **moved}), device)
+            decode = guess.speed.decode_tps / base.speed.decode_tps
+            memory = base.memory.peak_bytes / guess.memory.peak_bytes
+            for name, ratio in (("decode", decode), ("memory", memory)):
+                if ratio > 1.001 and (best[name] is None or ratio > best[name]["ratio"]):
+                    best[name] = {"ratio": round(ratio, 3), "settings": moved, "gate": c["status"]}
+        rows.append(best)
     return rows
 
 
@@ -43,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("variants", type=Path)
     parser.add_argument("--types", default="Q4_K_M,Q8_0")
     parser.add_argument("--objectives", default="decode,memory")
+    parser.add_argument("--max-kl", type=float, default=0.002)
+    parser.add_argument("--max-flips", type=float, default=0.02)
     parser.add_argument("--output", type=Path, default=Path("bench-results/tune.json"))
     args = parser.parse_args(argv)
     types = tuple(t.strip().upper() for t in args.types.split(","))
@@ -55,11 +65,14 @@ def main(argv: list[str] | None = None) -> None:
             if v.type in types or v.type == "F16":
                 shutil.copy(variant_file(folder, v), work / v.path)
         for objective in args.objectives.split(","):
-            for tuning in run_tune(TuneConfig(variants=work, types=types, objective=objective, case_limit=40, repeats=3)):
+            config = TuneConfig(variants=work, types=types, objective=objective, case_limit=40, repeats=3, max_kl=args.max_kl,
+                                max_flip_share=args.max_flips)
+            for tuning in run_tune(config):
                 path = work / tuning.variant.path
                 report["runs"].append({"objective": objective, "variant": tuning.variant.type, "ratio": tuning.ratio,
                                        "measured": tuning.measured, "baseline": tuning.baseline, "chosen": tuning.chosen,
-                                       "candidates": tuning.candidates, "predicted_elsewhere": _predicted_elsewhere(path, tuning.chosen)})
+                                       "gate": {"max_kl": args.max_kl, "max_flips": args.max_flips}, "candidates": tuning.candidates,
+                                       "predicted_elsewhere": _predicted_elsewhere(path, tuning.candidates)})
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.output, report)
     for run in report["runs"]:
