@@ -81,7 +81,11 @@ def ray_environment(address: str) -> dict[str, str]:
     env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_USAGE_STATS_PROMPT_ENABLED": "0",
            # Ray posts a "usage stats are disabled" notice to its server even when they are; to nowhere
            "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
-           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           # Ray refuses to create any object once the disk is 95% used, even the 16 MiB chunks that
+           # only pass through memory; edgecds checks the free space a received file needs itself
+           # (transfer.fetch), so a nearly full build machine still serves its files
+           "RAY_local_fs_capacity_threshold": "1.0"}
     if is_loopback(split_address(address)[0]):
         # Ray turns a loopback address into the machine's network address unless told that this
         # machine is the whole cluster (the variable's name is Ray's, from its macOS/Windows default)
