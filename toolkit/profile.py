@@ -95,7 +95,7 @@ def _settings(config: ProfileConfig, device: DeviceProfile, host: HostInfo, on_t
     n_gpu_layers = config.n_gpu_layers
     if n_gpu_layers is None:
         n_gpu_layers = 0 if device_backend(device) == "cpu" else -1
-    if n_gpu_layers != 0 and not _engine_has_gpu():
+    if n_gpu_layers != 0 and not engine_has_gpu():
         notes.append("this llama.cpp build has no GPU backend: every layer ran on the CPU (recorded as 0 GPU layers)")
         n_gpu_layers = 0
     return settings_for(device, config.n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, type_k=config.cache_type.lower(),
@@ -103,7 +103,8 @@ def _settings(config: ProfileConfig, device: DeviceProfile, host: HostInfo, on_t
                         decode_tokens=config.decode_tokens)
 
 
-def _engine_has_gpu() -> bool:
+def engine_has_gpu() -> bool:
+    """Whether this llama.cpp build can offload layers (tune asks the same)."""
     import llama_cpp
 
     return bool(llama_cpp.llama_supports_gpu_offload())

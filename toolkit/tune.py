@@ -24,6 +24,7 @@ from typing import Any
 
 from edgecds.atomic import folder_lock
 from edgecds.errors import UsageError
+from edgecds.profile import engine_has_gpu
 from edgecds.progress import Reporter
 from edgecds.results import RESULTS_FILE, MeasurementRecord, ResultsFile, TuningRecord, VariantRef, load_results
 from edgecds.target import AUTO, Target, resolve_target
@@ -71,9 +72,6 @@ class Candidate:
     prompt_tps: float | None = None
     kl_mean: float | None = None
     flip_share: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _score(candidate: Candidate, objective: str, min_decode: float) -> float | None:
@@ -170,7 +168,7 @@ def _tune_one(config: TuneConfig, target: Target, folder: Path, variant: Variant
     path = check_unchanged(folder, variant)
     baseline_settings = {k: v for k, v in asdict(target.engine_settings(config.n_ctx)).items()
                          if k not in ("prompt_tokens", "decode_tokens", "fuse_attention")}
-    if baseline_settings["n_gpu_layers"] != 0 and not _engine_has_gpu():  # as profile records it: every layer on the CPU
+    if baseline_settings["n_gpu_layers"] != 0 and not engine_has_gpu():  # as profile records it: every layer on the CPU
         baseline_settings["n_gpu_layers"] = 0
     if reporter:
         reporter.note(f"{variant.type}: baseline (llama.cpp's defaults on {target.id}), then the gate's reference answers")
@@ -193,16 +191,8 @@ def _ranked(candidate: Candidate, config: TuneConfig) -> float:
     return float("-inf") if score is None else score
 
 
-def _engine_has_gpu() -> bool:
-    import llama_cpp
-
-    return bool(llama_cpp.llama_supports_gpu_offload())
-
-
 def _judge(candidate: Candidate, best: Candidate, config: TuneConfig, reporter: Reporter | None, label: str) -> None:
-    if candidate.status in ("pruned", "failed", "rejected"):
-        pass
-    else:
+    if candidate.status not in ("pruned", "failed", "rejected"):
         new, old = _score(candidate, config.objective, config.min_decode), _score(best, config.objective, config.min_decode)
         better = new is not None and (old is None or (new * MIN_GAIN > old if new < 0 else new > old * MIN_GAIN))
         candidate.status = "accepted" if better else "worse"
@@ -210,11 +200,12 @@ def _judge(candidate: Candidate, best: Candidate, config: TuneConfig, reporter: 
             candidate.reason = (f"below --min-decode {config.min_decode:g}" if new is None
                                 else f"not {MIN_GAIN - 1:.0%} better on {config.objective} than the current choice")
     if reporter:
-        reporter.note(f"{label}: {candidate.changed} {_changed_text(candidate.settings)}: {candidate.status}"
+        reporter.note(f"{label}: {candidate.changed} {settings_text(candidate.settings)}: {candidate.status}"
                       + (f" ({candidate.reason})" if candidate.reason else ""))
 
 
-def _changed_text(settings: dict[str, Any]) -> str:
+def settings_text(settings: dict[str, Any]) -> str:
+    """One candidate's settings in a line (progress notes and the tune table)."""
     return (f"threads {settings['threads']}, batch {settings['n_batch']}/{settings['n_ubatch']}, fa {'on' if settings['flash_attn'] else 'off'}, "
             f"K {settings['type_k']} V {settings['type_v']}, ngl {settings['n_gpu_layers']}")
 
@@ -235,7 +226,7 @@ def _record(config: TuneConfig, target: Target, variant: VariantRecord, search: 
     # always: a search that keeps the defaults must also replace what an earlier tune chose
     measurement = chosen_measurement(best, variant, search.folder, target, config, key)
     record = TuningRecord(VariantRef.of(variant), target.id, target.here, target.fingerprint.id, spec, baseline.settings, best.settings,
-                          round(ratio, 4) if ratio else None, search.measured, [c.to_dict() for c in search.candidates], key, created,
+                          round(ratio, 4) if ratio else None, search.measured, [asdict(c) for c in search.candidates], key, created,
                           round(seconds, 3))
     return record, measurement
 

@@ -396,7 +396,7 @@ def tune_command(variants: Path, device_id: str, types_text: str | None, knobs: 
     """
     from edgecds.progress import make_reporter
     from edgecds.quant.types import parse_type_names
-    from edgecds.tune import TuneConfig, run_tune
+    from edgecds.tune import TuneConfig, run_tune, settings_text
 
     config = TuneConfig(variants=variants, device=device_id, types=parse_type_names(types_text),
                         knobs=tuple(k.strip() for k in knobs.split(",") if k.strip()), **options)
@@ -405,16 +405,12 @@ def tune_command(variants: Path, device_id: str, types_text: str | None, knobs: 
         print_json({"tunings": [asdict(r) for r in records]})
         return
     for r in records:
-        rows = [[c["changed"], _tune_settings(c["settings"]), c["status"], _fmt(c["decode_tps"], ".1f"), _fmt(c["ttft_seconds"], ".3f"),
+        rows = [[c["changed"], settings_text(c["settings"]), c["status"], _fmt(c["decode_tps"], ".1f"), _fmt(c["ttft_seconds"], ".3f"),
                  _fmt((c["peak_rss_bytes"] or 0) / 2**20 if c["peak_rss_bytes"] else None, ".0f"), _fmt(c["kl_mean"], ".4f"),
                  _fmt(c["flip_share"], ".0%"), c["reason"]] for c in r.candidates]
         table(f"{r.variant.type} on {r.device}: {r.spec['objective']} x{r.ratio} against the defaults, {r.measured} measured",
               ["knob", "settings", "status", "decode t/s", "ttft s", "peak MiB", "KL", "flips", "why"], rows)
     click.echo("Recorded in the results file; `edgecds bundle` runs the bundle with the chosen settings.")
-
-
-def _tune_settings(s: dict[str, Any]) -> str:
-    return f"t{s['threads']} b{s['n_batch']}/{s['n_ubatch']} fa={'on' if s['flash_attn'] else 'off'} K={s['type_k']} V={s['type_v']} ngl={s['n_gpu_layers']}"
 
 
 def _fmt(value: Any, spec: str) -> str:

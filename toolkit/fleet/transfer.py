@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edgecds.atomic import require_free
+from edgecds.digest import sha256_file
 from edgecds.errors import InvalidInputError
 from edgecds.home import edgecds_home
 
@@ -75,14 +76,6 @@ def safe_relpath(relpath: str) -> PurePosixPath:
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class Arrival:
     received_bytes: int
@@ -97,7 +90,7 @@ def fetch(ray: Any, server: Any, spec: FileSpec) -> tuple[Path, Arrival]:
     store.mkdir(parents=True, exist_ok=True)
     kept = store / spec.sha256
     if kept.is_file():
-        if kept.stat().st_size == spec.size and _sha256(kept) == spec.sha256:
+        if kept.stat().st_size == spec.size and sha256_file(kept) == spec.sha256:
             return kept, Arrival(0, True)
         kept.unlink()  # damaged since it arrived: fetched again
     require_free(store, spec.size, f"receiving {spec.relpath}", "free space on this node, or point EDGECDS_HOME elsewhere")
