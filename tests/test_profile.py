@@ -325,12 +325,12 @@ def test_settings_follow_the_device_and_options(variants: Path, tmp_path: Path, 
     rtx = find_profile("rtx-3060-12gb")
     config = ProfileConfig(variants=variants, n_ctx=1024)
     notes: list[str] = []
-    monkeypatch.setattr(profile_module, "_engine_has_gpu", lambda: True)
+    monkeypatch.setattr(profile_module, "engine_has_gpu", lambda: True)
     s = profile_module._settings(config, rtx, host, True, notes)
     assert (s.n_gpu_layers, s.threads, s.n_ctx) == (-1, 6, 1024) and notes == []
     s = profile_module._settings(replace(config, n_gpu_layers=12, threads=3), rtx, host, True, notes)
     assert (s.n_gpu_layers, s.threads) == (12, 3)
-    monkeypatch.setattr(profile_module, "_engine_has_gpu", lambda: False)
+    monkeypatch.setattr(profile_module, "engine_has_gpu", lambda: False)
     s = profile_module._settings(config, rtx, host, True, notes)
     assert s.n_gpu_layers == 0 and "no GPU backend" in notes[0]
     laptop = host_profile(nearest_profile(detect_host(HOSTS / "x86-laptop"), {"laptop-x86-8gb": find_profile("laptop-x86-8gb")}))
