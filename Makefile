@@ -55,7 +55,7 @@ system-deps:
 test: install system-deps
 	$(BIN)/ruff check toolkit quant hwbench tests
 	$(BIN)/mypy toolkit quant hwbench
-	$(BIN)/python -m pytest -v $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -v --durations=25 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) edgecds-out

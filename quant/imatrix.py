@@ -160,6 +160,7 @@ def compute(model: Path, text: str, dataset: str, text_sha256: str, output: Path
     """The importance matrix of the float GGUF `model` over `text`, written to `output`."""
     import llama_cpp
 
+    _refuse_experts(model)
     start = time.perf_counter()
     ops = _ggml_ops()
     collector = Collector(ops["MUL_MAT"], mul_mat_id=ops.get("MUL_MAT_ID", -1))
@@ -174,6 +175,18 @@ def compute(model: Path, text: str, dataset: str, text_sha256: str, output: Path
     write(output, collector.stats, [dataset], n_chunks, chunk_size)
     return ImatrixResult(str(output), dataset, text_sha256, n_chunks, chunk_size, n_chunks * chunk_size, len(collector.stats),
                          round(time.perf_counter() - start, 3))
+
+
+def _refuse_experts(model: Path) -> None:
+    """A mixture-of-experts model is refused before a minute of calibration is spent on it (the
+    run would also refuse it, on seeing MUL_MAT_ID)."""
+    from edgecds.quant.gguf_file import read_gguf
+
+    info = read_gguf(model)
+    count = info.metadata.get(f"{info.architecture}.expert_count")
+    if isinstance(count, int) and count > 0:
+        raise EngineError(f"{model.name} routes tokens to {count} experts: edgecds computes importance matrices for dense models "
+                          "only; quantize it without --imatrix")
 
 
 def _check_complete(model: Path, stats: dict[str, Stats]) -> None:

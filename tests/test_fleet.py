@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,9 +22,20 @@ import pytest
 from click.testing import CliRunner
 
 from edgecds.cli import cli
-from edgecds.errors import UsageError
-from edgecds.fleet.cluster import connect, device_resource, head_environment, join_plan, split_address
+from edgecds.digest import sha256_file
+from edgecds.errors import InvalidInputError, NotEnoughDiskError, UsageError
+from edgecds.fleet.cluster import (
+    checked_token,
+    connect,
+    device_resource,
+    head_environment,
+    join_plan,
+    make_token,
+    split_address,
+    token_file,
+)
 from edgecds.fleet.run import FleetConfig, FleetResult, JobOptions, run_fleet
+from edgecds.fleet.transfer import STORE_ENV, Eviction, FileServer, FileSpec, fetch, place
 from edgecds.results import load_results
 from edgecds.target import resolve_target
 
@@ -54,14 +67,16 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     """A head (the build machine: schedules only) and three device nodes: two of this machine's
     kind, one of another kind."""
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in head_environment("127.0.0.1:6379").items():
+        # what `fleet head` does: the head's token made in its home; every node and the driver hold it
+        env = head_environment("127.0.0.1:6379", make_token(token_file()))
+        for name, value in env.items():
             if name != "HOME":
                 mp.setenv(name, value)
         import ray
         from ray.cluster_utils import Cluster
 
         home = os.environ["HOME"]
-        mp.setenv("HOME", head_environment("127.0.0.1:6379")["HOME"])
+        mp.setenv("HOME", env["HOME"])
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1"})
         mp.setenv("HOME", home)
         connect(cluster.address)  # the driver attaches to the head (the build machine) before any device joins
@@ -144,6 +159,45 @@ def test_profile_and_eval_across_kinds_merge_into_results_bundle_and_report_acce
     assert by_status(again) == {"reused": 4}
     after = load_results(variants / "results.json")
     assert after is not None and sorted(r.key for r in after.records) == sorted(r.key for r in results.records)
+
+    # the cluster's token is in no result, task log or Ray log: only its file's path travels
+    token = token_file().read_text()
+    session = Path(fleet.cluster.head_node.get_session_dir_path())
+    written = [variants / "results.json", variants / "fleet.json", *(p for p in session.rglob("*") if p.is_file())]
+    assert len(written) > 10 and not [p for p in written if token.encode() in p.read_bytes()]
+
+
+def test_a_machine_without_the_head_s_token_is_refused(fleet: Fleet, tmp_path: Path) -> None:
+    """Ray's token authentication is on: a driver holding another token gets a message saying so."""
+    other = make_token(tmp_path / "other-token")
+    assert other.read_text() != token_file().read_text()
+    run = subprocess.run([sys.executable, "-m", "edgecds", "fleet", "status", "--address", fleet.address, "--token-file", str(other)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "refused this machine" in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert other.read_text() not in run.stderr + run.stdout
+
+
+def test_token_files_are_made_private_and_checked(tmp_path: Path) -> None:
+    made = make_token(tmp_path / "fleet" / "auth_token")
+    token = made.read_text()
+    assert len(token) == 64 and int(token, 16) >= 0 and made.stat().st_mode & 0o777 == 0o600
+    assert make_token(made).read_text() == token  # kept: a restarted head accepts the nodes holding it
+    with pytest.raises(UsageError, match="no cluster token at .*copy the head's token file"):
+        checked_token(tmp_path / "missing")
+    made.chmod(0o644)
+    with pytest.raises(UsageError, match="chmod 600"):
+        checked_token(made)
+    made.chmod(0o600)
+    for bad in (b"", b"short", b"\xff" * 40, b"two words " * 8):
+        garbage = tmp_path / "garbage"
+        garbage.write_bytes(bad)
+        garbage.chmod(0o600)
+        with pytest.raises(UsageError, match="does not hold a cluster token"):
+            checked_token(garbage)
+    with pytest.raises(UsageError, match="not a file"):
+        checked_token(tmp_path / "fleet")
+    code, out = invoke("fleet", "join", "10.0.0.5:6379", "--token-file", str(tmp_path / "missing"), "--json")
+    assert code != 0 and "no cluster token" in out
 
 
 def test_a_node_that_holds_a_file_by_hash_is_not_sent_it_again(fleet: Fleet, variants: Path) -> None:
@@ -238,13 +292,17 @@ def test_a_killed_node_s_task_is_retried_on_another_of_its_kind_or_recorded_as_f
 
 
 def test_cluster_settings_keep_traffic_to_the_named_cluster() -> None:
-    env = head_environment("127.0.0.1:6379")
+    env = head_environment("127.0.0.1:6379", make_token(token_file()))
     assert env["RAY_USAGE_STATS_ENABLED"] == "0" and env["RAY_USAGE_STATS_REPORT_URL"].startswith("http://127.0.0.1:")
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == str(token_file().resolve())
+    assert token_file().read_text() not in json.dumps(env)
     assert (Path(env["HOME"]) / "ray_bootstrap_config.yaml").read_text().count("type: local") == 1
     code, out = invoke("fleet", "head", "--json")
     assert code == 0, out
-    argv = json.loads(out)["argv"]
+    plan = json.loads(out[out.index("{"):])
+    argv = plan["argv"]
     assert "--include-dashboard=false" in argv and "--disable-usage-stats" in argv
+    assert plan["env"]["RAY_AUTH_MODE"] == "token" and token_file().read_text() not in out
     with pytest.raises(UsageError, match="loopback"):
         join_plan("127.0.0.1:6379", OTHER, None, True)
     for bad in ("10.0.0.5:notaport", "auto", "fd00::5", "10.0.0.5:0"):
@@ -260,6 +318,7 @@ def test_join_offers_the_detected_device_and_nothing_else(monkeypatch: pytest.Mo
 
     # the route toward a real head is asked of the kernel with a UDP socket; here it is given
     monkeypatch.setattr(cluster, "node_ip_toward", lambda address: "10.0.0.9")
+    make_token(token_file())  # the head's token, copied here
     code, out = invoke("fleet", "join", "10.0.0.5:6379", "--json")
     assert code == 0, out
     plan = json.loads(out)
@@ -270,5 +329,63 @@ def test_join_offers_the_detected_device_and_nothing_else(monkeypatch: pytest.Mo
     assert json.loads(next(a for a in argv if a.startswith("--resources="))[len("--resources="):]) == {device_resource(detected): 1}
     assert "--num-cpus=0" in argv and "--num-gpus=0" in argv and "--disable-usage-stats" in argv and "--block" in argv
     assert plan["env"]["RAY_USAGE_STATS_ENABLED"] == "0" and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in plan["env"]
+    assert plan["env"]["RAY_AUTH_MODE"] == "token" and plan["env"]["RAY_AUTH_TOKEN_PATH"] == str(token_file().resolve())
     code, out = invoke("fleet", "join", "10.0.0.5:6379", "--device", OTHER, "--json")
     assert code == 0 and json.loads(out[out.index("{"):])["device"] == OTHER and "on_target false" in out
+
+
+class _Direct:
+    """The build machine's file server called in this process, as Ray would call it on the node."""
+
+    def __init__(self, files: dict[str, str]) -> None:
+        server = FileServer(files)
+        self.read = type("Remote", (), {"remote": staticmethod(server.read)})
+
+    @staticmethod
+    def get(value: Any) -> Any:  # stands for ray.get: the value is already here
+        return value
+
+
+def test_a_node_s_store_stays_within_its_limit_by_deleting_the_least_recently_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGECDS_HOME", str(tmp_path / "node"))
+    build = tmp_path / "build"
+    build.mkdir()
+    specs, files = [], {}
+    for n in range(4):
+        path = build / f"model-{n}.gguf"
+        path.write_bytes(bytes([n]) * (1 << 20))
+        specs.append(FileSpec(path.name, sha256_file(path), 1 << 20))
+        files[specs[-1].sha256] = str(path)
+    a, b, c, d = specs
+    server = _Direct(files)
+    work = tmp_path / "node" / "fleet" / "work" / "profile-x-jetson"
+    monkeypatch.setenv(STORE_ENV, str(2.5 / 1024))  # 2.5 MiB: two of the files
+    held = {}
+    for spec in (a, b):
+        held[spec.sha256], arrival = fetch(server, server, spec)
+        assert arrival.received_bytes == 1 << 20 and arrival.evicted == Eviction(0, 0)
+        place(held[spec.sha256], work, spec.relpath)
+        os.utime(held[spec.sha256], (1_000_000, 1_000_000))  # both arrived long ago
+    assert fetch(server, server, a)[1].reused  # a used again: now b is the least recently used
+    blob, arrival = fetch(server, server, c, keep={c.sha256})
+    assert arrival.evicted == Eviction(1, 1 << 20) and arrival.received_bytes == 1 << 20
+    assert not held[b.sha256].exists() and not (work / b.relpath).exists()  # its workspace link too, or no space comes back
+    assert held[a.sha256].exists() and (work / a.relpath).exists() and blob.exists()
+    # a file the task needs is never deleted for another: the limit is then an error that says so
+    monkeypatch.setenv(STORE_ENV, str(2.5 / 1024))
+    with pytest.raises(NotEnoughDiskError, match="over its limit"):
+        fetch(server, server, d, keep={a.sha256, c.sha256})
+    assert held[a.sha256].exists() and blob.exists() and not list((tmp_path / "node" / "fleet" / "blobs").glob(".*.part"))
+    monkeypatch.setenv(STORE_ENV, str(0.5 / 1024))
+    with pytest.raises(NotEnoughDiskError, match="does not fit this node's store limit"):
+        fetch(server, server, d)
+    monkeypatch.setenv(STORE_ENV, "lots")
+    with pytest.raises(InvalidInputError, match="GiB"):
+        fetch(server, server, d)
+    monkeypatch.delenv(STORE_ENV)
+    assert fetch(server, server, d)[1].evicted == Eviction(0, 0)  # no limit but the disk's: nothing deleted
+    import edgecds.fleet.cluster as cluster
+
+    monkeypatch.setattr(cluster, "node_ip_toward", lambda address: "10.0.0.9")  # asked of the kernel for a real head
+    code, out = invoke("fleet", "join", "10.0.0.5:6379", "--store-gib", "20", "--json", "--token-file", str(make_token(tmp_path / "t")))
+    assert code == 0 and json.loads(out[out.index("{"):])["env"][STORE_ENV] == "20"

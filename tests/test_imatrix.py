@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from edgecds.calibration import CALIBRATION_TEXT, calibration_text
 from edgecds.cli import cli
+from edgecds.errors import EngineError
 from edgecds.quant import imatrix
 from edgecds.quant.gguf_file import read_gguf
 from edgecds.quantize import QuantizeResult
@@ -47,6 +48,25 @@ def test_i_quants_below_three_bits_are_refused_without_a_matrix(tmp_path: Path) 
     code, out = invoke("quantize", str(tmp_path), "--types", "Q4_K_M,IQ2_XS", "-o", str(tmp_path / "out"))
     assert code == 2 and "IQ2_XS need an importance matrix" in out and "--imatrix clinical" in out
     assert not (tmp_path / "out").exists()  # refused before anything was read or written
+    code, out = invoke("quantize", str(tmp_path), "--types", "F16", "--imatrix", "clinical", "-o", str(tmp_path / "out"))
+    assert code == 2 and "--types names none" in out  # a matrix nothing would use is not silently ignored
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_mixture_of_experts_model_is_refused_before_calibrating(tmp_path: Path) -> None:
+    import gguf  # build side: llama.cpp's gguf-py
+
+    path = tmp_path / "moe.gguf"
+    writer = gguf.GGUFWriter(str(path), "qwen3moe")
+    writer.add_expert_count(8)
+    writer.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((8, 4, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(EngineError, match="routes tokens to 8 experts.*without --imatrix"):
+        imatrix.compute(path, calibration_text(), CALIBRATION_TEXT, "x", tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 @pytest.fixture

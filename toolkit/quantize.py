@@ -147,6 +147,8 @@ def run_quantize(config: QuantizeConfig, reporter: Reporter | None = None) -> Qu
     if unready:  # before anything is read or built
         raise UsageError(f"{', '.join(unready)} need an importance matrix: llama.cpp refuses to quantize below ~3 bits without one "
                          "(the result would be garbage). Add --imatrix clinical (the shipped clinical calibration text) or --imatrix FILE")
+    if config.imatrix is not None and config.types is not None and not any(t.format == "gguf" and not t.is_float for t in config.types):
+        raise UsageError("--imatrix shapes quantized GGUF types (Q4_K_M, IQ2_XS, ...), and --types names none: add one, or drop --imatrix")
     src = _resolve_source(config, reporter)
     types = config.types if config.types is not None else default_types(config.formats)
     base, quants, warnings = _gguf_schedule(src, tuple(t for t in types if t.format == "gguf"), config.types is not None, config.quantizer)

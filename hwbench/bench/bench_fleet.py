@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecds.atomic import write_json
-from edgecds.fleet.cluster import device_resource, head_environment
+from edgecds.fleet.cluster import TOKEN_ENV, device_resource, head_environment, make_token, token_file
 from edgecds.fleet.run import FleetConfig, FleetResult, JobOptions, run_fleet
 from edgecds.profile import ProfileConfig, run_profile
 from edgecds.target import resolve_target
@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _cluster(work: Path, device: str) -> tuple[Any, float]:
     """A head (schedules only) and one device node of this machine's kind, with its own home."""
-    os.environ.update(head_environment("127.0.0.1:6379"))
+    token = make_token(token_file())
+    os.environ.update(head_environment("127.0.0.1:6379", token))
+    os.environ[TOKEN_ENV] = str(token)  # the driver's token stays the head's when EDGECDS_HOME becomes the node's below
     from ray.cluster_utils import Cluster
 
     start = time.perf_counter()

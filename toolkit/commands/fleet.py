@@ -11,6 +11,11 @@ import click
 from edgecds.commands.common import print_json, table
 
 ADDRESS_HELP = "The cluster: HOST:PORT of its head (`edgecds fleet head`).  [default: $RAY_ADDRESS]"
+TOKEN_HELP = ("The cluster's token file: the head makes it, every machine that joins or submits work holds a copy (chmod 600).  "
+              "[default: $EDGECDS_FLEET_TOKEN_FILE, else $EDGECDS_HOME/fleet/auth_token]")
+
+
+_token_option = click.option("--token-file", "token", type=click.Path(path_type=Path), help=TOKEN_HELP)
 
 
 @click.group()
@@ -20,7 +25,8 @@ def fleet() -> None:
     \b
     Example:
     On the build machine:  edgecds fleet head --address 10.0.0.5:6379
-    On each device:        edgecds fleet join 10.0.0.5:6379
+    Copy its token file (~/.cache/edgecds/fleet/auth_token) to each device, then there:
+                           edgecds fleet join 10.0.0.5:6379
     On the build machine:  edgecds fleet status --address 10.0.0.5:6379
                            edgecds fleet profile out/ --devices jetson-orin-nano-8gb,laptop-x86-16gb --address 10.0.0.5:6379
                            edgecds fleet eval out/ --devices rtx-4090-24gb --address 10.0.0.5:6379
@@ -28,6 +34,7 @@ def fleet() -> None:
 
 
 def _start_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = _token_option(func)
     func = click.option("--num-cpus", type=click.IntRange(min=0), help="CPUs Ray may schedule other work on here.  [default: 0, fleet tasks need none]")(func)
     func = click.option("--block/--no-block", default=True, show_default=True,
                         help="Stay in the foreground (Ctrl-C leaves the cluster); --no-block returns once the node runs.")(func)
@@ -39,6 +46,8 @@ def _start(plan: Any, as_json: bool, what: str) -> None:
         print_json({"argv": plan.argv, "env": plan.env, "device": plan.device})
         return
     click.echo(f"{what}: {' '.join(plan.argv)}", err=True)
+    for note in plan.notes:
+        click.echo(f"note: {note}", err=True)
     code = plan.run()
     if code != 0:
         raise click.ClickException(f"`ray start` exited with {code}; its message is above")
@@ -49,8 +58,11 @@ def _start(plan: Any, as_json: bool, what: str) -> None:
               help="HOST:PORT the head listens on: this machine's address on the hospital network (loopback: this machine only).")
 @click.option("--device", "device_id", help="Also measure here, as this device profile.  [default: the head only schedules]")
 @_start_options
-def fleet_head(address: str, device_id: str | None, num_cpus: int | None, block: bool, as_json: bool) -> None:
+def fleet_head(address: str, device_id: str | None, num_cpus: int | None, block: bool, as_json: bool, token: Path | None) -> None:
     """Start the cluster's head on the build machine: no dashboard, no usage statistics, no cloud probing.
+
+    Ray's token authentication is on: the head makes a token file (once; kept for restarts) and
+    only machines holding a copy can join or submit work.
 
     \b
     Example:
@@ -58,17 +70,21 @@ def fleet_head(address: str, device_id: str | None, num_cpus: int | None, block:
     """
     from edgecds.fleet.cluster import head_plan
 
-    _start(head_plan(address, device_id, num_cpus, block), as_json, "starting the head")
+    _start(head_plan(address, device_id, num_cpus, block, token), as_json, "starting the head")
 
 
 @fleet.command("join")
 @click.argument("address")
 @click.option("--device", "device_id", help="The (shipped) device profile this node is.  [default: the one `edgecds devices detect` finds]")
+@click.option("--store-gib", type=click.FloatRange(min=0.01), help="The most this node keeps of received variant files; the least recently "
+              "used go first.  [default: no limit but the disk's: files are deleted only when a new one does not fit]")
 @_start_options
-def fleet_join(address: str, device_id: str | None, num_cpus: int | None, block: bool, as_json: bool) -> None:
+def fleet_join(address: str, device_id: str | None, store_gib: float | None, num_cpus: int | None, block: bool, as_json: bool,
+               token: Path | None) -> None:
     """Join this device to the cluster at ADDRESS, labelled with its device profile and nothing else.
 
     The node offers Ray one unit of `edgecds-device:<id>`, so it runs one fleet task at a time.
+    It needs a copy of the head's token file (see --token-file).
 
     \b
     Example:
@@ -82,13 +98,14 @@ def fleet_join(address: str, device_id: str | None, num_cpus: int | None, block:
     if not target.here:
         click.echo(f"note: this machine is detected as {target.match.profile.id}, not {target.id}: its measurements for {target.id} "
                    "are recorded as made elsewhere (on_target false)", err=True)
-    _start(join_plan(address, target.id, num_cpus, block), as_json, f"joining as {target.id}")
+    _start(join_plan(address, target.id, num_cpus, block, token, store_gib), as_json, f"joining as {target.id}")
 
 
 @fleet.command("status")
 @click.option("--address", help=ADDRESS_HELP)
+@_token_option
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def fleet_status(address: str | None, as_json: bool) -> None:
+def fleet_status(address: str | None, token: Path | None, as_json: bool) -> None:
     """The cluster's nodes and the device each is.
 
     \b
@@ -99,7 +116,7 @@ def fleet_status(address: str | None, as_json: bool) -> None:
 
     from edgecds.fleet.cluster import connect, list_nodes
 
-    nodes = list_nodes(connect(address))
+    nodes = list_nodes(connect(address, token))
     if as_json:
         print_json({"nodes": [asdict(n) for n in nodes]})
         return
@@ -113,6 +130,7 @@ def _job_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.argument("variants", type=click.Path(path_type=Path, exists=True)),
         click.option("--devices", "devices_text", required=True, metavar="ID,ID", help="Device kinds to run on (profile ids)."),
         click.option("--address", help=ADDRESS_HELP),
+        _token_option,
         click.option("--types", "types_text", metavar="LIST", help="Only these variants (comma list). Default: all."),
         click.option("--threads", "-t", type=click.IntRange(min=1), help="Threads.  [default: the device's]"),
         click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
@@ -136,7 +154,7 @@ def _run(job: str, variants: Path, devices_text: str, types_text: str | None, op
     from edgecds.quant.types import parse_type_names
 
     devices = tuple(d.strip() for d in devices_text.split(",") if d.strip())
-    config = FleetConfig(job=job, variants=variants, devices=devices, address=common["address"], types=parse_type_names(types_text),
+    config = FleetConfig(job=job, variants=variants, devices=devices, address=common["address"], token=common["token"], types=parse_type_names(types_text),
                          options=options, cases=cases, output=common["output"], retries=common["retries"], again=common["again"],
                          task_timeout=common["task_timeout"])
     result = run_fleet(config, make_reporter(common["quiet"]))

@@ -1,8 +1,10 @@
-"""Ray for edgecds: the one place its settings, its address and the device labels are defined.
+"""Ray for edgecds: the one place its settings, its address, its token and the device labels are defined.
 
 Ray is configured through its own means (the address, `ray start` options, environment variables)
 so that nothing leaves for anywhere but the cluster the user names: usage statistics off and their
 "disabled" notice sent nowhere, no dashboard, no cloud-metadata probing, loopback kept loopback.
+Ray's token authentication is always on: a Ray cluster runs whatever code a connected process
+sends it, so only machines holding the head's token file may join or submit work.
 """
 
 from __future__ import annotations
@@ -10,15 +12,20 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
+import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgecds.atomic import atomic_path
 from edgecds.errors import EdgecdsError, UsageError
+from edgecds.fleet.transfer import STORE_ENV
 from edgecds.home import HOME_ENV, edgecds_home
 
 RESOURCE_PREFIX = "edgecds-device:"  # a node's custom resource naming the device profile it is
@@ -29,6 +36,50 @@ INSTALL_HINT = "the fleet needs Ray: pip install 'edgecds[fleet]'"
 # edgecds gives the head a home holding one that says what the cluster is: on-premises.
 BOOTSTRAP_CONFIG = "ray_bootstrap_config.yaml"
 BOOTSTRAP_TEXT = "cluster_name: edgecds-fleet\nprovider:\n  type: local\n"
+TOKEN_ENV = "EDGECDS_FLEET_TOKEN_FILE"  # where the cluster's token file is, when not the default
+TOKEN_PATTERN = re.compile(r"[0-9A-Za-z_-]{32,512}")  # what Ray's own generator writes is 64 hex digits
+
+
+def token_file(explicit: Path | None = None) -> Path:
+    """The cluster's token file: --token-file, else $EDGECDS_FLEET_TOKEN_FILE, else the home's fleet/auth_token."""
+    if explicit is not None:
+        return explicit
+    named = os.environ.get(TOKEN_ENV)
+    return Path(named) if named else edgecds_home() / "fleet" / "auth_token"
+
+
+def make_token(path: Path) -> Path:
+    """The head's token: made once (256 random bits, readable by this user only) and kept, so that
+    a restarted head accepts the nodes that hold it."""
+    if not path.exists():
+        with atomic_path(path) as temp:
+            temp.chmod(0o600)  # before the token is in it
+            temp.write_text(secrets.token_hex(32), encoding="ascii")
+    return checked_token(path)
+
+
+def checked_token(path: Path) -> Path:
+    """A token file fit to hand to Ray: a regular file only its owner can read, holding one token.
+    The token itself is never printed, logged or recorded; only its path travels (RAY_AUTH_TOKEN_PATH)."""
+    copy_hint = (f"copy the head's token file (its {Path('$EDGECDS_HOME') / 'fleet' / 'auth_token'}, made by `edgecds fleet head`) "
+                 f"to this machine as {path} (chmod 600), or name it with --token-file or ${TOKEN_ENV}")
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise UsageError(f"no cluster token at {path}: {copy_hint}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read the cluster token {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"the cluster token {path} is not a file: {copy_hint}")
+    if info.st_mode & 0o077:
+        raise UsageError(f"the cluster token {path} can be read by other users of this machine: run `chmod 600 {path}`")
+    try:
+        text = path.read_bytes()[:1024].decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    if not TOKEN_PATTERN.fullmatch(text):
+        raise UsageError(f"{path} does not hold a cluster token (one line of 32 or more letters and digits): {copy_hint}")
+    return path
 
 
 def device_resource(device_id: str) -> str:
@@ -76,9 +127,11 @@ def node_ip_toward(address: str) -> str:
         raise EdgecdsError(f"cannot reach the cluster at {address}: {exc.strerror or exc}; check the address and the network") from None
 
 
-def ray_environment(address: str) -> dict[str, str]:
-    """The environment every Ray process edgecds starts or connects from runs with."""
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_USAGE_STATS_PROMPT_ENABLED": "0",
+def ray_environment(address: str, token: Path) -> dict[str, str]:
+    """The environment every Ray process edgecds starts or connects from runs with. `token`: a
+    checked token file (the variable names its path; the token never enters an environment)."""
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token.resolve()),
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_USAGE_STATS_PROMPT_ENABLED": "0",
            # Ray posts a "usage stats are disabled" notice to its server even when they are; to nowhere
            "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -101,8 +154,8 @@ def head_home(home: Path | None = None) -> Path:
     return folder
 
 
-def head_environment(address: str) -> dict[str, str]:
-    return {**ray_environment(address), "HOME": str(head_home()), HOME_ENV: str(edgecds_home())}
+def head_environment(address: str, token: Path) -> dict[str, str]:
+    return {**ray_environment(address, token), "HOME": str(head_home()), HOME_ENV: str(edgecds_home())}
 
 
 def require_ray() -> Any:
@@ -140,20 +193,29 @@ class StartPlan:
             return 0
 
 
-def head_plan(address: str, device: str | None, num_cpus: int | None, block: bool) -> StartPlan:
+def head_plan(address: str, device: str | None, num_cpus: int | None, block: bool, token: Path | None = None) -> StartPlan:
+    """`token`: the token file (default: the home's); made here when there is none yet."""
     host, port = split_address(address)
+    token = make_token(token_file(token))
     argv = [ray_command(), "start", "--head", f"--port={port}", f"--node-ip-address={host}", "--include-dashboard=false",
             "--disable-usage-stats"]
-    return StartPlan(_with_node_options(argv, device, num_cpus, block), head_environment(address), device)
+    notes = [f"the cluster's token is {token}: copy it to each device and build machine that joins (`--token-file`, chmod 600)"]
+    return StartPlan(_with_node_options(argv, device, num_cpus, block), head_environment(address, token), device, notes)
 
 
-def join_plan(address: str, device: str, num_cpus: int | None, block: bool) -> StartPlan:
+def join_plan(address: str, device: str, num_cpus: int | None, block: bool, token: Path | None = None,
+              store_gib: float | None = None) -> StartPlan:
+    """`store_gib`: the most the node keeps of received files (its tasks inherit the setting)."""
     host, port = split_address(address)
     if is_loopback(host):
         raise UsageError(f"{address} is this machine's loopback: a head listening there accepts no other machine. Start the head "
                          "with `edgecds fleet head --address HOST:PORT` on its network address, and join that")
+    checked = checked_token(token_file(token))
     argv = [ray_command(), "start", f"--address={host}:{port}", f"--node-ip-address={node_ip_toward(address)}", "--disable-usage-stats"]
-    return StartPlan(_with_node_options(argv, device, num_cpus, block), ray_environment(address), device)
+    env = ray_environment(address, checked)
+    if store_gib is not None:
+        env[STORE_ENV] = f"{store_gib:g}"
+    return StartPlan(_with_node_options(argv, device, num_cpus, block), env, device)
 
 
 def _with_node_options(argv: list[str], device: str | None, num_cpus: int | None, block: bool) -> list[str]:
@@ -164,14 +226,15 @@ def _with_node_options(argv: list[str], device: str | None, num_cpus: int | None
     return [*argv, f"--resources={json.dumps(resources)}", f"--num-cpus={num_cpus or 0}", "--num-gpus=0", *(["--block"] if block else [])]
 
 
-def connect(address: str | None) -> Any:
+def connect(address: str | None, token: Path | None = None) -> Any:
     """Connect this process to the cluster as a driver (it must run on one of its nodes, as Ray's
-    drivers do); RAY_ADDRESS when no address is given."""
+    drivers do); RAY_ADDRESS when no address is given; `token`: the token file (default: the home's)."""
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise UsageError("name the cluster: --address HOST:PORT (or set RAY_ADDRESS); start one with `edgecds fleet head`")
     host, port = split_address(address)
-    os.environ.update(ray_environment(address))  # before Ray reads its settings
+    checked = checked_token(token_file(token))
+    os.environ.update(ray_environment(address, checked))  # before Ray reads its settings
     ray = require_ray()
     if ray.is_initialized():
         return ray
@@ -179,10 +242,22 @@ def connect(address: str | None) -> Any:
         ray.init(address=f"{host}:{port}", _node_ip_address=node_ip_toward(address), include_dashboard=False,
                  log_to_driver=False, configure_logging=True, logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+        if _listening(host, port):  # Ray's own error says nothing useful when the head refuses the token
+            raise EdgecdsError(f"the head at {host}:{port} answers but refused this machine: the token in {checked} is not the "
+                               "head's. Copy the head's token file here (chmod 600), or name it with --token-file") from None
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise EdgecdsError(f"cannot join the Ray cluster at {host}:{port} as a driver: {first[:300]}. Is the head running "
                            "(`edgecds fleet head`)? Run fleet commands on a node of the cluster (the build machine)") from None
     return ray
+
+
+def _listening(host: str, port: int) -> bool:
+    """Whether anything accepts a connection at the head's address (the cluster the user named)."""
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            return True
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)

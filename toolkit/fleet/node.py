@@ -43,6 +43,7 @@ class TaskReport:
     evaluations: list[dict[str, Any]] = field(default_factory=list)  # EvalRecords (eval)
     received_bytes: int = 0
     reused_files: int = 0
+    evicted_bytes: int = 0  # kept files deleted to make room for this task's
     seconds: float = 0.0
 
 
@@ -67,11 +68,13 @@ def run_task(spec: TaskSpec, server: Any) -> TaskReport:
     workspace = workspace_for(spec)
     workspace.mkdir(parents=True, exist_ok=True)
     report = TaskReport(ray.get_runtime_context().get_node_id(), {})
-    for file in [*spec.files, *([spec.cases] if spec.cases else [])]:
-        blob, arrival = fetch(ray, server, file)
+    files = [*spec.files, *([spec.cases] if spec.cases else [])]
+    for file in files:
+        blob, arrival = fetch(ray, server, file, keep={f.sha256 for f in files})
         place(blob, workspace, file.relpath)
         report.received_bytes += arrival.received_bytes
         report.reused_files += arrival.reused
+        report.evicted_bytes += arrival.evicted.bytes
     _write_variants(workspace, spec)
     if spec.job == "profile":
         _profile(workspace, spec, report)

@@ -54,6 +54,7 @@ class FleetConfig:
     variants: Path
     devices: tuple[str, ...]
     address: str | None = None  # None: RAY_ADDRESS
+    token: Path | None = None  # the cluster's token file; None: cluster.token_file's default
     types: tuple[str, ...] = ()
     options: JobOptions = JobOptions()
     cases: Path | None = None  # eval: None is the shipped set
@@ -78,6 +79,7 @@ class TaskOutcome:
     keys: list[str] = field(default_factory=list)  # the records it merged
     received_bytes: int = 0
     reused_files: int = 0
+    evicted_bytes: int = 0  # files the node deleted from its store to make room
     seconds: float = 0.0  # submitted to merged, as the build machine saw it
     node_seconds: float = 0.0  # on the node: receiving the files and measuring
     finished: str = ""
@@ -209,7 +211,7 @@ def run_fleet(config: FleetConfig, reporter: Reporter | None = None) -> FleetRes
     folder, variants = open_variants(config.variants)
     output = config.output or folder / RESULTS_FILE
     output.parent.mkdir(parents=True, exist_ok=True)
-    ray = connect(config.address)
+    ray = connect(config.address, config.token)
     with folder_lock(output.parent):
         results = load_results(output) or ResultsFile()
         log = _read_log(output)
@@ -349,5 +351,6 @@ def _merge(report: TaskReport, outcome: TaskOutcome, spec: TaskSpec, results: Re
     results.save(output)
     failed = [r for r in records if r.status == "failed"]
     merged = replace(outcome, node=str(report.node_id), host=host.id, keys=[r.key for r in records] + sorted(keys),
-                     received_bytes=report.received_bytes, reused_files=report.reused_files, node_seconds=report.seconds)
+                     received_bytes=report.received_bytes, reused_files=report.reused_files, evicted_bytes=report.evicted_bytes,
+                     node_seconds=report.seconds)
     return replace(merged, status="failed", reason=failed[0].reason) if failed else merged

@@ -3,25 +3,31 @@ not already hold, and checks the hash before anything loads.
 
 A node keeps what it received under $EDGECDS_HOME/fleet/blobs/<sha256>, so a second variant task,
 or a second run, does not move the same bytes again; a kept file is hashed again before each use.
+What it keeps is only a copy of the build machine's files, so when a new file does not fit (the
+disk, or the store's size limit, $EDGECDS_FLEET_STORE_GIB, set by `fleet join --store-gib`), the
+least recently used files the task does not need are deleted, with their links in the workspaces.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from edgecds.atomic import require_free
+from edgecds.atomic import DISK_MARGIN, require_free
 from edgecds.digest import sha256_file
-from edgecds.errors import InvalidInputError
+from edgecds.errors import InvalidInputError, NotEnoughDiskError
 from edgecds.home import edgecds_home
 
 CHUNK = 16 << 20  # bytes per object-store transfer: large enough to stream, small enough to hold a few
 IN_FLIGHT = 3
+STORE_ENV = "EDGECDS_FLEET_STORE_GIB"  # the most a node's store of received files may hold
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,67 @@ def blobs_dir() -> Path:
     return edgecds_home() / "fleet" / "blobs"
 
 
+def store_limit() -> int | None:
+    """The store's size limit in bytes ($EDGECDS_FLEET_STORE_GIB), or None: only the disk limits it."""
+    text = os.environ.get(STORE_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = -1.0
+    if not 0 < gib < 2**20:
+        raise InvalidInputError(f"${STORE_ENV}={text[:40]!r}: expected the store's size limit in GiB, e.g. 20")
+    return int(gib * 2**30)
+
+
+@dataclass(frozen=True)
+class Eviction:
+    files: int
+    bytes: int
+
+
+def make_room(store: Path, needed: int, keep: Iterable[str], limit: int | None) -> Eviction:
+    """Delete the least recently used files of `store` (none in `keep`) until `needed` more bytes
+    fit under `limit` and on the disk. Their hard links in the workspaces go too, or no space
+    would come back; a task that needs one later receives it again."""
+    if limit is not None and needed > limit:
+        raise NotEnoughDiskError(f"a {needed / 2**30:.2f} GiB file does not fit this node's store limit (${STORE_ENV} = "
+                                 f"{limit / 2**30:.2f} GiB): raise it (`fleet join --store-gib`)")
+    keep = set(keep)
+    held = sorted(((p, p.stat()) for p in store.iterdir() if SHA256.fullmatch(p.name) and p.is_file()), key=lambda e: e[1].st_mtime)
+    total = sum(info.st_size for _, info in held)
+    evicted = Eviction(0, 0)
+    for blob, info in held:
+        within = limit is None or total + needed <= limit
+        if within and shutil.disk_usage(store).free >= needed + DISK_MARGIN:
+            break
+        if blob.name in keep:
+            continue
+        _unlink_with_links(blob, info)
+        total -= info.st_size
+        evicted = Eviction(evicted.files + 1, evicted.bytes + info.st_size)
+    if limit is not None and total + needed > limit:
+        raise NotEnoughDiskError(f"this task's files need {(total + needed) / 2**30:.2f} GiB of this node's store, over its limit "
+                                 f"(${STORE_ENV} = {limit / 2**30:.2f} GiB): raise it (`fleet join --store-gib`)")
+    return evicted
+
+
+def _unlink_with_links(blob: Path, info: os.stat_result) -> None:
+    work = blob.parent.parent / "work"
+    if work.is_dir():
+        for folder, _, names in os.walk(work):
+            for name in names:
+                path = Path(folder) / name
+                try:
+                    other = path.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if (other.st_ino, other.st_dev) == (info.st_ino, info.st_dev):
+                    path.unlink(missing_ok=True)
+    blob.unlink(missing_ok=True)
+
+
 def safe_relpath(relpath: str) -> PurePosixPath:
     path = PurePosixPath(relpath)
     if not isinstance(relpath, str) or not relpath or path.is_absolute() or ".." in path.parts or "\\" in relpath or "//" in relpath:
@@ -80,10 +147,12 @@ def safe_relpath(relpath: str) -> PurePosixPath:
 class Arrival:
     received_bytes: int
     reused: bool
+    evicted: Eviction = Eviction(0, 0)
 
 
-def fetch(ray: Any, server: Any, spec: FileSpec) -> tuple[Path, Arrival]:
-    """The file in this node's store, fetched from `server` unless already held (and still intact)."""
+def fetch(ray: Any, server: Any, spec: FileSpec, keep: Iterable[str] = ()) -> tuple[Path, Arrival]:
+    """The file in this node's store, fetched from `server` unless already held (and still intact).
+    `keep`: hashes the task also needs, never evicted to make room for this one."""
     check_sha256(spec.sha256, spec.relpath)
     safe_relpath(spec.relpath)
     store = blobs_dir()
@@ -91,8 +160,12 @@ def fetch(ray: Any, server: Any, spec: FileSpec) -> tuple[Path, Arrival]:
     kept = store / spec.sha256
     if kept.is_file():
         if kept.stat().st_size == spec.size and sha256_file(kept) == spec.sha256:
+            os.utime(kept)  # recently used: the last to be evicted
             return kept, Arrival(0, True)
         kept.unlink()  # damaged since it arrived: fetched again
+    with open(store / ".lock", "a") as lock:  # nodes sharing a home evict one at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        evicted = make_room(store, spec.size, {*keep, spec.sha256}, store_limit())
     require_free(store, spec.size, f"receiving {spec.relpath}", "free space on this node, or point EDGECDS_HOME elsewhere")
     partial = store / f".{spec.sha256}.{os.getpid()}.part"  # two nodes may share a home
     digest = hashlib.sha256()
@@ -121,7 +194,7 @@ def fetch(ray: Any, server: Any, spec: FileSpec) -> tuple[Path, Arrival]:
         os.replace(partial, kept)
     finally:
         partial.unlink(missing_ok=True)
-    return kept, Arrival(received, False)
+    return kept, Arrival(received, False, evicted)
 
 
 def place(blob: Path, workspace: Path, relpath: str) -> Path:
