@@ -175,6 +175,15 @@ def _text_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def expert_count(config: dict[str, Any]) -> int:
+    """How many experts a Hugging Face config's text model routes tokens to (0: a dense model)."""
+    text = _text_config(config)
+    try:
+        return max(int(text.get("num_experts") or text.get("num_local_experts") or 0), 0)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
 def _family_of(config: dict[str, Any]) -> Any:
     architectures = config.get("architectures") or []
     names = {a for a in architectures if isinstance(a, str)} if isinstance(architectures, list) else set()
@@ -315,7 +324,7 @@ def estimate_gguf(config_path: Path, qtype: QuantType) -> GgufInfo:
     n_layers = int(text["num_hidden_layers"])
     n_head = int(text["num_attention_heads"])
     n_head_kv = int(text.get("num_key_value_heads") or n_head)
-    n_expert = int(text.get("num_experts") or text.get("num_local_experts") or 0)
+    n_expert = expert_count(text)
     types = tensor_types(weights, qtype, n_layers, n_expert, n_head // n_head_kv)
     tensors = []
     offset = 0
@@ -360,7 +369,7 @@ def _metadata(arch: str, text: dict[str, Any], n_vocab: int, n_merges: int) -> d
         "context_length": int(text.get("max_position_embeddings") or 0),
         "feed_forward_length": int(text.get("intermediate_size") or 0),
     }
-    experts = int(text.get("num_experts") or text.get("num_local_experts") or 0)
+    experts = expert_count(text)
     if experts:
         values["expert_count"] = experts
         values["expert_used_count"] = int(text.get("num_experts_per_tok") or text.get("experts_per_token") or 0)

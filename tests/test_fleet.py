@@ -25,6 +25,7 @@ from edgecds.cli import cli
 from edgecds.digest import sha256_file
 from edgecds.errors import InvalidInputError, NotEnoughDiskError, UsageError
 from edgecds.fleet.cluster import (
+    TOKEN_ENV,
     checked_token,
     connect,
     device_resource,
@@ -35,7 +36,7 @@ from edgecds.fleet.cluster import (
     token_file,
 )
 from edgecds.fleet.run import FleetConfig, FleetResult, JobOptions, run_fleet
-from edgecds.fleet.transfer import STORE_ENV, Eviction, FileServer, FileSpec, fetch, place
+from edgecds.fleet.transfer import STORE_ENV, Eviction, FileServer, FileSpec, fetch, in_use, place
 from edgecds.results import load_results
 from edgecds.target import resolve_target
 
@@ -62,12 +63,20 @@ class Fleet:
         return node
 
 
+@pytest.fixture(scope="session")
+def cluster_token(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One token for every cluster of the session: Ray reads a process's token once, and this
+    process is the driver of each test's cluster."""
+    return make_token(tmp_path_factory.mktemp("fleet-token") / "auth_token")
+
+
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
+def fleet(tmp_path: Path, cluster_token: Path) -> Iterator[Fleet]:
     """A head (the build machine: schedules only) and three device nodes: two of this machine's
     kind, one of another kind."""
     with pytest.MonkeyPatch.context() as mp:
-        # what `fleet head` does: the head's token made in its home; every node and the driver hold it
+        # what `fleet head` does: the head makes the token; every node and the driver hold a copy
+        mp.setenv(TOKEN_ENV, str(cluster_token))
         env = head_environment("127.0.0.1:6379", make_token(token_file()))
         for name, value in env.items():
             if name != "HOME":
@@ -171,10 +180,12 @@ def test_a_machine_without_the_head_s_token_is_refused(fleet: Fleet, tmp_path: P
     """Ray's token authentication is on: a driver holding another token gets a message saying so."""
     other = make_token(tmp_path / "other-token")
     assert other.read_text() != token_file().read_text()
-    run = subprocess.run([sys.executable, "-m", "edgecds", "fleet", "status", "--address", fleet.address, "--token-file", str(other)],
-                         capture_output=True, text=True, timeout=300)
+    status = [sys.executable, "-m", "edgecds", "fleet", "status", "--address", fleet.address, "--json", "--token-file"]
+    run = subprocess.run([*status, str(other)], capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "refused this machine" in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert other.read_text() not in run.stderr + run.stdout
+    run = subprocess.run([*status, str(token_file())], capture_output=True, text=True, timeout=300)  # the head's own token
+    assert run.returncode == 0 and len(json.loads(run.stdout)["nodes"]) == 4, run.stderr[-2000:]
 
 
 def test_token_files_are_made_private_and_checked(tmp_path: Path) -> None:
@@ -188,7 +199,7 @@ def test_token_files_are_made_private_and_checked(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="chmod 600"):
         checked_token(made)
     made.chmod(0o600)
-    for bad in (b"", b"short", b"\xff" * 40, b"two words " * 8):
+    for bad in (b"", b"short", b"\xff" * 40, b"two words " * 8, b"\n" + token.encode()):  # Ray reads the first line
         garbage = tmp_path / "garbage"
         garbage.write_bytes(bad)
         garbage.chmod(0o600)
@@ -358,34 +369,48 @@ def test_a_node_s_store_stays_within_its_limit_by_deleting_the_least_recently_us
         files[specs[-1].sha256] = str(path)
     a, b, c, d = specs
     server = _Direct(files)
+    store = tmp_path / "node" / "fleet" / "blobs"
     work = tmp_path / "node" / "fleet" / "work" / "profile-x-jetson"
     monkeypatch.setenv(STORE_ENV, str(2.5 / 1024))  # 2.5 MiB: two of the files
     held = {}
-    for spec in (a, b):
-        held[spec.sha256], arrival = fetch(server, server, spec)
+    for spec, used in ((a, 1_000_000), (b, 2_000_000)):  # a arrived first, then b, long ago
+        with in_use([spec.sha256]):
+            held[spec.sha256], arrival = fetch(server, server, spec)
         assert arrival.received_bytes == 1 << 20 and arrival.evicted == Eviction(0, 0)
         place(held[spec.sha256], work, spec.relpath)
-        os.utime(held[spec.sha256], (1_000_000, 1_000_000))  # both arrived long ago
+        os.utime(held[spec.sha256], ns=(used * 10**9, used * 10**9))
     assert fetch(server, server, a)[1].reused  # a used again: now b is the least recently used
-    blob, arrival = fetch(server, server, c, keep={c.sha256})
+    assert held[a.sha256].stat().st_mtime_ns == 1_000_000 * 10**9  # only the access time says so: engines key caches on mtime
+    with in_use([c.sha256]):
+        blob, arrival = fetch(server, server, c)
     assert arrival.evicted == Eviction(1, 1 << 20) and arrival.received_bytes == 1 << 20
     assert not held[b.sha256].exists() and not (work / b.relpath).exists()  # its workspace link too, or no space comes back
     assert held[a.sha256].exists() and (work / a.relpath).exists() and blob.exists()
-    # a file the task needs is never deleted for another: the limit is then an error that says so
-    monkeypatch.setenv(STORE_ENV, str(2.5 / 1024))
-    with pytest.raises(NotEnoughDiskError, match="over its limit"):
-        fetch(server, server, d, keep={a.sha256, c.sha256})
-    assert held[a.sha256].exists() and blob.exists() and not list((tmp_path / "node" / "fleet" / "blobs").glob(".*.part"))
+    # files a running task uses (this node's, or another's sharing the home) are never deleted for
+    # another: the limit is then an error that says so, and nothing is deleted
+    with in_use([a.sha256, c.sha256]), in_use([d.sha256]):
+        with pytest.raises(NotEnoughDiskError, match="over its limit.*nothing was deleted"):
+            fetch(server, server, d)
+    assert held[a.sha256].exists() and blob.exists() and not list(store.glob(".*.part")) and not list(store.glob(".in-use.*"))
     monkeypatch.setenv(STORE_ENV, str(0.5 / 1024))
-    with pytest.raises(NotEnoughDiskError, match="does not fit this node's store limit"):
+    with pytest.raises(NotEnoughDiskError, match="over its limit"):
         fetch(server, server, d)
+    assert held[a.sha256].exists() and blob.exists()  # nothing deleted for a file that could never fit
+    (store / ".in-use.999999999.x").write_text(a.sha256)  # a marker whose task's process is gone counts for nothing
+    monkeypatch.setenv(STORE_ENV, str(2.5 / 1024))
+    with in_use([d.sha256]):
+        assert fetch(server, server, d)[1].evicted == Eviction(1, 1 << 20)
+    assert not held[a.sha256].exists() and not list(store.glob(".in-use.*"))
     monkeypatch.setenv(STORE_ENV, "lots")
     with pytest.raises(InvalidInputError, match="GiB"):
-        fetch(server, server, d)
+        fetch(server, server, b)
     monkeypatch.delenv(STORE_ENV)
-    assert fetch(server, server, d)[1].evicted == Eviction(0, 0)  # no limit but the disk's: nothing deleted
+    assert fetch(server, server, b)[1].evicted == Eviction(0, 0)  # no limit but the disk's: nothing deleted
     import edgecds.fleet.cluster as cluster
 
     monkeypatch.setattr(cluster, "node_ip_toward", lambda address: "10.0.0.9")  # asked of the kernel for a real head
-    code, out = invoke("fleet", "join", "10.0.0.5:6379", "--store-gib", "20", "--json", "--token-file", str(make_token(tmp_path / "t")))
-    assert code == 0 and json.loads(out[out.index("{"):])["env"][STORE_ENV] == "20"
+    token = str(make_token(tmp_path / "t"))
+    code, out = invoke("fleet", "join", "10.0.0.5:6379", "--store-gib", "20", "--json", "--token-file", token)
+    assert code == 0 and float(json.loads(out[out.index("{"):])["env"][STORE_ENV]) == 20
+    code, out = invoke("fleet", "join", "10.0.0.5:6379", "--store-gib", "nan", "--json", "--token-file", token)
+    assert code == 2 and "--store-gib" in out

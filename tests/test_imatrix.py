@@ -49,11 +49,24 @@ def test_i_quants_below_three_bits_are_refused_without_a_matrix(tmp_path: Path) 
     assert code == 2 and "IQ2_XS need an importance matrix" in out and "--imatrix clinical" in out
     assert not (tmp_path / "out").exists()  # refused before anything was read or written
     code, out = invoke("quantize", str(tmp_path), "--types", "F16", "--imatrix", "clinical", "-o", str(tmp_path / "out"))
-    assert code == 2 and "--types names none" in out  # a matrix nothing would use is not silently ignored
+    assert code == 2 and "none is to be built" in out  # a matrix nothing would use is not silently ignored
+    code, out = invoke("quantize", str(tmp_path), "--format", "onnx", "--imatrix", "clinical", "-o", str(tmp_path / "out"))
+    assert code == 2 and "none is to be built" in out  # the default types of the formats asked for count too
     assert not (tmp_path / "out").exists()
 
 
 def test_a_mixture_of_experts_model_is_refused_before_calibrating(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "moe"  # a Hugging Face folder: refused before its conversion
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+                                                    "num_experts": 8, "num_experts_per_tok": 2}))
+    save_file({"model.embed_tokens.weight": np.zeros((4, 4), np.float32)}, str(folder / "model.safetensors"))
+    code, out = invoke("quantize", str(folder), "--types", "Q4_K_M", "--imatrix", "clinical", "-o", str(tmp_path / "out"))
+    assert code == 2 and "routes tokens to 8 experts" in out, out
+    assert not (tmp_path / "out").exists()
+
     import gguf  # build side: llama.cpp's gguf-py
 
     path = tmp_path / "moe.gguf"

@@ -18,7 +18,7 @@ from edgecds import __version__
 from edgecds.atomic import atomic_path, folder_lock, remove_stale_temporaries, require_free
 from edgecds.calibration import ImatrixOptions, Prepared
 from edgecds.digest import cache_key, sha256_file, sha256_folder
-from edgecds.errors import InvalidInputError, UsageError
+from edgecds.errors import EdgecdsError, InvalidInputError, UsageError
 from edgecds.progress import Reporter
 from edgecds.quant.gguf_file import GgufInfo, read_gguf
 from edgecds.quant.gguf_quantize import QuantizerOptions
@@ -147,10 +147,13 @@ def run_quantize(config: QuantizeConfig, reporter: Reporter | None = None) -> Qu
     if unready:  # before anything is read or built
         raise UsageError(f"{', '.join(unready)} need an importance matrix: llama.cpp refuses to quantize below ~3 bits without one "
                          "(the result would be garbage). Add --imatrix clinical (the shipped clinical calibration text) or --imatrix FILE")
-    if config.imatrix is not None and config.types is not None and not any(t.format == "gguf" and not t.is_float for t in config.types):
-        raise UsageError("--imatrix shapes quantized GGUF types (Q4_K_M, IQ2_XS, ...), and --types names none: add one, or drop --imatrix")
-    src = _resolve_source(config, reporter)
     types = config.types if config.types is not None else default_types(config.formats)
+    if config.imatrix is not None and not any(t.format == "gguf" and not t.is_float for t in types):
+        raise UsageError("--imatrix shapes quantized GGUF types (Q4_K_M, IQ2_XS, ...), and none is to be built: add one to --types "
+                         "(with --format gguf), or drop --imatrix")
+    src = _resolve_source(config, reporter)
+    if config.imatrix is not None and src.kind == "hf":
+        _refuse_experts_for_imatrix(src.path)
     base, quants, warnings = _gguf_schedule(src, tuple(t for t in types if t.format == "gguf"), config.types is not None, config.quantizer)
     onnx_types = tuple(t for t in types if t.format == "onnx")
     if onnx_types and src.kind != "hf":
@@ -162,6 +165,22 @@ def run_quantize(config: QuantizeConfig, reporter: Reporter | None = None) -> Qu
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out):
         return _run_locked(config, src, base, quants, onnx_types, warnings, out, reporter)
+
+
+def _refuse_experts_for_imatrix(folder: Path) -> None:
+    """Before the conversion: edgecds computes importance matrices for dense models only (the
+    calibration would refuse a mixture of experts too, after the float conversion)."""
+    from edgecds.hwbench.from_config import expert_count
+    from edgecds.jsonfile import read_json
+
+    try:
+        config = read_json(folder / "config.json")
+    except EdgecdsError:
+        return  # the converter says what is wrong with the folder
+    experts = expert_count(config) if isinstance(config, dict) else 0
+    if experts > 1:
+        raise UsageError(f"{folder.name} routes tokens to {experts} experts: edgecds computes importance matrices for dense models "
+                         "only; quantize it without --imatrix")
 
 
 def _run_locked(

@@ -70,13 +70,13 @@ def fleet_head(address: str, device_id: str | None, num_cpus: int | None, block:
     """
     from edgecds.fleet.cluster import head_plan
 
-    _start(head_plan(address, device_id, num_cpus, block, token), as_json, "starting the head")
+    _start(head_plan(address, device_id, num_cpus, block, token, make=not as_json), as_json, "starting the head")
 
 
 @fleet.command("join")
 @click.argument("address")
 @click.option("--device", "device_id", help="The (shipped) device profile this node is.  [default: the one `edgecds devices detect` finds]")
-@click.option("--store-gib", type=click.FloatRange(min=0.01), help="The most this node keeps of received variant files; the least recently "
+@click.option("--store-gib", type=click.FloatRange(min=0.01, max=2**20, max_open=True), help="The most this node keeps of received variant files; the least recently "
               "used go first.  [default: no limit but the disk's: files are deleted only when a new one does not fit]")
 @_start_options
 def fleet_join(address: str, device_id: str | None, store_gib: float | None, num_cpus: int | None, block: bool, as_json: bool,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import re
 import secrets
@@ -37,15 +38,16 @@ INSTALL_HINT = "the fleet needs Ray: pip install 'edgecds[fleet]'"
 BOOTSTRAP_CONFIG = "ray_bootstrap_config.yaml"
 BOOTSTRAP_TEXT = "cluster_name: edgecds-fleet\nprovider:\n  type: local\n"
 TOKEN_ENV = "EDGECDS_FLEET_TOKEN_FILE"  # where the cluster's token file is, when not the default
+TOKEN_VALUE_ENV = "RAY_AUTH_TOKEN"  # Ray's own: a token in the environment, which would win over the checked file
 TOKEN_PATTERN = re.compile(r"[0-9A-Za-z_-]{32,512}")  # what Ray's own generator writes is 64 hex digits
 
 
 def token_file(explicit: Path | None = None) -> Path:
     """The cluster's token file: --token-file, else $EDGECDS_FLEET_TOKEN_FILE, else the home's fleet/auth_token."""
     if explicit is not None:
-        return explicit
+        return explicit.expanduser()
     named = os.environ.get(TOKEN_ENV)
-    return Path(named) if named else edgecds_home() / "fleet" / "auth_token"
+    return Path(named).expanduser() if named else edgecds_home() / "fleet" / "auth_token"
 
 
 def make_token(path: Path) -> Path:
@@ -72,10 +74,15 @@ def checked_token(path: Path) -> Path:
     if not stat.S_ISREG(info.st_mode):
         raise UsageError(f"the cluster token {path} is not a file: {copy_hint}")
     if info.st_mode & 0o077:
-        raise UsageError(f"the cluster token {path} can be read by other users of this machine: run `chmod 600 {path}`")
+        raise UsageError(f"the cluster token {path} is open to other users of this machine: run `chmod 600 {path}`")
     try:
-        text = path.read_bytes()[:1024].decode("ascii").strip()
-    except (OSError, UnicodeDecodeError):
+        with open(path, "rb") as handle:
+            head = handle.read(1024)
+    except OSError as exc:
+        raise UsageError(f"cannot read the cluster token {path}: {exc.strerror or exc}") from None
+    try:
+        text = head.decode("ascii").split("\n")[0].strip()  # Ray reads the first line
+    except UnicodeDecodeError:
         text = ""
     if not TOKEN_PATTERN.fullmatch(text):
         raise UsageError(f"{path} does not hold a cluster token (one line of 32 or more letters and digits): {copy_hint}")
@@ -130,6 +137,7 @@ def node_ip_toward(address: str) -> str:
 def ray_environment(address: str, token: Path) -> dict[str, str]:
     """The environment every Ray process edgecds starts or connects from runs with. `token`: a
     checked token file (the variable names its path; the token never enters an environment)."""
+    # (Ray prefers $RAY_AUTH_TOKEN to the file: StartPlan.run and connect drop an inherited one)
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token.resolve()),
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_USAGE_STATS_PROMPT_ENABLED": "0",
            # Ray posts a "usage stats are disabled" notice to its server even when they are; to nowhere
@@ -186,20 +194,22 @@ class StartPlan:
     notes: list[str] = field(default_factory=list)
 
     def run(self) -> int:
-        env = {**os.environ, **self.env}
+        env = {k: v for k, v in os.environ.items() if k != TOKEN_VALUE_ENV} | self.env
         try:
             return subprocess.run(self.argv, env=env, check=False).returncode
         except KeyboardInterrupt:  # --block: Ctrl-C leaves the cluster
             return 0
 
 
-def head_plan(address: str, device: str | None, num_cpus: int | None, block: bool, token: Path | None = None) -> StartPlan:
-    """`token`: the token file (default: the home's); made here when there is none yet."""
+def head_plan(address: str, device: str | None, num_cpus: int | None, block: bool, token: Path | None = None,
+              make: bool = True) -> StartPlan:
+    """`token`: the token file (default: the home's); made here when there is none yet (unless
+    `make` is false: a plan only shown)."""
     host, port = split_address(address)
-    token = make_token(token_file(token))
+    token = make_token(token_file(token)) if make else token_file(token)
     argv = [ray_command(), "start", "--head", f"--port={port}", f"--node-ip-address={host}", "--include-dashboard=false",
             "--disable-usage-stats"]
-    notes = [f"the cluster's token is {token}: copy it to each device and build machine that joins (`--token-file`, chmod 600)"]
+    notes = [f"the cluster's token file is {token}: copy it to each device and build machine that joins (`--token-file`, chmod 600)"]
     return StartPlan(_with_node_options(argv, device, num_cpus, block), head_environment(address, token), device, notes)
 
 
@@ -214,7 +224,9 @@ def join_plan(address: str, device: str, num_cpus: int | None, block: bool, toke
     argv = [ray_command(), "start", f"--address={host}:{port}", f"--node-ip-address={node_ip_toward(address)}", "--disable-usage-stats"]
     env = ray_environment(address, checked)
     if store_gib is not None:
-        env[STORE_ENV] = f"{store_gib:g}"
+        if not math.isfinite(store_gib) or not 0 < store_gib < 2**20:
+            raise UsageError(f"--store-gib {store_gib}: expected the store's size limit in GiB, e.g. 20")
+        env[STORE_ENV] = repr(store_gib)
     return StartPlan(_with_node_options(argv, device, num_cpus, block), env, device)
 
 
@@ -234,6 +246,7 @@ def connect(address: str | None, token: Path | None = None) -> Any:
         raise UsageError("name the cluster: --address HOST:PORT (or set RAY_ADDRESS); start one with `edgecds fleet head`")
     host, port = split_address(address)
     checked = checked_token(token_file(token))
+    os.environ.pop(TOKEN_VALUE_ENV, None)
     os.environ.update(ray_environment(address, checked))  # before Ray reads its settings
     ray = require_ray()
     if ray.is_initialized():
@@ -242,22 +255,22 @@ def connect(address: str | None, token: Path | None = None) -> Any:
         ray.init(address=f"{host}:{port}", _node_ip_address=node_ip_toward(address), include_dashboard=False,
                  log_to_driver=False, configure_logging=True, logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
-        if _listening(host, port):  # Ray's own error says nothing useful when the head refuses the token
-            raise EdgecdsError(f"the head at {host}:{port} answers but refused this machine: the token in {checked} is not the "
-                               "head's. Copy the head's token file here (chmod 600), or name it with --token-file") from None
+        if _refused_token(exc, ray):  # Ray's last error says only "ConnectionError"; the one it replaced says why
+            raise EdgecdsError(f"the head at {host}:{port} refused this machine: the token in {checked} is not the head's. Copy "
+                               "the head's token file here (chmod 600), or name it with --token-file") from None
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise EdgecdsError(f"cannot join the Ray cluster at {host}:{port} as a driver: {first[:300]}. Is the head running "
                            "(`edgecds fleet head`)? Run fleet commands on a node of the cluster (the build machine)") from None
     return ray
 
 
-def _listening(host: str, port: int) -> bool:
-    """Whether anything accepts a connection at the head's address (the cluster the user named)."""
-    try:
-        with socket.create_connection((host, port), timeout=3):
+def _refused_token(exc: BaseException | None, ray: Any) -> bool:
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, ray.exceptions.AuthenticationError) or "authentication token" in str(exc).lower():
             return True
-    except OSError:
-        return False
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 from edgecds.atomic import write_json
 from edgecds.errors import InvalidInputError
-from edgecds.fleet.transfer import FileSpec, check_sha256, fetch, place
+from edgecds.fleet.transfer import FileSpec, check_sha256, fetch, in_use, place
 from edgecds.home import edgecds_home
 from edgecds.variants import SCHEMA_VERSION, VARIANTS_FILE
 
@@ -69,17 +69,18 @@ def run_task(spec: TaskSpec, server: Any) -> TaskReport:
     workspace.mkdir(parents=True, exist_ok=True)
     report = TaskReport(ray.get_runtime_context().get_node_id(), {})
     files = [*spec.files, *([spec.cases] if spec.cases else [])]
-    for file in files:
-        blob, arrival = fetch(ray, server, file, keep={f.sha256 for f in files})
-        place(blob, workspace, file.relpath)
-        report.received_bytes += arrival.received_bytes
-        report.reused_files += arrival.reused
-        report.evicted_bytes += arrival.evicted.bytes
-    _write_variants(workspace, spec)
-    if spec.job == "profile":
-        _profile(workspace, spec, report)
-    else:
-        _evaluate(workspace, spec, report)
+    with in_use(f.sha256 for f in files):  # none of them deleted to make room, until the task ends
+        for file in files:
+            blob, arrival = fetch(ray, server, file)
+            place(blob, workspace, file.relpath)
+            report.received_bytes += arrival.received_bytes
+            report.reused_files += arrival.reused
+            report.evicted_bytes += arrival.evicted.bytes
+        _write_variants(workspace, spec)
+        if spec.job == "profile":
+            _profile(workspace, spec, report)
+        else:
+            _evaluate(workspace, spec, report)
     report.seconds = round(time.perf_counter() - start, 3)
     return report
 

@@ -10,12 +10,15 @@ least recently used files the task does not need are deleted, with their links i
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import hashlib
 import os
 import re
+import secrets
 import shutil
-from collections.abc import Iterable
+import stat
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -97,27 +100,39 @@ class Eviction:
 
 def make_room(store: Path, needed: int, keep: Iterable[str], limit: int | None) -> Eviction:
     """Delete the least recently used files of `store` (none in `keep`) until `needed` more bytes
-    fit under `limit` and on the disk. Their hard links in the workspaces go too, or no space
-    would come back; a task that needs one later receives it again."""
-    if limit is not None and needed > limit:
-        raise NotEnoughDiskError(f"a {needed / 2**30:.2f} GiB file does not fit this node's store limit (${STORE_ENV} = "
-                                 f"{limit / 2**30:.2f} GiB): raise it (`fleet join --store-gib`)")
+    fit under `limit` and on the disk; refuse, deleting nothing, when even that would not do.
+    Their hard links in the workspaces go too, or no space would come back; a task that needs one
+    later receives it again."""
     keep = set(keep)
-    held = sorted(((p, p.stat()) for p in store.iterdir() if SHA256.fullmatch(p.name) and p.is_file()), key=lambda e: e[1].st_mtime)
+    held = []
+    for path in store.iterdir():
+        if SHA256.fullmatch(path.name):
+            try:
+                info = path.stat()
+            except FileNotFoundError:  # deleted meanwhile by a node sharing this home
+                continue
+            if stat.S_ISREG(info.st_mode):
+                held.append((path, info))
+    held.sort(key=lambda entry: entry[1].st_atime)  # used files have their access time set (fetch)
     total = sum(info.st_size for _, info in held)
+    evictable = [(path, info) for path, info in held if path.name not in keep]
+    kept = total - sum(info.st_size for _, info in evictable)
+    if limit is not None and kept + needed > limit:
+        raise NotEnoughDiskError(f"this task's files need {(kept + needed) / 2**20:.0f} MiB of this node's store, over its limit "
+                                 f"(${STORE_ENV} = {limit / 2**20:.0f} MiB): raise it (`fleet join --store-gib`); nothing was deleted")
+    free = shutil.disk_usage(store).free
+    if free + sum(info.st_size for _, info in evictable) < needed + DISK_MARGIN:
+        raise NotEnoughDiskError(f"receiving a {needed / 2**20:.0f} MiB file: {store} has {free / 2**20:.0f} MiB free, too little even "
+                                 "without the files kept there for other variants; free space on this node, or point EDGECDS_HOME "
+                                 "elsewhere; nothing was deleted")
     evicted = Eviction(0, 0)
-    for blob, info in held:
+    for blob, info in evictable:
         within = limit is None or total + needed <= limit
         if within and shutil.disk_usage(store).free >= needed + DISK_MARGIN:
             break
-        if blob.name in keep:
-            continue
         _unlink_with_links(blob, info)
         total -= info.st_size
         evicted = Eviction(evicted.files + 1, evicted.bytes + info.st_size)
-    if limit is not None and total + needed > limit:
-        raise NotEnoughDiskError(f"this task's files need {(total + needed) / 2**30:.2f} GiB of this node's store, over its limit "
-                                 f"(${STORE_ENV} = {limit / 2**30:.2f} GiB): raise it (`fleet join --store-gib`)")
     return evicted
 
 
@@ -136,6 +151,47 @@ def _unlink_with_links(blob: Path, info: os.stat_result) -> None:
     blob.unlink(missing_ok=True)
 
 
+IN_USE = ".in-use."  # a marker per running task: the hashes of the files it uses
+
+
+@contextlib.contextmanager
+def in_use(hashes: Iterable[str]) -> Iterator[None]:
+    """Mark the files a task uses while it runs, so that no task (of this node, or of another node
+    sharing this home) deletes them to make room."""
+    store = blobs_dir()
+    store.mkdir(parents=True, exist_ok=True)
+    marker = store / f"{IN_USE}{os.getpid()}.{secrets.token_hex(4)}"
+    marker.write_text("\n".join(check_sha256(h, "a file in use") for h in hashes), encoding="ascii")
+    try:
+        yield
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _used(store: Path) -> set[str]:
+    used: set[str] = set()
+    for marker in store.glob(f"{IN_USE}*"):
+        pid = marker.name[len(IN_USE):].split(".")[0]
+        if not pid.isdigit() or not _alive(int(pid)):
+            marker.unlink(missing_ok=True)  # its task's process is gone
+            continue
+        try:
+            used.update(line for line in marker.read_text(encoding="ascii").split() if SHA256.fullmatch(line))
+        except (OSError, UnicodeDecodeError):
+            continue
+    return used
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # asks only whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 def safe_relpath(relpath: str) -> PurePosixPath:
     path = PurePosixPath(relpath)
     if not isinstance(relpath, str) or not relpath or path.is_absolute() or ".." in path.parts or "\\" in relpath or "//" in relpath:
@@ -150,23 +206,32 @@ class Arrival:
     evicted: Eviction = Eviction(0, 0)
 
 
-def fetch(ray: Any, server: Any, spec: FileSpec, keep: Iterable[str] = ()) -> tuple[Path, Arrival]:
+def fetch(ray: Any, server: Any, spec: FileSpec) -> tuple[Path, Arrival]:
     """The file in this node's store, fetched from `server` unless already held (and still intact).
-    `keep`: hashes the task also needs, never evicted to make room for this one."""
+    Files marked `in_use` are never deleted to make room for it."""
     check_sha256(spec.sha256, spec.relpath)
     safe_relpath(spec.relpath)
     store = blobs_dir()
     store.mkdir(parents=True, exist_ok=True)
     kept = store / spec.sha256
     if kept.is_file():
-        if kept.stat().st_size == spec.size and sha256_file(kept) == spec.sha256:
-            os.utime(kept)  # recently used: the last to be evicted
+        info = kept.stat()
+        if info.st_size == spec.size and sha256_file(kept) == spec.sha256:
+            # used now: the last to be deleted. The access time only: a changed modification time
+            # would make engines that key caches on it (ONNX's compiled graph) build them again
+            os.utime(kept, ns=(time.time_ns(), info.st_mtime_ns))
             return kept, Arrival(0, True)
         kept.unlink()  # damaged since it arrived: fetched again
-    with open(store / ".lock", "a") as lock:  # nodes sharing a home evict one at a time
+    import fcntl
+
+    with open(store / ".lock", "a") as lock:  # nodes sharing a home make room and receive one at a time
         fcntl.flock(lock, fcntl.LOCK_EX)
-        evicted = make_room(store, spec.size, {*keep, spec.sha256}, store_limit())
-    require_free(store, spec.size, f"receiving {spec.relpath}", "free space on this node, or point EDGECDS_HOME elsewhere")
+        evicted = make_room(store, spec.size, _used(store) | {spec.sha256}, store_limit())
+        require_free(store, spec.size, f"receiving {spec.relpath}", "free space on this node, or point EDGECDS_HOME elsewhere")
+        return kept, Arrival(_receive(ray, server, spec, store, kept), False, evicted)
+
+
+def _receive(ray: Any, server: Any, spec: FileSpec, store: Path, kept: Path) -> int:
     partial = store / f".{spec.sha256}.{os.getpid()}.part"  # two nodes may share a home
     digest = hashlib.sha256()
     received = 0
@@ -194,7 +259,7 @@ def fetch(ray: Any, server: Any, spec: FileSpec, keep: Iterable[str] = ()) -> tu
         os.replace(partial, kept)
     finally:
         partial.unlink(missing_ok=True)
-    return kept, Arrival(received, False, evicted)
+    return received
 
 
 def place(blob: Path, workspace: Path, relpath: str) -> Path:
