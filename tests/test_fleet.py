@@ -23,15 +23,17 @@ from click.testing import CliRunner
 
 from edgecds.cli import cli
 from edgecds.digest import sha256_file
-from edgecds.errors import InvalidInputError, NotEnoughDiskError, UsageError
+from edgecds.errors import EdgecdsError, InvalidInputError, NotEnoughDiskError, UsageError
 from edgecds.fleet.cluster import (
     TOKEN_ENV,
+    check_admitted,
     checked_token,
     connect,
     device_resource,
     head_environment,
     join_plan,
     make_token,
+    ray_environment,
     split_address,
     token_file,
 )
@@ -186,6 +188,10 @@ def test_a_machine_without_the_head_s_token_is_refused(fleet: Fleet, tmp_path: P
     assert other.read_text() not in run.stderr + run.stdout
     run = subprocess.run([*status, str(token_file())], capture_output=True, text=True, timeout=300)  # the head's own token
     assert run.returncode == 0 and len(json.loads(run.stdout)["nodes"]) == 4, run.stderr[-2000:]
+    # `fleet join` asks first: Ray's own join would wait forever on a refused token
+    with pytest.raises(EdgecdsError, match="refused this machine: the token in .*other-token"):
+        check_admitted(fleet.address, ray_environment(fleet.address, other))
+    check_admitted(fleet.address, ray_environment(fleet.address, token_file()))
 
 
 def test_token_files_are_made_private_and_checked(tmp_path: Path) -> None:

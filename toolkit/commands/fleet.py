@@ -91,14 +91,17 @@ def fleet_join(address: str, device_id: str | None, store_gib: float | None, num
       edgecds fleet join 10.0.0.5:6379
       edgecds fleet join 10.0.0.5:6379 --device jetson-orin-nano-8gb --no-block
     """
-    from edgecds.fleet.cluster import join_plan
+    from edgecds.fleet.cluster import check_admitted, join_plan
     from edgecds.target import AUTO, resolve_target
 
     target = resolve_target(device_id or AUTO)
     if not target.here:
         click.echo(f"note: this machine is detected as {target.match.profile.id}, not {target.id}: its measurements for {target.id} "
                    "are recorded as made elsewhere (on_target false)", err=True)
-    _start(join_plan(address, target.id, num_cpus, block, token, store_gib), as_json, f"joining as {target.id}")
+    plan = join_plan(address, target.id, num_cpus, block, token, store_gib)
+    if not as_json:
+        check_admitted(address, plan.env)  # a refused token said so at once; Ray's own join would wait forever
+    _start(plan, as_json, f"joining as {target.id}")
 
 
 @fleet.command("status")

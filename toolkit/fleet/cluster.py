@@ -230,6 +230,45 @@ def join_plan(address: str, device: str, num_cpus: int | None, block: bool, toke
     return StartPlan(_with_node_options(argv, device, num_cpus, block), env, device)
 
 
+REFUSED_TOKEN = 3  # _probe_head's exit status when the head refuses the token
+
+
+def check_admitted(address: str, env: dict[str, str]) -> None:
+    """Ask the head whether it admits a node with the token `env` names, before `ray start` joins:
+    Ray's own join waits forever on a refused token. In a child process, since Ray reads a
+    process's token once."""
+    host, port = split_address(address)
+    code = "import sys; from edgecds.fleet.cluster import _probe_head; sys.exit(_probe_head(sys.argv[1]))"
+    child_env = {k: v for k, v in os.environ.items() if k != TOKEN_VALUE_ENV} | env
+    try:
+        run = subprocess.run([sys.executable, "-c", code, f"{host}:{port}"], env=child_env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise EdgecdsError(f"the head at {host}:{port} did not answer in 120 s: is `edgecds fleet head` running there, and its port "
+                           "open to this machine?") from None
+    if run.returncode == REFUSED_TOKEN:
+        raise EdgecdsError(f"the head at {host}:{port} refused this machine: the token in {env.get('RAY_AUTH_TOKEN_PATH')} is not "
+                           "the head's. Copy the head's token file here (chmod 600), or name it with --token-file")
+    if run.returncode != 0:
+        said = next((line for line in reversed(run.stdout.splitlines()) if line.strip()), f"exit status {run.returncode}")
+        raise EdgecdsError(f"cannot reach the head at {host}:{port}: {said[:300].rstrip('.')}. Is `edgecds fleet head` running there, and its "
+                           "port open to this machine?")
+
+
+def _probe_head(address: str) -> int:
+    """check_admitted's child: one request to the head's control service with this process's token."""
+    ray = require_ray()
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]  # Ray's own client of the head, as `ray start` uses
+
+    try:
+        GcsClient(address=address).internal_kv_get(b"edgecds-probe", None, timeout=30)
+    except Exception as exc:  # whatever Ray raises is the child's message to its parent
+        if _refused_token(exc, ray):
+            return REFUSED_TOKEN
+        print(next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__))
+        return 1
+    return 0
+
+
 def _with_node_options(argv: list[str], device: str | None, num_cpus: int | None, block: bool) -> list[str]:
     # one unit of the device's resource: a node measures one variant at a time, as a person would.
     # No CPU or GPU is offered to Ray's scheduler (fleet tasks ask for none), so no other Ray work

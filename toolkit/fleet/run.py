@@ -54,7 +54,6 @@ class FleetConfig:
     variants: Path
     devices: tuple[str, ...]
     address: str | None = None  # None: RAY_ADDRESS
-    token: Path | None = None  # the cluster's token file; None: cluster.token_file's default
     types: tuple[str, ...] = ()
     options: JobOptions = JobOptions()
     cases: Path | None = None  # eval: None is the shipped set
@@ -63,6 +62,7 @@ class FleetConfig:
     again: bool = False  # run tasks fleet.json already records as done
     poll_seconds: float = 2.0
     task_timeout: float = 3600.0  # a kind that finishes no task for this long has its remaining tasks failed
+    token: Path | None = None  # the cluster's token file; None: cluster.token_file's default
 
 
 @dataclass
