@@ -66,6 +66,10 @@ def test_a_mixture_of_experts_model_is_refused_before_calibrating(tmp_path: Path
     code, out = invoke("quantize", str(folder), "--types", "Q4_K_M", "--imatrix", "clinical", "-o", str(tmp_path / "out"))
     assert code == 2 and "routes tokens to 8 experts" in out, out
     assert not (tmp_path / "out").exists()
+    brought = tmp_path / "from-llama-imatrix.gguf"  # a matrix computed elsewhere is used as it is: not refused for the experts
+    brought.write_bytes(b"GGUF" + bytes(60))
+    code, out = invoke("quantize", str(folder), "--types", "Q4_K_M", "--imatrix", str(brought), "-o", str(tmp_path / "out"))
+    assert code != 0 and "routes tokens to" not in out and "llama.cpp's converter failed" in out, out  # the folder itself does not convert
 
     import gguf  # build side: llama.cpp's gguf-py
 

@@ -59,7 +59,8 @@ def _text_of(options: ImatrixOptions) -> tuple[str, str]:
     return path.name, text
 
 
-def _is_gguf(options: ImatrixOptions) -> bool:
+def brings_matrix(options: ImatrixOptions) -> bool:
+    """Whether --imatrix names a matrix already computed (a llama-imatrix GGUF), not a text to compute one over."""
     path = Path(options.text)
     if options.text == CLINICAL or not path.is_file():
         return False
@@ -97,7 +98,7 @@ def prepare(options: ImatrixOptions, model: Path, model_sha: str, out: Path, nam
     computation and the file still hashes the same, else computed (or copied in) and written."""
     from edgecds.quant import imatrix
 
-    if _is_gguf(options):
+    if brings_matrix(options):
         source = Path(options.text)
         key = cache_key({"file": sha256_file(source), "model": model_sha})
     else:
@@ -109,7 +110,7 @@ def prepare(options: ImatrixOptions, model: Path, model_sha: str, out: Path, nam
         if earlier.get("key") == key and target.is_file() and sha256_file(target) == earlier.get("sha256"):
             matrix = imatrix.read(target)
             return Prepared(matrix, target, earlier)
-    if _is_gguf(options):
+    if brings_matrix(options):
         if not (target.exists() and os.path.samefile(options.text, target)):
             with atomic_path(target) as temp:
                 shutil.copyfile(options.text, temp)

@@ -16,7 +16,7 @@ from typing import Any
 
 from edgecds import __version__
 from edgecds.atomic import atomic_path, folder_lock, remove_stale_temporaries, require_free
-from edgecds.calibration import ImatrixOptions, Prepared
+from edgecds.calibration import ImatrixOptions, Prepared, brings_matrix
 from edgecds.digest import cache_key, sha256_file, sha256_folder
 from edgecds.errors import EdgecdsError, InvalidInputError, UsageError
 from edgecds.progress import Reporter
@@ -152,7 +152,7 @@ def run_quantize(config: QuantizeConfig, reporter: Reporter | None = None) -> Qu
         raise UsageError("--imatrix shapes quantized GGUF types (Q4_K_M, IQ2_XS, ...), and none is to be built: add one to --types "
                          "(with --format gguf), or drop --imatrix")
     src = _resolve_source(config, reporter)
-    if config.imatrix is not None and src.kind == "hf":
+    if config.imatrix is not None and src.kind == "hf" and not brings_matrix(config.imatrix):
         _refuse_experts_for_imatrix(src.path)
     base, quants, warnings = _gguf_schedule(src, tuple(t for t in types if t.format == "gguf"), config.types is not None, config.quantizer)
     onnx_types = tuple(t for t in types if t.format == "onnx")
@@ -169,7 +169,8 @@ def run_quantize(config: QuantizeConfig, reporter: Reporter | None = None) -> Qu
 
 def _refuse_experts_for_imatrix(folder: Path) -> None:
     """Before the conversion: edgecds computes importance matrices for dense models only (the
-    calibration would refuse a mixture of experts too, after the float conversion)."""
+    calibration would refuse a mixture of experts too, after the float conversion); a matrix
+    brought from llama-imatrix is used as it is."""
     from edgecds.hwbench.from_config import expert_count
     from edgecds.jsonfile import read_json
 
@@ -178,9 +179,9 @@ def _refuse_experts_for_imatrix(folder: Path) -> None:
     except EdgecdsError:
         return  # the converter says what is wrong with the folder
     experts = expert_count(config) if isinstance(config, dict) else 0
-    if experts > 1:
+    if experts > 0:
         raise UsageError(f"{folder.name} routes tokens to {experts} experts: edgecds computes importance matrices for dense models "
-                         "only; quantize it without --imatrix")
+                         "only; quantize it without --imatrix, or bring one from llama-imatrix (--imatrix FILE.gguf)")
 
 
 def _run_locked(

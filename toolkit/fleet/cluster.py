@@ -241,7 +241,8 @@ def check_admitted(address: str, env: dict[str, str]) -> None:
     code = "import sys; from edgecds.fleet.cluster import _probe_head; sys.exit(_probe_head(sys.argv[1]))"
     child_env = {k: v for k, v in os.environ.items() if k != TOKEN_VALUE_ENV} | env
     try:
-        run = subprocess.run([sys.executable, "-c", code, f"{host}:{port}"], env=child_env, capture_output=True, text=True, timeout=120)
+        run = subprocess.run([sys.executable, "-P", "-c", code, f"{host}:{port}"], env=child_env, capture_output=True, text=True,
+                             timeout=120)
     except subprocess.TimeoutExpired:
         raise EdgecdsError(f"the head at {host}:{port} did not answer in 120 s: is `edgecds fleet head` running there, and its port "
                            "open to this machine?") from None
@@ -249,7 +250,8 @@ def check_admitted(address: str, env: dict[str, str]) -> None:
         raise EdgecdsError(f"the head at {host}:{port} refused this machine: the token in {env.get('RAY_AUTH_TOKEN_PATH')} is not "
                            "the head's. Copy the head's token file here (chmod 600), or name it with --token-file")
     if run.returncode != 0:
-        said = next((line for line in reversed(run.stdout.splitlines()) if line.strip()), f"exit status {run.returncode}")
+        lines = [line.strip() for line in (run.stdout or run.stderr).splitlines() if line.strip() and not line.startswith("[")]
+        said = lines[-1] if lines else f"exit status {run.returncode}"  # the child's message, else the last line it wrote
         raise EdgecdsError(f"cannot reach the head at {host}:{port}: {said[:300].rstrip('.')}. Is `edgecds fleet head` running there, and its "
                            "port open to this machine?")
 

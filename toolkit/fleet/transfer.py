@@ -161,11 +161,25 @@ def in_use(hashes: Iterable[str]) -> Iterator[None]:
     store = blobs_dir()
     store.mkdir(parents=True, exist_ok=True)
     marker = store / f"{IN_USE}{os.getpid()}.{secrets.token_hex(4)}"
-    marker.write_text("\n".join(check_sha256(h, "a file in use") for h in hashes), encoding="ascii")
+    text = "\n".join(check_sha256(h, "a file in use") for h in hashes)
+    with _store_lock(store):  # whole, and not while another task is choosing what to delete
+        partial = marker.with_name(f".part{marker.name}")
+        partial.write_text(text, encoding="ascii")
+        os.replace(partial, marker)
     try:
         yield
     finally:
         marker.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _store_lock(store: Path) -> Iterator[None]:
+    """One task at a time chooses what to delete, marks what it uses, or receives (nodes may share a home)."""
+    import fcntl
+
+    with open(store / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _used(store: Path) -> set[str]:
@@ -222,10 +236,7 @@ def fetch(ray: Any, server: Any, spec: FileSpec) -> tuple[Path, Arrival]:
             os.utime(kept, ns=(time.time_ns(), info.st_mtime_ns))
             return kept, Arrival(0, True)
         kept.unlink()  # damaged since it arrived: fetched again
-    import fcntl
-
-    with open(store / ".lock", "a") as lock:  # nodes sharing a home make room and receive one at a time
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _store_lock(store):
         evicted = make_room(store, spec.size, _used(store) | {spec.sha256}, store_limit())
         require_free(store, spec.size, f"receiving {spec.relpath}", "free space on this node, or point EDGECDS_HOME elsewhere")
         return kept, Arrival(_receive(ray, server, spec, store, kept), False, evicted)
