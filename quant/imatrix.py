@@ -16,9 +16,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgecds.errors import EngineError, InvalidInputError
+
+if TYPE_CHECKING:
+    from edgecds.quant.gguf_file import GgufInfo
 
 GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
 GGML_TYPE_F32 = 0
@@ -160,7 +163,12 @@ def compute(model: Path, text: str, dataset: str, text_sha256: str, output: Path
     """The importance matrix of the float GGUF `model` over `text`, written to `output`."""
     import llama_cpp
 
-    _refuse_experts(model)
+    from edgecds.quant.gguf_file import read_gguf
+
+    info = read_gguf(model)  # read once: the expert check before, the completeness check after
+    count = info.metadata.get(f"{info.architecture}.expert_count")
+    if isinstance(count, int) and count > 0:  # refused before a minute of calibration (the run would see MUL_MAT_ID)
+        raise EngineError(experts_refusal(model.name, count))
     start = time.perf_counter()
     ops = _ggml_ops()
     collector = Collector(ops["MUL_MAT"], mul_mat_id=ops.get("MUL_MAT_ID", -1))
@@ -171,30 +179,21 @@ def compute(model: Path, text: str, dataset: str, text_sha256: str, output: Path
         n_chunks = _compute_locked(llama_cpp, model, text, dataset, collector, callback, chunk_size, max_chunks, threads, on_chunk, log)
     if collector.skipped_ops:
         raise EngineError("this model routes tokens to experts (MUL_MAT_ID): edgecds computes importance matrices for dense models only")
-    _check_complete(model, collector.stats)
+    _check_complete(info, collector.stats)
     write(output, collector.stats, [dataset], n_chunks, chunk_size)
     return ImatrixResult(str(output), dataset, text_sha256, n_chunks, chunk_size, n_chunks * chunk_size, len(collector.stats),
                          round(time.perf_counter() - start, 3))
 
 
-def _refuse_experts(model: Path) -> None:
-    """A mixture-of-experts model is refused before a minute of calibration is spent on it (the
-    run would also refuse it, on seeing MUL_MAT_ID)."""
-    from edgecds.quant.gguf_file import read_gguf
-
-    info = read_gguf(model)
-    count = info.metadata.get(f"{info.architecture}.expert_count")
-    if isinstance(count, int) and count > 0:
-        raise EngineError(f"{model.name} routes tokens to {count} experts: edgecds computes importance matrices for dense models "
-                          "only; quantize it without --imatrix")
+def experts_refusal(name: str, count: int) -> str:
+    return (f"{name} routes tokens to {count} experts: edgecds computes importance matrices for dense models only; quantize it "
+            "without --imatrix, or bring one from llama-imatrix (--imatrix FILE.gguf)")
 
 
-def _check_complete(model: Path, stats: dict[str, Stats]) -> None:
+def _check_complete(info: GgufInfo, stats: dict[str, Stats]) -> None:
     """Every matrix weight of every block got activations (a partial matrix would quietly leave
     the rest to the quantizer's defaults)."""
-    from edgecds.quant.gguf_file import read_gguf
-
-    expected = {t.name for t in read_gguf(model).tensors if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) >= 2}
+    expected = {t.name for t in info.tensors if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) >= 2}
     missing = sorted(expected - set(stats))
     if missing:
         raise EngineError(f"no activations reached {len(missing)} weight(s) ({', '.join(missing[:3])}...): "

@@ -180,8 +180,9 @@ def _refuse_experts_for_imatrix(folder: Path) -> None:
         return  # the converter says what is wrong with the folder
     experts = expert_count(config) if isinstance(config, dict) else 0
     if experts > 0:
-        raise UsageError(f"{folder.name} routes tokens to {experts} experts: edgecds computes importance matrices for dense models "
-                         "only; quantize it without --imatrix, or bring one from llama-imatrix (--imatrix FILE.gguf)")
+        from edgecds.quant.imatrix import experts_refusal
+
+        raise UsageError(experts_refusal(folder.name, experts))
 
 
 def _run_locked(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import math
 import os
 import re
 import secrets
@@ -26,7 +25,7 @@ from typing import Any
 
 from edgecds.atomic import atomic_path
 from edgecds.errors import EdgecdsError, UsageError
-from edgecds.fleet.transfer import STORE_ENV
+from edgecds.fleet.transfer import STORE_ENV, valid_gib
 from edgecds.home import HOME_ENV, edgecds_home
 
 RESOURCE_PREFIX = "edgecds-device:"  # a node's custom resource naming the device profile it is
@@ -224,7 +223,7 @@ def join_plan(address: str, device: str, num_cpus: int | None, block: bool, toke
     argv = [ray_command(), "start", f"--address={host}:{port}", f"--node-ip-address={node_ip_toward(address)}", "--disable-usage-stats"]
     env = ray_environment(address, checked)
     if store_gib is not None:
-        if not math.isfinite(store_gib) or not 0 < store_gib < 2**20:
+        if not valid_gib(store_gib):
             raise UsageError(f"--store-gib {store_gib}: expected the store's size limit in GiB, e.g. 20")
         env[STORE_ENV] = repr(store_gib)
     return StartPlan(_with_node_options(argv, device, num_cpus, block), env, device)
@@ -247,8 +246,7 @@ def check_admitted(address: str, env: dict[str, str]) -> None:
         raise EdgecdsError(f"the head at {host}:{port} did not answer in 120 s: is `edgecds fleet head` running there, and its port "
                            "open to this machine?") from None
     if run.returncode == REFUSED_TOKEN:
-        raise EdgecdsError(f"the head at {host}:{port} refused this machine: the token in {env.get('RAY_AUTH_TOKEN_PATH')} is not "
-                           "the head's. Copy the head's token file here (chmod 600), or name it with --token-file")
+        raise _refused(host, port, env.get("RAY_AUTH_TOKEN_PATH"))
     if run.returncode != 0:
         lines = [line.strip() for line in (run.stdout or run.stderr).splitlines() if line.strip() and not line.startswith("[")]
         said = lines[-1] if lines else f"exit status {run.returncode}"  # the child's message, else the last line it wrote
@@ -297,12 +295,16 @@ def connect(address: str | None, token: Path | None = None) -> Any:
                  log_to_driver=False, configure_logging=True, logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
         if _refused_token(exc, ray):  # Ray's last error says only "ConnectionError"; the one it replaced says why
-            raise EdgecdsError(f"the head at {host}:{port} refused this machine: the token in {checked} is not the head's. Copy "
-                               "the head's token file here (chmod 600), or name it with --token-file") from None
+            raise _refused(host, port, checked) from None
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise EdgecdsError(f"cannot join the Ray cluster at {host}:{port} as a driver: {first[:300]}. Is the head running "
                            "(`edgecds fleet head`)? Run fleet commands on a node of the cluster (the build machine)") from None
     return ray
+
+
+def _refused(host: str, port: int, token: object) -> EdgecdsError:
+    return EdgecdsError(f"the head at {host}:{port} refused this machine: the token in {token} is not the head's. Copy the head's "
+                        "token file here (chmod 600), or name it with --token-file")
 
 
 def _refused_token(exc: BaseException | None, ray: Any) -> bool:

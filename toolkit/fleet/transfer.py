@@ -78,6 +78,11 @@ def blobs_dir() -> Path:
     return edgecds_home() / "fleet" / "blobs"
 
 
+def valid_gib(gib: float) -> bool:
+    """A store size limit `fleet join --store-gib` and the node's tasks both accept."""
+    return 0 < gib < 2**20  # false for nan; inf is over the bound
+
+
 def store_limit() -> int | None:
     """The store's size limit in bytes ($EDGECDS_FLEET_STORE_GIB), or None: only the disk limits it."""
     text = os.environ.get(STORE_ENV, "").strip()
@@ -87,7 +92,7 @@ def store_limit() -> int | None:
         gib = float(text)
     except ValueError:
         gib = -1.0
-    if not 0 < gib < 2**20:
+    if not valid_gib(gib):
         raise InvalidInputError(f"${STORE_ENV}={text[:40]!r}: expected the store's size limit in GiB, e.g. 20")
     return int(gib * 2**30)
 
@@ -199,9 +204,9 @@ def _used(store: Path) -> set[str]:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)  # asks only whether the process exists
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
-    except (PermissionError, OverflowError):
+    except PermissionError:  # exists, another user's
         return True
     return True
 
