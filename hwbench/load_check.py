@@ -51,7 +51,11 @@ def load_and_generate(model_path: Path, prompt: str, n_tokens: int, n_ctx: int =
 def check_in_subprocess(model_path: Path, n_tokens: int = DEFAULT_TOKENS, prompt: str = CHECK_PROMPT) -> LoadCheck:
     """Run `load_and_generate` in a child process; a crash or hang becomes an EngineError."""
     cmd = [sys.executable, "-m", "edgecds.hwbench.load_check", str(model_path), "--tokens", str(n_tokens), "--prompt", prompt]
-    data = run_json_child(cmd, f"{model_path.name}: the load check (load the variant in its engine and generate; unusable if this fails)", TIMEOUT_SECONDS)
+    from edgecds.engine.cpu_paths import advice_for_exit
+
+    advice = None if model_path.is_dir() else advice_for_exit  # a folder is ONNX: not llama.cpp
+    data = run_json_child(cmd, f"{model_path.name}: the load check (load the variant in its engine and generate; unusable if this fails)",
+                          TIMEOUT_SECONDS, advice=advice)
     result = LoadCheck(**data)
     if not result.tokens:
         raise EngineError(f"{model_path.name}: loaded but generated no token")

@@ -352,6 +352,10 @@ def used_memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
 def measure_in_subprocess(model_path: Path, settings: RunSettings, workload: Workload = Workload(),
                           timeout: float = TIMEOUT_SECONDS, unified_memory: bool = False, gpu: bool = False) -> Measurement:
     """`measure_here` in a fresh child; a crash, kill or timeout becomes an EngineError naming it."""
+    if not model_path.is_dir() and settings.extra_buffers is None:  # GGUF: decided here, so the record says which path ran
+        from edgecds.engine.cpu_paths import resolve
+
+        settings = replace(settings, extra_buffers=resolve().extra_buffers)
     cmd = [sys.executable, "-m", "edgecds.hwbench.measure", str(model_path),
            "--settings", json.dumps(asdict(settings)), "--workload", json.dumps(asdict(workload))]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent())
@@ -376,7 +380,10 @@ def measure_in_subprocess(model_path: Path, settings: RunSettings, workload: Wor
     if timed_out:
         raise EngineError(f"{model_path.name}: not measured within {timeout:.0f} s (timed out, killed)")
     if code != 0:
-        raise EngineError(f"measuring failed ({exit_cause(code)}): {stderr_tail(out.get('stderr', ''))}")
+        from edgecds.engine.cpu_paths import advice_for_exit
+
+        said = "" if model_path.is_dir() else advice_for_exit(code)
+        raise EngineError(f"measuring failed ({exit_cause(code)}): {stderr_tail(out.get('stderr', ''))}" + (f"\n{said}" if said else ""))
     data = result_line(out.get("stdout", ""))
     if data is None:
         raise EngineError(f"{model_path.name}: the measuring process printed no result")

@@ -7,16 +7,15 @@ output in place, so the caller hands it a temporary name and publishes the file 
 
 from __future__ import annotations
 
-import contextlib
 import re
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgecds.atomic import write_limit_reached
+from edgecds.engine.llama_log import captured_llama_log
 from edgecds.errors import EngineError
 from edgecds.progress import Reporter, watch_file_growth
 from edgecds.quant.types import QuantType
@@ -72,31 +71,6 @@ class EngineRun:
 
 
 _FALLBACK = re.compile(r"WARNING: (\d+) of (\d+) tensor\(s\) required fallback quantization")
-
-
-@contextlib.contextmanager
-def captured_llama_log() -> Iterator[list[str]]:
-    """Collect llama.cpp's log lines instead of printing them (a line per tensor while quantizing).
-
-    llama-cpp-python's own callback maps ggml's log levels from an older enum and prints
-    warnings it means to hide; it is put back afterwards.
-    """
-    import ctypes
-
-    import llama_cpp
-    from llama_cpp import _logger
-
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback  # type: ignore[misc]
-    def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        lines.append(text.decode("utf-8", errors="replace"))
-
-    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
-    try:
-        yield lines
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 def _joined(worker: threading.Thread, timeout: float) -> bool:

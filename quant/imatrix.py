@@ -173,7 +173,7 @@ def compute(model: Path, text: str, dataset: str, text_sha256: str, output: Path
     ops = _ggml_ops()
     collector = Collector(ops["MUL_MAT"], mul_mat_id=ops.get("MUL_MAT_ID", -1))
     callback = llama_cpp.ggml_backend_sched_eval_callback(collector)  # kept referenced until the context is freed
-    from edgecds.quant.gguf_quantize import captured_llama_log
+    from edgecds.engine.llama_log import captured_llama_log
 
     with captured_llama_log() as log:  # llama.cpp's load chatter stays off the terminal; its last lines explain a failure
         n_chunks = _compute_locked(llama_cpp, model, text, dataset, collector, callback, chunk_size, max_chunks, threads, on_chunk, log)

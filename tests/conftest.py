@@ -49,9 +49,24 @@ def no_network_attempt() -> Iterator[None]:
     assert not attempts, f"network access was attempted (and blocked):\n{attempts}"
 
 
+@pytest.fixture(scope="session")
+def cpu_path_verdict(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This host's CPU-path verdict (engine/cpu_paths.py), probed once a session as a first GGUF load
+    would, and laid into every test's home, so that each test does not pay for the probe again."""
+    from edgecds.engine.cpu_paths import resolve
+
+    home = tmp_path_factory.mktemp("cpu-paths-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGECDS_HOME", str(home))
+        mp.delenv("EDGECDS_CPU_REPACK", raising=False)
+        resolve()
+    return home / "cpu-paths"
+
+
 @pytest.fixture(autouse=True)
-def isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_path_verdict: Path) -> Path:
     home = tmp_path / "edgecds-home"
+    shutil.copytree(cpu_path_verdict, home / "cpu-paths")
     monkeypatch.setenv("EDGECDS_HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")

@@ -43,7 +43,7 @@ def test_shape_from_the_real_gguf(source_gguf: Path) -> None:
 def test_equals_what_llama_cpp_allocates(f16_gguf: Path, cache: str, n_ctx: int) -> None:
     import llama_cpp
 
-    from edgecds.quant.gguf_quantize import captured_llama_log
+    from edgecds.engine.llama_log import captured_llama_log
 
     ggml_type = getattr(llama_cpp, f"GGML_TYPE_{cache.upper()}")
     with captured_llama_log() as log:
@@ -77,7 +77,7 @@ F16_LAYER = (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) * 2 + 2 * 576 * 4
 def _llama_log(path: Path, **kwargs: object) -> list[str]:
     import llama_cpp
 
-    from edgecds.quant.gguf_quantize import captured_llama_log
+    from edgecds.engine.llama_log import captured_llama_log
 
     with captured_llama_log() as log:
         llm = llama_cpp.Llama(str(path), verbose=True, **kwargs)  # type: ignore[arg-type]

@@ -104,16 +104,19 @@ def stderr_tail(stderr: str, lines: int = 6) -> str:
     return "\n".join(text[-lines:])
 
 
-def run_json_child(cmd: list[str], what: str, timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+def run_json_child(cmd: list[str], what: str, timeout: float, env: dict[str, str] | None = None,
+                   advice: Callable[[int], str] | None = None) -> dict[str, Any]:
     """Run `cmd` as a child that dies with this process and return its JSON result. A timeout,
     a crash, a non-zero exit or no result raises an EngineError that starts with `what` and
-    ends with the child's last lines on stderr."""
+    ends with the child's last lines on stderr; `advice` turns an exit code into the likely cause
+    and what to do (engine/cpu_paths.py's for a crash in llama.cpp)."""
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env, preexec_fn=die_with_parent())
     except subprocess.TimeoutExpired:
         raise EngineError(f"{what}: not done within {timeout:g} s (timed out, killed)") from None
     if proc.returncode != 0:
-        raise EngineError(f"{what}: failed ({exit_cause(proc.returncode)})\n{stderr_tail(proc.stderr)}".rstrip())
+        said = advice(proc.returncode) if advice else ""
+        raise EngineError(f"{what}: failed ({exit_cause(proc.returncode)})\n{stderr_tail(proc.stderr)}".rstrip() + (f"\n{said}" if said else ""))
     data = result_line(proc.stdout)
     if data is None:
         raise EngineError(f"{what}: the child process printed no result")

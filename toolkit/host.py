@@ -38,6 +38,7 @@ class HostInfo:
     cpu_isa: str | None = None  # one of devices.CPU_ISAS, from the CPU's flags
     cpu_mhz: float | None = None
     available_gib: float | None = None  # MemAvailable: what can be had without swapping (not MemFree)
+    cpu_features: tuple[str, ...] = ()  # the flags that change the engine's path (ENGINE_CPU_FEATURES)
 
     @property
     def cpu_gflops_fp32(self) -> float | None:
@@ -58,6 +59,29 @@ def _read(root: Path, relative: str | Path) -> str | None:
         return None
 
 
+# CPU flags that change which code path llama.cpp (and onnxruntime) takes: SIMD width, dot-product
+# instructions, AMX tiles on x86; NEON, dot product, i8mm and SVE on Arm (/proc/cpuinfo's names)
+ENGINE_CPU_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+                       "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm", "sve", "sve2")
+
+
+def _features(flags: set[str]) -> tuple[str, ...]:
+    return tuple(f for f in ENGINE_CPU_FEATURES if f in flags)
+
+
+def detect_cpu_features(root: Path = Path("/")) -> tuple[str, ...]:
+    """The engine-relevant flags of this CPU, in ENGINE_CPU_FEATURES order."""
+    return _features(_cpu_flags(_read(root.resolve(), "proc/cpuinfo") or ""))
+
+
+def _cpu_flags(cpuinfo: str) -> set[str]:
+    for line in cpuinfo.splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
 def _isa(flags: set[str]) -> str | None:
     for flag, isa in (("avx512f", "x86-avx512"), ("avx2", "x86-avx2"), ("i8mm", "arm-i8mm"), ("asimddp", "arm-dotprod")):
         if flag in flags:
@@ -65,22 +89,20 @@ def _isa(flags: set[str]) -> str | None:
     return None
 
 
-def _cpu(root: Path) -> tuple[str, int, str | None, float | None]:
+def _cpu(root: Path) -> tuple[str, int, str | None, float | None, tuple[str, ...]]:
     text = _read(root, "proc/cpuinfo")
     if text is None:
         import psutil
 
         cores = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
-        return platform.processor() or platform.machine(), cores, None, None
+        return platform.processor() or platform.machine(), cores, None, None, ()
     model, processors, cores, physical = "", 0, set(), "0"
-    flags: set[str] = set()
+    flags = _cpu_flags(text)
     mhz: float | None = None
     for line in text.splitlines():
         key, _, value = (part.strip() for part in line.partition(":"))
         if key in ("model name", "Hardware") and not model:
             model = value
-        elif key in ("flags", "Features") and not flags:
-            flags = set(value.split())
         elif key == "cpu MHz" and mhz is None:
             mhz = float(value) if value.replace(".", "", 1).isdigit() else None
         elif key == "processor":
@@ -97,7 +119,7 @@ def _cpu(root: Path) -> tuple[str, int, str | None, float | None]:
     khz = (_read(root, "sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") or "").strip()
     if khz.isdigit():
         mhz = int(khz) / 1000
-    return model, len(cores) or max(processors, 1), _isa(flags), mhz
+    return model, len(cores) or max(processors, 1), _isa(flags), mhz, _features(flags)
 
 
 def _memory_gib(root: Path) -> tuple[float, float | None]:
@@ -153,7 +175,7 @@ def _proc_gpus(root: Path) -> list[GpuInfo]:
 
 def detect_host(root: Path = Path("/")) -> HostInfo:
     root = root.resolve()  # globbed paths below come back joined to it
-    cpu_model, cores, isa, mhz = _cpu(root)
+    cpu_model, cores, isa, mhz, features = _cpu(root)
     notes = []
     jetson_model = None
     dt_model = (_read(root, "proc/device-tree/model") or "").strip("\0\n ")
@@ -170,7 +192,7 @@ def detect_host(root: Path = Path("/")) -> HostInfo:
             notes.append("NVML is not available: GPU memory was not read")
     machine = platform.machine() if root == Path("/") else ("aarch64" if jetson_model or "Arm" in cpu_model else "x86_64")
     total, available = _memory_gib(root)
-    return HostInfo(cpu_model, cores, total, machine, jetson_model, l4t, tuple(gpus), tuple(notes), isa, mhz, available)
+    return HostInfo(cpu_model, cores, total, machine, jetson_model, l4t, tuple(gpus), tuple(notes), isa, mhz, available, features)
 
 
 @dataclass(frozen=True)

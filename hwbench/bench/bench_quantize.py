@@ -48,7 +48,7 @@ def direct_convert(source: Path, out: Path, base: QuantType) -> float:
 def direct_quantize(f16: Path, out: Path, qtype: QuantType) -> float:
     import llama_cpp
 
-    from edgecds.quant.gguf_quantize import captured_llama_log
+    from edgecds.engine.llama_log import captured_llama_log
 
     params = default_params(qtype, QuantizerOptions())
     with captured_llama_log():  # both sides keep llama.cpp's per-tensor log off the terminal

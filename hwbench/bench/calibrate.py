@@ -45,7 +45,7 @@ def _child(kind: str, model: str) -> None:
     if kind == "vocab":
         from llama_cpp import Llama
 
-        from edgecds.quant.gguf_quantize import captured_llama_log
+        from edgecds.engine.llama_log import captured_llama_log
 
         with captured_llama_log():
             llm = Llama(model_path=model, vocab_only=True, verbose=False)

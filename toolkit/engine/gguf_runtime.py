@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,32 @@ def ggml_type(name: str) -> int:
     return value
 
 
+_DEFAULTS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def model_params_with(extra_buffers: bool) -> Iterator[None]:
+    """`Llama` loads with `use_extra_bufts` as given. llama-cpp-python 0.3.36 has no keyword for it:
+    `Llama.__init__` starts from `llama_model_default_params()` and loads at once, so that function
+    is wrapped for the length of one construction (under a lock: it is module state)."""
+    import llama_cpp.llama as high_level
+
+    low = high_level.llama_cpp
+    original = low.llama_model_default_params
+
+    def defaults() -> Any:
+        params = original()
+        params.use_extra_bufts = extra_buffers
+        return params
+
+    with _DEFAULTS_LOCK:
+        low.llama_model_default_params = defaults
+        try:
+            yield
+        finally:
+            low.llama_model_default_params = original
+
+
 class GgufRuntime:
     """A GGUF variant in llama.cpp: loaded through llama-cpp-python's `Llama`, evaluated through
     llama.cpp's C API (llama-cpp-python's own `eval` also copies every step's logits into a
@@ -29,9 +58,11 @@ class GgufRuntime:
     def __init__(self, path: Path, settings: EngineSettings) -> None:
         import llama_cpp
 
-        from edgecds.quant.gguf_quantize import captured_llama_log
+        from edgecds.engine.cpu_paths import resolve, weight_buffers
+        from edgecds.engine.llama_log import captured_llama_log
 
-        with captured_llama_log() as log:
+        extra = settings.extra_buffers if settings.extra_buffers is not None else resolve().extra_buffers
+        with captured_llama_log() as log, model_params_with(extra):
             try:
                 self._llm = llama_cpp.Llama(
                     model_path=str(path), n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
@@ -45,6 +76,8 @@ class GgufRuntime:
                 reason = "; ".join((said or lines)[-2:])  # llama.cpp's own words, which Python's exception lacks
                 raise EngineError(f"{path.name}: llama.cpp could not load it ({exc}){': ' + reason if reason else ''}") from None
         self._log = list(log)
+        self.extra_buffers = extra
+        self.weight_buffers = weight_buffers(self._log)  # e.g. ("CPU_REPACK", "CPU_Mapped"): where llama.cpp put the weights
         self.n_vocab = self._llm.n_vocab()
         self._n_batch, self._n_ctx = settings.n_batch, settings.n_ctx
         self._n_past = 0
