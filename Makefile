@@ -12,11 +12,25 @@ BIN    := $(VENV)/bin
 # multimodal library, tools, examples, tests and server (~140 of ~400 build steps remain).
 # Add your own, e.g. CMAKE_ARGS=-DGGML_CUDA=on, for a GPU build (and PIP_NO_CACHE_DIR=1 so pip
 # does not reuse a cached CPU wheel).
+# LLAMA_CPU=native (the default) compiles llama.cpp for this machine's CPU (-march=native): fastest
+# here, but the build may not run on another CPU. LLAMA_CPU=portable compiles for any x86-64 CPU with
+# AVX2 (no AVX-512, no AMX): what an image or a wheel copied to other machines needs (Dockerfile).
+LLAMA_CPU ?= native
+LLAMA_CPU_ARGS_native :=
+LLAMA_CPU_ARGS_portable := -DGGML_NATIVE=OFF
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF $(CMAKE_ARGS)
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF $(LLAMA_CPU_ARGS_$(LLAMA_CPU)) $(CMAKE_ARGS)
 JOBS   := $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install system-deps demo test clean
+.PHONY: install system-deps demo test clean llama-cmake-args
+
+ifeq ($(filter $(LLAMA_CPU),native portable),)
+$(error LLAMA_CPU=$(LLAMA_CPU) is not a target; known: native, portable)
+endif
+
+# what CMAKE_ARGS llama-cpp-python is built with (the Dockerfile builds its wheel with them)
+llama-cmake-args:
+	@echo $(LLAMA_CMAKE_ARGS)
 
 install: $(VENV)/.installed
 

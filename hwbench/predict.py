@@ -370,6 +370,18 @@ class Calibration:
 CALIBRATION_FILE = "calibration.json"
 
 
+def cpu_entry(features: tuple[str, ...]) -> str:
+    """The calibration file's name for CPU constants measured on a CPU with these engine-relevant
+    features (host.ENGINE_CPU_FEATURES): llama.cpp takes other kernels on another feature set."""
+    return "cpu[" + "+".join(features) + "]"
+
+
+def calibrated_for_cpu(calibration: Calibration, features: tuple[str, ...]) -> bool:
+    """Whether these constants were measured on a CPU with exactly these features."""
+    recorded = calibration.source.get("cpu_features")
+    return recorded is not None and tuple(recorded) == tuple(features)
+
+
 def load_calibrations(path: Path | None = None) -> dict[str, Calibration]:
     if path is None:
         text = resources.files("edgecds.hwbench").joinpath(CALIBRATION_FILE).read_text(encoding="utf-8")
@@ -378,13 +390,17 @@ def load_calibrations(path: Path | None = None) -> dict[str, Calibration]:
         text, where = path.read_text(encoding="utf-8"), str(path)
     try:
         data = json.loads(text)
-        return {backend: Calibration(backend=backend, **values) for backend, values in data["backends"].items()}
+        return {name: Calibration(backend=name.split("[")[0], **values) for name, values in data["backends"].items()}
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise InvalidInputError(f"{where}: not a calibration file ({exc})") from None
 
 
-def calibration_for(backend: str, calibrations: dict[str, Calibration] | None = None) -> Calibration:
+def calibration_for(backend: str, calibrations: dict[str, Calibration] | None = None,
+                    cpu_features: tuple[str, ...] | None = None) -> Calibration:
+    """The backend's constants; on a CPU whose features were calibrated (`cpu[...]` entries), those."""
     known = calibrations if calibrations is not None else load_calibrations()
+    if backend == "cpu" and cpu_features is not None and cpu_entry(cpu_features) in known:
+        return known[cpu_entry(cpu_features)]
     if backend not in known:
         raise UnknownNameError("calibrated backend", backend, list(known))
     return known[backend]
@@ -456,7 +472,8 @@ def predict_memory(info: GgufInfo, settings: RunSettings, device: DeviceProfile,
                + graph_extra_bytes(shape, settings))
     if backend == "cpu":
         return MemoryPrediction(
-            backend, weights=info.file_size, repacked=repacked_bytes(info, device.cpu_isa), kv_cache=kv,
+            # repacked copies only where llama.cpp makes them: not with its extra buffers off (engine/cpu_paths.py)
+            backend, weights=info.file_size, repacked=0 if settings.extra_buffers is False else repacked_bytes(info, device.cpu_isa), kv_cache=kv,
             compute=compute_touched_bytes(shape, settings), output=output, runtime=runtime, total_layers=shape.n_layers + 1,
         )
     # GPU backends allocate their compute buffer in full; the weights live in GPU buffers.
@@ -515,8 +532,15 @@ def predict_speed(info: GgufInfo, settings: RunSettings, device: DeviceProfile, 
                            flops_per_token=flops_per_token, calibrated=calibration.measured)
 
 
+def host_cpu_features(device: DeviceProfile) -> tuple[str, ...] | None:
+    """This machine's CPU features when `device` is this machine as detected; None for a shipped profile."""
+    from edgecds.host import detect_cpu_features
+
+    return detect_cpu_features() if device.path == "detected" else None
+
+
 def predict(info: GgufInfo, settings: RunSettings, device: DeviceProfile, calibrations: dict[str, Calibration] | None = None) -> Prediction:
-    calibration = calibration_for(device_backend(device), calibrations)
+    calibration = calibration_for(device_backend(device), calibrations, host_cpu_features(device))
     memory = predict_memory(info, settings, device, calibration)
     speed = predict_speed(info, settings, device, calibration)
     budget = int(device.budget_gib * GIB)

@@ -351,6 +351,37 @@ def test_the_runtime_compiles_a_fused_graph_once_and_reuses_it(onnx_variants: Qu
     assert "(compiled now)" in " ".join(third.engine_log())
 
 
+def test_a_compiled_graph_altered_in_the_cache_is_never_loaded(onnx_variants: QuantizeResult, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    from edgecds.digest import sha256_file
+
+    monkeypatch.setenv("EDGECDS_HOME", str(tmp_path / "home"))
+    folder = folder_of(onnx_variants, "ONNX_INT8")
+    open_runtime(folder, EngineSettings(n_ctx=256)).close()
+    path, record = _compiled_model(tmp_path / "home")
+    assert record["files"] == {"model.onnx": sha256_file(path)}  # type: ignore[comparison-overlap]
+    # a well-formed graph with weights inverted (the probe's attack): it passes every structural check
+    model = onnx.load(str(path))
+    changed = 0
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT and changed < 12:
+            init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
+            changed += 1
+    onnx.save(model, str(path))
+    assert changed == 12 and sha256_file(path) != record["files"]["model.onnx"]  # type: ignore[index]
+    again = open_runtime(folder, EngineSettings(n_ctx=256))
+    assert "(compiled now)" in " ".join(again.engine_log())
+    assert sha256_file(path) == record["files"]["model.onnx"]  # type: ignore[index]  # the same bytes as the first compile
+    again.close()
+    # the cache follows the variant's content, not its files' dates or place
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    assert "(from the cache)" in " ".join(open_runtime(copy, EngineSettings(n_ctx=256)).engine_log())
+
+
 def test_fused_fp32_runs_like_the_exported_graph_through_batches_truncation_and_decode(onnx_variants: QuantizeResult) -> None:
     folder = folder_of(onnx_variants, "ONNX_FP32")
     fused, exported = (open_runtime(folder, EngineSettings(n_ctx=512, n_batch=24, fuse_attention=f)) for f in (True, False))

@@ -303,3 +303,33 @@ def test_members_in_any_order_are_read_in_one_pass(tmp_path: Path) -> None:
             tar.add(path, arcname=f"b/{path.relative_to(bundle).as_posix()}", recursive=False)
     result = CliRunner().invoke(cli, ["verify", str(archive)])
     assert result.exit_code == 0 and "OK: 2 files" in result.output, result.output
+
+
+def _gnu_long_name_header(declared: int) -> bytes:
+    """A GNU long-name header ('L') that declares `declared` bytes of name to follow."""
+    info = tarfile.TarInfo("././@LongLink")
+    info.type = tarfile.GNUTYPE_LONGNAME
+    info.size = declared
+    return info.tobuf(format=tarfile.GNU_FORMAT)
+
+
+def test_a_long_name_header_declaring_a_gigabyte_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    import gzip
+    import resource
+
+    archive = tmp_path / "bomb.tar"
+    # the header, then 8 MiB of the "name" (zeros: a tiny gzip), far short of the 1 GiB it declares
+    archive.write_bytes(gzip.compress(_gnu_long_name_header(1 << 30) + b"\0" * (8 << 20)))
+    assert archive.stat().st_size < 64 << 10
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = CliRunner().invoke(cli, ["verify", str(archive)], catch_exceptions=False)
+    assert result.exit_code == 1 and "extended header declares 1073741824 bytes" in result.output, result.output
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 << 10  # KiB: nowhere near the declared GiB
+
+
+def test_a_long_hostile_member_name_is_cut_in_the_error(tmp_path: Path) -> None:
+    name = "b/" + "../" * 15000 + "etc/passwd"  # 45 KB: under the header bound, refused for its '..'
+    archive = _tar(tmp_path / "long.tar.gz", [_file(name, b"x")])
+    result = CliRunner().invoke(cli, ["verify", str(archive)], catch_exceptions=False)
+    assert result.exit_code == 1 and "points outside the bundle" in result.output and "(45012 characters)" in result.output
+    assert len(result.output) < 1000

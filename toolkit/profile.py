@@ -98,9 +98,12 @@ def _settings(config: ProfileConfig, device: DeviceProfile, host: HostInfo, on_t
     if n_gpu_layers != 0 and not engine_has_gpu():
         notes.append("this llama.cpp build has no GPU backend: every layer ran on the CPU (recorded as 0 GPU layers)")
         n_gpu_layers = 0
+    from edgecds.engine.cpu_paths import resolve
+
+    # GGUF weights load as this host's probe decided: the prediction leaves out repacked copies when they are not made
     return settings_for(device, config.n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, type_k=config.cache_type.lower(),
                         type_v=config.cache_type.lower(), flash_attn=config.flash_attn, prompt_tokens=config.prompt_tokens,
-                        decode_tokens=config.decode_tokens)
+                        decode_tokens=config.decode_tokens, extra_buffers=resolve().extra_buffers)
 
 
 def engine_has_gpu() -> bool:
@@ -230,10 +233,26 @@ def _prediction(path: Path, variant: VariantRecord, settings: Any, device: Devic
     info = read_gguf(path)
     prediction = predict(info, replace(settings, prompt_tokens=None, decode_tokens=1), device)
     benchmark = predict(info, settings, device)  # the speed the timed work itself should show
-    return {"peak_bytes": prediction.memory.peak_bytes, "budget_bytes": prediction.budget_bytes,
+    mismatch = _uncalibrated_cpu(device)
+    return {**({"calibrated_on": mismatch} if mismatch else {}), "peak_bytes": prediction.memory.peak_bytes, "budget_bytes": prediction.budget_bytes,
             "gpu_layers": prediction.memory.gpu_layers, "decode_tps": round(prediction.speed.decode_tps, 2),
             "benchmark_decode_tps": round(benchmark.speed.decode_tps, 2),
             "n_ctx": settings.n_ctx, "fits": prediction.fits, **({"why_not": prediction.why_not} if not prediction.fits else {})}
+
+
+def _uncalibrated_cpu(device: DeviceProfile) -> str | None:
+    """When `device` is this machine running on its CPU and no calibration was measured on a CPU
+    with its features: where the constants in use come from; else None."""
+    from edgecds.hwbench.predict import calibrated_for_cpu, calibration_for, host_cpu_features
+
+    features = host_cpu_features(device)
+    if features is None or device_backend(device) != "cpu":
+        return None
+    calibration = calibration_for("cpu", cpu_features=features)
+    if calibrated_for_cpu(calibration, features):
+        return None
+    measured_on = ", ".join(calibration.source.get("cpu_features") or ["unrecorded"])
+    return f"the constants were measured on {calibration.source.get('host', 'another host')} with {measured_on}; this CPU has {', '.join(features)}"
 
 
 def _summary(runs: list[Any], predicted: dict[str, Any]) -> Measured:
@@ -252,8 +271,9 @@ def _summary(runs: list[Any], predicted: dict[str, Any]) -> Measured:
     decode = Stat.of([m.decode_tps for m in runs])
     expected = predicted.get("benchmark_decode_tps")
     if expected and decode.median and not 1 / SPEED_FLAG_RATIO <= decode.median / expected <= SPEED_FLAG_RATIO:
-        notes.add(f"decode {decode.median:.1f} tokens/s is {decode.median / expected:.2g}x the predicted {expected:.1f}: "
-                  "disturbed, throttled, or a device unlike its profile")
+        why = (f"no calibration for this CPU ({predicted['calibrated_on']}); measure one with python -m edgecds.hwbench.bench.calibrate "
+               "MODEL.gguf --write" if predicted.get("calibrated_on") else "disturbed, throttled, or a device unlike its profile")
+        notes.add(f"decode {decode.median:.1f} tokens/s is {decode.median / expected:.2g}x the predicted {expected:.1f}: {why}")
     if disturbance.get("disturbed"):
         notes.add(f"disturbed: other processes used up to {max(others):.2f} CPU cores during the timed work "
                   f"(threshold {DISTURBED_CORES}); speeds are not trusted")

@@ -64,6 +64,8 @@ class HostFingerprint:
     l4t_release: str | None
     os: str
     versions: dict[str, str]  # edgecds, llama-cpp-python, python
+    cpu_features: list[str] = field(default_factory=list)  # the flags that change the engine's path (host.ENGINE_CPU_FEATURES)
+    llama_extra_buffers: bool | None = None  # whether llama.cpp repacks GGUF weights here (engine/cpu_paths.py); None: not known
 
     @staticmethod
     def make_id(fields: dict[str, Any]) -> str:

@@ -88,8 +88,25 @@ def fingerprint(match: HostMatch) -> HostFingerprint:
         "ram_gib": host.ram_gib, "machine": host.machine, "gpus": gpus, "gpu_driver": host.gpus[0].driver if host.gpus else None,
         "jetson": host.jetson_model, "l4t_release": host.l4t_release, "os": f"{platform.system()} {platform.release()}",
         "versions": {"edgecds": __version__, "llama_cpp_python": _llama_version(), "python": platform.python_version()},
+        "cpu_features": list(host.cpu_features), "llama_extra_buffers": _extra_buffers(),
     }
     return HostFingerprint(id=HostFingerprint.make_id(values), **values)
+
+
+def _extra_buffers() -> bool | None:
+    """This host's verdict on llama.cpp's repacked weight buffers; None without llama.cpp or when it cannot run here."""
+    import importlib.util
+
+    from edgecds.errors import EngineError
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    from edgecds.engine.cpu_paths import resolve
+
+    try:
+        return resolve().extra_buffers
+    except EngineError:
+        return None
 
 
 def _describe(match: HostMatch) -> str:

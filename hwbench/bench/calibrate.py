@@ -116,6 +116,7 @@ def calibrate(model: Path) -> dict[str, Any]:
             "host_bandwidth_gbs": round(bandwidth, 2),
             "host_bandwidth_how": "one thread summing 512 MiB with numpy, best of 5",
             "host_cpu_gflops_fp32": device.cpu_gflops_fp32,
+            "cpu_features": list(host.cpu_features),
             "llama_cpp_python": llama_cpp_version(),
             "python": platform.python_version(),
             "model": f"{model.name} ({shape.n_vocab} vocabulary entries)",
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", type=Path)
     parser.add_argument("--child", choices=("import", "vocab"), help=argparse.SUPPRESS)
     parser.add_argument("--write", type=Path, nargs="?", const=True,
-                        help="update this calibration file's 'cpu' entry (alone: hwbench/calibration.json, which the predictor reads)")
+                        help="add this CPU's entry to this calibration file (alone: hwbench/calibration.json, which the predictor reads)")
     args = parser.parse_args(argv)
     if args.child:
         _child(args.child, str(args.model))
@@ -155,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         data: dict[str, Any] = (
             json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"schema_version": 1, "backends": {}}
         )
-        data["backends"]["cpu"] = values
+        from edgecds.hwbench.predict import cpu_entry
+
+        # kept per CPU feature set; the first one measured is also the fallback for CPUs never calibrated
+        data["backends"][cpu_entry(tuple(values["source"]["cpu_features"]))] = values
+        data["backends"].setdefault("cpu", values)
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -39,6 +39,27 @@ MAX_MANIFEST_BYTES = 16 << 20
 MAX_SIGNATURE_BYTES = 64 << 10
 DISK_MARGIN = 64 << 20
 TRUSTED_KEY_ENV = "EDGECDS_TRUSTED_KEY"  # the signer a clinic device requires, when set
+# a GNU long-name/long-link or pax header is read whole into memory by tarfile: bounded before
+# that (a 1 MB gzip can declare a 1 GiB name); a bundle's longest name is well under this
+MAX_EXTENDED_HEADER = 64 << 10
+SHOWN_NAME = 160  # characters of a hostile member name echoed in an error
+
+
+def _shown(name: str) -> str:
+    """A member name as an error shows it: quoted, and cut when long (it came from the archive)."""
+    return repr(name) if len(name) <= SHOWN_NAME else repr(name[:SHOWN_NAME]) + f"... ({len(name)} characters)"
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile's header reader, refusing an extended header (GNU long name or link, pax) larger than
+    MAX_EXTENDED_HEADER before tarfile reads it into memory (`_proc_member` is where it would)."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        extended = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+        if self.type in extended and self.size > MAX_EXTENDED_HEADER:
+            raise VerifyError(f"{tarfile_.name}: an extended header declares {self.size} bytes (a name or attributes that long "
+                              "is a memory bomb); refused, nothing extracted")
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
@@ -69,12 +90,12 @@ def read_plain_file(path: Path, limit: int) -> bytes:
 def _member_path(archive: Path, m: tarfile.TarInfo) -> PurePosixPath:
     name = PurePosixPath(m.name)
     if m.name.startswith(("/", "\\")) or name.is_absolute() or ".." in name.parts or not name.parts or "\\" in m.name:
-        raise VerifyError(f"{archive}: member {m.name!r} points outside the bundle; refused, nothing extracted")
+        raise VerifyError(f"{archive}: member {_shown(m.name)} points outside the bundle; refused, nothing extracted")
     if not (m.isfile() or m.isdir()):
         kind = "link" if (m.issym() or m.islnk()) else "device or special file"
-        raise VerifyError(f"{archive}: member {m.name!r} is a {kind}; refused, nothing extracted")
+        raise VerifyError(f"{archive}: member {_shown(m.name)} is a {kind}; refused, nothing extracted")
     if m.issparse():
-        raise VerifyError(f"{archive}: member {m.name!r} is a sparse file (a size bomb); refused, nothing extracted")
+        raise VerifyError(f"{archive}: member {_shown(m.name)} is a sparse file (a size bomb); refused, nothing extracted")
     return name
 
 
@@ -100,10 +121,10 @@ def _read_headers(tar: tarfile.TarFile, archive: Path) -> tuple[list[tuple[tarfi
             raise VerifyError(f"{archive}: more than {MAX_MEMBERS} members; no bundle has that many; refused, nothing extracted")
         name = _member_path(archive, m)
         if name in seen:
-            raise VerifyError(f"{archive}: member {m.name!r} appears twice; refused, nothing extracted")
+            raise VerifyError(f"{archive}: member {_shown(m.name)} appears twice; refused, nothing extracted")
         seen.add(name)
         if len(name.parts) == 2 and name.parts[1] in (MANIFEST, SIGNATURE, ENGINE_CONFIG) and not m.isfile():
-            raise VerifyError(f"{archive}: member {m.name!r} is not a plain file; refused, nothing extracted")
+            raise VerifyError(f"{archive}: member {_shown(m.name)} is not a plain file; refused, nothing extracted")
         if m.isfile() and len(name.parts) == 2 and name.parts[1] == MANIFEST:
             if m.size > MAX_MANIFEST_BYTES:
                 raise VerifyError(f"{archive}: its {MANIFEST} is {m.size} bytes; refused, nothing extracted")
@@ -130,11 +151,11 @@ def _check_members(archive: Path, members: list[tuple[tarfile.TarInfo, PurePosix
         if not m.isfile():
             continue
         if name in folders:
-            raise VerifyError(f"{archive}: {m.name!r} is both a file and a folder; refused, nothing extracted")
+            raise VerifyError(f"{archive}: {_shown(m.name)} is both a file and a folder; refused, nothing extracted")
         relative = PurePosixPath(*name.parts[1:]).as_posix()
         if relative not in (MANIFEST, SIGNATURE) and sizes.get(relative) != m.size:
             what = "not listed in the manifest" if relative not in sizes else f"{m.size} bytes, the manifest says {sizes[relative]}"
-            raise VerifyError(f"{archive}: member {m.name!r} is {what}; refused, nothing extracted")
+            raise VerifyError(f"{archive}: member {_shown(m.name)} is {what}; refused, nothing extracted")
         total += m.size
     return tops.pop(), total
 
@@ -144,7 +165,7 @@ def _open_archive(archive: Path) -> tarfile.TarFile:
     compressors can ask for unbounded decoder memory)."""
     with open(archive, "rb") as fh:
         gzipped = fh.read(2) == b"\x1f\x8b"
-    return tarfile.open(archive, mode="r:gz" if gzipped else "r:")
+    return tarfile.open(archive, mode="r:gz" if gzipped else "r:", tarinfo=_BoundedTarInfo)
 
 
 def safe_extract(archive: Path, into: Path, reporter: Reporter | None = None) -> Path:
@@ -171,7 +192,7 @@ def safe_extract(archive: Path, into: Path, reporter: Reporter | None = None) ->
                 target.parent.mkdir(parents=True, exist_ok=True)
                 src = tar.extractfile(m)
                 if src is None:
-                    raise VerifyError(f"{archive}: member {m.name!r} cannot be read")
+                    raise VerifyError(f"{archive}: member {_shown(m.name)} cannot be read")
                 with src, open(target, "wb") as dst:
                     _copy_at_most(src, dst, m.size)
                 done += m.size

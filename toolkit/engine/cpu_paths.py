@@ -11,17 +11,15 @@ on. The verdict is kept per CPU feature set and engine build under EDGECDS_HOME,
 costs a second or two once per host, not per load.
 
 `EDGECDS_CPU_REPACK=on|off` forces a path (the default, `auto`, probes).
-Run directly: python -m edgecds.engine.cpu_paths [--extra on|off]   (the probe child)
+The probe child is engine/probe_model.py (python -m edgecds.engine.probe_model --extra on|off).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -151,7 +149,7 @@ def run_probe(extra: bool) -> ProbeRun:
     """The probe child with the extra buffers on or off."""
     from edgecds.child import die_with_parent, exit_cause
 
-    cmd = [sys.executable, "-m", "edgecds.engine.cpu_paths", "--extra", "on" if extra else "off"]
+    cmd = [sys.executable, "-m", "edgecds.engine.probe_model", "--extra", "on" if extra else "off"]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT, check=False, preexec_fn=die_with_parent())
@@ -237,43 +235,3 @@ def _remembered_extra() -> bool:
     engine = engine_build()
     verdict = _read_verdict(_cache_file(detect_cpu_features(), engine), engine)
     return True if verdict is None else verdict.extra_buffers
-
-
-def probe_child(extra: bool) -> dict[str, Any]:
-    """Child side: make the probe models, load each with the extra buffers on or off, decode."""
-    from edgecds.engine import EngineSettings
-    from edgecds.engine.gguf_runtime import GgufRuntime
-    from edgecds.engine.probe_model import write_probe_models
-
-    with tempfile.TemporaryDirectory(prefix="edgecds-cpu-probe-") as folder:
-        models = write_probe_models(Path(folder))
-        buffers: list[str] = []
-        for model in models:
-            kind = model.stem.removeprefix("probe-")
-            print(f"probe: loading {kind}", file=sys.stderr, flush=True)
-            runtime = GgufRuntime(model, EngineSettings(n_ctx=128, threads=min(os.cpu_count() or 1, 4), extra_buffers=extra))
-            print("".join(runtime.engine_log()), file=sys.stderr, flush=True)  # the buffer lines, for the parent
-            buffers += [b for b in runtime.weight_buffers if b not in buffers]
-            print(f"probe: decoding {kind}", file=sys.stderr, flush=True)
-            runtime.eval(list(range(3, 67)))  # a 64-token prompt (byte tokens), then single tokens
-            for token in (10, 20, 30, 40):
-                runtime.eval([token])
-            runtime.close()
-    return {"extra_buffers": extra, "buffers": buffers}
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from edgecds.child import emit_json
-
-    parser = argparse.ArgumentParser(description="Load a tiny quantized probe model in llama.cpp and decode (a child of edgecds).")
-    parser.add_argument("--extra", choices=("on", "off"), default="on", help="llama.cpp's extra (repacked) weight buffers")
-    args = parser.parse_args(argv)
-    emit_json(probe_child(args.extra == "on"))
-    return 0
-
-
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    sys.exit(main())

@@ -62,19 +62,22 @@ def execution_provider(settings: EngineSettings) -> str:
 
 
 def _cache_key(folder: Path) -> str:
-    """Which compiled graph belongs to this variant: its files as they stand (name, size, mtime,
-    inode), the rewrite's version and onnxruntime's. Any change to a file compiles afresh."""
+    """Which compiled graph belongs to this variant: the content of its files (sha256: the bytes a
+    bundle's manifest covers, not their names or dates), the rewrite's version and onnxruntime's."""
     import onnxruntime as ort
 
-    from edgecds.digest import cache_key
+    from edgecds.digest import cache_key, sha256_file
     from edgecds.quant.onnx_fuse import FUSION_VERSION
 
-    files = []
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.name.startswith("."):
-            st = path.stat()
-            files.append([path.name, st.st_size, st.st_mtime_ns, st.st_ino])
-    return cache_key([str(folder.resolve()), files, FUSION_VERSION, ort.__version__], length=24)
+    files = [[path.name, sha256_file(path)] for path in sorted(folder.iterdir()) if path.is_file() and not path.name.startswith(".")]
+    return cache_key([files, FUSION_VERSION, ort.__version__], length=24)
+
+
+def _compiled_files(cache: Path) -> dict[str, str]:
+    """The compiled graph's files and their sha256 (everything but the record itself)."""
+    from edgecds.digest import sha256_file
+
+    return {p.name: sha256_file(p) for p in sorted(cache.iterdir()) if p.is_file() and p.name != "fusion.json"}
 
 
 def _compile(folder: Path, cache: Path) -> None:
@@ -92,6 +95,8 @@ def _compile(folder: Path, cache: Path) -> None:
             last = " ".join(proc.stderr.strip().splitlines()[-1:])
             record = {"declined": f"the compile step failed ({exit_cause(proc.returncode)}): {last}"}
         tmp.mkdir(parents=True, exist_ok=True)  # a child that died early never made it
+        # the compiled bytes' hashes: what a later load checks before onnxruntime reads them
+        record = {**record, "files": _compiled_files(tmp)}
         (tmp / "fusion.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
 
 
@@ -120,10 +125,13 @@ def compiled_graph(folder: Path, n_ctx: int) -> tuple[Path, str]:
         return exported, f"graph as exported (context {n_ctx} is past the fused graph's rotary table of {fused.get('max_positions')})"
     try:
         check_onnx_folder(cache)
+        if _compiled_files(cache) != record.get("files"):
+            raise InvalidInputError(f"{cache}: the compiled graph's files do not hash as when they were compiled")
     except InvalidInputError:
         if how == "compiled now":
             raise
-        shutil.rmtree(cache, ignore_errors=True)  # a damaged cache entry: compile it again
+        # damaged or altered: only bytes derived from the variant and checked by hash are loaded, so compile it again
+        shutil.rmtree(cache, ignore_errors=True)
         return compiled_graph(folder, n_ctx)
     verify = fused.get("verify", {})
     return cache / MODEL_FILE, (f"graph compiled with fused attention ({how}): {fused.get('layers')} layers, {fused.get('nodes_before')} -> "

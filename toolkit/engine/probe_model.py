@@ -6,12 +6,18 @@ llama-architecture model with random weights itself (GGUF v3: header, key-values
 aligned data), then lets llama.cpp's own quantizer make the quantized types from it. The weights
 mean nothing; what matters is that every matrix has a shape llama.cpp's repacking accepts (rows of
 256, a multiple of every block and tile size), so the same code paths run as for a real model.
+
+Run directly, it is the probe child of engine/cpu_paths.py: python -m edgecds.engine.probe_model --extra on|off
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
+import signal
 import struct
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +124,42 @@ def write_probe_models(folder: Path) -> list[Path]:
             raise EngineError(f"llama.cpp could not quantize the CPU-path probe to {name}: {' '.join(log[-2:]).strip()}")
         made.append(target)
     return made
+
+
+def probe_child(extra: bool) -> dict[str, Any]:
+    """Child side: make the probe models, load each with the extra buffers on or off, decode."""
+    from edgecds.engine import EngineSettings
+    from edgecds.engine.gguf_runtime import GgufRuntime
+
+    with tempfile.TemporaryDirectory(prefix="edgecds-cpu-probe-") as folder:
+        models = write_probe_models(Path(folder))
+        buffers: list[str] = []
+        for model in models:
+            kind = model.stem.removeprefix("probe-")
+            print(f"probe: loading {kind}", file=sys.stderr, flush=True)
+            runtime = GgufRuntime(model, EngineSettings(n_ctx=128, threads=min(os.cpu_count() or 1, 4), extra_buffers=extra))
+            print("".join(runtime.engine_log()), file=sys.stderr, flush=True)  # the buffer lines, for the parent
+            buffers += [b for b in runtime.weight_buffers if b not in buffers]
+            print(f"probe: decoding {kind}", file=sys.stderr, flush=True)
+            runtime.eval(list(range(3, 67)))  # a 64-token prompt (byte tokens), then single tokens
+            for token in (10, 20, 30, 40):
+                runtime.eval([token])
+            runtime.close()
+    return {"extra_buffers": extra, "buffers": buffers}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from edgecds.child import emit_json
+
+    parser = argparse.ArgumentParser(description="Load a tiny quantized probe model in llama.cpp and decode (a child of edgecds).")
+    parser.add_argument("--extra", choices=("on", "off"), default="on", help="llama.cpp's extra (repacked) weight buffers")
+    args = parser.parse_args(argv)
+    emit_json(probe_child(args.extra == "on"))
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    sys.exit(main())
