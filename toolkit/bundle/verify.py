@@ -57,7 +57,7 @@ class _BoundedTarInfo(tarfile.TarInfo):
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         extended = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
         if self.type in extended and self.size > MAX_EXTENDED_HEADER:
-            raise VerifyError(f"{tarfile_.name}: an extended header declares {self.size} bytes (a name or attributes that long "
+            raise VerifyError(f"{tarfile_.name!s}: an extended header declares {self.size} bytes (a name or attributes that long "
                               "is a memory bomb); refused, nothing extracted")
         return super()._proc_member(tarfile_)  # type: ignore[misc]
 
