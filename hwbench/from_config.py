@@ -198,7 +198,8 @@ def _family_of(config: dict[str, Any]) -> Any:
 
 # A config is untrusted: sizes past any published model are refused before transformers builds
 # millions of modules from them, even on the meta device.
-LIMITS = {"num_hidden_layers": 1024, "num_experts": 4096, "num_local_experts": 4096, "num_attention_heads": 1024}
+LIMITS = {"num_hidden_layers": 1024, "num_experts": 4096, "num_local_experts": 4096, "num_attention_heads": 1024,
+          "num_key_value_heads": 1024, "vocab_size": 1 << 24, "hidden_size": 1 << 18, "intermediate_size": 1 << 20, "head_dim": 1 << 14}
 
 
 def hf_weights(config: dict[str, Any], family: Any) -> tuple[list[_Weight], dict[str, Any]]:
@@ -227,7 +228,7 @@ def hf_weights(config: dict[str, Any], family: Any) -> tuple[list[_Weight], dict
         hf_config = AutoConfig.for_model(model_type, **text)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config)
-    except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError, OverflowError, RuntimeError, AssertionError) as exc:
         raise InvalidInputError(f"transformers cannot build a {model_type!r} model from this config.json ({type(exc).__name__}: {exc})") from None
     weights = []
     for name, param in model.named_parameters():  # tied weights appear once, as the embedding

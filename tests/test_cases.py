@@ -62,6 +62,7 @@ def test_medqa_and_medmcqa_styles_import() -> None:
 
 @pytest.mark.parametrize("row, where", [
     ("{not json", ":1: not valid JSON"),
+    ("[" * 100_000 + "]" * 100_000, ":1: nested too deeply"),  # was a RecursionError traceback
     (dict(GOOD, answer_index=3), ":1: answer_index: 3 is out of range for 3 options"),
     (dict(GOOD, answer_index="0"), ":1: answer_index: missing or not an integer"),
     ({k: v for k, v in GOOD.items() if k != "vignette"}, ":1: vignette: missing"),

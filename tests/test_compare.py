@@ -91,3 +91,11 @@ def test_two_evaluations_of_one_name_are_told_apart(tmp_path: Path) -> None:
     assert len(set(result.evaluations)) == 2 and all("(variant " in label for label in result.evaluations)
     out = CliRunner().invoke(cli, ["compare", str(first), str(second)])
     assert out.exit_code == 0 and "#1 vs #2" in out.output
+
+
+def test_a_results_file_nested_too_deeply_is_a_clear_error(tmp_path: Path) -> None:
+    one = write_results(tmp_path / "one.json", [Spec("F16")])
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    result = CliRunner().invoke(cli, ["compare", str(one), str(deep)])
+    assert result.exit_code == 1 and "not valid JSON (RecursionError" in result.output and "Traceback" not in result.output

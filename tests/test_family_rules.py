@@ -110,7 +110,8 @@ def test_plan_from_a_config_takes_transformers_defaults_and_refuses_bad_configs_
     for bad, says in (({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 10**7}, "num_hidden_layers"),
                       ({"architectures": 5, "model_type": "bert"}, "no architecture"),
                       ("[" * 100_000, "not valid JSON"),
-                      ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_attention_heads": 0}, "num_attention_heads")):
+                      ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_attention_heads": 0}, "num_attention_heads"),
+                      ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 0}, "vocab_size is 0")):  # was torch's AssertionError
         code, out = plan(bad)
         assert code != 0 and says in out and "Traceback" not in out, out
 

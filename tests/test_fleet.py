@@ -326,6 +326,8 @@ def test_cluster_settings_keep_traffic_to_the_named_cluster() -> None:
         with pytest.raises(UsageError):
             split_address(bad)
     assert split_address("[fd00::5]:7000") == ("fd00::5", 7000) and split_address("10.0.0.5") == ("10.0.0.5", 6379)
+    code, out = invoke("fleet", "head", "--address", "127.0.0.1:18060", "--json")  # was Ray's ValueError, a traceback
+    assert code == 2 and "ports 10002-19999" in out and "Traceback" not in out
     code, out = invoke("fleet", "profile", str(ROOT), "--devices", "no-such-device", "--address", "127.0.0.1:1")
     assert code != 0 and "no-such-device" in out
 

@@ -156,6 +156,8 @@ def test_malformed_requests_get_4xx_that_echo_nothing(bundle: Path) -> None:
             (json.dumps({"messages": [{"role": "user", "content": [marker]}]}).encode(), 422),
             (json.dumps({"messages": [{"role": "user", "content": marker}], "max_tokens": "lots"}).encode(), 422),
             (json.dumps([marker]).encode(), 400),
+            (b"[" * 100_000 + marker.encode() + b"]" * 100_000, 400),  # RecursionError in json: was a 500 with a traceback
+            (b'{"messages": [{"role": "user", "content": "\\ud800 ' + marker.encode() + b'"}]}', 422),  # a lone surrogate
         ]
         for raw, expected in cases:
             code, body = _call(port, token, raw)

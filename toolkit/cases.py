@@ -214,6 +214,9 @@ def parse_cases(raw: bytes, name: str) -> CaseSet:
         except json.JSONDecodeError as exc:
             problems.add(number, "", f"not valid JSON ({exc.msg} at column {exc.colno})")
             continue
+        except RecursionError:
+            problems.add(number, "", "nested too deeply to be a case")
+            continue
         if not isinstance(data, dict):
             problems.add(number, "", "must be a JSON object")
             continue

@@ -63,12 +63,23 @@ class RequestError(Exception):
         self.status = status
 
 
+def _is_text(value: str) -> bool:
+    """Whether a JSON string is Unicode text: "\\ud800" alone parses, but no engine can encode it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_chat_request(body: bytes, cap: int) -> tuple[list[dict[str, str]], int, bool]:
     """(messages, max_tokens, stream) from a chat-completions body, or a RequestError."""
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise RequestError(400, "the request body is not valid JSON") from None
+    except RecursionError:
+        raise RequestError(400, "the request body nests too deeply") from None
     if not isinstance(data, dict):
         raise RequestError(400, "the request body must be a JSON object")
     messages = data.get("messages")
@@ -78,6 +89,8 @@ def parse_chat_request(body: bytes, cap: int) -> tuple[list[dict[str, str]], int
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
             raise RequestError(422, f"messages[{i}] must be {{'role': one of {', '.join(CHAT_ROLES)}, 'content': a string}}")
+        if not _is_text(m["content"]):
+            raise RequestError(422, f"messages[{i}].content holds an unpaired surrogate escape: not Unicode text")
         parsed.append({"role": str(m["role"]), "content": str(m["content"])})
     asked = data.get("max_tokens", data.get("max_completion_tokens"))
     if asked is not None and (not isinstance(asked, int) or isinstance(asked, bool) or asked < 1):

@@ -139,8 +139,8 @@ def read_record_file(path: Path, schema_version: int, fix: str, use: str, max_by
         raise InvalidInputError(f"{path}: larger than {max_bytes >> 20} MiB; not a {path.name} edgecds wrote")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInputError(f"{path}: not valid JSON ({exc}); {fix}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidInputError(f"{path}: not valid JSON ({type(exc).__name__}: {exc}"[:300] + f"); {fix}") from None
     if not isinstance(data, dict) or data.get("schema_version") != schema_version:
         version = data.get("schema_version") if isinstance(data, dict) else None
         raise InvalidInputError(f"{path}: schema_version {version!r} is not {schema_version}; {use}")

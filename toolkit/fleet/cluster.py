@@ -30,6 +30,7 @@ from edgecds.home import HOME_ENV, edgecds_home
 
 RESOURCE_PREFIX = "edgecds-device:"  # a node's custom resource naming the device profile it is
 DEFAULT_PORT = 6379  # Ray's own default head port
+RAY_WORKER_PORTS = range(10002, 20000)  # Ray's default --min-worker-port..--max-worker-port: a head port there clashes
 INSTALL_HINT = "the fleet needs Ray: pip install 'edgecds[fleet]'"
 # The head reads its cluster description from ~/ray_bootstrap_config.yaml (as a head Ray's
 # launcher started would); without one it asks cloud metadata servers which cloud it is on.
@@ -205,6 +206,9 @@ def head_plan(address: str, device: str | None, num_cpus: int | None, block: boo
     """`token`: the token file (default: the home's); made here when there is none yet (unless
     `make` is false: a plan only shown)."""
     host, port = split_address(address)
+    if port in RAY_WORKER_PORTS:
+        raise UsageError(f"cluster address {address!r}: Ray gives its workers ports {RAY_WORKER_PORTS.start}-{RAY_WORKER_PORTS.stop - 1}; "
+                         f"give the head a port outside them, e.g. {host}:{DEFAULT_PORT}")
     token = make_token(token_file(token)) if make else token_file(token)
     argv = [ray_command(), "start", "--head", f"--port={port}", f"--node-ip-address={host}", "--include-dashboard=false",
             "--disable-usage-stats"]
