@@ -412,3 +412,30 @@ def test_a_bundle_whose_chat_template_the_sandbox_refuses_is_a_message(onnx_bund
                                 env={**os.environ, "EDGECDS_SERVE_TOKEN": "a-token-for-the-test"})
         assert result.returncode == 1 and "chat template could not be rendered" in result.stderr, result.stderr[-1500:]
         assert "Traceback" not in result.stderr
+
+
+def test_a_token_file_must_be_a_private_file_holding_a_token(tmp_path: Path) -> None:
+    """A FIFO hung start-up, a mode-644 file was accepted and an empty one started a server nobody could use."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+
+    def serve_with(token_file: Path) -> tuple[int, str]:
+        result = CliRunner().invoke(cli, ["serve", str(bundle), "--token-file", str(token_file)])
+        return result.exit_code, result.output
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    fifo.chmod(0o600)
+    code, out = serve_with(fifo)  # returns at once: the FIFO is refused unopened
+    assert code == 2 and "is not a file" in out
+    shared = tmp_path / "shared"
+    shared.write_text("a-long-enough-token\n")
+    shared.chmod(0o644)
+    code, out = serve_with(shared)
+    assert code == 2 and "chmod 600" in out
+    for text in ("", "\n", "short\n"):
+        empty = tmp_path / "empty"
+        empty.write_text(text)
+        empty.chmod(0o600)
+        code, out = serve_with(empty)
+        assert code == 2 and "does not hold a serve token (one line of 8 or more characters)" in out, out

@@ -33,6 +33,7 @@ from edgecds.engine import CHAT_ROLES, Runtime, generate_greedy
 from edgecds.errors import EdgecdsError, UsageError
 
 TOKEN_ENV = "EDGECDS_SERVE_TOKEN"
+MIN_TOKEN_CHARS = 8
 Scope = dict[str, Any]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -272,8 +273,8 @@ async def reply(send: Send, status: int, data: dict[str, Any]) -> None:
 
 def resolve_token(config: ServeConfig) -> str:
     token = config.token or os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
-    if len(token) < 8:
-        raise UsageError("the serve token must be at least 8 characters")
+    if len(token) < MIN_TOKEN_CHARS:
+        raise UsageError(f"the serve token must be at least {MIN_TOKEN_CHARS} characters")
     return token
 
 

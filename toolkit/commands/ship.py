@@ -217,7 +217,11 @@ def serve_command(bundle: Path, host: str, port: int, token: str | None, token_f
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: binding to {host}: other machines can reach the model (the token is still required)", err=True)
     if token_file is not None:
-        token = token_file.read_text(encoding="utf-8").strip()
+        from edgecds.secret_file import read_secret
+        from edgecds.serve import MIN_TOKEN_CHARS
+
+        token = read_secret(token_file, "the serve token", "write one line of 8 or more characters there (chmod 600)",
+                            lambda text: len(text) >= MIN_TOKEN_CHARS, f"one line of {MIN_TOKEN_CHARS} or more characters")
     elif token is not None:
         click.echo("warning: --token is visible to other users in the process list; prefer --token-file or $EDGECDS_SERVE_TOKEN", err=True)
     if token is None and not os.environ.get(TOKEN_ENV):

@@ -16,7 +16,6 @@ import re
 import secrets
 import shutil
 import socket
-import stat
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from edgecds.atomic import atomic_path
 from edgecds.errors import EdgecdsError, UsageError
 from edgecds.fleet.transfer import STORE_ENV, valid_gib
 from edgecds.home import HOME_ENV, edgecds_home
+from edgecds.secret_file import read_secret
 
 RESOURCE_PREFIX = "edgecds-device:"  # a node's custom resource naming the device profile it is
 DEFAULT_PORT = 6379  # Ray's own default head port
@@ -65,27 +65,7 @@ def checked_token(path: Path) -> Path:
     The token itself is never printed, logged or recorded; only its path travels (RAY_AUTH_TOKEN_PATH)."""
     copy_hint = (f"copy the head's token file (its {Path('$EDGECDS_HOME') / 'fleet' / 'auth_token'}, made by `edgecds fleet head`) "
                  f"to this machine as {path} (chmod 600), or name it with --token-file or ${TOKEN_ENV}")
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise UsageError(f"no cluster token at {path}: {copy_hint}") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read the cluster token {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise UsageError(f"the cluster token {path} is not a file: {copy_hint}")
-    if info.st_mode & 0o077:
-        raise UsageError(f"the cluster token {path} is open to other users of this machine: run `chmod 600 {path}`")
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(1024)
-    except OSError as exc:
-        raise UsageError(f"cannot read the cluster token {path}: {exc.strerror or exc}") from None
-    try:
-        text = head.decode("ascii").split("\n")[0].strip()  # Ray reads the first line
-    except UnicodeDecodeError:
-        text = ""
-    if not TOKEN_PATTERN.fullmatch(text):
-        raise UsageError(f"{path} does not hold a cluster token (one line of 32 or more letters and digits): {copy_hint}")
+    read_secret(path, "the cluster token", copy_hint, TOKEN_PATTERN.fullmatch, "one line of 32 or more letters and digits")
     return path
 
 
