@@ -422,3 +422,18 @@ def test_a_node_s_store_stays_within_its_limit_by_deleting_the_least_recently_us
     assert code == 0 and float(json.loads(out[out.index("{"):])["env"][STORE_ENV]) == 20
     code, out = invoke("fleet", "join", "10.0.0.5:6379", "--store-gib", "nan", "--json", "--token-file", token)
     assert code == 2 and "--store-gib" in out
+
+
+def test_fleet_status_with_no_head_says_so_within_seconds() -> None:
+    """It retried past 420 s with only Ray's warnings."""
+    import socket
+    import time
+
+    make_token(token_file())
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start = time.monotonic()
+    code, out = invoke("fleet", "status", "--address", f"127.0.0.1:{port}")
+    assert code == 1 and f"no head at 127.0.0.1:{port} (nothing listens on that port)" in out, out
+    assert time.monotonic() - start < 30

@@ -216,11 +216,26 @@ def join_plan(address: str, device: str, num_cpus: int | None, block: bool, toke
 REFUSED_TOKEN = 3  # _probe_head's exit status when the head refuses the token
 
 
+HEAD_ANSWER_SECONDS = 5.0
+
+
+def require_listening_head(host: str, port: int) -> None:
+    """A TCP connect to the head's port first: where nothing listens, Ray's own clients retry for
+    minutes with only warnings, so "no head" is said here, within seconds."""
+    try:
+        socket.create_connection((host, port), timeout=HEAD_ANSWER_SECONDS).close()
+    except OSError as exc:
+        why = "nothing listens on that port" if isinstance(exc, ConnectionRefusedError) else (exc.strerror or str(exc) or "no answer")
+        raise EdgecdsError(f"no head at {host}:{port} ({why}): start one there with `edgecds fleet head`, or name the right "
+                           "--address") from None
+
+
 def check_admitted(address: str, env: dict[str, str]) -> None:
     """Ask the head whether it admits a node with the token `env` names, before `ray start` joins:
     Ray's own join waits forever on a refused token. In a child process, since Ray reads a
     process's token once."""
     host, port = split_address(address)
+    require_listening_head(host, port)
     code = "import sys; from edgecds.fleet.cluster import _probe_head; sys.exit(_probe_head(sys.argv[1]))"
     child_env = {k: v for k, v in os.environ.items() if k != TOKEN_VALUE_ENV} | env
     try:
@@ -274,6 +289,7 @@ def connect(address: str | None, token: Path | None = None) -> Any:
     ray = require_ray()
     if ray.is_initialized():
         return ray
+    require_listening_head(host, port)
     try:
         ray.init(address=f"{host}:{port}", _node_ip_address=node_ip_toward(address), include_dashboard=False,
                  log_to_driver=False, configure_logging=True, logging_level="WARNING")
