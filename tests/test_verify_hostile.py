@@ -201,15 +201,12 @@ def test_an_archive_error_names_the_archive_not_a_deleted_temporary_folder(tmp_p
 
 
 def test_a_chat_template_the_sandbox_refuses_is_a_message() -> None:
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    from edgecds.engine import template_errors
+    from edgecds.engine.chat_template import render_chat
     from edgecds.errors import EngineError
 
     hostile = "{{ ''.__class__.__mro__[1].__subclasses__() }}"  # CVE-2024-34359's way out of the template
     with pytest.raises(EngineError, match="chat template could not be rendered .*SecurityError"):
-        with template_errors():
-            ImmutableSandboxedEnvironment().from_string(hostile).render()
+        render_chat(hostile, [], "", "")
 
 
 def test_a_token_on_the_command_line_is_warned_about_and_a_token_file_is_read(tmp_path: Path) -> None:
@@ -219,6 +216,7 @@ def test_a_token_on_the_command_line_is_warned_about_and_a_token_file_is_read(tm
     assert result.exit_code == 1 and "visible to other users in the process list" in result.output
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-in-a-file\n")
+    token_file.chmod(0o600)  # a token file other users can read is refused (test_serve)
     result = CliRunner().invoke(cli, ["serve", str(bundle), "--token-file", str(token_file)])
     assert result.exit_code == 1 and "process list" not in result.output and "not listed in the manifest" in result.output
 

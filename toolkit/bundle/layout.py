@@ -29,7 +29,7 @@ SYSTEM_PROMPT = (
     "You are a clinical decision-support assistant for a qualified clinician. Suggest differential diagnoses and next steps "
     "with their reasoning. You do not diagnose; the clinician decides."
 )
-CHAT_TEMPLATE_NOTE = "the model's own, from the GGUF's tokenizer.chat_template, applied by llama-cpp-python's Jinja2 formatter"
+CHAT_TEMPLATE_NOTE = "the model's own, from the GGUF's tokenizer.chat_template, rendered in edgecds's bounded Jinja sandbox"
 
 
 class VerifyError(EdgecdsError):

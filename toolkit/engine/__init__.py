@@ -5,15 +5,15 @@ One home for what every measurement, evaluation, bundle and server asks of an en
   size of the timed work), with `DEFAULT_CTX` and `settings_for`, the settings a device runs with;
 - `Runtime`, the interface both engines implement (llama.cpp in `gguf_runtime`, onnxruntime in
   `onnx_runtime`); `edgecds.engine.factory.open_runtime` picks one by the variant's file;
-- the greedy decoding every caller shares (`greedy_token`, `generate_greedy`).
+- the greedy decoding every caller shares (`greedy_token`, `generate_greedy`);
+- the chat template, rendered for both engines in one bounded sandbox (`chat_template.render_chat`).
 
 Device side: no torch, no transformers; an engine is imported only when a runtime is opened.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -107,19 +107,6 @@ def one_turn(user_message: str, system: str | None = None) -> list[dict[str, str
 def plain_chat(messages: list[dict[str, str]]) -> str:
     """A conversation for a model that ships no chat template: the turns' texts, a blank line apart."""
     return "\n\n".join(m["content"] for m in messages)
-
-
-@contextlib.contextmanager
-def template_errors() -> Iterator[None]:
-    """A chat template is untrusted model metadata, rendered in Jinja's sandbox: what the sandbox
-    refuses, or a template that fails, is an error naming the template, not a traceback."""
-    from jinja2 import TemplateError
-
-    try:
-        yield
-    except TemplateError as exc:  # SecurityError is a TemplateError
-        raise EngineError(f"the model's chat template could not be rendered ({type(exc).__name__}: the sandbox refused it or it "
-                          "is broken); this model cannot be used for chat as shipped") from None
 
 
 def greedy_token(runtime: Runtime) -> int:

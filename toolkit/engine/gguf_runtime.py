@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgecds.engine import EngineSettings, check_room, one_turn, plain_chat, template_errors
+from edgecds.engine import EngineSettings, check_room, one_turn, plain_chat
 from edgecds.errors import EngineError, UsageError
 
 
@@ -89,18 +89,16 @@ class GgufRuntime:
         return self.chat_messages(one_turn(user_message, system))
 
     def chat_messages(self, messages: list[dict[str, str]]) -> str:
-        """The conversation in the model's own chat template (from the GGUF), ready for the reply;
-        llama-cpp-python renders it in Jinja's immutable sandbox (the template is untrusted)."""
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        """The conversation in the model's own chat template (from the GGUF), ready for the reply,
+        rendered in the sandbox every caller shares (engine/chat_template.py)."""
+        from edgecds.engine.chat_template import render_chat
 
         template = self._llm.metadata.get("tokenizer.chat_template")
         if not template:
             return plain_chat(messages)
         llm = self._llm
-        formatter = Jinja2ChatFormatter(template=template, eos_token=llm.detokenize([llm.token_eos()]).decode(errors="replace"),
-                                        bos_token=llm.detokenize([llm.token_bos()]).decode(errors="replace"))
-        with template_errors():
-            return str(formatter(messages=list(messages)).prompt)  # type: ignore[arg-type]
+        return render_chat(template, messages, bos_token=llm.detokenize([llm.token_bos()]).decode(errors="replace"),
+                           eos_token=llm.detokenize([llm.token_eos()]).decode(errors="replace"))
 
     def reset(self) -> None:
         import llama_cpp

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgecds.engine import EngineSettings, check_room, one_turn, plain_chat, template_errors
+from edgecds.engine import EngineSettings, check_room, one_turn, plain_chat
 from edgecds.errors import EngineError, InvalidInputError, UsageError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -236,15 +236,12 @@ class OnnxRuntime:
         return self.chat_messages(one_turn(user_message, system))
 
     def chat_messages(self, messages: list[dict[str, str]]) -> str:
-        """The model's own chat template, rendered in a sandbox: the template is untrusted input."""
+        """The model's own chat template, rendered in the sandbox every caller shares (engine/chat_template.py)."""
+        from edgecds.engine.chat_template import render_chat
+
         if not self._template:
             return plain_chat(messages)
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        with template_errors():
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            return env.from_string(self._template).render(messages=list(messages), add_generation_prompt=True,
-                                                          bos_token=self._bos_text or "", eos_token=self._eos_text or "")
+        return render_chat(self._template, messages, bos_token=self._bos_text or "", eos_token=self._eos_text or "")
 
     def is_end(self, token: int) -> bool:
         return token in self._end_ids

@@ -79,8 +79,8 @@ def _tensors(n_vocab: int) -> dict[str, Any]:
     return tensors
 
 
-def write_float_probe(path: Path) -> None:
-    """The probe model in F32."""
+def write_float_probe(path: Path, extra_keys: dict[str, Any] | None = None) -> None:
+    """The probe model in F32; `extra_keys`: more metadata (a test's chat template)."""
     vocab = _vocabulary()
     n_vocab = len(vocab["tokenizer.ggml.tokens"])
     keys: dict[str, Any] = {
@@ -88,7 +88,7 @@ def write_float_probe(path: Path) -> None:
         "llama.context_length": 256, "llama.embedding_length": N_EMBD, "llama.block_count": N_LAYER,
         "llama.feed_forward_length": N_FF, "llama.attention.head_count": N_HEAD, "llama.attention.head_count_kv": N_HEAD,
         "llama.rope.dimension_count": N_EMBD // N_HEAD, "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.vocab_size": n_vocab,
-        **vocab,
+        **vocab, **(extra_keys or {}),
     }
     tensors = _tensors(n_vocab)
     head = struct.pack("<4sIQQ", b"GGUF", 3, len(tensors), len(keys))

@@ -1,0 +1,89 @@
+"""The one chat-template renderer (engine/chat_template.py): Hugging Face's conventions, inside a
+sandbox with a time, size and depth bound. A template is untrusted model metadata."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from edgecds.engine.chat_template import RENDER_SECONDS, render_chat
+from edgecds.errors import EngineError
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+TURN = [{"role": "user", "content": "Chest pain radiating to the left arm?"}]
+
+
+def test_a_real_template_renders_as_hugging_face_renders_it() -> None:
+    assert render_chat(CHATML, TURN, "<s>", "</s>") == (
+        "<|im_start|>user\nChest pain radiating to the left arm?<|im_end|>\n<|im_start|>assistant\n")
+    # the conventions templates rely on: loop controls, tojson as json.dumps, the generation tag, raise_exception
+    template = ("{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m | tojson }}{% endfor %}"
+                "{% generation %}!{% endgeneration %}")
+    assert render_chat(template, TURN * 2, "", "") == '{"role": "user", "content": "Chest pain radiating to the left arm?"}!'
+    with pytest.raises(EngineError, match="could not be rendered"):
+        render_chat("{{ raise_exception('only user and assistant roles') }}", TURN, "", "")
+
+
+@pytest.mark.parametrize(("template", "says"), [
+    # the probe's bomb: two nested loops of 99,999 when the content holds a word (held serve forever)
+    ("{% if 'pain' in messages[0]['content'] %}{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
+     "{% endif %}", "more than"),
+    ("{{ 'a' * 10**11 }}", "repetition"),  # was a MemoryError traceback
+    ("{{ [0] * 10**9 }}", "repetition"),
+    ("{{ 7 ** 100000000 }}", "exponent"),  # a number of 85 million digits
+    ("{% for i in range(99999) %}{{ 'x' * 1000 }}{% endfor %}", "characters"),  # 100 MB of prompt
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),  # was a RecursionError traceback
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+])
+def test_a_template_that_would_not_end_or_would_fill_memory_is_stopped_with_a_message(template: str, says: str) -> None:
+    start = time.monotonic()
+    with pytest.raises(EngineError, match="chat template") as caught:
+        render_chat(template, TURN, "", "")
+    assert says in str(caught.value) and "Chest pain" not in str(caught.value)  # names the template, never the conversation
+    assert time.monotonic() - start < RENDER_SECONDS + 3
+
+
+def test_the_time_bound_leaves_the_caller_s_tracer_in_place() -> None:
+    import sys
+
+    seen: list[str] = []
+
+    def tracer(frame: object, event: str, arg: object) -> None:
+        seen.append(event)
+
+    sys.settrace(tracer)  # type: ignore[arg-type]
+    try:
+        render_chat(CHATML, TURN, "", "")
+        assert sys.gettrace() is tracer
+    finally:
+        sys.settrace(None)
+
+
+def test_both_engines_render_through_the_bounded_sandbox(tmp_path: Path) -> None:
+    """A GGUF whose own template is the probe's loop bomb: chat_messages answers with an error in
+    seconds (serve held a slot forever, and the next request with it)."""
+    from edgecds.engine import EngineSettings
+    from edgecds.engine.gguf_runtime import GgufRuntime
+    from edgecds.engine.probe_model import write_float_probe
+
+    bomb = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
+    path = tmp_path / "bomb.gguf"
+    write_float_probe(path, {"tokenizer.chat_template": bomb})
+    runtime = GgufRuntime(path, EngineSettings(n_ctx=64))
+    try:
+        start = time.monotonic()
+        with pytest.raises(EngineError, match="ran into a bound"):
+            runtime.chat_messages(TURN)
+        assert time.monotonic() - start < RENDER_SECONDS + 3
+    finally:
+        runtime.close()
+    ours = tmp_path / "chatml.gguf"
+    write_float_probe(ours, {"tokenizer.chat_template": CHATML})
+    runtime = GgufRuntime(ours, EngineSettings(n_ctx=64))
+    try:
+        assert runtime.chat_messages(TURN) == render_chat(CHATML, TURN, "<s>", "</s>")
+    finally:
+        runtime.close()
