@@ -285,18 +285,21 @@ class Imatrix:
     chunk_size: int
 
 
-def read(path: Path) -> Imatrix:
-    """An imatrix GGUF file (ours or llama-imatrix's), checked as untrusted input."""
+def read(path: Path, shown: Path | None = None) -> Imatrix:
+    """An imatrix GGUF file (ours or llama-imatrix's), checked as untrusted input; errors name
+    `shown` (the user's file, when `path` is a copy of it) or `path`."""
     import gguf
     import numpy as np
+
+    name = shown or path
 
     try:
         reader = gguf.GGUFReader(str(path))
     except (ValueError, OSError, IndexError, KeyError) as exc:
-        raise InvalidInputError(f"{path}: not an importance-matrix GGUF ({exc})") from None
+        raise InvalidInputError(f"{name}: not an importance-matrix GGUF ({exc})") from None
     fields = {f.name: f for f in reader.fields.values()}
     if "imatrix.chunk_count" not in fields:
-        raise InvalidInputError(f"{path}: no imatrix.chunk_count: not llama.cpp's imatrix format (the legacy .dat format is not read)")
+        raise InvalidInputError(f"{name}: no imatrix.chunk_count: not llama.cpp's imatrix format (the legacy .dat format is not read)")
     tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
     values: dict[str, Any] = {}
     for name, sums in tensors.items():
@@ -305,12 +308,12 @@ def read(path: Path) -> Imatrix:
         weight = name[: -len(".in_sum2")]
         counts = tensors.get(f"{weight}.counts")
         if counts is None or counts.size == 0 or sums.size % counts.size:  # llama.cpp drops the matrix axis of a dense weight
-            raise InvalidInputError(f"{path}: {weight} has sums without matching counts")
+            raise InvalidInputError(f"{name}: {weight} has sums without matching counts")
         sums = sums.reshape(counts.size, -1)
         per = counts.reshape(-1, 1)
         values[weight] = np.where(per > 0, sums / np.where(per > 0, per, 1), 1.0).astype(np.float32).reshape(-1)
     if not values:
-        raise InvalidInputError(f"{path}: holds no importance values")
+        raise InvalidInputError(f"{name}: holds no importance values")
     datasets = [bytes(fields["imatrix.datasets"].parts[i]).decode(errors="replace") for i in fields["imatrix.datasets"].data] \
         if "imatrix.datasets" in fields else []
     return Imatrix(values, datasets, int(fields["imatrix.chunk_count"].parts[-1][0]),

@@ -158,10 +158,12 @@ def test_a_matrix_for_another_model_or_a_damaged_one_is_refused_with_a_message(f
     imatrix.write(wrong, {"blk.0.attn_q.weight": imatrix.Stats(np.ones((1, 960)), 10)}, ["other.txt"], 1, 512)
     code, out = invoke("quantize", str(f16), "--types", "Q4_K_M", "--imatrix", str(wrong), "-o", str(tmp_path / "o1"))
     assert code == 1 and "computed for another model" in out
+    assert not list((tmp_path / "o1").glob("*imatrix*"))  # the rejected matrix was left copied there, and named as the copy
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\xff" * 64)
     code, out = invoke("quantize", str(f16), "--types", "Q4_K_M", "--imatrix", str(broken), "-o", str(tmp_path / "o2"))
-    assert code == 1 and "importance-matrix" in out
+    assert code == 1 and "importance-matrix" in out and f"{broken}: not an importance-matrix GGUF" in out
+    assert not list((tmp_path / "o2").glob("*imatrix*"))
     binary = tmp_path / "notes.txt"
     binary.write_bytes(b"\xff\xfe clinical")
     code, out = invoke("quantize", str(f16), "--types", "Q4_K_M", "--imatrix", str(binary), "-o", str(tmp_path / "o3"))

@@ -231,6 +231,41 @@ def test_stalled_clients_do_not_hold_the_server(bundle: Path) -> None:
     assert stalled == ["HTTP/1.1 408 Request Timeout"] * 6, stalled
 
 
+def test_slow_unauthenticated_clients_do_not_take_every_connection(bundle: Path) -> None:
+    """40 sockets with no token, one header byte a second: on the landed server every request got
+    503 until they gave up (uvicorn has no deadline on headers). Here each is closed after
+    --body-timeout, and a request that comes after that is answered."""
+    proc, port, token = start_server(bundle, 1, 1, 8, "--body-timeout", "2")
+    sockets = []
+    closed = []
+    try:
+        for _ in range(40):
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            s.sendall(b"P")
+            sockets.append(s)
+        for _ in range(4):
+            time.sleep(1)
+            for s in sockets:
+                try:
+                    s.sendall(b"O")  # one more byte of the request line, never a whole header
+                except OSError:
+                    pass
+        time.sleep(1)
+        code, _ = _call(port, token, _chat("Hi", max_tokens=4), timeout=30)
+        assert code == 200
+        for s in sockets:
+            s.settimeout(5)
+            try:
+                closed.append(s.recv(100) == b"")  # the server closed it: end of stream
+            except OSError:
+                closed.append(True)  # reset by the server
+    finally:
+        for s in sockets:
+            s.close()
+        _stop(proc)
+    assert all(closed) and len(closed) == 40
+
+
 def test_streaming_answers_in_pieces_for_both_formats(bundle: Path, onnx_bundle: Path) -> None:
     for folder in (bundle, onnx_bundle):
         proc, port, token = start_server(folder, 1, 1, 12)

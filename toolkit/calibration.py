@@ -111,11 +111,14 @@ def prepare(options: ImatrixOptions, model: Path, model_sha: str, out: Path, nam
             matrix = imatrix.read(target)
             return Prepared(matrix, target, earlier)
     if brings_matrix(options):
-        if not (target.exists() and os.path.samefile(options.text, target)):
-            with atomic_path(target) as temp:
+        if target.exists() and os.path.samefile(options.text, target):
+            matrix = imatrix.read(target)
+            check_fits(matrix, model)
+        else:
+            with atomic_path(target) as temp:  # the copy is what is checked and used; published only once it passed
                 shutil.copyfile(options.text, temp)
-        matrix = imatrix.read(target)  # the copy is what is checked and used
-        check_fits(matrix, model)
+                matrix = imatrix.read(temp, shown=Path(options.text))
+                check_fits(matrix, model)
         provenance = {"dataset": matrix.datasets[0] if matrix.datasets else "", "text_sha256": None, "chunks": matrix.chunks,
                       "chunk_size": matrix.chunk_size, "tokens": matrix.chunks * matrix.chunk_size, "entries": len(matrix.values),
                       "computed_by": "llama-imatrix (brought by the user)"}

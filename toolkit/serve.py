@@ -50,7 +50,7 @@ class ServeConfig:
     queue: int = 4  # requests waiting beyond those; more get 503
     max_tokens: int | None = None  # cap on each answer's tokens (default: the bundle's)
     max_body_bytes: int = 256 * 1024
-    body_seconds: float = 10.0  # time a client has to send its request body
+    body_seconds: float = 10.0  # time a client has to send its request headers, and then its body
     request_seconds: float = 120.0  # time a request may take, waiting included; then generation stops
     verify: bool = True
     trusted_key: str | None = None  # the signer the bundle must carry (default: EDGECDS_TRUSTED_KEY)
@@ -296,11 +296,56 @@ def make_app(config: ServeConfig) -> tuple[ChatServer, str]:
     return ChatServer(models, config.bundle.name, token, config, config.max_tokens or engine.max_tokens), token
 
 
+def header_deadline_protocol(seconds: float) -> type:
+    """uvicorn's HTTP/1.1 protocol with a deadline on a request's headers: uvicorn has none, so 30
+    unauthenticated sockets sending a byte every 10 s held every connection the server allows (the
+    token is read from the headers, so it cannot turn them away sooner). A connection whose
+    request line and headers are not complete `seconds` after it opened, or after its last
+    answer, is closed."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._waiting_after = self.cycle  # the cycle a new request's headers would replace
+            self._deadline: Any = self.loop.call_later(seconds, self._too_slow)
+
+        def _disarm(self) -> None:
+            if getattr(self, "_deadline", None) is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _too_slow(self) -> None:
+            self._deadline = None
+            if self.cycle is self._waiting_after and not self.transport.is_closing():
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not self._waiting_after:  # a request's headers arrived
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            self._arm()  # the next request on this connection gets the same time (pipelined ones disarm it at once)
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadline
+
+
 def serve(config: ServeConfig) -> None:
     import uvicorn
 
     app, _ = make_app(config)
     # access_log off and warnings only: prompts and answers never reach a log. The connection limit
-    # bounds what stalled clients can hold; each gets body_seconds to send its body.
+    # bounds what stalled clients can hold; each gets body_seconds to send its headers, and again its body.
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False, lifespan="off",
-                limit_concurrency=4 * (config.slots + config.queue) + 8, timeout_keep_alive=5)
+                limit_concurrency=4 * (config.slots + config.queue) + 8, timeout_keep_alive=5,
+                http=header_deadline_protocol(config.body_seconds))

@@ -196,7 +196,7 @@ def run_command(bundle: Path, prompt: str | None, max_tokens: int | None, no_ver
 @click.option("--timeout", "request_seconds", type=click.FloatRange(min=0.1), default=120, show_default=True,
               help="Seconds a request may take, waiting included; then its generation is stopped (504).")
 @click.option("--body-timeout", "body_seconds", type=click.FloatRange(min=0.1), default=10, show_default=True,
-              help="Seconds a client has to send its request body (408 after).")
+              help="Seconds a client has to send its request headers (the connection is closed after) and then its body (408 after).")
 @click.option("--no-verify", is_flag=True, help="Skip checking the bundle against its manifest at start.")
 @click.option("--key", "trusted_key", help="The signer's public key (hex); the bundle must be signed by it.  [default: $EDGECDS_TRUSTED_KEY]")
 def serve_command(bundle: Path, host: str, port: int, token: str | None, token_file: Path | None, slots: int, queue: int,
