@@ -291,15 +291,15 @@ def read(path: Path, shown: Path | None = None) -> Imatrix:
     import gguf
     import numpy as np
 
-    name = shown or path
+    where = shown or path
 
     try:
         reader = gguf.GGUFReader(str(path))
     except (ValueError, OSError, IndexError, KeyError) as exc:
-        raise InvalidInputError(f"{name}: not an importance-matrix GGUF ({exc})") from None
+        raise InvalidInputError(f"{where}: not an importance-matrix GGUF ({exc})") from None
     fields = {f.name: f for f in reader.fields.values()}
     if "imatrix.chunk_count" not in fields:
-        raise InvalidInputError(f"{name}: no imatrix.chunk_count: not llama.cpp's imatrix format (the legacy .dat format is not read)")
+        raise InvalidInputError(f"{where}: no imatrix.chunk_count: not llama.cpp's imatrix format (the legacy .dat format is not read)")
     tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
     values: dict[str, Any] = {}
     for name, sums in tensors.items():
@@ -308,12 +308,12 @@ def read(path: Path, shown: Path | None = None) -> Imatrix:
         weight = name[: -len(".in_sum2")]
         counts = tensors.get(f"{weight}.counts")
         if counts is None or counts.size == 0 or sums.size % counts.size:  # llama.cpp drops the matrix axis of a dense weight
-            raise InvalidInputError(f"{name}: {weight} has sums without matching counts")
+            raise InvalidInputError(f"{where}: {weight} has sums without matching counts")
         sums = sums.reshape(counts.size, -1)
         per = counts.reshape(-1, 1)
         values[weight] = np.where(per > 0, sums / np.where(per > 0, per, 1), 1.0).astype(np.float32).reshape(-1)
     if not values:
-        raise InvalidInputError(f"{name}: holds no importance values")
+        raise InvalidInputError(f"{where}: holds no importance values")
     datasets = [bytes(fields["imatrix.datasets"].parts[i]).decode(errors="replace") for i in fields["imatrix.datasets"].data] \
         if "imatrix.datasets" in fields else []
     return Imatrix(values, datasets, int(fields["imatrix.chunk_count"].parts[-1][0]),
