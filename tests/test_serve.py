@@ -266,6 +266,25 @@ def test_slow_unauthenticated_clients_do_not_take_every_connection(bundle: Path)
     assert all(closed) and len(closed) == 40
 
 
+def test_a_client_that_leaves_mid_answer_frees_its_slot(bundle: Path) -> None:
+    """The landed server went on generating for a client who had gone (12-21 s of a slot)."""
+    proc, port, token = start_server(bundle, 1, 1, 2000)
+    try:
+        body = json.dumps(_chat(ESSAY, max_tokens=2000)).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            time.sleep(1.0)  # generating by now; then the client leaves
+        start = time.monotonic()
+        code, answer = _call(port, token, _chat("Hi", max_tokens=4), timeout=60)
+        waited = time.monotonic() - start
+        assert code == 200
+        # the essay (about 1,000 tokens at this context) would hold the only slot for far longer
+        assert waited < 6, waited
+    finally:
+        _stop(proc)
+
+
 def test_streaming_answers_in_pieces_for_both_formats(bundle: Path, onnx_bundle: Path) -> None:
     for folder in (bundle, onnx_bundle):
         proc, port, token = start_server(folder, 1, 1, 12)
