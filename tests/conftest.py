@@ -63,15 +63,22 @@ def cpu_path_verdict(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home / "cpu-paths"
 
 
+ORT_TELEMETRY = Path(".cache") / "Microsoft" / "DeveloperTools" / ".onnxruntime"  # onnxruntime's device id and events database
+
+
 @pytest.fixture(autouse=True)
-def isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_path_verdict: Path) -> Path:
+def isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_path_verdict: Path) -> Iterator[Path]:
+    """Every test has its own EDGECDS_HOME and HOME; after it, the HOME must hold no trace of
+    onnxruntime's telemetry, whichever process of the test (build side included) loaded it."""
     home = tmp_path / "edgecds-home"
     shutil.copytree(cpu_path_verdict, home / "cpu-paths")
     monkeypatch.setenv("EDGECDS_HOME", str(home))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    return home
+    yield home
+    assert not (tmp_path / "home" / ORT_TELEMETRY).exists(), "onnxruntime's telemetry folder was created: a process loaded it unswitched"
 
 
 @pytest.fixture(scope="session")

@@ -181,6 +181,7 @@ def test_a_required_signature_is_required_by_run_and_serve(tmp_path: Path, monke
     key = "ab" * 32
     for args in (["run", str(bundle), "-p", "hello", "--key", key], ["serve", str(bundle), "--key", key, "--token-file", str(tmp_path / "t")]):
         (tmp_path / "t").write_text("a-long-enough-token")
+        (tmp_path / "t").chmod(0o600)  # a token file others can read is refused (test_serve)
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 1 and "the bundle is not signed" in result.output, result.output
     monkeypatch.setenv("EDGECDS_TRUSTED_KEY", key)  # the device's policy, without a flag

@@ -123,6 +123,8 @@ def ray_environment(address: str, token: Path) -> dict[str, str]:
            # Ray posts a "usage stats are disabled" notice to its server even when they are; to nowhere
            "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           # a Ray worker that imported onnxruntime before edgecds would otherwise start its telemetry
+           "ORT_DISABLE_TELEMETRY": "1",
            # Ray refuses to create any object once the disk is 95% used, even the 16 MiB chunks that
            # only pass through memory; edgecds checks the free space a received file needs itself
            # (transfer.fetch), so a nearly full build machine still serves its files
