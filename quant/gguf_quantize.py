@@ -17,8 +17,8 @@ from typing import Any
 from edgecds.atomic import write_limit_reached
 from edgecds.engine.llama_log import captured_llama_log
 from edgecds.errors import EngineError
+from edgecds.formats.types import QuantType
 from edgecds.progress import Reporter, watch_file_growth
-from edgecds.quant.types import QuantType
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecds.errors import InvalidInputError
-from edgecds.quant.gguf_file import GgufInfo
+from edgecds.formats.gguf_file import GgufInfo
 
 # GGUF token types (llama.cpp's llama_token_type): 3 = control, 4 = user-defined.
 _SPECIAL_TOKEN_TYPES = (3, 4)

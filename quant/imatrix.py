@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from edgecds.errors import EngineError, InvalidInputError
 
 if TYPE_CHECKING:
-    from edgecds.quant.gguf_file import GgufInfo
+    from edgecds.formats.gguf_file import GgufInfo
 
 GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
 GGML_TYPE_F32 = 0
@@ -163,7 +163,7 @@ def compute(model: Path, text: str, dataset: str, text_sha256: str, output: Path
     """The importance matrix of the float GGUF `model` over `text`, written to `output`."""
     import llama_cpp
 
-    from edgecds.quant.gguf_file import read_gguf
+    from edgecds.formats.gguf_file import read_gguf
 
     info = read_gguf(model)  # read once: the expert check before, the completeness check after
     count = info.metadata.get(f"{info.architecture}.expert_count")

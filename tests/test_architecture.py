@@ -111,7 +111,7 @@ def _edges(found: list[Import], known: dict[str, Path]) -> dict[str, set[str]]:
 def test_the_walk_sees_every_kind_of_import() -> None:
     """The checker itself: a circle hidden inside functions and a private import are found."""
     known = modules()
-    assert {"edgecds.cli", "edgecds.engine", "edgecds.engine.factory", "edgecds.quant.types", "edgecds.hwbench.measure"} <= known.keys()
+    assert {"edgecds.cli", "edgecds.engine", "edgecds.engine.factory", "edgecds.formats.types", "edgecds.hwbench.measure"} <= known.keys()
     found = imports(known)
     # in-function imports are walked: the factory opens the engines only inside open_runtime
     assert any(i.importer == "edgecds.engine.factory" and i.module == "edgecds.engine.gguf_runtime" for i in found)
@@ -141,3 +141,35 @@ def test_no_function_is_longer_than_sixty_lines() -> None:
                 if n > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({n} lines)")
     assert long == []
+
+
+BUILD_SIDE = "edgecds.quant"  # quant/: converters, quantizers, importance matrix, zoo, ONNX export
+COMMANDS = ("edgecds.cli", "edgecds.commands")  # the thin CLI layer hands build commands to the build side
+BENCHMARKS = "edgecds.hwbench.bench"  # development scripts over both sides, not installed
+
+
+def is_build_side(module: str) -> bool:
+    return module == BUILD_SIDE or module.startswith(BUILD_SIDE + ".")
+
+
+def test_device_modules_import_nothing_of_the_build_side() -> None:
+    """The wall the README promises, held by module path (deferred imports included): a device
+    install never needs torch, transformers or the converter for what its own modules do."""
+    known = modules()
+    device = [m for m in known if not is_build_side(m) and not m.startswith((*COMMANDS, BENCHMARKS))]
+    assert "edgecds.engine.onnx_fuse" in device and "edgecds.formats.types" in device and "edgecds.quant.quantize" in known
+    crossing = [f"{i.importer}:{i.line} imports {i.module}" for i in imports(known)
+                if i.importer in device and is_build_side(i.module)]
+    assert crossing == []
+
+
+def test_the_benchmarks_are_not_in_the_installed_package() -> None:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert not [p for p in packages if "bench" in p.split(".")]
+    used = [f"{i.importer}:{i.line}" for i in imports(modules()) if i.module.startswith(BENCHMARKS) and not i.importer.startswith(BENCHMARKS)]
+    assert used == []

@@ -19,7 +19,7 @@ from edgecds.bundle.layout import BundleEngineConfig, VerifyError
 from edgecds.bundle.run import run_prompt
 from edgecds.bundle.verify import safe_extract, verify_bundle
 from edgecds.cli import cli
-from edgecds.quantize import QuantizeResult
+from edgecds.quant.quantize import QuantizeResult
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -175,7 +175,7 @@ def test_doctor_runs_the_same_probe_and_says_which_path_works(fresh_home: Path) 
 
 
 def test_the_probe_covers_every_type_llama_cpp_repacks(probe_models: dict[str, Path]) -> None:
-    from edgecds.quant.gguf_file import read_gguf
+    from edgecds.formats.gguf_file import read_gguf
 
     types = {t.type_name for path in probe_models.values() for t in read_gguf(path).tensors}
     assert {"Q8_0", "Q4_K", "Q6_K", "Q4_0"} <= types and set(PROBE_TYPES) == set(probe_models)

@@ -21,7 +21,7 @@ from edgecds.engine import EngineSettings
 from edgecds.engine.gguf_runtime import GgufRuntime
 from edgecds.errors import UsageError
 from edgecds.evaluate import EvalConfig, Reply, Sampling, grade_reply, option_logprobs, run_eval
-from edgecds.quantize import QuantizeResult
+from edgecds.quant.quantize import QuantizeResult
 from edgecds.results import RESULTS_FILE, load_results
 from edgecds.stats import cohen_kappa, pass_at_k
 

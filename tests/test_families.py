@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from edgecds.quant.types import parse_type_list
+from edgecds.formats.types import parse_type_list
+from edgecds.quant.quantize import QuantizeConfig, QuantizeResult, run_quantize
 from edgecds.quant.zoo import FAMILIES, NOT_COVERED, Family, build
-from edgecds.quantize import QuantizeConfig, QuantizeResult, run_quantize
 
 TYPES = "F16,Q8_0,Q4_K_M,Q2_K"
 FAMILY_IDS = [f.name for f in FAMILIES]
@@ -49,7 +49,7 @@ def _variant(result: QuantizeResult, qtype: str) -> Path:
 
 @pytest.mark.parametrize("name", FAMILY_IDS)
 def test_family_converts_quantizes_and_generates(zoo: Any, name: str) -> None:
-    from edgecds.quant.gguf_file import read_gguf
+    from edgecds.formats.gguf_file import read_gguf
     from edgecds.quant.zoo import find_family
 
     family = find_family(name)
@@ -97,8 +97,8 @@ def test_f16_logits_match_transformers(zoo: Any, name: str, tmp_path: Path) -> N
 def _without_rope_scaling(folder: Path, tmp_path: Path) -> tuple[Path, Path]:
     import shutil
 
+    from edgecds.formats.types import quant_type
     from edgecds.quant.gguf_convert import converter_command
-    from edgecds.quant.types import quant_type
 
     copy = tmp_path / "no-yarn"
     shutil.copytree(folder, copy)
@@ -124,10 +124,10 @@ def calibration_here(default_variants: QuantizeResult) -> dict[str, Any]:
 
 def _predicted_vs_measured(path: Path, n_ctx: int, calibration: dict[str, Any]) -> tuple[int, int]:
     from edgecds.engine import RunSettings
+    from edgecds.formats.gguf_file import read_gguf
     from edgecds.hwbench.bench.bench_predict import host_device
     from edgecds.hwbench.measure import ONE_PASS, measure_in_subprocess
     from edgecds.hwbench.predict import predict
-    from edgecds.quant.gguf_file import read_gguf
 
     settings = RunSettings(n_ctx=n_ctx, decode_tokens=16)
     predicted = predict(read_gguf(path), settings, host_device(), calibration).memory.peak_bytes
@@ -159,8 +159,8 @@ def test_real_gemma3_predicted_within_five_percent_and_generates(gemma_gguf: Pat
 
 @pytest.mark.parametrize("name", FAMILY_IDS)
 def test_config_only_estimate_within_three_percent_of_the_real_files(zoo: Any, name: str) -> None:
-    from edgecds.hwbench.from_config import estimate_gguf
-    from edgecds.quant.types import quant_type
+    from edgecds.formats.types import quant_type
+    from edgecds.quant.from_config import estimate_gguf
     from edgecds.quant.zoo import find_family
 
     folder, result = zoo(find_family(name))
@@ -198,8 +198,8 @@ def test_a_multimodal_qwen35_config_is_estimated_from_its_text_model(zoo: Any, t
     model (transformers 4.57 has no class for it; Qwen3-Next's builds the same shapes)."""
     import shutil
 
-    from edgecds.hwbench.from_config import estimate_gguf
-    from edgecds.quant.types import quant_type
+    from edgecds.formats.types import quant_type
+    from edgecds.quant.from_config import estimate_gguf
     from edgecds.quant.zoo import find_family
 
     folder, result = zoo(find_family("qwen35"))
@@ -261,7 +261,7 @@ def test_onnx_variants_match_transformers_and_the_fused_graph_matches_the_export
     same = compare_logits(logits[False], logits[True])
     assert same.top1_agreement >= 0.9, same  # the fused graph computes what the export computes
     # the float graph fused: the same logits to float rounding, past the widest sliding window
-    from edgecds.quant.onnx_fuse import compile_folder, layer_windows
+    from edgecds.engine.onnx_fuse import compile_folder, layer_windows
 
     config = json.loads((folder / "config.json").read_text())
     report = compile_folder(_variant(result, "ONNX_FP32"), tmp_path_factory.mktemp(f"{name}-fused"))

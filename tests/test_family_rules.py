@@ -8,9 +8,9 @@ import struct
 from pathlib import Path
 
 from edgecds.child import stderr_tail
-from edgecds.hwbench.from_config import _Weight, tensor_types
+from edgecds.formats.types import quant_type
+from edgecds.quant.from_config import _Weight, tensor_types
 from edgecds.quant.gguf_convert import converter_command
-from edgecds.quant.types import quant_type
 
 
 def _dense(n_layers: int, tied: bool) -> list[_Weight]:
@@ -119,7 +119,7 @@ def test_plan_from_a_config_takes_transformers_defaults_and_refuses_bad_configs_
 def test_qwen35_27b_is_estimated_from_its_published_config() -> None:
     """The question the config-only estimate answers: Qwen3.5-27B (no transformers class here) at Q4_K_M,
     before 54 GB are fetched. The fixture is the published config's text model fields."""
-    from edgecds.hwbench.from_config import estimate_gguf
+    from edgecds.quant.from_config import estimate_gguf
 
     config = Path(__file__).parent / "fixtures" / "qwen3.5-27b-config.json"
     info = estimate_gguf(config, quant_type("Q4_K_M"))
@@ -134,7 +134,7 @@ def test_fused_attention_declines_a_layout_it_does_not_know_with_the_reason() ->
     """What the runtime logs when it runs a family's graph as exported (the matcher never reaches the graph)."""
     import pytest
 
-    from edgecds.quant.onnx_fuse import NOT_FUSED, CannotFuse, fuse_attention
+    from edgecds.engine.onnx_fuse import NOT_FUSED, CannotFuse, fuse_attention
 
     for model_type, reason in NOT_FUSED.items():
         with pytest.raises(CannotFuse, match="model_type") as caught:
@@ -145,7 +145,7 @@ def test_fused_attention_declines_a_layout_it_does_not_know_with_the_reason() ->
 
 
 def test_sliding_windows_per_layer_as_transformers_reads_the_config() -> None:
-    from edgecds.quant.onnx_fuse import VERIFY_CHUNKS, layer_windows, verify_chunks
+    from edgecds.engine.onnx_fuse import VERIFY_CHUNKS, layer_windows, verify_chunks
 
     gemma = {"sliding_window": 512, "layer_types": ["sliding_attention"] * 5 + ["full_attention"], "num_hidden_layers": 6}
     assert layer_windows(gemma, 6) == [512] * 5 + [0]
@@ -161,7 +161,7 @@ def test_sliding_windows_per_layer_as_transformers_reads_the_config() -> None:
 def test_a_window_config_the_matcher_cannot_read_is_declined() -> None:
     import pytest
 
-    from edgecds.quant.onnx_fuse import CannotFuse, layer_windows
+    from edgecds.engine.onnx_fuse import CannotFuse, layer_windows
 
     with pytest.raises(CannotFuse, match="does not list 6 layers"):
         layer_windows({"sliding_window": 512, "layer_types": ["sliding_attention"] * 5}, 6)

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from edgecds.cli import cli
 from edgecds.errors import InvalidGgufError
-from edgecds.quant.gguf_file import read_gguf
+from edgecds.formats.gguf_file import read_gguf
 
 
 def _str(s: str | bytes) -> bytes:
@@ -117,7 +117,7 @@ def test_hostile_headers_need_little_memory(tmp_path: Path) -> None:
     script = f"""
 import resource, sys, json, pathlib
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-from edgecds.quant.gguf_file import read_gguf
+from edgecds.formats.gguf_file import read_gguf
 from edgecds.errors import InvalidGgufError
 outcomes = []
 for p in sorted(pathlib.Path({str(tmp_path)!r}).glob('*.gguf')):

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgecds.calibration import CALIBRATION_TEXT, calibration_text
 from edgecds.cli import cli
 from edgecds.errors import EngineError
+from edgecds.formats.gguf_file import read_gguf
 from edgecds.quant import imatrix
-from edgecds.quant.gguf_file import read_gguf
-from edgecds.quantize import QuantizeResult
+from edgecds.quant.calibration import CALIBRATION_TEXT, calibration_text
+from edgecds.quant.quantize import QuantizeResult
 
 ROOT = Path(__file__).resolve().parents[1]
 CLINICAL = ROOT / "toolkit" / "clinical"

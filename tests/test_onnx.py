@@ -31,8 +31,8 @@ from edgecds.engine import EngineSettings
 from edgecds.engine.factory import open_runtime
 from edgecds.errors import InvalidInputError, UsageError
 from edgecds.evaluate import EvalConfig, grade, run_eval
-from edgecds.quantize import QuantizeConfig, QuantizeResult, run_quantize
-from edgecds.quantize_onnx import DRIFT_LIMITS
+from edgecds.quant.quantize import QuantizeConfig, QuantizeResult, run_quantize
+from edgecds.quant.quantize_onnx import DRIFT_LIMITS
 from edgecds.variants import load_variants
 from tests.test_parity import CLINICAL_SENTENCES, GREEDY_PROMPTS
 
@@ -199,7 +199,7 @@ def _graph_with_external(folder: Path, location: str, offset: int = 0, length: i
 def test_hostile_external_data_is_refused_before_any_session(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import onnxruntime
 
-    from edgecds.quant.onnx_model import check_onnx_folder
+    from edgecds.formats.onnx_model import check_onnx_folder
 
     secret = tmp_path / "secret.bin"
     secret.write_bytes(b"\0" * 64)
@@ -226,7 +226,7 @@ def test_hostile_external_data_is_refused_before_any_session(kind: str, tmp_path
 
 
 def test_a_sound_external_data_reference_is_accepted(tmp_path: Path) -> None:
-    from edgecds.quant.onnx_model import check_onnx_folder
+    from edgecds.formats.onnx_model import check_onnx_folder
 
     folder = tmp_path / "variant"
     folder.mkdir()
@@ -249,9 +249,9 @@ def test_a_cuda_request_without_the_cuda_provider_says_what_to_install() -> None
 
 def test_a_4_bit_shared_table_unpacks_like_the_8_bit_one(onnx_variants: QuantizeResult, tmp_path: Path) -> None:
     """--head-bits 4: the embedding unpacks two codes per byte from the LM head's table."""
+    from edgecds.formats.onnx_model import read_onnx_folder
+    from edgecds.formats.types import quant_type
     from edgecds.quant.onnx_build import OnnxOptions, copy_side_files, quantize_weights
-    from edgecds.quant.onnx_model import read_onnx_folder
-    from edgecds.quant.types import quant_type
 
     fp32 = folder_of(onnx_variants, "ONNX_FP32")
     out = tmp_path / "int4-head4"
@@ -403,7 +403,7 @@ def test_fused_fp32_runs_like_the_exported_graph_through_batches_truncation_and_
 def test_verification_refuses_a_wrongly_fused_graph(onnx_variants: QuantizeResult, tmp_path: Path) -> None:
     import onnx
 
-    from edgecds.quant.onnx_fuse import compile_folder, verification_tokens, verify
+    from edgecds.engine.onnx_fuse import compile_folder, verification_tokens, verify
 
     folder = folder_of(onnx_variants, "ONNX_INT8")
     report = compile_folder(folder, tmp_path)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edgecds.quant.gguf_file import read_gguf
+from edgecds.formats.gguf_file import read_gguf
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from edgecds.cli import cli
-from edgecds.quantize import QuantizeResult
+from edgecds.quant.quantize import QuantizeResult
 
 
 def plan(*args: str) -> tuple[int, str]:

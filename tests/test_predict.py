@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from edgecds.errors import UnknownNameError
+from edgecds.formats.gguf_file import read_gguf
 from edgecds.hwbench.predict import ModelShape, kv_cache_bytes
-from edgecds.quant.gguf_file import read_gguf
 
 SMOLLM2 = ModelShape("llama", n_layers=30, n_embd=576, n_head=9, n_head_kv=3, head_dim_k=64, head_dim_v=64, context_train=8192, n_ff=1536, n_vocab=49152,
                      n_tensors=272, n_merges=48900)

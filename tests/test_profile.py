@@ -21,7 +21,7 @@ from edgecds.cli import cli
 from edgecds.errors import InvalidInputError
 from edgecds.host import detect_host
 from edgecds.profile import ProfileConfig, run_profile
-from edgecds.quantize import QuantizeResult
+from edgecds.quant.quantize import QuantizeResult
 from edgecds.results import RESULTS_FILE, load_results
 from edgecds.target import resolve_target
 
@@ -157,8 +157,8 @@ def test_memory_is_measured_with_the_context_filled_and_the_budget_uses_it(varia
     The difference is at least the unwritten KV pages (plus the attention's work buffers, which grow
     with the cells attended). A device whose budget lies between the two figures is refused."""
     from edgecds.engine import RunSettings
+    from edgecds.formats.gguf_file import read_gguf
     from edgecds.hwbench.predict import ModelShape, compute_touched_bytes
-    from edgecds.quant.gguf_file import read_gguf
 
     code, out = profile(str(variants), "--types", "Q8_0", "--ctx", "2048", "-p", "64", "-n", "16", "-r", "1", "--no-accuracy", "-q", "--json")
     assert code == 0, out

@@ -20,9 +20,9 @@ from click.testing import CliRunner
 from edgecds.atomic import TEMP_MARK
 from edgecds.cli import cli
 from edgecds.digest import sha256_file
-from edgecds.quant.gguf_file import read_gguf
-from edgecds.quant.types import DEFAULT_TYPES, QUANT_TYPE_BY_NAME
-from edgecds.quantize import QuantizeResult
+from edgecds.formats.gguf_file import read_gguf
+from edgecds.formats.types import DEFAULT_TYPES, QUANT_TYPE_BY_NAME
+from edgecds.quant.quantize import QuantizeResult
 from edgecds.variants import SCHEMA_VERSION, load_variants
 
 pytestmark = pytest.mark.slow

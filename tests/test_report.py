@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from edgecds.bundle.choose import Constraints, choose
 from edgecds.cli import cli
 from edgecds.devices import find_profile
-from edgecds.quantize import QuantizeResult
+from edgecds.quant.quantize import QuantizeResult
 from edgecds.report import Point, escape, pareto
 
 ROOT = Path(__file__).resolve().parents[1]

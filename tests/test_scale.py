@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from edgecds.bundle.pack import write_reproducible_tar
-from edgecds.quantize import QuantizeResult
+from edgecds.quant.quantize import QuantizeResult
 
 VERIFY_RSS_CAP = 256 << 20  # issue 17: verify stays under 256 MiB whatever the model's size
 BIG = 320 << 20  # a model file larger than that cap

@@ -29,9 +29,9 @@ import pytest
 from click.testing import CliRunner
 
 from edgecds.cli import cli
+from edgecds.formats.types import quant_type
 from edgecds.hwbench.bench.bench_serve import free_port, peak_rss, start_server
-from edgecds.quant.types import quant_type
-from edgecds.quantize import QuantizeConfig, QuantizeResult, run_quantize
+from edgecds.quant.quantize import QuantizeConfig, QuantizeResult, run_quantize
 
 pytestmark = pytest.mark.slow  # every test here serves the real default model
 

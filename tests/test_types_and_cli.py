@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from edgecds import __version__
 from edgecds.cli import cli
 from edgecds.errors import UnknownNameError
-from edgecds.quant.types import DEFAULT_TYPES, GGML_TYPES, QUANT_TYPES, parse_type_list, quant_type
+from edgecds.formats.types import DEFAULT_TYPES, GGML_TYPES, QUANT_TYPES, parse_type_list, quant_type
 
 
 def test_ggml_type_table_matches_llama_cpp_gguf_py() -> None:

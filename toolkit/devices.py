@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecds.errors import InvalidInputError, UnknownNameError
-from edgecds.quant.types import QUANT_TYPE_BY_NAME
+from edgecds.formats.types import QUANT_TYPE_BY_NAME
 
 if sys.version_info >= (3, 11):
     import tomllib

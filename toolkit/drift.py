@@ -2,7 +2,7 @@
 
 One measure, named one way everywhere: `quantize` records it for each quantized ONNX variant
 against fp32, `eval` records it for every variant against its format's float reference, and the
-ONNX attention rewrite (quant/onnx_fuse.py) checks its compiled graph with it. It is computed as
+ONNX attention rewrite (toolkit/engine/onnx_fuse.py) checks its compiled graph with it. It is computed as
 llama.cpp's perplexity tool computes KL divergence: the text in chunks of DRIFT_CTX tokens, each
 starting with BOS, the second half of each chunk scored.
 """

@@ -329,7 +329,7 @@ class EvalResult:
 
 
 def reference_of(records: list[VariantRecord]) -> VariantRecord:
-    from edgecds.quant.types import QUANT_TYPE_BY_NAME
+    from edgecds.formats.types import QUANT_TYPE_BY_NAME
 
     floats = [v for v in records if v.type in QUANT_TYPE_BY_NAME and QUANT_TYPE_BY_NAME[v.type].is_float]
     if not floats:
@@ -452,7 +452,7 @@ def _paired_outcome(outcome: EvalOutcome, references: dict[str, VariantRecord], 
 def _evaluate(folder: Path, variant: VariantRecord, reference: VariantRecord, cases: list[Case], case_set: CaseSet, config: EvalConfig,
               settings: EngineSettings, spec: dict[str, Any], key: str, host_id: str, text: str, reporter: Reporter | None,
               label: str) -> tuple[EvalRecord, list[CaseResult]]:
-    from edgecds.quant.gguf_file import read_gguf
+    from edgecds.formats.gguf_file import read_gguf
 
     start = time.perf_counter()
     path = check_unchanged(folder, variant)

@@ -225,8 +225,8 @@ def profile_one(folder: Path, variant: VariantRecord, target: Target, settings: 
 def _prediction(path: Path, variant: VariantRecord, settings: Any, device: DeviceProfile) -> dict[str, Any]:
     """The predictor's figures at the full context the device runs (not just the benchmark's few
     hundred tokens); none for ONNX, whose graphs are measured only (the predictor models llama.cpp)."""
+    from edgecds.formats.gguf_file import read_gguf
     from edgecds.hwbench.predict import predict
-    from edgecds.quant.gguf_file import read_gguf
 
     if variant.format != "gguf":
         return {}

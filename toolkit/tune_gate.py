@@ -70,8 +70,8 @@ class Gate:
         """The predictor's reason this candidate cannot fit the device at its whole context, or ''."""
         from dataclasses import replace
 
+        from edgecds.formats.gguf_file import read_gguf
         from edgecds.hwbench.predict import predict
-        from edgecds.quant.gguf_file import read_gguf
 
         prediction = predict(read_gguf(path), replace(settings, prompt_tokens=None, decode_tokens=1), target.settings_profile)
         return "" if prediction.fits else f"predicted not to fit: {prediction.why_not}"

@@ -15,7 +15,7 @@ from typing import Any
 from edgecds.atomic import write_json
 from edgecds.digest import sha256_file, sha256_folder
 from edgecds.errors import InvalidInputError, UsageError
-from edgecds.quant.types import QuantType
+from edgecds.formats.types import QuantType
 
 SCHEMA_VERSION = 1
 VARIANTS_FILE = "variants.json"

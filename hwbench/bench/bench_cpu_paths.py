@@ -27,11 +27,11 @@ from edgecds import __version__
 from edgecds.atomic import write_json
 from edgecds.engine import RunSettings
 from edgecds.engine.cpu_paths import resolve
+from edgecds.formats.gguf_file import read_gguf
 from edgecds.host import detect_host
 from edgecds.hwbench.bench.bench_predict import host_device
 from edgecds.hwbench.measure import ONE_PASS, measure_in_subprocess
 from edgecds.hwbench.predict import MIB, predict
-from edgecds.quant.gguf_file import read_gguf
 from edgecds.quant.gguf_quantize import llama_cpp_version
 
 

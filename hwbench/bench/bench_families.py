@@ -46,10 +46,10 @@ def _record(result: Any, qtype: str) -> Any:
 
 
 def _peaks(path: Path, calibration: Any) -> dict[str, Any]:
+    from edgecds.formats.gguf_file import read_gguf
     from edgecds.hwbench.bench.bench_predict import host_device
     from edgecds.hwbench.measure import ONE_PASS, measure_in_subprocess
     from edgecds.hwbench.predict import percent_error, predict
-    from edgecds.quant.gguf_file import read_gguf
 
     out = {}
     for n_ctx in CONTEXTS:
@@ -69,11 +69,11 @@ def _decode_tps(path: Path, threads: int, **settings: Any) -> float:
 
 
 def _family(family: Any, tokenizer: Path, out: Path, calibration: Any, threads: int, onnx: bool) -> dict[str, Any]:
-    from edgecds.hwbench.from_config import estimate_gguf
+    from edgecds.formats.types import parse_type_list, quant_type
+    from edgecds.quant.from_config import estimate_gguf
     from edgecds.quant.parity import logit_parity
-    from edgecds.quant.types import parse_type_list, quant_type
+    from edgecds.quant.quantize import QuantizeConfig, run_quantize
     from edgecds.quant.zoo import build
-    from edgecds.quantize import QuantizeConfig, run_quantize
     from edgecds.variants import variant_file
 
     start = time.perf_counter()
@@ -100,9 +100,9 @@ def _family(family: Any, tokenizer: Path, out: Path, calibration: Any, threads: 
 def _onnx(folder: Path, out: Path, threads: int) -> dict[str, Any]:
     from edgecds.engine.onnx_runtime import compiled_graph
     from edgecds.errors import EdgecdsError
+    from edgecds.formats.types import parse_type_list
     from edgecds.quant.parity import logit_parity
-    from edgecds.quant.types import parse_type_list
-    from edgecds.quantize import QuantizeConfig, run_quantize
+    from edgecds.quant.quantize import QuantizeConfig, run_quantize
     from edgecds.variants import variant_file
 
     try:
@@ -139,12 +139,12 @@ def _real_gemma(calibration: Any, threads: int) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from edgecds.formats.types import parse_type_list
     from edgecds.hwbench.bench.calibrate import calibrate
     from edgecds.hwbench.predict import Calibration
     from edgecds.models import DEFAULT_MODEL, find_model, model_folder
-    from edgecds.quant.types import parse_type_list
+    from edgecds.quant.quantize import QuantizeConfig, run_quantize
     from edgecds.quant.zoo import FAMILIES, NOT_COVERED, find_family
-    from edgecds.quantize import QuantizeConfig, run_quantize
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--families", help="Comma list (default: every family of the zoo).")

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from edgecds.atomic import write_json
-from edgecds.calibration import CALIBRATION_TEXT, ImatrixOptions, calibration_text
 from edgecds.evaluate import EvalConfig, run_eval
-from edgecds.quant.types import parse_type_list
-from edgecds.quantize import QuantizeConfig, run_quantize
+from edgecds.formats.types import parse_type_list
+from edgecds.quant.calibration import CALIBRATION_TEXT, ImatrixOptions, calibration_text
+from edgecds.quant.quantize import QuantizeConfig, run_quantize
 from edgecds.results import load_results
 from edgecds.stats import paired_comparison
 

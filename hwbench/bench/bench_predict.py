@@ -25,10 +25,10 @@ from typing import Any
 from edgecds import __version__
 from edgecds.atomic import write_json
 from edgecds.engine import RunSettings
+from edgecds.formats.gguf_file import GgufInfo, read_gguf
 from edgecds.hwbench.bench.calibrate import memory_bandwidth_gbs
 from edgecds.hwbench.measure import ONE_PASS, measure_in_subprocess
 from edgecds.hwbench.predict import MIB, Calibration, load_calibrations, percent_error, predict
-from edgecds.quant.gguf_file import GgufInfo, read_gguf
 from edgecds.quant.gguf_quantize import llama_cpp_version
 from edgecds.variants import open_variants, variant_file
 

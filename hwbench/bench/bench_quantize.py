@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from edgecds import __version__
+from edgecds.formats.types import DEFAULT_TYPES, QUANT_TYPE_BY_NAME, QuantType, parse_type_list
 from edgecds.quant.gguf_convert import converter_command, converter_version
 from edgecds.quant.gguf_quantize import QuantizerOptions, default_params, llama_cpp_version
-from edgecds.quant.types import DEFAULT_TYPES, QUANT_TYPE_BY_NAME, QuantType, parse_type_list
-from edgecds.quantize import QuantizeConfig, run_quantize
+from edgecds.quant.quantize import QuantizeConfig, run_quantize
 
 
 def direct_convert(source: Path, out: Path, base: QuantType) -> float:
@@ -141,7 +141,7 @@ def _totals(summary: dict[str, dict[str, Any]]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     if args.source is None:
-        from edgecds.default_model import default_hf_folder
+        from edgecds.quant.default_model import default_hf_folder
 
         args.source = default_hf_folder()
     quants = parse_type_list(args.types)

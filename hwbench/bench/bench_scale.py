@@ -259,7 +259,7 @@ def python_child(code: str, *args: object) -> list[str]:
 BUILD_CODE = ("import sys; from pathlib import Path; from edgecds.quant.zoo import build, find_scale_shape, scale_family; "
               "print(build(scale_family(find_scale_shape(sys.argv[1])), Path(sys.argv[2]), into=Path(sys.argv[3])))")
 DIRECT_QUANTIZE_CODE = ("import sys; from pathlib import Path; from edgecds.hwbench.bench.bench_quantize import direct_quantize; "
-                        "from edgecds.quant.types import quant_type; print(direct_quantize(Path(sys.argv[1]), Path(sys.argv[2]), quant_type(sys.argv[3])))")
+                        "from edgecds.formats.types import quant_type; print(direct_quantize(Path(sys.argv[1]), Path(sys.argv[2]), quant_type(sys.argv[3])))")
 
 
 def running(pid: int) -> bool:
@@ -388,8 +388,8 @@ def run_size(shape: SizedShape, work: Path, tokenizer: Path, cases: Path, onnx: 
 
 def _quantize_steps(size: SizeRun, onnx: bool) -> None:
     """`edgecds quantize` to GGUF, the converter and quantizer alone beside it, then to ONNX int4."""
+    from edgecds.formats.types import quant_type
     from edgecds.quant.gguf_convert import converter_command
-    from edgecds.quant.types import quant_type
 
     hf, variants, direct, logs = size.hf, size.variants, size.folder / "direct", size.folder / "logs"
     sample = size.go("quantize_gguf", edgecds("quantize", hf, "--types", ",".join(GGUF_TYPES), "-o", variants, "--quiet", "--json"),

@@ -19,8 +19,8 @@ from typing import Any
 from edgecds.atomic import write_json
 from edgecds.devices import load_profiles
 from edgecds.engine import RunSettings, settings_for
+from edgecds.formats.gguf_file import read_gguf
 from edgecds.hwbench.predict import predict
-from edgecds.quant.gguf_file import read_gguf
 from edgecds.tune import TuneConfig, run_tune
 from edgecds.variants import open_variants, variant_file
 

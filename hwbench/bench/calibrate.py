@@ -74,9 +74,9 @@ def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
 
 def calibrate(model: Path) -> dict[str, Any]:
     from edgecds.engine import RunSettings
+    from edgecds.formats.gguf_file import read_gguf
     from edgecds.hwbench import predict
     from edgecds.hwbench.measure import ONE_PASS, measure_in_subprocess
-    from edgecds.quant.gguf_file import read_gguf
     from edgecds.quant.gguf_quantize import llama_cpp_version
     from edgecds.target import resolve_target
 

@@ -10,7 +10,7 @@ import click
 
 from edgecds.commands.common import print_json, table
 from edgecds.errors import UsageError
-from edgecds.quant.types import DEFAULT_FORMAT, DEFAULT_TYPES, FORMATS, QUANT_TYPES
+from edgecds.formats.types import DEFAULT_FORMAT, DEFAULT_TYPES, FORMATS, QUANT_TYPES
 
 
 @click.command()
@@ -55,11 +55,11 @@ def quantize(source: Path | None, types_text: str | None, output: Path | None, f
       edgecds quantize model-F16.gguf --types Q4_K_M --json
       edgecds quantize --imatrix clinical --types Q4_K_M,IQ3_XXS,IQ2_XS -o edgecds-out/imatrix
     """
+    from edgecds.formats.types import parse_type_list
     from edgecds.progress import make_reporter
     from edgecds.quant.gguf_quantize import QuantizerOptions
     from edgecds.quant.onnx_build import OnnxOptions
-    from edgecds.quant.types import parse_type_list
-    from edgecds.quantize import QuantizeConfig, run_quantize
+    from edgecds.quant.quantize import QuantizeConfig, run_quantize
 
     formats = tuple(dict.fromkeys(f.strip().lower() for f in fmt.split(",") if f.strip()))
     unknown = [f for f in formats if f not in FORMATS]
@@ -99,7 +99,7 @@ def quantize(source: Path | None, types_text: str | None, output: Path | None, f
 
 
 def _imatrix_options(text: str | None, chunks: int | None, ctx: int) -> Any:
-    from edgecds.calibration import ImatrixOptions
+    from edgecds.quant.calibration import ImatrixOptions
 
     return ImatrixOptions(text, chunks, ctx) if text else None
 
@@ -196,7 +196,7 @@ def inspect(path: Path, as_json: bool) -> None:
     Example:
       edgecds inspect model-Q4_K_M.gguf --json
     """
-    from edgecds.quant.gguf_file import read_gguf
+    from edgecds.formats.gguf_file import read_gguf
 
     info = read_gguf(path)
     summary = {

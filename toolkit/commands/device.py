@@ -153,8 +153,8 @@ def plan(variants: Path | None, device_id: str, n_ctx: int | None, kv_type: str,
         raise click.UsageError("--types goes with --model-config; with VARIANTS every recorded variant is planned")
     targets = plan_devices(device_id, profiles_dirs)
     if model_config is not None:
-        from edgecds.hwbench.from_config import config_plan
-        from edgecds.quant.types import DEFAULT_TYPES, parse_type_list
+        from edgecds.formats.types import DEFAULT_TYPES, parse_type_list
+        from edgecds.quant.from_config import config_plan
 
         types = parse_type_list(types_text or ",".join(DEFAULT_TYPES))
         plans = [config_plan(model_config, types, device, n_ctx, kv_type) for device in targets]
@@ -210,9 +210,9 @@ def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int |
       edgecds profile edgecds-out/SmolLM2-135M-Instruct
       edgecds profile variants.json --device jetson-orin-nano-8gb --types Q4_K_M,Q8_0 -r 5 --json
     """
+    from edgecds.formats.types import parse_type_names
     from edgecds.profile import ProfileConfig, run_profile
     from edgecds.progress import make_reporter
-    from edgecds.quant.types import parse_type_names
 
     config = ProfileConfig(
         variants=variants, device=device_id, profiles_dirs=profiles_dirs, types=parse_type_names(types_text),
@@ -281,8 +281,8 @@ def eval_command(variants: Path, cases: Path | None, mode: str, k: int, think_to
       edgecds eval variants.json --cases open --mode topk -k 5 --samples 5
     """
     from edgecds.evaluate import EvalConfig, Sampling, run_eval
+    from edgecds.formats.types import parse_type_names
     from edgecds.progress import make_reporter
-    from edgecds.quant.types import parse_type_names
 
     config = EvalConfig(variants=variants, cases=cases, mode=mode, k=k, think_tokens=think_tokens,
                         sampling=Sampling(samples, temperature, top_p, seed), judge=judge, types=parse_type_names(types_text),
@@ -394,8 +394,8 @@ def tune_command(variants: Path, device_id: str, types_text: str | None, knobs: 
       edgecds tune edgecds-out/SmolLM2-135M-Instruct --types Q4_K_M,Q8_0
       edgecds tune out/ --objective memory --min-decode 20 --knobs cache,batch --json
     """
+    from edgecds.formats.types import parse_type_names
     from edgecds.progress import make_reporter
-    from edgecds.quant.types import parse_type_names
     from edgecds.tune import TuneConfig, run_tune, settings_text
 
     config = TuneConfig(variants=variants, device=device_id, types=parse_type_names(types_text),

@@ -153,8 +153,8 @@ def _job_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def _run(job: str, variants: Path, devices_text: str, types_text: str | None, options: Any, common: dict[str, Any],
          cases: Path | None = None) -> None:
     from edgecds.fleet.run import FleetConfig, run_fleet
+    from edgecds.formats.types import parse_type_names
     from edgecds.progress import make_reporter
-    from edgecds.quant.types import parse_type_names
 
     devices = tuple(d.strip() for d in devices_text.split(",") if d.strip())
     config = FleetConfig(job=job, variants=variants, devices=devices, address=common["address"], token=common["token"], types=parse_type_names(types_text),

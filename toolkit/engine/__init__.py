@@ -39,7 +39,7 @@ class EngineSettings:
     type_k: str = "f16"
     type_v: str = "f16"
     flash_attn: bool = False
-    fuse_attention: bool = True  # ONNX on a CPU: run a compiled copy of the graph with fused attention (quant/onnx_fuse.py)
+    fuse_attention: bool = True  # ONNX on a CPU: run a compiled copy of the graph with fused attention (toolkit/engine/onnx_fuse.py)
     # GGUF: llama.cpp's repacked CPU weight layouts (AMX, CPU_REPACK); None: as tried on this host (engine/cpu_paths.py)
     extra_buffers: bool | None = None
 

@@ -4,7 +4,7 @@ Device side: onnxruntime, `tokenizers` and numpy; no torch, no transformers, no 
 graph is Optimum's `text-generation-with-past` layout (input_ids, attention_mask, position_ids,
 past_key_values.N.key/value in; logits, present.N.key/value out). On a CPU the session runs a
 copy of that graph with each layer's attention fused into one onnxruntime op, compiled once per
-variant and verified against the original (`compiled_graph`, quant/onnx_fuse.py): 1.7x the decode
+variant and verified against the original (`compiled_graph`, toolkit/engine/onnx_fuse.py): 1.7x the decode
 speed of the graph as exported on the default int4 model. The KV cache stays in
 onnxruntime's own buffers between steps: each step's presents are passed as the next
 step's pasts as OrtValues, without a round trip through numpy (`run_with_ort_values`: 1-3% faster
@@ -67,7 +67,7 @@ def _cache_key(folder: Path) -> str:
     import onnxruntime as ort
 
     from edgecds.digest import cache_key, sha256_file
-    from edgecds.quant.onnx_fuse import FUSION_VERSION
+    from edgecds.engine.onnx_fuse import FUSION_VERSION
 
     files = [[path.name, sha256_file(path)] for path in sorted(folder.iterdir()) if path.is_file() and not path.name.startswith(".")]
     return cache_key([files, FUSION_VERSION, ort.__version__], length=24)
@@ -88,7 +88,7 @@ def _compile(folder: Path, cache: Path) -> None:
     remove_stale_temporaries(cache.parent)  # a compile that was killed half-way (the lock says none is running)
     print(f"edgecds: compiling {folder.name} for fused attention (once; cached in {cache.parent})", file=sys.stderr, flush=True)
     with atomic_path(cache, directory=True) as tmp:
-        proc = subprocess.run([sys.executable, "-m", "edgecds.quant.onnx_fuse", str(folder), str(tmp)], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "edgecds.engine.onnx_fuse", str(folder), str(tmp)], capture_output=True,
                               text=True, check=False, preexec_fn=die_with_parent())
         record = result_line(proc.stdout) if proc.returncode == 0 else None
         if record is None:
@@ -102,11 +102,11 @@ def _compile(folder: Path, cache: Path) -> None:
 
 def compiled_graph(folder: Path, n_ctx: int) -> tuple[Path, str]:
     """The variant's graph with fused attention, compiled once into EDGECDS_HOME and verified there
-    (edgecds.quant.onnx_fuse, in a child so its memory never counts in a measurement); the graph as
+    (edgecds.engine.onnx_fuse, in a child so its memory never counts in a measurement); the graph as
     exported, and why, when the rewrite declines this layout. The path to load and a log line."""
     from edgecds.atomic import waiting_lock
+    from edgecds.formats.onnx_model import MODEL_FILE, check_onnx_folder
     from edgecds.home import edgecds_home
-    from edgecds.quant.onnx_model import MODEL_FILE, check_onnx_folder
 
     cache = edgecds_home() / "compiled" / _cache_key(folder)
     record_path = cache / "fusion.json"
@@ -142,7 +142,7 @@ class OnnxRuntime:
     format = "onnx"
 
     def __init__(self, folder: Path, settings: EngineSettings) -> None:
-        from edgecds.quant.onnx_model import check_onnx_folder
+        from edgecds.formats.onnx_model import check_onnx_folder
 
         check_onnx_folder(folder)  # before onnxruntime follows any external-data name
         config = _json(folder, "config.json")
@@ -187,7 +187,7 @@ class OnnxRuntime:
         import numpy as np
         import onnxruntime as ort
 
-        from edgecds.quant.onnx_model import MODEL_FILE
+        from edgecds.formats.onnx_model import MODEL_FILE
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -16,14 +16,14 @@ from typing import Any
 
 from edgecds import __version__
 from edgecds.atomic import atomic_path, folder_lock, remove_stale_temporaries, require_free
-from edgecds.calibration import ImatrixOptions, Prepared, brings_matrix
 from edgecds.digest import cache_key, sha256_file, sha256_folder
 from edgecds.errors import EdgecdsError, InvalidInputError, UsageError
+from edgecds.formats.gguf_file import GgufInfo, read_gguf
+from edgecds.formats.types import DEFAULT_FORMAT, QUANT_TYPE_BY_NAME, QuantType, default_types
 from edgecds.progress import Reporter
-from edgecds.quant.gguf_file import GgufInfo, read_gguf
+from edgecds.quant.calibration import ImatrixOptions, Prepared, brings_matrix
 from edgecds.quant.gguf_quantize import QuantizerOptions
 from edgecds.quant.onnx_build import OnnxOptions
-from edgecds.quant.types import DEFAULT_FORMAT, QUANT_TYPE_BY_NAME, QuantType, default_types
 from edgecds.variants import VARIANTS_FILE, SourceRecord, VariantRecord, VariantsFile, is_reusable, load_variants, variant_file
 
 
@@ -88,7 +88,7 @@ def _resolve_source(config: QuantizeConfig, reporter: Reporter | None) -> _Sourc
     from edgecds.quant.hf_folder import inspect_hf_folder
 
     if config.source is None:
-        from edgecds.default_model import default_hf_folder
+        from edgecds.quant.default_model import default_hf_folder
 
         path, name = default_hf_folder(reporter), "SmolLM2-135M-Instruct"
     else:
@@ -171,8 +171,8 @@ def _refuse_experts_for_imatrix(folder: Path) -> None:
     """Before the conversion: edgecds computes importance matrices for dense models only (the
     calibration would refuse a mixture of experts too, after the float conversion); a matrix
     brought from llama-imatrix is used as it is."""
-    from edgecds.hwbench.from_config import expert_count
     from edgecds.jsonfile import read_json
+    from edgecds.quant.from_config import expert_count
 
     try:
         config = read_json(folder / "config.json")
@@ -198,7 +198,7 @@ def _run_locked(
     build = _GgufBuild(config, out, source, _previous_state(out, source, src.path, reporter), warnings, reporter, base is not None)
     build.run(src.path, base, quants)
     if onnx_types:
-        from edgecds.quantize_onnx import build_onnx
+        from edgecds.quant.quantize_onnx import build_onnx
 
         build_onnx(onnx_types, src.path, source, build.state, out, config.onnx, config.check_tokens, reporter, build.finish)
     if not (out / VARIANTS_FILE).exists():
@@ -249,7 +249,7 @@ class _GgufBuild:
         return {**self.config.quantizer.as_key(), **matrix}
 
     def prepare_imatrix(self, model: Path, model_sha: str) -> None:
-        from edgecds.calibration import prepare
+        from edgecds.quant.calibration import prepare
 
         if self.config.imatrix is None or self.imatrix is not None:
             return

@@ -16,9 +16,9 @@ from typing import Any
 from edgecds import __version__
 from edgecds.atomic import atomic_path
 from edgecds.digest import cache_key, digest_of_files
+from edgecds.formats.types import QUANT_TYPE_BY_NAME, QuantType
 from edgecds.progress import Reporter
 from edgecds.quant.onnx_build import OnnxOptions
-from edgecds.quant.types import QUANT_TYPE_BY_NAME, QuantType
 from edgecds.variants import SourceRecord, VariantRecord, VariantsFile, is_reusable, variant_file
 
 # Drift limits for flagging a quantized ONNX variant, on the same text and measure `edgecds eval`
@@ -67,9 +67,9 @@ def _build(
     q: QuantType, parent: Path, source: SourceRecord, parent_sha: str, key: str, tools: dict[str, str], out: Path,
     options: OnnxOptions, check_tokens: int, reporter: Reporter | None, reference: list[Any] | None,
 ) -> VariantRecord:
+    from edgecds.formats.onnx_model import read_onnx_folder
     from edgecds.hwbench.load_check import check_in_subprocess
     from edgecds.quant import onnx_build
-    from edgecds.quant.onnx_model import read_onnx_folder
 
     final = out / f"{source.name}-{q.name}"
     expected = q.estimated_bytes(source.n_parameters)

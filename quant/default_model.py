@@ -29,7 +29,7 @@ def default_hf_folder(reporter: Reporter | None = None) -> Path:
     except (OSError, ValueError):
         pass
 
-    from edgecds.quant.gguf_file import read_gguf
+    from edgecds.formats.gguf_file import read_gguf
     from edgecds.quant.gguf_to_hf import build_hf_folder
 
     remove_stale_temporaries(folder)

@@ -14,7 +14,7 @@ variant on disk stays Optimum's layout, which any runtime reads). It is trusted 
 `verify` compares its logits with the original graph's on clinical text. What it assumes is what
 edgecds's runtime does: one unpadded sequence whose positions run 0, 1, 2, ...
 
-    python -m edgecds.quant.onnx_fuse SRC_FOLDER DST_FOLDER   (the child the runtime starts)
+    python -m edgecds.engine.onnx_fuse SRC_FOLDER DST_FOLDER   (the child the runtime starts)
 """
 
 from __future__ import annotations
@@ -658,7 +658,7 @@ def compile_folder(src: Path, dst: Path) -> FusionReport:
     """Fuse `src`'s graph into `dst/model.onnx` and verify it; CannotFuse when either step declines."""
     import onnx
 
-    from edgecds.quant.onnx_model import MODEL_FILE, check_onnx_folder
+    from edgecds.formats.onnx_model import MODEL_FILE, check_onnx_folder
 
     start = time.perf_counter()
     check_onnx_folder(src)  # external data locations, before onnx follows them

@@ -3,7 +3,7 @@
 transformers builds the model on its "meta" device (shapes, no memory), which gives every weight's
 name and shape for any size of a family it has a class for. Each weight gets the ggml type
 llama.cpp's quantizer would give it (`llama_tensor_get_type` in llama-quant.cpp, ported below for
-the types in quant/types.py, with its block-size fallbacks); the vocabulary's metadata is sized
+the types in toolkit/formats/types.py, with its block-size fallbacks); the vocabulary's metadata is sized
 from the tokenizer beside the config when there is one. The result is a `GgufInfo` without a file,
 which the predictor reads like a real one; every figure made from it is an estimate.
 
@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from edgecds.errors import InvalidInputError
+from edgecds.formats.gguf_file import GgufInfo, TensorInfo
+from edgecds.formats.types import GGML_TYPE_BY_NAME, QuantType
 from edgecds.jsonfile import read_json
-from edgecds.quant.gguf_file import GgufInfo, TensorInfo
-from edgecds.quant.types import GGML_TYPE_BY_NAME, QuantType
 from edgecds.quant.zoo import FAMILIES
 
 ALIGNMENT = 32

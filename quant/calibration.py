@@ -71,7 +71,7 @@ def brings_matrix(options: ImatrixOptions) -> bool:
 def check_fits(matrix: Any, model: Path) -> None:
     """Every entry names a weight of the model and has one value per input column of it: a matrix
     computed for another model is refused here, not deep inside the quantizer."""
-    from edgecds.quant.gguf_file import read_gguf
+    from edgecds.formats.gguf_file import read_gguf
 
     shapes = {t.name: t.shape for t in read_gguf(model).tensors}
     for name, values in matrix.values.items():

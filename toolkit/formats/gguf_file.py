@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecds.errors import InvalidGgufError
-from edgecds.quant.types import GGML_TYPES
+from edgecds.formats.types import GGML_TYPES
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
