@@ -58,7 +58,7 @@ CLINICAL_PROMPT = (
 # holds on other Linux hosts: the model's pages are the same file mapped the same way each run, and
 # what varies is glibc's arena and thread-stack placement, a few hundred KiB whatever the model size.
 PEAK_RSS_RESOLUTION = 1 << 20
-TIMEOUT_SECONDS = 600
+TIMEOUT_SECONDS = 600.0  # a variant's whole measurement; `profile --timeout`, `tune` and `fleet profile` default to it
 SAMPLE_SECONDS = 0.05
 # A run is disturbed when other processes used more than a quarter of a core on average while it
 # was timed. llama.cpp runs a spinning thread a core and waits at every barrier for the slowest, so

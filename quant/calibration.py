@@ -21,6 +21,7 @@ from edgecds.atomic import atomic_path
 from edgecds.digest import cache_key, sha256_file
 from edgecds.errors import InvalidInputError
 from edgecds.progress import Reporter, lazy_step
+from edgecds.quant.imatrix import DEFAULT_CHUNK
 
 CLINICAL = "clinical"
 CALIBRATION_TEXT = "calibration-text.txt"
@@ -32,7 +33,7 @@ GGUF_MAGIC = b"GGUF"
 class ImatrixOptions:
     text: str = CLINICAL  # "clinical" (the shipped text), a text file, or an imatrix GGUF from llama-imatrix
     chunks: int | None = None  # at most this many chunks; None: the whole text
-    chunk_size: int = 512  # tokens per chunk (llama-imatrix -c)
+    chunk_size: int = DEFAULT_CHUNK  # tokens per chunk (llama-imatrix -c)
 
 
 def calibration_text() -> str:

@@ -20,6 +20,7 @@ from edgecds.devices import DeviceProfile
 from edgecds.engine import device_backend, settings_for
 from edgecds.errors import EngineError, InvalidInputError, UsageError
 from edgecds.host import HostInfo
+from edgecds.hwbench.measure import TIMEOUT_SECONDS
 from edgecds.progress import Reporter, lazy_step
 from edgecds.results import (
     RESULTS_FILE,
@@ -54,7 +55,7 @@ class ProfileConfig:
     prompt_tokens: int = 512  # llama-bench's pp512
     decode_tokens: int = 128  # llama-bench's tg128
     repeats: int = 3
-    timeout: float = 600.0  # seconds a variant may take before it is killed and recorded as failed
+    timeout: float = TIMEOUT_SECONDS  # seconds a variant may take before it is killed and recorded as failed
     measure_anyway: bool = False  # measure on a host that is not the device; marked so
     force: bool = False  # measure again what is already recorded
     output: Path | None = None  # default: results.json beside variants.json

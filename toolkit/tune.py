@@ -24,6 +24,7 @@ from typing import Any
 
 from edgecds.atomic import folder_lock
 from edgecds.errors import UsageError
+from edgecds.hwbench.measure import TIMEOUT_SECONDS
 from edgecds.profile import engine_has_gpu
 from edgecds.progress import Reporter
 from edgecds.results import RESULTS_FILE, MeasurementRecord, ResultsFile, TuningRecord, VariantRef, load_results
@@ -54,7 +55,7 @@ class TuneConfig:
     prompt_tokens: int = 256
     decode_tokens: int = 64
     n_ctx: int | None = None
-    timeout: float = 600.0
+    timeout: float = TIMEOUT_SECONDS
     measure_anyway: bool = False
     output: Path | None = None
     root: Path = Path("/")

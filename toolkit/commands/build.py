@@ -8,9 +8,11 @@ from typing import Any
 
 import click
 
-from edgecds.commands.common import print_json, table
+from edgecds.commands.common import default_of, print_json, table
 from edgecds.errors import UsageError
 from edgecds.formats.types import DEFAULT_FORMAT, DEFAULT_TYPES, FORMATS, QUANT_TYPES
+from edgecds.quant.calibration import ImatrixOptions
+from edgecds.quant.quantize import QuantizeConfig
 
 
 @click.command()
@@ -26,20 +28,24 @@ from edgecds.formats.types import DEFAULT_FORMAT, DEFAULT_TYPES, FORMATS, QUANT_
               help="Quantize with an importance matrix (llama-imatrix's method) over the shipped clinical calibration text, a UTF-8 "
                    "text file of yours, or an imatrix GGUF from llama-imatrix. Needed for IQ3_XXS, IQ2_*, IQ1_S.")
 @click.option("--imatrix-chunks", type=click.IntRange(min=1), help="At most this many chunks of the text (llama-imatrix --chunks).  [default: all]")
-@click.option("--imatrix-ctx", type=click.IntRange(min=16, max=8192), default=512, show_default=True, help="Tokens per chunk (llama-imatrix -c).")
-@click.option("--block-size", type=click.Choice(["32", "128"]), default="32", show_default=True, help="ONNX: weights per quantization block.")
+@click.option("--imatrix-ctx", type=click.IntRange(min=16, max=8192), default=default_of(ImatrixOptions, "chunk_size"), show_default=True,
+              help="Tokens per chunk (llama-imatrix -c).")
+@click.option("--block-size", type=click.Choice(["32", "128"]), default=str(default_of(QuantizeConfig, "onnx.block_size")), show_default=True,
+              help="ONNX: weights per quantization block.")
 @click.option("--asymmetric", is_flag=True, help="ONNX: blocks with zero points (the embedding then stays float32).")
-@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=default_of(QuantizeConfig, "onnx.accuracy_level"), show_default=True,
               help="ONNX: MatMulNBits compute precision (4: int8 activations inside the op, fastest on CPUs; 0: unset).")
 @click.option("--keep-embeddings", is_flag=True, help="ONNX: leave the embedding and LM head float32 (larger files).")
-@click.option("--head-bits", type=click.Choice(["4", "8"]), default="8", show_default=True, help="ONNX: bits of the shared embedding/LM-head table.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="Quantizer threads; 0 uses every core.")
+@click.option("--head-bits", type=click.Choice(["4", "8"]), default=str(default_of(QuantizeConfig, "onnx.head_bits")), show_default=True,
+              help="ONNX: bits of the shared embedding/LM-head table.")
+@click.option("--threads", type=click.IntRange(min=0), default=default_of(QuantizeConfig, "quantizer.threads"), show_default=True,
+              help="Quantizer threads; 0 uses every core.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def quantize(source: Path | None, types_text: str | None, output: Path | None, fmt: str, allow_requantize: bool,
              pure: bool, leave_output_tensor: bool, block_size: str, asymmetric: bool, accuracy_level: int, keep_embeddings: bool,
-             head_bits: str, threads: int, as_json: bool, quiet: bool, imatrix_text: str | None = None, imatrix_chunks: int | None = None,
-             imatrix_ctx: int = 512) -> None:
+             head_bits: str, threads: int, as_json: bool, quiet: bool, imatrix_text: str | None, imatrix_chunks: int | None,
+             imatrix_ctx: int) -> None:
     """Build GGUF variants with llama.cpp, and ONNX variants with Optimum and onnxruntime.
 
     SOURCE is a Hugging Face model folder (safetensors only) or a GGUF file (GGUF output only);
@@ -59,7 +65,7 @@ def quantize(source: Path | None, types_text: str | None, output: Path | None, f
     from edgecds.progress import make_reporter
     from edgecds.quant.gguf_quantize import QuantizerOptions
     from edgecds.quant.onnx_build import OnnxOptions
-    from edgecds.quant.quantize import QuantizeConfig, run_quantize
+    from edgecds.quant.quantize import run_quantize
 
     formats = tuple(dict.fromkeys(f.strip().lower() for f in fmt.split(",") if f.strip()))
     unknown = [f for f in formats if f not in FORMATS]
@@ -99,8 +105,6 @@ def quantize(source: Path | None, types_text: str | None, output: Path | None, f
 
 
 def _imatrix_options(text: str | None, chunks: int | None, ctx: int) -> Any:
-    from edgecds.quant.calibration import ImatrixOptions
-
     return ImatrixOptions(text, chunks, ctx) if text else None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Callable
@@ -10,9 +11,42 @@ from typing import Any, TypeVar, overload
 
 import click
 
+from edgecds.bundle.choose import PREFERENCES, Constraints
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 PROFILES_DIR_HELP = "A folder of your own device profiles; repeatable. Also: EDGECDS_PROFILES."
+
+
+def default_of(config: type[Any], path: str) -> Any:
+    """The default a config dataclass gives `path`: a field ("repeats"), or a field of the value a
+    field defaults to ("sampling.temperature", "options.prompt_tokens"); a `default_factory` is
+    called. An option's default is read here, so the library's config holds each default once.
+    A field without a default, or a path the config does not have, is an error at import."""
+    first, *rest = path.split(".")
+    known = {f.name: f for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else {}
+    if first not in known:
+        raise ValueError(f"{config.__name__} has no field {first!r} (asked for {path!r})")
+    spec = known[first]
+    if spec.default is not dataclasses.MISSING:
+        value = spec.default
+    elif spec.default_factory is not dataclasses.MISSING:
+        value = spec.default_factory()
+    else:
+        raise ValueError(f"{config.__name__}.{first} has no default (asked for {path!r})")
+    walked = f"{config.__name__}.{first}"
+    for name in rest:
+        if not (dataclasses.is_dataclass(value) and name in {f.name for f in dataclasses.fields(value)}):
+            raise ValueError(f"{walked} defaults to {value!r}, which has no field {name!r} (asked for {path!r})")
+        value = getattr(value, name)
+        walked = f"{walked}.{name}"
+    return value
+
+
+def whole(value: float) -> float:
+    """A whole float as an int (600.0 -> 600), for an option's default: its help shows
+    `[default: 600]` as it always has, and the option's FloatRange turns it back into 600.0."""
+    return int(value) if float(value).is_integer() else value
 
 
 def print_json(data: Any) -> None:
@@ -57,13 +91,13 @@ def constraint_options(func: Any) -> Any:
         click.option("--max-flip-rate", type=click.FloatRange(0, 100), help="Largest share of cases flipped against the reference, percent."),
         click.option("--min-decode", type=click.FloatRange(min=0), help="Minimum decode speed, tokens/s."),
         click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="Context length the clinic needs."),
-        click.option("--formats", default="gguf,onnx", show_default=True, help="Allowed formats."),
+        click.option("--formats", default=",".join(default_of(Constraints, "formats")), show_default=True, help="Allowed formats."),
         click.option("--allow-significantly-worse", is_flag=True, help="Accept a variant significantly worse than the reference."),
         click.option("--allow-predicted", is_flag=True, help="Choose from predicted figures where nothing was measured on the device (said wherever shown)."),
         click.option("--allow-disturbed", is_flag=True, help="Apply --min-decode to speeds measured while other processes used the CPU."),
-        click.option("--prefer", type=click.Choice(["fidelity", "speed", "size"]), default="fidelity", show_default=True,
+        click.option("--prefer", type=click.Choice(PREFERENCES), default=default_of(Constraints, "prefer"), show_default=True,
                      help="Among the variants that qualify: the most faithful to the reference, the fastest or the smallest first."),
-        click.option("--alpha", type=click.FloatRange(0.0001, 0.5), default=0.05, show_default=True,
+        click.option("--alpha", type=click.FloatRange(0.0001, 0.5), default=default_of(Constraints, "alpha"), show_default=True,
                      help="Significance level of the paired test against the reference (the accuracy studies use 0.01)."),
     ]
 
@@ -71,8 +105,6 @@ def constraint_options(func: Any) -> Any:
     def wrapper(*args: Any, min_accuracy: float | None, on_point: bool, max_drop: float | None, max_flip_rate: float | None,
                 min_decode: float | None, n_ctx: int | None, formats: str, allow_significantly_worse: bool, allow_predicted: bool,
                 allow_disturbed: bool, prefer: str, alpha: float, **kwargs: Any) -> Any:
-        from edgecds.bundle.choose import Constraints
-
         def fraction(percent: float | None) -> float | None:
             return percent / 100 if percent is not None else None
 

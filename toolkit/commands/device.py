@@ -9,10 +9,14 @@ from typing import Any
 
 import click
 
-from edgecds.commands.common import device_option, print_json, profiles_dir_option, table
+from edgecds.commands.common import default_of, device_option, print_json, profiles_dir_option, table, whole
+from edgecds.compare import DEFAULT_ALPHA
 from edgecds.engine import DEFAULT_CTX
+from edgecds.evaluate import MODES, EvalConfig
 from edgecds.matcher import THINK_TOKENS
+from edgecds.profile import ProfileConfig
 from edgecds.target import AUTO, DEVICE_HELP, resolve_target
+from edgecds.tune import OBJECTIVES, TuneConfig
 
 
 @click.group()
@@ -121,7 +125,7 @@ def devices_show(profiles_dirs: tuple[Path, ...], device_id: str, as_json: bool)
 @click.argument("variants", type=click.Path(path_type=Path, exists=True), required=False)
 @device_option(DEVICE_HELP)
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="Context length.  [default: the device's]")
-@click.option("--cache-type", "kv_type", default="f16", show_default=True,
+@click.option("--cache-type", "kv_type", default=default_of(ProfileConfig, "cache_type"), show_default=True,
               help="KV-cache type for K and V, as llama.cpp's -ctk/-ctv (f16, q8_0, q4_0, ...).")
 @click.option("--model-config", "model_config", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Estimate from a model's config.json alone, before downloading it (instead of VARIANTS; needs the build extra).")
@@ -180,12 +184,17 @@ def plan(variants: Path | None, device_id: str, n_ctx: int | None, kv_type: str,
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="Context length.  [default: the device's]")
 @click.option("--threads", "-t", type=click.IntRange(min=1), help="Threads.  [default: the device's cores]")
 @click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=click.IntRange(min=-1), help="Layers on the GPU, -1 all.  [default: all on a GPU device]")
-@click.option("--cache-type", "kv_type", default="f16", show_default=True, help="KV-cache type for K and V (llama.cpp's -ctk/-ctv).")
-@click.option("--flash-attn/--no-flash-attn", "-fa", default=False, show_default=True, help="llama.cpp's flash attention.")
-@click.option("--prompt-tokens", "-p", "prompt_tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Prompt-processing test size (llama-bench -p).")
-@click.option("--decode-tokens", "-n", "decode_tokens", type=click.IntRange(min=1), default=128, show_default=True, help="Generation test size (llama-bench -n).")
-@click.option("--repeats", "-r", type=click.IntRange(min=1), default=3, show_default=True, help="Repeats after a warm-up; median and range are reported.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=600, show_default=True, help="Seconds one variant may take; then it is killed and recorded as failed.")
+@click.option("--cache-type", "kv_type", default=default_of(ProfileConfig, "cache_type"), show_default=True,
+              help="KV-cache type for K and V (llama.cpp's -ctk/-ctv).")
+@click.option("--flash-attn/--no-flash-attn", "-fa", default=default_of(ProfileConfig, "flash_attn"), show_default=True, help="llama.cpp's flash attention.")
+@click.option("--prompt-tokens", "-p", "prompt_tokens", type=click.IntRange(min=1), default=default_of(ProfileConfig, "prompt_tokens"), show_default=True,
+              help="Prompt-processing test size (llama-bench -p).")
+@click.option("--decode-tokens", "-n", "decode_tokens", type=click.IntRange(min=1), default=default_of(ProfileConfig, "decode_tokens"), show_default=True,
+              help="Generation test size (llama-bench -n).")
+@click.option("--repeats", "-r", type=click.IntRange(min=1), default=default_of(ProfileConfig, "repeats"), show_default=True,
+              help="Repeats after a warm-up; median and range are reported.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=whole(default_of(ProfileConfig, "timeout")), show_default=True,
+              help="Seconds one variant may take; then it is killed and recorded as failed.")
 @click.option("--no-accuracy", is_flag=True, help="Measure memory and speed only; skip the clinical accuracy (edgecds eval).")
 @click.option("--cases", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="Cases for the accuracy.  [default: the shipped set]")
 @click.option("--measure-anyway", is_flag=True, help="Measure on a machine that is not the --device; results are marked as measured on this machine.")
@@ -211,7 +220,7 @@ def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int |
       edgecds profile variants.json --device jetson-orin-nano-8gb --types Q4_K_M,Q8_0 -r 5 --json
     """
     from edgecds.formats.types import parse_type_names
-    from edgecds.profile import ProfileConfig, run_profile
+    from edgecds.profile import run_profile
     from edgecds.progress import make_reporter
 
     config = ProfileConfig(
@@ -242,16 +251,19 @@ def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int |
 @click.option("--cases", type=click.Path(path_type=Path, dir_okay=False),
               help="Your own cases (edgecds JSONL, open-ended or MCQ, or MedQA-/MedMCQA-style JSONL), or `open` for the shipped "
                    "64 open-ended cases.  [default: the shipped 155 MCQ cases]")
-@click.option("--mode", type=click.Choice(["loglik", "generate", "topk"]), default="loglik", show_default=True,
+@click.option("--mode", type=click.Choice(MODES), default=default_of(EvalConfig, "mode"), show_default=True,
               help="loglik: each option's log-probability (works for tiny models); generate: the model's own answer; topk: k differentials.")
-@click.option("-k", "k", type=click.IntRange(min=1, max=10), default=5, show_default=True, help="Differentials listed in topk mode.")
+@click.option("-k", "k", type=click.IntRange(min=1, max=10), default=default_of(EvalConfig, "k"), show_default=True, help="Differentials listed in topk mode.")
 @click.option("--think-tokens", type=click.IntRange(min=0), default=THINK_TOKENS, show_default=True,
               help="generate/topk: tokens a reasoning model may think (<think>, harmony analysis) before its answer; set aside before matching.")
-@click.option("--samples", type=click.IntRange(min=0, max=100), default=0, show_default=True,
+@click.option("--samples", type=click.IntRange(min=0, max=100), default=default_of(EvalConfig, "sampling.samples"), show_default=True,
               help="generate/topk: seeded samples per case for pass@k (k = 1, 3, 5 up to this), next to greedy accuracy.")
-@click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=0.7, show_default=True, help="Sampling temperature (pass@k).")
-@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.95, show_default=True, help="Nucleus sampling mass (pass@k).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the pass@k samples (the same seed gives the same answers).")
+@click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=default_of(EvalConfig, "sampling.temperature"), show_default=True,
+              help="Sampling temperature (pass@k).")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=default_of(EvalConfig, "sampling.top_p"), show_default=True,
+              help="Nucleus sampling mass (pass@k).")
+@click.option("--seed", type=int, default=default_of(EvalConfig, "sampling.seed"), show_default=True,
+              help="Seed of the pass@k samples (the same seed gives the same answers).")
 @click.option("--judge", type=click.Path(path_type=Path, exists=True),
               help="generate/topk: a variant (GGUF file or ONNX folder) that grades each answer against the reference; "
                    "its agreement with the matcher is reported as Cohen's kappa.")
@@ -280,7 +292,7 @@ def eval_command(variants: Path, cases: Path | None, mode: str, k: int, think_to
       edgecds eval variants.json --cases my-hospital-cases.jsonl --types Q4_K_M --json
       edgecds eval variants.json --cases open --mode topk -k 5 --samples 5
     """
-    from edgecds.evaluate import EvalConfig, Sampling, run_eval
+    from edgecds.evaluate import Sampling, run_eval
     from edgecds.formats.types import parse_type_names
     from edgecds.progress import make_reporter
 
@@ -328,7 +340,7 @@ def doctor(as_json: bool) -> None:
 
 @click.command("compare")
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--alpha", type=click.FloatRange(0.0, 0.5, min_open=True), default=0.01, show_default=True,
+@click.option("--alpha", type=click.FloatRange(0.0, 0.5, min_open=True), default=DEFAULT_ALPHA, show_default=True,
               help="Significance level, applied to Holm-adjusted p-values.")
 @click.option("--subgroups", is_flag=True, help="Also show the comparisons by specialty and by incidence.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparisons as JSON.")
@@ -360,21 +372,25 @@ def compare_command(results: tuple[Path, ...], alpha: float, subgroups: bool, as
 @device_option("Device profile to tune for; 'auto' takes the one detected here. Another device is refused unless --measure-anyway.",
                default=AUTO)
 @click.option("--types", "types_text", metavar="LIST", help="Only these GGUF variants (comma list). Default: all GGUF variants.")
-@click.option("--objective", type=click.Choice(["decode", "ttft", "memory"]), default="decode", show_default=True,
+@click.option("--objective", type=click.Choice(OBJECTIVES), default=default_of(TuneConfig, "objective"), show_default=True,
               help="Fastest decode, lowest time to first token, or least peak memory (keeping --min-decode).")
-@click.option("--min-decode", type=click.FloatRange(min=0), default=0.0, show_default=True, help="--objective memory: tokens/s to keep.")
-@click.option("--knobs", default=",".join(("threads", "batch", "flash", "cache", "gpu_layers")), show_default=True,
+@click.option("--min-decode", type=click.FloatRange(min=0), default=default_of(TuneConfig, "min_decode"), show_default=True,
+              help="--objective memory: tokens/s to keep.")
+@click.option("--knobs", default=",".join(default_of(TuneConfig, "knobs")), show_default=True,
               help="Settings to search, in order: threads, batch, flash, cache, gpu_layers.")
-@click.option("--max-kl", type=click.FloatRange(min=0), default=0.002, show_default=True,
+@click.option("--max-kl", type=click.FloatRange(min=0), default=default_of(TuneConfig, "max_kl"), show_default=True,
               help="Accuracy gate: mean KL divergence from the default settings' next-token distributions on the drift text.")
-@click.option("--max-flips", "max_flip_share", type=click.FloatRange(0, 1), default=0.02, show_default=True,
+@click.option("--max-flips", "max_flip_share", type=click.FloatRange(0, 1), default=default_of(TuneConfig, "max_flip_share"), show_default=True,
               help="Accuracy gate: share of case answers allowed to change.")
 @click.option("--cases", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="Cases for the gate.  [default: the shipped set]")
-@click.option("--case-limit", type=click.IntRange(min=1), default=40, show_default=True, help="The gate's first N cases.")
-@click.option("--max-candidates", type=click.IntRange(min=1), default=16, show_default=True, help="Stop after this many measured settings.")
-@click.option("--repeats", "-r", type=click.IntRange(min=1), default=2, show_default=True, help="Fresh processes per candidate.")
-@click.option("--prompt-tokens", "-p", type=click.IntRange(min=1), default=256, show_default=True, help="Prompt-processing test size.")
-@click.option("--decode-tokens", "-n", type=click.IntRange(min=1), default=64, show_default=True, help="Generation test size.")
+@click.option("--case-limit", type=click.IntRange(min=1), default=default_of(TuneConfig, "case_limit"), show_default=True, help="The gate's first N cases.")
+@click.option("--max-candidates", type=click.IntRange(min=1), default=default_of(TuneConfig, "max_candidates"), show_default=True,
+              help="Stop after this many measured settings.")
+@click.option("--repeats", "-r", type=click.IntRange(min=1), default=default_of(TuneConfig, "repeats"), show_default=True, help="Fresh processes per candidate.")
+@click.option("--prompt-tokens", "-p", type=click.IntRange(min=1), default=default_of(TuneConfig, "prompt_tokens"), show_default=True,
+              help="Prompt-processing test size.")
+@click.option("--decode-tokens", "-n", type=click.IntRange(min=1), default=default_of(TuneConfig, "decode_tokens"), show_default=True,
+              help="Generation test size.")
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="Context length (kept fixed).  [default: the device's]")
 @click.option("--measure-anyway", is_flag=True, help="Tune on a machine that is not the --device; marked so.")
 @click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), help="Results file.  [default: results.json beside variants.json]")
@@ -396,7 +412,7 @@ def tune_command(variants: Path, device_id: str, types_text: str | None, knobs: 
     """
     from edgecds.formats.types import parse_type_names
     from edgecds.progress import make_reporter
-    from edgecds.tune import TuneConfig, run_tune, settings_text
+    from edgecds.tune import run_tune, settings_text
 
     config = TuneConfig(variants=variants, device=device_id, types=parse_type_names(types_text),
                         knobs=tuple(k.strip() for k in knobs.split(",") if k.strip()), **options)

@@ -8,7 +8,9 @@ from typing import Any
 
 import click
 
-from edgecds.commands.common import print_json, table
+from edgecds.commands.common import default_of, print_json, table, whole
+from edgecds.fleet.cluster import DEFAULT_PORT
+from edgecds.fleet.run import FleetConfig
 
 ADDRESS_HELP = "The cluster: HOST:PORT of its head (`edgecds fleet head`).  [default: $RAY_ADDRESS]"
 TOKEN_HELP = ("The cluster's token file: the head makes it, every machine that joins or submits work holds a copy (chmod 600).  "
@@ -54,7 +56,7 @@ def _start(plan: Any, as_json: bool, what: str) -> None:
 
 
 @fleet.command("head")
-@click.option("--address", default="127.0.0.1:6379", show_default=True,
+@click.option("--address", default=f"127.0.0.1:{DEFAULT_PORT}", show_default=True,
               help="HOST:PORT the head listens on: this machine's address on the hospital network (loopback: this machine only).")
 @click.option("--device", "device_id", help="Also measure here, as this device profile.  [default: the head only schedules]")
 @_start_options
@@ -136,12 +138,12 @@ def _job_options(func: Callable[..., Any]) -> Callable[..., Any]:
         _token_option,
         click.option("--types", "types_text", metavar="LIST", help="Only these variants (comma list). Default: all."),
         click.option("--threads", "-t", type=click.IntRange(min=1), help="Threads.  [default: the device's]"),
-        click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
+        click.option("--retries", type=click.IntRange(min=0), default=default_of(FleetConfig, "retries"), show_default=True,
                      help="Further attempts, on another node of the kind, when a node dies mid-task."),
         click.option("--again", is_flag=True, help="Run tasks fleet.json records as done; with --force the nodes measure again too."),
         click.option("--force", is_flag=True, help="Nodes measure again what their own workspace holds."),
         click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), help="Results file.  [default: results.json beside variants.json]"),
-        click.option("--task-timeout", type=click.FloatRange(min=1), default=3600, show_default=True,
+        click.option("--task-timeout", type=click.FloatRange(min=1), default=whole(default_of(FleetConfig, "task_timeout")), show_default=True,
                      help="Seconds a device kind may go without finishing a task before its remaining tasks are recorded as failed."),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),
         click.option("--quiet", "-q", is_flag=True, help="No progress on stderr."),
@@ -152,7 +154,7 @@ def _job_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _run(job: str, variants: Path, devices_text: str, types_text: str | None, options: Any, common: dict[str, Any],
          cases: Path | None = None) -> None:
-    from edgecds.fleet.run import FleetConfig, run_fleet
+    from edgecds.fleet.run import run_fleet
     from edgecds.formats.types import parse_type_names
     from edgecds.progress import make_reporter
 
@@ -175,10 +177,14 @@ def _run(job: str, variants: Path, devices_text: str, types_text: str | None, op
 @fleet.command("profile")
 @_job_options
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="Context length.  [default: the device's]")
-@click.option("--prompt-tokens", "-p", type=click.IntRange(min=1), default=512, show_default=True, help="Prompt-processing test size.")
-@click.option("--decode-tokens", "-n", type=click.IntRange(min=1), default=128, show_default=True, help="Generation test size.")
-@click.option("--repeats", "-r", type=click.IntRange(min=1), default=3, show_default=True, help="Fresh processes per variant.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=600, show_default=True, help="Seconds a variant may take.")
+@click.option("--prompt-tokens", "-p", type=click.IntRange(min=1), default=default_of(FleetConfig, "options.prompt_tokens"), show_default=True,
+              help="Prompt-processing test size.")
+@click.option("--decode-tokens", "-n", type=click.IntRange(min=1), default=default_of(FleetConfig, "options.decode_tokens"), show_default=True,
+              help="Generation test size.")
+@click.option("--repeats", "-r", type=click.IntRange(min=1), default=default_of(FleetConfig, "options.repeats"), show_default=True,
+              help="Fresh processes per variant.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=whole(default_of(FleetConfig, "options.timeout")), show_default=True,
+              help="Seconds a variant may take.")
 def fleet_profile(variants: Path, devices_text: str, types_text: str | None, threads: int | None, n_ctx: int | None, prompt_tokens: int,
                   decode_tokens: int, repeats: int, timeout: float, **common: Any) -> None:
     """Measure memory and speed of each variant on a node of each device kind, as `edgecds profile` does there.

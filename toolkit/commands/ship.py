@@ -8,8 +8,9 @@ from typing import Any
 
 import click
 
-from edgecds.commands.common import constraint_options, device_option, print_json, profiles_dir_option
+from edgecds.commands.common import constraint_options, default_of, device_option, print_json, profiles_dir_option, whole
 from edgecds.errors import UsageError
+from edgecds.serve import ServeConfig
 from edgecds.target import AUTO, resolve_target
 
 
@@ -185,17 +186,19 @@ def run_command(bundle: Path, prompt: str | None, max_tokens: int | None, no_ver
 
 @click.command("serve")
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback exposes the model to the network.")
-@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--host", default=default_of(ServeConfig, "host"), show_default=True,
+              help="Address to bind; anything but loopback exposes the model to the network.")
+@click.option("--port", type=click.IntRange(1, 65535), default=default_of(ServeConfig, "port"), show_default=True)
 @click.option("--token", help="Bearer token every request must carry (visible to other users in the process list: prefer "
               "--token-file or $EDGECDS_SERVE_TOKEN).  [default: $EDGECDS_SERVE_TOKEN, else a new random one, printed once]")
 @click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="Read the bearer token from this file.")
-@click.option("--slots", type=click.IntRange(min=1), default=1, show_default=True, help="Requests answered at once.")
-@click.option("--queue", type=click.IntRange(min=0), default=4, show_default=True, help="Requests allowed to wait; more are answered 503.")
+@click.option("--slots", type=click.IntRange(min=1), default=default_of(ServeConfig, "slots"), show_default=True, help="Requests answered at once.")
+@click.option("--queue", type=click.IntRange(min=0), default=default_of(ServeConfig, "queue"), show_default=True,
+              help="Requests allowed to wait; more are answered 503.")
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Cap on each answer's tokens.  [default: the bundle's]")
-@click.option("--timeout", "request_seconds", type=click.FloatRange(min=0.1), default=120, show_default=True,
+@click.option("--timeout", "request_seconds", type=click.FloatRange(min=0.1), default=whole(default_of(ServeConfig, "request_seconds")), show_default=True,
               help="Seconds a request may take, waiting included; then its generation is stopped (504).")
-@click.option("--body-timeout", "body_seconds", type=click.FloatRange(min=0.1), default=10, show_default=True,
+@click.option("--body-timeout", "body_seconds", type=click.FloatRange(min=0.1), default=whole(default_of(ServeConfig, "body_seconds")), show_default=True,
               help="Seconds a client has to send its request headers (the connection is closed after) and then its body (408 after).")
 @click.option("--no-verify", is_flag=True, help="Skip checking the bundle against its manifest at start.")
 @click.option("--key", "trusted_key", help="The signer's public key (hex); the bundle must be signed by it.  [default: $EDGECDS_TRUSTED_KEY]")
@@ -212,7 +215,7 @@ def serve_command(bundle: Path, host: str, port: int, token: str | None, token_f
     """
     import os
 
-    from edgecds.serve import TOKEN_ENV, ServeConfig, serve
+    from edgecds.serve import TOKEN_ENV, serve
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: binding to {host}: other machines can reach the model (the token is still required)", err=True)

@@ -19,11 +19,12 @@ from edgecds.atomic import folder_lock, write_json
 from edgecds.devices import load_profiles
 from edgecds.digest import cache_key, sha256_stream
 from edgecds.errors import InvalidInputError, UnknownNameError, UsageError
-from edgecds.evaluate import reference_of
+from edgecds.evaluate import EvalConfig, reference_of
 from edgecds.fleet.cluster import connect, device_resource, live_kinds
 from edgecds.fleet.node import JOBS, TaskReport, TaskSpec, run_task
 from edgecds.fleet.transfer import FileSpec, check_sha256, safe_relpath, start_server
 from edgecds.jsonfile import read_json_object
+from edgecds.profile import ProfileConfig
 from edgecds.progress import Reporter
 from edgecds.results import RESULTS_FILE, ResultsFile, load_results, parse_evaluation, parse_host, parse_measurement
 from edgecds.variants import VariantRecord, VariantsFile, check_unchanged, open_variants, variant_file
@@ -34,15 +35,16 @@ LOG_SCHEMA = 1
 
 @dataclass(frozen=True)
 class JobOptions:
-    """What the node's `profile` or `eval` runs with; part of each task's identity."""
+    """What the node's `profile` or `eval` runs with; part of each task's identity. The defaults
+    are those of `edgecds profile` and `edgecds eval` on the device."""
 
     n_ctx: int | None = None
     threads: int | None = None
-    prompt_tokens: int = 512
-    decode_tokens: int = 128
-    repeats: int = 3
-    timeout: float = 600.0
-    mode: str = "loglik"
+    prompt_tokens: int = ProfileConfig.prompt_tokens
+    decode_tokens: int = ProfileConfig.decode_tokens
+    repeats: int = ProfileConfig.repeats
+    timeout: float = ProfileConfig.timeout
+    mode: str = EvalConfig.mode
     limit: int | None = None
     drift: bool = True
     force: bool = False  # the node measures again what its own workspace already holds
