@@ -66,12 +66,22 @@ def cpu_path_verdict(tmp_path_factory: pytest.TempPathFactory) -> Path:
 ORT_TELEMETRY = Path(".cache") / "Microsoft" / "DeveloperTools" / ".onnxruntime"  # onnxruntime's device id and events database
 
 
+@pytest.fixture(scope="session")
+def compiled_graphs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache of ONNX's compiled fused-attention graphs for the session: the cache is keyed by
+    the variant's content and each entry's files are checked by hash at every load, so tests that
+    open the same variant (or a copy of it) share one compile (3-9 s each) as a device would.
+    A test about the cache itself sets its own EDGECDS_HOME."""
+    return tmp_path_factory.mktemp("compiled-graphs")
+
+
 @pytest.fixture(autouse=True)
-def isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_path_verdict: Path) -> Iterator[Path]:
+def isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_path_verdict: Path, compiled_graphs: Path) -> Iterator[Path]:
     """Every test has its own EDGECDS_HOME and HOME; after it, the HOME must hold no trace of
     onnxruntime's telemetry, whichever process of the test (build side included) loaded it."""
     home = tmp_path / "edgecds-home"
     shutil.copytree(cpu_path_verdict, home / "cpu-paths")
+    (home / "compiled").symlink_to(compiled_graphs, target_is_directory=True)
     monkeypatch.setenv("EDGECDS_HOME", str(home))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

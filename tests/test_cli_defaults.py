@@ -39,6 +39,12 @@ from edgecds.tune import TuneConfig
 COMMANDS = Path(__file__).resolve().parent.parent / "toolkit" / "commands"
 
 
+def command(name: str) -> click.Command:
+    found = cli.get_command(click.Context(cli), name)
+    assert found is not None, name
+    return found
+
+
 def same(value: Any) -> Any:
     return value
 
@@ -73,24 +79,24 @@ class Row:
     renamed: dict[str, str | Source] = field(default_factory=dict)  # option destination -> where its default lives
 
 
-FLEET = cli.commands["fleet"]
+FLEET = command("fleet")
 assert isinstance(FLEET, click.Group)
 CONSTRAINTS = {"min_decode": "min_decode_tps", "formats": Source("formats", comma_list), "min_accuracy": Source("min_accuracy", fraction),
                "max_drop": Source("max_drop", fraction), "max_flip_rate": Source("max_flip_rate", fraction)}
 
 ROWS = {
-    "profile": Row(cli.commands["profile"], ProfileConfig,
+    "profile": Row(command("profile"), ProfileConfig,
                    frozenset({"kv_type", "flash_attn", "prompt_tokens", "decode_tokens", "repeats", "timeout"}),
                    {"device_id": "device", "kv_type": "cache_type", "no_accuracy": Source("accuracy", negated)}),
-    "plan": Row(cli.commands["plan"], ProfileConfig, frozenset({"kv_type"}), {"kv_type": "cache_type"}),
-    "eval": Row(cli.commands["eval"], EvalConfig, frozenset({"mode", "k", "samples", "temperature", "top_p", "seed"}),
+    "plan": Row(command("plan"), ProfileConfig, frozenset({"kv_type"}), {"kv_type": "cache_type"}),
+    "eval": Row(command("eval"), EvalConfig, frozenset({"mode", "k", "samples", "temperature", "top_p", "seed"}),
                 {"samples": "sampling.samples", "temperature": "sampling.temperature", "top_p": "sampling.top_p", "seed": "sampling.seed",
                  "no_drift": Source("drift", negated)}),
-    "tune": Row(cli.commands["tune"], TuneConfig,
+    "tune": Row(command("tune"), TuneConfig,
                 frozenset({"objective", "min_decode", "knobs", "max_kl", "max_flip_share", "case_limit", "max_candidates", "repeats",
                            "prompt_tokens", "decode_tokens"}),
                 {"device_id": "device", "knobs": Source("knobs", comma_list)}),
-    "serve": Row(cli.commands["serve"], ServeConfig, frozenset({"host", "port", "slots", "queue", "request_seconds", "body_seconds"}),
+    "serve": Row(command("serve"), ServeConfig, frozenset({"host", "port", "slots", "queue", "request_seconds", "body_seconds"}),
                  {"no_verify": Source("verify", negated)}),
     "fleet profile": Row(FLEET.commands["profile"], FleetConfig,
                          frozenset({"retries", "task_timeout", "prompt_tokens", "decode_tokens", "repeats", "timeout"}),
@@ -99,7 +105,7 @@ ROWS = {
     "fleet eval": Row(FLEET.commands["eval"], FleetConfig, frozenset({"retries", "task_timeout"}),
                       {"threads": "options.threads", "force": "options.force", "limit": "options.limit",
                        "no_drift": Source("options.drift", negated)}),
-    "quantize": Row(cli.commands["quantize"], QuantizeConfig,
+    "quantize": Row(command("quantize"), QuantizeConfig,
                     frozenset({"imatrix_ctx", "block_size", "accuracy_level", "head_bits", "threads"}),
                     {"fmt": Source("formats", comma_list), "allow_requantize": "quantizer.allow_requantize", "pure": "quantizer.pure",
                      "leave_output_tensor": "quantizer.leave_output_tensor", "threads": "quantizer.threads",
@@ -107,8 +113,8 @@ ROWS = {
                      "accuracy_level": "onnx.accuracy_level", "keep_embeddings": Source("onnx.quantize_embeddings", negated),
                      "head_bits": Source("onnx.head_bits", int), "imatrix_ctx": Source("chunk_size", config=ImatrixOptions),
                      "imatrix_chunks": Source("chunks", config=ImatrixOptions)}),
-    "bundle": Row(cli.commands["bundle"], Constraints, frozenset({"formats", "prefer", "alpha"}), CONSTRAINTS),
-    "report": Row(cli.commands["report"], Constraints, frozenset({"formats", "prefer", "alpha"}), CONSTRAINTS),
+    "bundle": Row(command("bundle"), Constraints, frozenset({"formats", "prefer", "alpha"}), CONSTRAINTS),
+    "report": Row(command("report"), Constraints, frozenset({"formats", "prefer", "alpha"}), CONSTRAINTS),
 }
 
 
@@ -147,7 +153,7 @@ def test_the_table_covers_every_option_that_reads_its_default_from_the_config(na
 
 
 def test_compare_defaults_to_the_alpha_its_library_function_does() -> None:
-    alpha = next(p for p in cli.commands["compare"].params if p.name == "alpha")
+    alpha = next(p for p in command("compare").params if p.name == "alpha")
     assert alpha.default == DEFAULT_ALPHA == inspect.signature(compare).parameters["alpha"].default
 
 

@@ -126,3 +126,15 @@ def test_the_clinic_commands_run_without_the_build_side(default_variants: object
     profiled = json.loads(device(env, "profile", str(variants), "--types", "Q4_K_M", "--ctx", "512", "-p", "16", "-n", "4", "-r", "1",
                                  "--cases", str(cases), "-o", str(results), "-q", "--json").stdout)
     assert profiled["records"][0]["status"] == "measured" and profiled["accuracy"]["evaluations"]
+
+
+@pytest.mark.parametrize("command", ["serve", "run", "verify", "profile", "plan", "doctor"])
+def test_a_device_command_loads_no_module_of_the_build_side(command: str) -> None:
+    """The CLI loads a command's module only when it runs: the build commands' option defaults come
+    from quant/'s configs, and a device command must not import them (cli.COMMANDS)."""
+    code = ("import sys; from edgecds.cli import main; sys.argv = ['edgecds', sys.argv[1], '--help']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('LOADED=' + ','.join(sorted(m for m in sys.modules if m.startswith('edgecds.quant'))))")
+    run = subprocess.run([sys.executable, "-c", code, command], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "LOADED=", run.stdout[-300:]

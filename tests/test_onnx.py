@@ -418,8 +418,11 @@ def test_verification_refuses_a_wrongly_fused_graph(onnx_variants: QuantizeResul
     assert not wrong["passed"] and wrong["top1_agreement"] < 0.8, wrong
 
 
-def test_a_layout_the_rewrite_does_not_know_runs_as_exported(onnx_variants: QuantizeResult, tmp_path: Path) -> None:
+def test_a_layout_the_rewrite_does_not_know_runs_as_exported(onnx_variants: QuantizeResult, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import json
+
+    monkeypatch.setenv("EDGECDS_HOME", str(tmp_path / "own-home"))  # its own cache: the record read below is this variant's
 
     folder = tmp_path / "variant"
     shutil.copytree(folder_of(onnx_variants, "ONNX_INT4"), folder)

@@ -10,20 +10,46 @@ The commands live in `edgecds.commands` (build, device, ship, fleet); this modul
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import click
 
 from edgecds import __version__
-from edgecds.commands.build import inspect, models, quantize, types_command
-from edgecds.commands.device import compare_command, devices, doctor, eval_command, plan, profile, tune_command
-from edgecds.commands.fleet import fleet
-from edgecds.commands.ship import bundle_command, keygen_command, report_command, run_command, serve_command, verify_command
 from edgecds.errors import EdgecdsError, UsageError, write_failure_message
+
+# name -> (module of edgecds.commands, attribute), in the order `--help` lists them. A command's
+# module is imported only when that command runs (or help lists it): `edgecds serve` on a device
+# never loads the build commands, whose option defaults come from the build side's configs.
+COMMANDS = {
+    # build
+    "quantize": ("build", "quantize"), "types": ("build", "types_command"), "models": ("build", "models"),
+    "inspect": ("build", "inspect"),
+    # device
+    "devices": ("device", "devices"), "doctor": ("device", "doctor"), "plan": ("device", "plan"), "profile": ("device", "profile"),
+    "eval": ("device", "eval_command"), "compare": ("device", "compare_command"), "tune": ("device", "tune_command"),
+    # ship
+    "report": ("ship", "report_command"), "bundle": ("ship", "bundle_command"), "keygen": ("ship", "keygen_command"),
+    "verify": ("ship", "verify_command"), "run": ("ship", "run_command"), "serve": ("ship", "serve_command"),
+    # many devices
+    "fleet": ("fleet", "fleet"),
+}
 
 
 class EdgecdsGroup(click.Group):
-    """Maps library errors to click's: usage errors exit 2, everything else the user can fix exits 1."""
+    """Loads each command from its module when it is asked for; maps library errors to click's:
+    usage errors exit 2, everything else the user can fix exits 1."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context | None, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[cmd_name]
+        command = getattr(importlib.import_module(f"edgecds.commands.{module}"), attribute)
+        assert isinstance(command, click.Command) and command.name == cmd_name, cmd_name
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -49,30 +75,6 @@ def cli() -> None:
       edgecds models pull default
       edgecds quantize --types Q8_0,Q4_K_M -o variants/
     """
-
-
-# build
-cli.add_command(quantize)
-cli.add_command(types_command)
-cli.add_command(models)
-cli.add_command(inspect)
-# device
-cli.add_command(devices)
-cli.add_command(doctor)
-cli.add_command(plan)
-cli.add_command(profile)
-cli.add_command(eval_command)
-cli.add_command(compare_command)
-cli.add_command(tune_command)
-# ship
-cli.add_command(report_command)
-cli.add_command(bundle_command)
-cli.add_command(keygen_command)
-cli.add_command(verify_command)
-cli.add_command(run_command)
-cli.add_command(serve_command)
-# many devices
-cli.add_command(fleet)
 
 
 def main() -> None:
