@@ -90,23 +90,26 @@ def fingerprint(match: HostMatch) -> HostFingerprint:
         "versions": {"edgecds": __version__, "llama_cpp_python": _llama_version(), "python": platform.python_version()},
         "cpu_features": list(host.cpu_features), "llama_extra_buffers": _extra_buffers(),
     }
-    return HostFingerprint(id=HostFingerprint.make_id(values), **values)
+    # the id is the machine and its software: the repacking verdict is recorded beside it (it is
+    # known only once a GGUF has run here, and measurements key on the settings that carry it)
+    identity = {k: v for k, v in values.items() if k != "llama_extra_buffers"}
+    return HostFingerprint(id=HostFingerprint.make_id(identity), **values)
 
 
 def _extra_buffers() -> bool | None:
-    """This host's verdict on llama.cpp's repacked weight buffers; None without llama.cpp or when it cannot run here."""
+    """This host's kept (or forced) verdict on llama.cpp's repacked weight buffers, never a new
+    probe; None without llama.cpp, before the first GGUF ran here, or when it cannot be read."""
     import importlib.util
-
-    from edgecds.errors import EngineError
 
     if importlib.util.find_spec("llama_cpp") is None:
         return None
-    from edgecds.engine.cpu_paths import resolve
+    from edgecds.engine.cpu_paths import remembered
 
     try:
-        return resolve().extra_buffers
-    except EngineError:
+        verdict = remembered()
+    except Exception:  # a broken llama.cpp install or a wrong EDGECDS_CPU_REPACK is said where an engine is used, not here
         return None
+    return None if verdict is None else verdict.extra_buffers
 
 
 def _describe(match: HostMatch) -> str:

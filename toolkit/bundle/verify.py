@@ -33,7 +33,7 @@ from edgecds.progress import Reporter, offset
 
 # what reading a hostile archive raises: tarfile's own parser also raises ValueError (bad sparse
 # maps) and RecursionError (chained long-name headers); none may become a traceback
-ARCHIVE_ERRORS = (OSError, EOFError, ValueError, RecursionError, zlib.error, tarfile.TarError)
+ARCHIVE_ERRORS = (OSError, EOFError, ValueError, RecursionError, IndexError, zlib.error, tarfile.TarError)
 MAX_MEMBERS = 4096  # a bundle holds a handful of files (an ONNX variant a dozen); more is an attack
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_SIGNATURE_BYTES = 64 << 10
@@ -41,7 +41,7 @@ DISK_MARGIN = 64 << 20
 TRUSTED_KEY_ENV = "EDGECDS_TRUSTED_KEY"  # the signer a clinic device requires, when set
 # a GNU long-name/long-link or pax header is read whole into memory by tarfile: bounded before
 # that (a 1 MB gzip can declare a 1 GiB name); a bundle's longest name is well under this
-MAX_EXTENDED_HEADER = 64 << 10
+MAX_EXTENDED_HEADER = 4 << 10  # x MAX_MEMBERS: at most 16 MiB of names held before the manifest check
 SHOWN_NAME = 160  # characters of a hostile member name echoed in an error
 
 
@@ -56,10 +56,18 @@ class _BoundedTarInfo(tarfile.TarInfo):
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         extended = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+        if self.type == tarfile.GNUTYPE_SPARSE:  # its map of holes is read (unbounded) before a sparse member could be refused
+            raise VerifyError(f"{tarfile_.name!s}: a sparse file member (a size bomb); no bundle holds one; refused, nothing extracted")
         if self.type in extended and self.size > MAX_EXTENDED_HEADER:
             raise VerifyError(f"{tarfile_.name!s}: an extended header declares {self.size} bytes (a name or attributes that long "
                               "is a memory bomb); refused, nothing extracted")
         return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+    def _refuse_sparse(self, *args: object) -> None:
+        raise VerifyError("a sparse file member (a size bomb: pax's GNU.sparse map); no bundle holds one; refused, nothing extracted")
+
+    # pax's GNU sparse formats 0.0, 0.1 and 1.0 (1.0 reads its map from the data, unbounded)
+    _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_sparse
 
 
 @dataclass(frozen=True)

@@ -110,9 +110,23 @@ def resolve(reporter: Any = None) -> CpuPathVerdict:
         if reporter:
             reporter.note("trying llama.cpp's repacked CPU weight paths on this host (once per host and engine build)")
         verdict = probe_host(features, engine)
-        _write_verdict(cache, verdict)
+        if verdict.how == "probed":  # only a clean verdict is kept: a probe that timed out or failed is tried again next time
+            _write_verdict(cache, verdict)
+        elif reporter:
+            reporter.note(verdict.how)
     _resolved[(str(cache), engine)] = verdict
     return verdict
+
+
+def remembered() -> CpuPathVerdict | None:
+    """The verdict forced or kept for this host, without probing; None when there is none yet."""
+    from edgecds.host import detect_cpu_features
+
+    mode = requested_mode()
+    if mode != "auto":
+        return CpuPathVerdict(mode == "on", f"{CPU_PATH_ENV}={mode}", features=detect_cpu_features())
+    engine = engine_build()
+    return _read_verdict(_cache_file(detect_cpu_features(), engine), engine)
 
 
 def _read_verdict(cache: Path, engine: str) -> CpuPathVerdict | None:
@@ -141,8 +155,10 @@ def _write_verdict(cache: Path, verdict: CpuPathVerdict) -> None:
 class ProbeRun:
     ok: bool
     buffers: tuple[str, ...]  # every weight buffer type llama.cpp reported
-    crash: str | None  # "died with SIGSEGV while decoding Q8_0", when not ok
+    crash: str | None  # "was killed by SIGSEGV while decoding Q8_0", when not ok
     seconds: float
+    signal: bool = False  # it was killed by a signal (a crash in the engine), not a timeout or an error of its own
+    said: str = ""  # the child's last lines, when it failed without a signal
 
 
 def run_probe(extra: bool) -> ProbeRun:
@@ -155,13 +171,16 @@ def run_probe(extra: bool) -> ProbeRun:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT, check=False, preexec_fn=die_with_parent())
     except subprocess.TimeoutExpired:
         return ProbeRun(False, (), f"did not finish the probe within {PROBE_TIMEOUT} s", PROBE_TIMEOUT)
+    from edgecds.child import stderr_tail
+
     seconds = round(time.perf_counter() - start, 2)
     seen = _buffers_in(proc.stderr.splitlines())
     if proc.returncode == 0:
         return ProbeRun(True, seen, None, seconds)
     steps = [line.split(" ", 1)[1] for line in proc.stderr.splitlines() if line.startswith("probe: ")]
     where = f" while {steps[-1]}" if steps else ""
-    return ProbeRun(False, seen, f"{exit_cause(proc.returncode).replace('killed by', 'was killed by')}{where}", seconds)
+    return ProbeRun(False, seen, f"{exit_cause(proc.returncode).replace('killed by', 'was killed by')}{where}", seconds,
+                    signal=proc.returncode < 0, said=stderr_tail(proc.stderr, 3))
 
 
 def probe_host(features: tuple[str, ...], engine: str) -> CpuPathVerdict:
@@ -170,9 +189,12 @@ def probe_host(features: tuple[str, ...], engine: str) -> CpuPathVerdict:
     if on.ok:
         return CpuPathVerdict(True, "probed", seen, None, features, engine)
     off = run_probe(extra=False)
+    if not on.signal:  # a timeout or an error of the probe's own says nothing about the CPU: not kept, tried again next time
+        why = f"the probe of repacked weights {on.crash} ({on.said})" if on.said else f"the probe of repacked weights {on.crash}"
+        return CpuPathVerdict(False, f"repacked weights off for now: {why}", seen, None, features, engine)
     if not off.ok:
         raise EngineError(f"llama.cpp cannot run a quantized model on this host: with repacked weights it {on.crash}, "
-                          f"without them it {off.crash}. {crash_advice(off.crash or '', features, False)}")
+                          f"without them it {off.crash}. {crash_advice(off.crash or '', features, False)} {off.said}".rstrip())
     return CpuPathVerdict(False, "probed", seen, on.crash, features, engine)
 
 
@@ -223,15 +245,5 @@ def advice_for_exit(code: int) -> str:
 
     if code >= 0:
         return ""
-    mode = requested_mode()
-    extra = mode == "on" or mode == "auto" and _remembered_extra()
-    return crash_advice(exit_cause(code), detect_cpu_features(), extra)
-
-
-def _remembered_extra() -> bool:
-    """Whether the extra buffers were on, as far as the remembered verdict says (no probe is run here)."""
-    from edgecds.host import detect_cpu_features
-
-    engine = engine_build()
-    verdict = _read_verdict(_cache_file(detect_cpu_features(), engine), engine)
-    return True if verdict is None else verdict.extra_buffers
+    verdict = remembered()  # no probe is run here
+    return crash_advice(exit_cause(code), detect_cpu_features(), True if verdict is None else verdict.extra_buffers)

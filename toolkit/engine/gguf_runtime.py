@@ -62,7 +62,7 @@ class GgufRuntime:
         from edgecds.engine.llama_log import captured_llama_log
 
         extra = settings.extra_buffers if settings.extra_buffers is not None else resolve().extra_buffers
-        with captured_llama_log() as log, model_params_with(extra):
+        with model_params_with(extra), captured_llama_log() as log:  # the lock first: one load's log is its own
             try:
                 self._llm = llama_cpp.Llama(
                     model_path=str(path), n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,

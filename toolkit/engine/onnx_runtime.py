@@ -131,7 +131,10 @@ def compiled_graph(folder: Path, n_ctx: int) -> tuple[Path, str]:
         if how == "compiled now":
             raise
         # damaged or altered: only bytes derived from the variant and checked by hash are loaded, so compile it again
-        shutil.rmtree(cache, ignore_errors=True)
+        with waiting_lock(cache.parent):
+            shutil.rmtree(cache, ignore_errors=True)
+        if record_path.exists():  # it could not be removed (a read-only cache): run the graph as exported
+            return exported, f"graph as exported (the compiled copy in {cache} does not match its hashes and cannot be removed)"
         return compiled_graph(folder, n_ctx)
     verify = fused.get("verify", {})
     return cache / MODEL_FILE, (f"graph compiled with fused attention ({how}): {fused.get('layers')} layers, {fused.get('nodes_before')} -> "
