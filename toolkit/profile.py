@@ -99,12 +99,21 @@ def _settings(config: ProfileConfig, device: DeviceProfile, host: HostInfo, on_t
     if n_gpu_layers != 0 and not engine_has_gpu():
         notes.append("this llama.cpp build has no GPU backend: every layer ran on the CPU (recorded as 0 GPU layers)")
         n_gpu_layers = 0
-    from edgecds.engine.cpu_paths import resolve
-
     # GGUF weights load as this host's probe decided: the prediction leaves out repacked copies when they are not made
     return settings_for(device, config.n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, type_k=config.cache_type.lower(),
                         type_v=config.cache_type.lower(), flash_attn=config.flash_attn, prompt_tokens=config.prompt_tokens,
-                        decode_tokens=config.decode_tokens, extra_buffers=resolve().extra_buffers)
+                        decode_tokens=config.decode_tokens, extra_buffers=_extra_buffers())
+
+
+def _extra_buffers() -> bool | None:
+    """This host's repacking verdict; None where llama.cpp cannot run at all (each GGUF load then
+    says why, and ONNX variants are still measured)."""
+    from edgecds.engine.cpu_paths import resolve
+
+    try:
+        return resolve().extra_buffers
+    except EngineError:
+        return None
 
 
 def engine_has_gpu() -> bool:
