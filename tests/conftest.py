@@ -66,6 +66,16 @@ def cpu_path_verdict(tmp_path_factory: pytest.TempPathFactory) -> Path:
 ORT_TELEMETRY = Path(".cache") / "Microsoft" / "DeveloperTools" / ".onnxruntime"  # onnxruntime's device id and events database
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_telemetry_in_the_real_home() -> Iterator[None]:
+    """Session fixtures (the ONNX export among them) run with the real HOME: onnxruntime's telemetry
+    folder must not appear there either during the run (a probe once found it after the build-side tests)."""
+    folder = Path.home() / ORT_TELEMETRY
+    existed = folder.exists()
+    yield
+    assert existed or not folder.exists(), f"{folder} was created during the test run: a process loaded onnxruntime unswitched"
+
+
 @pytest.fixture(scope="session")
 def compiled_graphs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache of ONNX's compiled fused-attention graphs for the session: the cache is keyed by
