@@ -27,16 +27,18 @@ def read_secret(path: Path, what: str, hint: str, valid: Callable[[str], object]
         raise UsageError(f"no {what.removeprefix('the ')} at {path}: {hint}") from None
     except OSError as exc:
         raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "rb") as handle:
+    try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise UsageError(f"{what} {path} is not a file: {hint}")
         if info.st_mode & 0o077:
             raise UsageError(f"{what} {path} is open to other users of this machine: run `chmod 600 {path}`")
         try:
-            head = handle.read(READ_LIMIT)
+            head = os.read(fd, READ_LIMIT)
         except OSError as exc:
             raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
     try:
         text = head.decode("ascii").split("\n")[0].strip()
     except UnicodeDecodeError:
