@@ -353,3 +353,47 @@ def test_sparse_members_are_refused_before_their_maps_are_read(tmp_path: Path) -
     for name in ("old.tar", "pax.tar"):
         result = CliRunner().invoke(cli, ["verify", str(tmp_path / name)])
         assert result.exit_code == 1 and "a sparse file member (a size bomb" in result.output and "Traceback" not in result.output, result.output
+
+
+def _signed(bundle: Path, private: Path) -> Path:
+    from edgecds.bundle.sign import sign_manifest
+
+    (bundle / "signature.json").write_text(json.dumps(sign_manifest((bundle / "manifest.json").read_bytes(), private)))
+    return bundle
+
+
+def test_verify_takes_the_key_or_its_file_and_says_when_the_key_argument_is_not_a_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from edgecds.bundle.sign import generate_key
+
+    public = generate_key(tmp_path / "signing.pem")
+    other = generate_key(tmp_path / "other.pem")
+    bundle = _signed(fake_bundle(tmp_path / "b"), tmp_path / "signing.pem")
+    pem = serialization.load_pem_private_key((tmp_path / "signing.pem").read_bytes(), None).public_key()
+    (tmp_path / "public.pem").write_bytes(pem.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    for key in (str(public), public.read_text().strip(), public.read_text().strip().upper(), str(tmp_path / "public.pem")):
+        result = CliRunner().invoke(cli, ["verify", str(bundle), "--key", key])
+        assert result.exit_code == 0 and "(the trusted key)" in result.output, (key, result.output)
+    result = CliRunner().invoke(cli, ["verify", str(bundle), "--key", str(other)])
+    assert result.exit_code == 1 and "not by the trusted key" in result.output
+    for key, said in (("nonsense", "neither a public key"), (str(tmp_path / "signing.pem"), "this is a private key"),
+                      (str(tmp_path), "not a plain file"), (str(tmp_path / "b" / "runtime.json"), "holds no ed25519 public key")):
+        result = CliRunner().invoke(cli, ["verify", str(bundle), "--key", key])
+        assert result.exit_code == 2 and said in result.output and "signed by" not in result.output, (key, result.output)
+    monkeypatch.setenv("EDGECDS_TRUSTED_KEY", "not-a-key")  # the device's policy, mistyped: said, not read as another signer
+    result = CliRunner().invoke(cli, ["verify", str(bundle)])
+    assert result.exit_code == 2 and "EDGECDS_TRUSTED_KEY" in result.output and "signed by" not in result.output
+
+
+def test_an_unsigned_bundle_is_said_loudly_and_refused_when_a_signature_is_required(tmp_path: Path) -> None:
+    from edgecds.bundle.sign import generate_key
+
+    bundle = fake_bundle(tmp_path / "b")
+    result = CliRunner().invoke(cli, ["verify", str(bundle)])
+    assert result.exit_code == 0 and "NOT SIGNED" in result.stdout and "WARNING: nothing shows who made this bundle" in result.stderr
+    result = CliRunner().invoke(cli, ["verify", str(bundle), "--require-signature"])
+    assert result.exit_code == 1 and "the bundle is not signed, and a signature was required" in result.output
+    generate_key(tmp_path / "k.pem")
+    result = CliRunner().invoke(cli, ["verify", str(_signed(bundle, tmp_path / "k.pem")), "--require-signature"])
+    assert result.exit_code == 0 and "signed by" in result.output and "WARNING" not in result.output

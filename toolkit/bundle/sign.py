@@ -65,3 +65,63 @@ def check_signature(bundle: Path, manifest_bytes: bytes, signature_bytes: bytes)
         # Either file may be the damaged one; name both so the clinic knows what to re-fetch.
         raise VerifyError(f"{bundle / MANIFEST}: does not match {SIGNATURE} (the manifest changed after signing, or the signature is damaged)") from None
     return str(sig["public_key"]).lower()
+
+
+MAX_KEY_FILE_BYTES = 4096  # a .pub file holds 65 bytes, a PEM public key about 113
+
+
+def trusted_public_key(value: str, where: str = "--key") -> str:
+    """The ed25519 public key (64 hex characters, lower case) that `value` names: the key itself,
+    or the path of a file holding it (keygen's KEY.pem.pub, or a PEM public key). Anything else is
+    a UsageError that says what was expected: a wrong argument must never read as a wrong signer."""
+    text = value.strip()
+    if _is_hex_key(text):
+        return text.lower()
+    path = Path(value).expanduser()
+    if not path.exists():
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise UsageError(f"{where} {shown!r}: neither a public key (64 hex characters, as in KEY.pem.pub) nor a file holding one")
+    raw = _small_file(path, where)
+    content = raw.decode("utf-8", "replace").strip()
+    if _is_hex_key(content):
+        return content.lower()
+    if "PRIVATE KEY" in content:
+        raise UsageError(f"{where} {path}: this is a private key; give the device its public key ({path.name}.pub), never the private one")
+    if "BEGIN PUBLIC KEY" in content:
+        return _pem_public_key(path, raw, where)
+    raise UsageError(f"{where} {path}: holds no ed25519 public key (64 hex characters, as `edgecds keygen` writes to KEY.pem.pub)")
+
+
+def _small_file(path: Path, where: str) -> bytes:
+    """A key file's bytes: opened first (a link is followed, as a user expects), then checked to be
+    a regular file no larger than a key file can be, so a FIFO or a device never blocks the read."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise UsageError(f"{where} {path}: cannot be read ({exc.strerror})") from None
+    info = os.fstat(fd)  # before fdopen, which refuses a folder with an error of its own
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_KEY_FILE_BYTES:
+        os.close(fd)
+        raise UsageError(f"{where} {path}: " + ("not a plain file" if not stat.S_ISREG(info.st_mode) else f"{info.st_size} bytes, too large")
+                         + "; give the public key or the file keygen wrote it to (KEY.pem.pub)")
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read(MAX_KEY_FILE_BYTES)
+
+
+def _is_hex_key(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def _pem_public_key(path: Path, raw: bytes, where: str) -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        key = serialization.load_pem_public_key(raw)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{where} {path}: not a readable PEM public key ({exc})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise UsageError(f"{where} {path}: not an ed25519 key; bundles are signed with ed25519 (`edgecds keygen`)")
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()

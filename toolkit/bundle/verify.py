@@ -283,16 +283,28 @@ class _Contents:
     digest: Digest
 
 
-def verify_bundle(bundle: Path, trusted_key: str | None = None, reporter: Reporter | None = None) -> VerifyResult:
+def _trusted(given: str | None) -> str | None:
+    """The trusted signer as 64 hex characters, from --key (a key or a key file) or the environment."""
+    from edgecds.bundle.sign import trusted_public_key
+
+    if given:
+        return trusted_public_key(given)
+    from_env = os.environ.get(TRUSTED_KEY_ENV, "").strip()
+    return trusted_public_key(from_env, TRUSTED_KEY_ENV) if from_env else None
+
+
+def verify_bundle(bundle: Path, trusted_key: str | None = None, reporter: Reporter | None = None,
+                  require_signature: bool = False) -> VerifyResult:
     """Every byte against the manifest; raises VerifyError naming the file at fault. With
-    `trusted_key` (hex; default $EDGECDS_TRUSTED_KEY) the bundle must be signed by that key.
+    `trusted_key` (the key in hex or a file holding it; default $EDGECDS_TRUSTED_KEY) the bundle must
+    be signed by that key; with `require_signature`, by some key.
     Files are read in chunks: memory stays flat whatever the model's size; an archive is
     verified as it is read, without unpacking it."""
-    trusted_key = trusted_key or os.environ.get(TRUSTED_KEY_ENV) or None
+    trusted_key = _trusted(trusted_key)
     if bundle.is_file():
         try:
             with _open_archive(bundle) as tar:
-                return _check(_archive_contents(bundle, tar), trusted_key, reporter, str(bundle))
+                return _check(_archive_contents(bundle, tar), trusted_key, reporter, str(bundle), require_signature)
         except ARCHIVE_ERRORS as exc:
             raise VerifyError(f"{bundle}: not a complete, readable bundle archive ({type(exc).__name__}: {exc}); fetch it again") from None
     if not bundle.is_dir():
@@ -306,7 +318,7 @@ def verify_bundle(bundle: Path, trusted_key: str | None = None, reporter: Report
     contents = _Contents(bundle, read_plain_file(bundle / MANIFEST, MAX_MANIFEST_BYTES),
                          read_plain_file(bundle / SIGNATURE, MAX_SIGNATURE_BYTES) if signed else None,
                          sorted(_present_files(bundle)), lambda: BundleEngineConfig.read(bundle), digest)
-    return _check(contents, trusted_key, reporter, str(bundle))
+    return _check(contents, trusted_key, reporter, str(bundle), require_signature)
 
 
 def _archive_contents(archive: Path, tar: tarfile.TarFile) -> _Contents:
@@ -349,13 +361,16 @@ def _archive_contents(archive: Path, tar: tarfile.TarFile) -> _Contents:
     return _Contents(Path(f"{archive}:{top}"), manifest, read_small(SIGNATURE, MAX_SIGNATURE_BYTES), list(files), runtime, digest)
 
 
-def _check(c: _Contents, trusted_key: str | None, reporter: Reporter | None, shown: str) -> VerifyResult:
+def _check(c: _Contents, trusted_key: str | None, reporter: Reporter | None, shown: str, require_signature: bool = False) -> VerifyResult:
     """The checks a folder and an archive share: signature, the trusted signer, the manifest's
     entries, no extra or missing file, every file's size and hash, the model listed."""
     signed = c.signature is not None
     signer = check_signature(c.where, c.manifest, c.signature) if c.signature is not None else None
-    if trusted_key is not None and signer != trusted_key.strip().lower():
+    if trusted_key is not None and signer != trusted_key:
         raise VerifyError(f"{c.where / SIGNATURE}: " + ("the bundle is not signed" if not signed else f"signed by {signer}, not by the trusted key"))
+    if require_signature and not signed:
+        raise VerifyError(f"{c.where / SIGNATURE}: the bundle is not signed, and a signature was required; ask its maker for a bundle "
+                          "made with `edgecds bundle --sign KEY.pem`")
     files = _manifest_files(c.where / MANIFEST, c.manifest)
     expected = set(files) | {MANIFEST} | ({SIGNATURE} if signed else set())
     for name in sorted(set(c.present) - expected):
@@ -379,7 +394,8 @@ def _check(c: _Contents, trusted_key: str | None, reporter: Reporter | None, sho
     return VerifyResult(shown, len(files), signed, signer, trusted_key is not None)
 
 
-def unpack_bundle(archive: Path, into: Path, trusted_key: str | None = None, reporter: Reporter | None = None) -> tuple[VerifyResult, Path]:
+def unpack_bundle(archive: Path, into: Path, trusted_key: str | None = None, reporter: Reporter | None = None,
+                  require_signature: bool = False) -> tuple[VerifyResult, Path]:
     """Unpack an archive into `into` as its top folder. The archive is verified first as it is read
     (signature and trusted signer included: nothing is written for a bundle that fails); then it is
     extracted (`safe_extract`: headers and the free disk checked first), the unpacked files are
@@ -388,7 +404,7 @@ def unpack_bundle(archive: Path, into: Path, trusted_key: str | None = None, rep
     the next run removes."""
     from edgecds.atomic import TEMP_MARK, folder_lock, fsync_path, remove_stale_temporaries
 
-    verify_bundle(archive, trusted_key, reporter)
+    verify_bundle(archive, trusted_key, reporter, require_signature)
     into.mkdir(parents=True, exist_ok=True)
     with folder_lock(into):
         remove_stale_temporaries(into)
@@ -397,7 +413,7 @@ def unpack_bundle(archive: Path, into: Path, trusted_key: str | None = None, rep
             folder = safe_extract(archive, staging, reporter)
             target = into / folder.name
             try:
-                result = verify_bundle(folder, trusted_key, reporter)
+                result = verify_bundle(folder, trusted_key, reporter, require_signature)
             except VerifyError as exc:  # name the archive, not a temporary folder that is about to go
                 raise VerifyError(str(exc).replace(str(folder), f"{archive}:{folder.name}")) from None
             for path in [*sorted(folder.rglob("*")), folder]:

@@ -117,13 +117,16 @@ def keygen_command(private_key: Path) -> None:
 
 @click.command("verify")
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True))
-@click.option("--key", "trusted_key", help="The signer's public key (hex, from KEY.pem.pub); the bundle must be signed by it.")
+@click.option("--key", "trusted_key", metavar="KEY|FILE",
+              help="The signer's public key: its 64 hex characters or the file holding them (KEY.pem.pub); the bundle must be "
+                   "signed by it.  [default: $EDGECDS_TRUSTED_KEY]")
+@click.option("--require-signature", is_flag=True, help="Fail when the bundle is not signed (by any key; --key names which).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 @click.option("--into", type=click.Path(path_type=Path, file_okay=False),
               help="Unpack a verified archive into this folder (headers and free disk checked before a byte is written; "
                    "the unpacked bundle verified before it gets its name).")
-def verify_command(bundle: Path, trusted_key: str | None, as_json: bool, quiet: bool, into: Path | None) -> None:
+def verify_command(bundle: Path, trusted_key: str | None, require_signature: bool, as_json: bool, quiet: bool, into: Path | None) -> None:
     """Check a bundle (folder or .tar archive) byte for byte against its manifest; exit 0 only if all holds.
     An archive is checked as it is read, without unpacking it; --into DIR also unpacks it, safely.
 
@@ -131,7 +134,7 @@ def verify_command(bundle: Path, trusted_key: str | None, as_json: bool, quiet: 
     Examples:
       edgecds verify bundles/Q4_K_M-laptop-x86-16gb.tar
       edgecds verify bundles/Q4_K_M-laptop-x86-16gb.tar --into /opt/edgecds/bundles
-      edgecds verify bundles/Q4_K_M-laptop-x86-16gb --key $(cat key.pem.pub)
+      edgecds verify bundles/Q4_K_M-laptop-x86-16gb --key signing.pem.pub
     """
     from edgecds.bundle.verify import unpack_bundle, verify_bundle
     from edgecds.progress import make_reporter
@@ -139,13 +142,17 @@ def verify_command(bundle: Path, trusted_key: str | None, as_json: bool, quiet: 
     if into is not None and not bundle.is_file():
         raise UsageError("--into unpacks an archive (a .tar); a bundle folder is already unpacked")
     reporter = make_reporter(quiet)
-    result = verify_bundle(bundle, trusted_key, reporter) if into is None else unpack_bundle(bundle, into, trusted_key, reporter)[0]
+    result = verify_bundle(bundle, trusted_key, reporter, require_signature) if into is None else \
+        unpack_bundle(bundle, into, trusted_key, reporter, require_signature)[0]
     if as_json:
         print_json(asdict(result))
         return
     signer = f"signed by {result.signer}" + (" (the trusted key)" if result.trusted_signer else " (not checked against a trusted key: pass --key)") \
-        if result.signed else "not signed"
+        if result.signed else "NOT SIGNED"
     click.echo(f"OK: {result.files} files match the manifest; {signer}" + (f"\nUnpacked: {result.bundle}" if into is not None else ""))
+    if not result.signed:
+        click.echo("WARNING: nothing shows who made this bundle: its files are whole, but anyone could have packed them. Ask its maker "
+                   "for a signed bundle and check it with --key KEY.pem.pub (--require-signature refuses unsigned ones).", err=True)
 
 
 @click.command("run")
@@ -153,7 +160,9 @@ def verify_command(bundle: Path, trusted_key: str | None, as_json: bool, quiet: 
 @click.option("--prompt", "-p", help="The question; without it, read from standard input.")
 @click.option("--max-tokens", "-n", type=click.IntRange(min=1), help="Tokens to generate.  [default: the bundle's]")
 @click.option("--no-verify", is_flag=True, help="Skip checking the bundle against its manifest first.")
-@click.option("--key", "trusted_key", help="The signer's public key (hex); the bundle must be signed by it.  [default: $EDGECDS_TRUSTED_KEY]")
+@click.option("--key", "trusted_key", metavar="KEY|FILE",
+              help="The signer's public key (64 hex characters) or the file holding it; the bundle must be signed by it.  "
+                   "[default: $EDGECDS_TRUSTED_KEY]")
 def run_command(bundle: Path, prompt: str | None, max_tokens: int | None, no_verify: bool, trusted_key: str | None) -> None:
     """Answer a prompt with a bundle's model and runtime config, offline; on a terminal without
     --prompt, a question a line until an empty line.
@@ -201,7 +210,9 @@ def run_command(bundle: Path, prompt: str | None, max_tokens: int | None, no_ver
 @click.option("--body-timeout", "body_seconds", type=click.FloatRange(min=0.1), default=whole(default_of(ServeConfig, "body_seconds")), show_default=True,
               help="Seconds a client has to send its request headers (the connection is closed after) and then its body (408 after).")
 @click.option("--no-verify", is_flag=True, help="Skip checking the bundle against its manifest at start.")
-@click.option("--key", "trusted_key", help="The signer's public key (hex); the bundle must be signed by it.  [default: $EDGECDS_TRUSTED_KEY]")
+@click.option("--key", "trusted_key", metavar="KEY|FILE",
+              help="The signer's public key (64 hex characters) or the file holding it; the bundle must be signed by it.  "
+                   "[default: $EDGECDS_TRUSTED_KEY]")
 def serve_command(bundle: Path, host: str, port: int, token: str | None, token_file: Path | None, slots: int, queue: int,
                   max_tokens: int | None, request_seconds: float, body_seconds: float, no_verify: bool, trusted_key: str | None) -> None:
     """Serve a bundle's model as an OpenAI-compatible chat endpoint (POST /v1/chat/completions).
