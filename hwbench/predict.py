@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -594,16 +594,86 @@ class PlanEntry:
                 "prediction": self.prediction.to_dict() if self.prediction else None}
 
 
+FIRST_TOKEN_PROMPT = 512  # the prompt a time to first token is given for: a vignette with its question and a system prompt
+
+
+def first_token_seconds(prediction: Prediction, prompt_tokens: int = FIRST_TOKEN_PROMPT) -> float | None:
+    """Predicted seconds from a `prompt_tokens` prompt to the first answer token, or None where the
+    profile gives no compute figure for its backend."""
+    speed = prediction.speed
+    if not speed.prompt_tps or not speed.decode_tps:
+        return None
+    return min(prompt_tokens, prediction.settings.n_ctx) / speed.prompt_tps + 1 / speed.decode_tps
+
+
 @dataclass(frozen=True)
 class Plan:
     device: str
     settings: RunSettings
     entries: list[PlanEntry]
     label: str = "predicted"
+    advice: tuple[str, ...] = ()  # when nothing fits: what would, each line a change the user can make
+
+    @property
+    def fits_any(self) -> bool:
+        return any(e.fits or e.unknown for e in self.entries)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "device": self.device, "settings": asdict(self.settings),
-                "entries": [e.to_dict() for e in self.entries]}
+        return {"label": self.label, "device": self.device, "settings": asdict(self.settings), "fits_any": self.fits_any,
+                "first_token_prompt_tokens": FIRST_TOKEN_PROMPT, "advice": list(self.advice),
+                "entries": [{**e.to_dict(), "first_token_seconds": first_token_seconds(e.prediction) if e.prediction else None}
+                            for e in self.entries]}
+
+
+def fit_advice(infos: dict[str, GgufInfo], entries: list[PlanEntry], settings: RunSettings, device: DeviceProfile,
+               calibrations: dict[str, Calibration] | None = None) -> tuple[str, ...]:
+    """When no variant fits: the closest one, and what would make it (or a smaller type) fit, each
+    figure the predictor's: a shorter context, an 8-bit KV cache, or a type of fewer bits a weight."""
+    from edgecds.formats.types import QUANT_TYPES
+
+    predicted = [e for e in entries if e.prediction is not None and e.type in infos]
+    if not predicted or any(e.fits for e in entries):
+        return ()
+    closest = min(predicted, key=lambda e: e.prediction.memory.peak_bytes if e.prediction else 0)
+    info, p = infos[closest.type], closest.prediction
+    assert p is not None
+    lines = [f"closest: {closest.type}: {p.why_not}"]
+    for n_ctx in _contexts_below(settings.n_ctx):
+        shorter = predict(info, replace(settings, n_ctx=n_ctx), device, calibrations)
+        if shorter.fits:
+            lines.append(f"{closest.type} fits with --ctx {n_ctx} ({shorter.headroom_bytes / MIB:.0f} MiB to spare)")
+            break
+    if settings.type_k == "f16" and settings.n_ctx <= device.max_ctx:
+        cache8 = predict(info, replace(settings, type_k="q8_0", type_v="q8_0"), device, calibrations)
+        if cache8.fits:
+            lines.append(f"{closest.type} fits at context {settings.n_ctx} with --cache-type q8_0 ({cache8.headroom_bytes / MIB:.0f} MiB "
+                         "to spare; `edgecds tune` checks what an 8-bit KV cache costs in accuracy)")
+    over = p.memory.peak_bytes - p.budget_bytes
+    bits = _bits_of(closest.type)
+    if over > 0 and bits:
+        for q in sorted((q for q in QUANT_TYPES if q.format == "gguf" and q.nominal_bits_per_weight < bits), key=lambda q: -q.nominal_bits_per_weight):
+            saved = int(p.memory.weights * (1 - q.nominal_bits_per_weight / bits))
+            if saved > over:
+                lines.append(f"a type of fewer bits a weight, e.g. {q.name} ({q.nominal_bits_per_weight:.1f} bits), would need about "
+                             f"{(p.memory.peak_bytes - saved) / MIB:.0f} MiB (an estimate from the weights' share): "
+                             f"`edgecds quantize --types {q.name}`, then plan again")
+                break
+    if len(lines) == 1:
+        lines.append(f"even the weights of {closest.type} take {p.memory.weights / MIB:.0f} MiB of the {p.budget_bytes / MIB:.0f} MiB budget: "
+                     "choose a smaller model for this device")
+    return tuple(lines)
+
+
+def _contexts_below(n_ctx: int) -> list[int]:
+    """Shorter contexts to try, longest first: multiples of 512 below n_ctx, down to 512."""
+    return [c for c in range((n_ctx - 1) // 512 * 512, 511, -512) if c < n_ctx]
+
+
+def _bits_of(type_name: str) -> float | None:
+    from edgecds.formats.types import QUANT_TYPE_BY_NAME
+
+    q = QUANT_TYPE_BY_NAME.get(type_name)
+    return q.nominal_bits_per_weight if q is not None else None
 
 
 def plan(variants_json: Path, device: DeviceProfile, n_ctx: int | None = None, kv_type: str = "f16",
@@ -615,7 +685,8 @@ def plan(variants_json: Path, device: DeviceProfile, n_ctx: int | None = None, k
     folder, record = open_variants(variants_json)
     cache_type(kv_type)  # an unknown cache type fails here, listing the known ones
     settings = settings_for(device, n_ctx, type_k=kv_type.lower(), type_v=kv_type.lower())
-    entries = []
+    entries: list[PlanEntry] = []
+    infos: dict[str, GgufInfo] = {}
     for variant in sorted(record.variants, key=lambda v: -v.file_size):
         if variant.format not in device.formats:
             entries.append(PlanEntry(variant.name, variant.type, variant.format, None,
@@ -625,7 +696,7 @@ def plan(variants_json: Path, device: DeviceProfile, n_ctx: int | None = None, k
         elif variant.format != "gguf":
             entries.append(PlanEntry(variant.name, variant.type, variant.format, None, f"no predictor for {variant.format} yet: `edgecds profile` measures it", unknown=True))
         else:
-            info = read_gguf(variant_file(folder, variant))
+            info = infos[variant.type] = read_gguf(variant_file(folder, variant))
             entries.append(PlanEntry(variant.name, variant.type, variant.format, predict(info, settings, device, calibrations),
                                      file_bytes=info.file_size))
-    return Plan(device.id, settings, entries)
+    return Plan(device.id, settings, entries, advice=fit_advice(infos, entries, settings, device, calibrations))

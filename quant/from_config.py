@@ -396,17 +396,18 @@ def _metadata(arch: str, text: dict[str, Any], n_vocab: int, n_merges: int) -> d
 def config_plan(config_path: Path, types: tuple[QuantType, ...], device: Any, n_ctx: int | None = None, kv_type: str = "f16") -> Any:
     """`edgecds plan --model-config`: every type's size and fit on `device`, from config.json alone."""
     from edgecds.engine import settings_for
-    from edgecds.hwbench.predict import Plan, PlanEntry, cache_type, predict
+    from edgecds.hwbench.predict import Plan, PlanEntry, cache_type, fit_advice, predict
 
     cache_type(kv_type)
     settings = settings_for(device, n_ctx, type_k=kv_type.lower(), type_v=kv_type.lower())
     entries = []
+    infos = {}
     for qtype in types:
         if qtype.format != "gguf":
             entries.append(PlanEntry(f"{config_path.parent.name}-{qtype.name}", qtype.name, qtype.format, None,
                                      "a config-only estimate is for GGUF; build the variant and run `edgecds plan` on it", unknown=True))
             continue
-        info = estimate_gguf(config_path, qtype)
+        info = infos[qtype.name] = estimate_gguf(config_path, qtype)
         prediction = predict(info, settings, device)
         entries.append(PlanEntry(f"{config_path.parent.name}-{qtype.name}", qtype.name, "gguf", prediction, file_bytes=info.file_size))
-    return Plan(device.id, settings, entries, label="estimated from config.json (no file)")
+    return Plan(device.id, settings, entries, label="estimated from config.json (no file)", advice=fit_advice(infos, entries, settings, device))

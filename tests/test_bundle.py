@@ -207,6 +207,26 @@ def _temporaries(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.edgecds-tmp"))
 
 
+def test_run_takes_the_question_after_the_bundle_streams_it_and_says_its_speed(profiled: tuple[Path, str], tmp_path: Path) -> None:
+    from edgecds.bundle.run import answer_prompt
+
+    results, device = profiled
+    folder = Path(build(results, device, tmp_path / "b")["folder"])
+    question = "A child has a barking cough and stridor. What is the most likely diagnosis?"
+    pieces: list[str] = []
+    streamed = answer_prompt(folder, question, 12, on_text=pieces.append)
+    assert len(pieces) > 1 and "".join(pieces) == streamed.text  # piece by piece, as made, adding up to the answer
+    assert 0 < streamed.completion_tokens <= 12 and streamed.prompt_tokens > 10 and 0 < streamed.prompt_seconds <= streamed.seconds
+    result = CliRunner().invoke(cli, ["run", str(folder), question, "-n", "12", "--no-verify"])
+    assert result.exit_code == 0 and result.stdout.strip() == streamed.text  # the positional question: the same greedy answer
+    assert f"{streamed.completion_tokens} tokens in" in result.stderr and "tokens/s" in result.stderr and "first token after" in result.stderr
+    result = CliRunner().invoke(cli, ["run", str(folder), question, "-n", "12", "--no-verify", "--json"])
+    data = json.loads(result.stdout)
+    assert data["text"] == streamed.text and data["completion_tokens"] == streamed.completion_tokens and data["decode_tps"] > 0
+    result = CliRunner().invoke(cli, ["run", str(folder), question, "-p", question])
+    assert result.exit_code == 2 and "give the question once" in result.output
+
+
 def test_interrupted_and_concurrent_runs_never_leave_a_mismatched_pair(profiled: tuple[Path, str], tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Killed runs once left 675 MB of temporaries that later runs never removed, and a kill during

@@ -71,3 +71,37 @@ def test_bad_inputs_say_what_to_do(default_variants: QuantizeResult, tmp_path: P
     (copy / "variants.json").write_text(json.dumps(record))
     code, out = plan(str(copy), "--device", "laptop-x86-8gb")
     assert code == 1 and "outside its folder" in out
+
+
+def _box(folder: Path, budget_gib: float) -> Path:
+    """A laptop profile with `budget_gib` of memory for the model (its reserve kept)."""
+    folder.mkdir(exist_ok=True)
+    text = (Path(__file__).resolve().parents[1] / "profiles" / "laptop-x86-8gb.toml").read_text()
+    (folder / "tight-box.toml").write_text(text.replace('id = "laptop-x86-8gb"', 'id = "tight-box"')
+                                           .replace("total_gib = 7.6", f"total_gib = {budget_gib + 3.0:.6f}"))
+    return folder
+
+
+def test_when_nothing_fits_plan_fails_and_says_what_would_each_suggestion_holding(default_variants: QuantizeResult, tmp_path: Path) -> None:
+    variants = default_variants.output_dir
+    code, out = plan(variants, "--device", "laptop-x86-8gb", "--ctx", "4096", "--json")
+    assert code == 0 and json.loads(out)["fits_any"], out
+    peaks = {e["type"]: e["prediction"]["memory"]["peak_bytes"] for e in json.loads(out)["entries"] if e["prediction"]}
+    smallest = min(peaks, key=lambda t: peaks[t])
+    code, short = plan(variants, "--device", "laptop-x86-8gb", "--ctx", "1024", "--json")
+    at_1024 = next(e for e in json.loads(short)["entries"] if e["type"] == smallest)["prediction"]["memory"]["peak_bytes"]
+    mine = _box(tmp_path / "profiles", (at_1024 + peaks[smallest]) / 2 / 2**30)  # the smallest fits at 1024, nothing at 4096
+
+    code, out = plan(variants, "--device", "tight-box", "--profiles-dir", str(mine), "--ctx", "4096")
+    assert code == 1 and "no variant is predicted to fit tight-box" in out, out
+    assert "NOTHING FITS" in out and f"closest: {smallest}" in out and "first token s" in out
+    suggested = int(out.split(f"{smallest} fits with --ctx ")[1].split()[0])
+    assert 1024 <= suggested < 4096
+    code, out = plan(variants, "--device", "tight-box", "--profiles-dir", str(mine), "--ctx", str(suggested), "--json")
+    data = json.loads(out)
+    assert code == 0 and data["fits_any"] and not data["advice"]  # the suggestion holds, by the same predictor
+    assert next(e for e in data["entries"] if e["type"] == smallest)["fits"]
+    assert all(e["first_token_seconds"] > 0 for e in data["entries"] if e["prediction"])
+    code, out = plan(variants, "--device", "tight-box", "--profiles-dir", str(mine), "--ctx", "4096", "--json")
+    data = json.loads(out[: out.rindex("}") + 1])
+    assert code == 1 and not data["fits_any"] and data["advice"][0].startswith(f"closest: {smallest}")

@@ -144,6 +144,53 @@ def test_token_on_every_route_and_nothing_of_a_prompt_is_kept(which: str, reques
         assert _files_holding(where, b"Jane Roe") == [], where
 
 
+def _line_with(stream: Any, needle: bytes, seconds: float) -> bytes:
+    """The first line of `stream` (a pipe) holding `needle`, read without blocking past `seconds`."""
+    import selectors
+
+    selector, buffered, deadline = selectors.DefaultSelector(), b"", time.monotonic() + seconds
+    selector.register(stream, selectors.EVENT_READ)
+    while time.monotonic() < deadline:
+        if selector.select(timeout=max(0.0, deadline - time.monotonic())):
+            chunk = os.read(stream.fileno(), 4096)
+            if not chunk:
+                break
+            buffered += chunk
+            for line in buffered.splitlines():
+                if needle in line:
+                    return line
+    raise AssertionError(f"no line with {needle!r} within {seconds} s: {buffered[-2000:]!r}")
+
+
+def test_serve_says_where_it_listens_on_a_pipe_answers_health_unauthenticated_and_stops_cleanly_on_sigterm(bundle: Path) -> None:
+    """A supervisor's view (systemd, docker): the address on stderr though it is a pipe, a health
+    route a probe can call without the token, and exit 0 on SIGTERM (not 143, a crash to systemd)."""
+    token = "a-token-for-the-test"
+    proc = subprocess.Popen([sys.executable, "-m", "edgecds", "serve", str(bundle), "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "EDGECDS_SERVE_TOKEN": token})
+    try:
+        line = _line_with(proc.stderr, b"listening on http://127.0.0.1:", 120).decode()
+        port = int(line.split("http://127.0.0.1:")[1].split()[0])
+        assert _call(port, None, None, "/health", "GET") == (200, {"status": "ok"})  # no token needed, nothing named
+        assert _call(port, None, None, "/v1/models", "GET")[0] == 401  # every other route still needs it
+        assert _call(port, token, None, "/v1/models", "GET")[0] == 200
+        proc.send_signal(15)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and b"stopped (SIGTERM)" in err and b"Traceback" not in err, err[-2000:]
+
+
+def test_serve_on_a_port_in_use_says_so(bundle: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli, ["serve", str(bundle), "--port", str(port), "--no-verify"], env={"EDGECDS_SERVE_TOKEN": "a-token-for-the-test"})
+    assert result.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in result.output and "--port" in result.output, result.output
+
+
 def test_malformed_requests_get_4xx_that_echo_nothing(bundle: Path) -> None:
     proc, port, token = start_server(bundle, 1, 1, 8)
     marker = "Zebra-Quasar-9"

@@ -104,3 +104,36 @@ def test_doctor_says_what_this_install_can_do_and_how_to_fix_the_rest(tmp_path: 
     (tmp_path / ".cache" / "Microsoft" / "DeveloperTools" / ".onnxruntime").mkdir(parents=True)
     left = {c["name"]: c for c in json.loads(CliRunner().invoke(cli, ["doctor", "--json"]).output)}["telemetry"]
     assert not left["ok"] and "remove" in left["fix"]
+
+
+def test_doctor_names_the_profile_needs_no_nvidia_driver_without_an_nvidia_gpu_and_fails_on_a_problem(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgecds.host import nvidia_pci_gpus
+    from edgecds.target import resolve_target
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    nvidia = bool(nvidia_pci_gpus()) or Path("/proc/driver/nvidia").exists()
+    result = CliRunner().invoke(cli, ["doctor"])
+    assert result.exit_code == 0 and "no problem found" in result.stderr, result.output
+    assert f"maps to {resolve_target().match.profile.id}" in result.stdout
+    checks = {c["name"]: c for c in json.loads(CliRunner().invoke(cli, ["doctor", "--json"]).stdout)}
+    if not nvidia:  # this machine: no driver to install, no GPU build to make
+        assert checks["NVML"]["needed"] is False and not checks["NVML"]["problem"] and "no NVIDIA GPU" in checks["NVML"]["detail"]
+        assert checks["NVML"]["fix"].startswith("nothing to do") and not checks["llama.cpp"]["fix"] and not checks["onnxruntime"]["fix"]
+    if "AzureExecutionProvider" in checks["onnxruntime"]["detail"]:
+        assert "never used by edgecds" in checks["onnxruntime"]["detail"]
+    (tmp_path / ".cache" / "Microsoft" / "DeveloperTools" / ".onnxruntime").mkdir(parents=True)
+    result = CliRunner().invoke(cli, ["doctor"])
+    assert result.exit_code == 1 and "1 problem(s): telemetry" in result.stderr
+
+
+def test_an_nvidia_gpu_is_found_on_pci_without_its_driver(tmp_path: Path) -> None:
+    from edgecds.host import nvidia_pci_gpus
+
+    for address, vendor, kind in (("0000:01:00.0", "0x10de", "0x030000"), ("0000:01:00.1", "0x10de", "0x040300"),
+                                  ("0000:02:00.0", "0x8086", "0x030000")):
+        device = tmp_path / "sys/bus/pci/devices" / address
+        device.mkdir(parents=True)
+        (device / "vendor").write_text(vendor + "\n")
+        (device / "class").write_text(kind + "\n")
+    assert nvidia_pci_gpus(tmp_path) == ["0000:01:00.0"]  # the GPU, not its audio function nor Intel's graphics

@@ -161,6 +161,19 @@ def _nvml_gpus() -> list[GpuInfo]:
         pynvml.nvmlShutdown()
 
 
+NVIDIA_PCI_VENDOR = "0x10de"
+
+
+def nvidia_pci_gpus(root: Path = Path("/")) -> list[str]:
+    """PCI addresses of NVIDIA display devices (class 0x03....), whether or not a driver is loaded."""
+    found = []
+    for device in sorted((root / "sys/bus/pci/devices").glob("*")):
+        vendor, kind = _read(root, device / "vendor"), _read(root, device / "class")
+        if vendor and kind and vendor.strip() == NVIDIA_PCI_VENDOR and kind.strip().startswith("0x03"):
+            found.append(device.name)
+    return found
+
+
 def _proc_gpus(root: Path) -> list[GpuInfo]:
     version = _read(root, "proc/driver/nvidia/version") or ""
     driver = next((part for part in version.split() if part.count(".") >= 1 and part[0].isdigit()), None)

@@ -24,7 +24,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,6 +168,10 @@ class ChatServer:
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope.get("headers") or [])
+        if scope.get("path") == "/health" and scope.get("method") in ("GET", "HEAD"):
+            # unauthenticated, as llama-server's and Ollama's are, for probes and load balancers: it names nothing
+            await reply(send, 200, {"status": "ok"})
+            return
         if not secrets.compare_digest(headers.get(b"authorization", b""), f"Bearer {self.token}".encode()):
             raise RequestError(401, "missing or wrong bearer token")
         method, path = scope.get("method"), scope.get("path")
@@ -175,7 +179,7 @@ class ChatServer:
             await reply(send, 200, {"object": "list", "data": [{"id": self.name, "object": "model", "owned_by": "edgecds"}]})
             return
         if path != "/v1/chat/completions":
-            raise RequestError(404, "no such route; this server answers POST /v1/chat/completions and GET /v1/models")
+            raise RequestError(404, "no such route; this server answers POST /v1/chat/completions, GET /v1/models and GET /health")
         if method != "POST":
             raise RequestError(405, "use POST")
         body = await self._read_body(headers, receive)
@@ -349,12 +353,59 @@ def header_deadline_protocol(seconds: float) -> type:
     return HeaderDeadline
 
 
-def serve(config: ServeConfig) -> None:
+def serve(config: ServeConfig, on_listening: Callable[[str], None] | None = None) -> str:
+    """Serve until SIGTERM or SIGINT; `on_listening` gets the address once the model is loaded and
+    the socket bound (so a supervisor's log shows when requests can come). Returns the signal's name."""
     import uvicorn
 
     app, _ = make_app(config)
     # access_log off and warnings only: prompts and answers never reach a log. The connection limit
     # bounds what stalled clients can hold; each gets body_seconds to send its headers, and again its body.
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False, lifespan="off",
-                limit_concurrency=4 * (config.slots + config.queue) + 8, timeout_keep_alive=5,
-                http=header_deadline_protocol(config.body_seconds))
+    settings = uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False, lifespan="off",
+                              limit_concurrency=4 * (config.slots + config.queue) + 8, timeout_keep_alive=5,
+                              http=header_deadline_protocol(config.body_seconds))
+    try:
+        sock = settings.bind_socket()
+    except SystemExit:  # uvicorn logs the bind error and exits 1
+        raise EdgecdsError(f"cannot listen on {config.host}:{config.port} (in use, or not an address of this machine); "
+                           "choose another with --port or --host") from None
+    server = _stoppable_server(settings)
+    if on_listening is not None:
+        host, port = sock.getsockname()[:2]
+        on_listening(f"http://{f'[{host}]' if ':' in host else host}:{port}")
+    with sock:
+        server.run(sockets=[sock])
+    return server.stopped_by
+
+
+def _stoppable_server(settings: Any) -> Any:
+    """uvicorn's server with its own signal handling: SIGTERM (systemd's and docker's stop) and
+    SIGINT end it gracefully and the process exits 0. uvicorn re-raises the signal after shutting
+    down, which a supervisor reads as a crash (exit 143)."""
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        stopped_by = ""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+
+            def stop(sig: int, frame: Any) -> None:
+                self.force_exit = self.should_exit and sig == signal.SIGINT  # a second Ctrl-C: at once
+                self.should_exit = True
+                self.stopped_by = signal.Signals(sig).name
+
+            originals = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in originals.items():
+                    signal.signal(sig, handler)
+
+    return Server(settings)

@@ -161,6 +161,8 @@ def comparison_table(comparisons: Sequence[Any], labels: Sequence[str], alpha: f
 
 def plan_table(result: Any, device: Any) -> Table:
     """Predicted memory and speed of every variant on a device (`edgecds plan`); labelled predicted."""
+    from edgecds.hwbench.predict import FIRST_TOKEN_PROMPT, first_token_seconds
+
     rows, notes = [], []
     for entry in result.entries:
         p = entry.prediction
@@ -169,21 +171,25 @@ def plan_table(result: Any, device: Any) -> Table:
         elif not entry.fits:
             notes.append(f"does not fit: {entry.type}: {p.why_not if p else entry.why_not}")
         if p is None:
-            rows.append([entry.type, entry.format, "", "", "", "", "", "", "unknown" if entry.unknown else "no"])
+            rows.append([entry.type, entry.format, "", "", "", "", "", "", "", "unknown" if entry.unknown else "no"])
             continue
         gpu = f"{p.memory.gpu_layers}/{p.memory.total_layers}" if p.memory.backend != "cpu" else "cpu"
         prompt = f"{p.speed.prompt_tps:.0f}" if p.speed.prompt_tps else ""
         size = f"{entry.file_bytes / MIB:.0f}" if entry.file_bytes else ""
+        first = first_token_seconds(p)
         rows.append([entry.type, entry.format, size, f"{p.memory.peak_bytes / MIB:.0f}", f"{p.headroom_bytes / MIB:.0f}", gpu,
-                     f"{p.speed.decode_tps:.0f}", prompt, "yes" if p.fits else "no"])
+                     f"{p.speed.decode_tps:.0f}", prompt, f"{first:.2f}" if first is not None else "", "yes" if p.fits else "no"])
     settings = result.settings
     kind = "Estimated from config.json, no file yet" if result.label.startswith("estimated") else "Predicted, not measured"
     title = (f"{kind}: {device.id} ({device.budget_gib:g} GiB budget), context {settings.n_ctx}, "
              f"KV cache {settings.type_k}, {settings.threads} threads")
-    notes.insert(0, f"power mode: {device.power_mode}")
+    notes.insert(0, f"power mode: {device.power_mode}; first token s: from a {FIRST_TOKEN_PROMPT}-token prompt to the first answer token")
+    if result.advice:
+        notes += ["NOTHING FITS this device as planned; what would:", *(f"  - {line}" for line in result.advice)]
     if any(e.prediction and not e.prediction.speed.calibrated for e in result.entries):
         notes.append("note: speeds on this backend use assumed efficiencies, not edgecds measurements (hwbench/calibration.json)")
-    return Table(title, ["variant", "format", "file MiB", "peak MiB", "headroom MiB", "GPU layers", "decode tok/s", "prompt tok/s", "fits"], rows, notes)
+    return Table(title, ["variant", "format", "file MiB", "peak MiB", "headroom MiB", "GPU layers", "decode tok/s", "prompt tok/s",
+                                  "first token s", "fits"], rows, notes)
 
 
 def choice_table(choice: Any, budget_gib: float) -> Table:

@@ -12,6 +12,7 @@ import click
 from edgecds.commands.common import default_of, device_option, print_json, profiles_dir_option, table, whole
 from edgecds.compare import DEFAULT_ALPHA
 from edgecds.engine import DEFAULT_CTX
+from edgecds.errors import EdgecdsError
 from edgecds.evaluate import MODES, EvalConfig
 from edgecds.matcher import THINK_TOKENS
 from edgecds.profile import ProfileConfig
@@ -169,11 +170,14 @@ def plan(variants: Path | None, device_id: str, n_ctx: int | None, kv_type: str,
         plans = [make_plan(variants, device, n_ctx, kv_type) for device in targets]
     if as_json:  # one device: its plan; a class: a list, one plan a device
         print_json(plans[0].to_dict() if device_id not in DEVICE_CLASSES else [p.to_dict() for p in plans])
-        return
-    from edgecds.tables import plan_table, print_table
+    else:
+        from edgecds.tables import plan_table, print_table
 
-    for result, device in zip(plans, targets, strict=True):
-        print_table(plan_table(result, device))
+        for result, device in zip(plans, targets, strict=True):
+            print_table(plan_table(result, device))
+    if not any(p.fits_any for p in plans):  # a script (or a person) must not read "planned" as "fits"
+        names = ", ".join(p.device for p in plans)
+        raise EdgecdsError(f"no variant is predicted to fit {names}" + ("" if as_json else "; the notes under the table say what would"))
 
 
 @click.command()
@@ -322,8 +326,9 @@ def _print_eval_table(result: Any) -> None:
 @click.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 def doctor(as_json: bool) -> None:
-    """What this install can do here: llama.cpp's build (CPU or GPU offload), onnxruntime's
-    providers, NVML, signing, the build side, disk and memory, telemetry off; each with its fix.
+    """What this install can do here: the device profile this machine maps to, llama.cpp's build
+    (CPU or GPU offload), onnxruntime's providers, NVML, signing, the build side, disk and memory,
+    telemetry off; each with its fix. Exits 1 when something this machine needs is wrong.
 
     \b
     Example:
@@ -332,10 +337,14 @@ def doctor(as_json: bool) -> None:
     from edgecds.doctor import as_dicts, run_doctor
 
     checks = run_doctor()
+    problems = [c.name for c in checks if c.problem]
     if as_json:
         print_json(as_dicts(checks))
-        return
-    table("edgecds doctor", ["check", "ok", "what is here", "fix"], [[c.name, "yes" if c.ok else "NO", c.detail, c.fix] for c in checks])
+    else:
+        table("edgecds doctor", ["check", "ok", "what is here", "fix"], [[c.name, c.shown, c.detail, c.fix] for c in checks])
+        click.echo(f"{len(problems)} problem(s): {', '.join(problems)}; each row says its fix" if problems else "no problem found", err=True)
+    if problems:  # a provisioning script must see it
+        raise SystemExit(1)
 
 
 @click.command("compare")

@@ -157,25 +157,32 @@ def verify_command(bundle: Path, trusted_key: str | None, require_signature: boo
 
 @click.command("run")
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--prompt", "-p", help="The question; without it, read from standard input.")
+@click.argument("question", required=False)
+@click.option("--prompt", "-p", help="The question (or give it after BUNDLE); without either, read from standard input.")
 @click.option("--max-tokens", "-n", type=click.IntRange(min=1), help="Tokens to generate.  [default: the bundle's]")
 @click.option("--no-verify", is_flag=True, help="Skip checking the bundle against its manifest first.")
 @click.option("--key", "trusted_key", metavar="KEY|FILE",
               help="The signer's public key (64 hex characters) or the file holding it; the bundle must be signed by it.  "
                    "[default: $EDGECDS_TRUSTED_KEY]")
-def run_command(bundle: Path, prompt: str | None, max_tokens: int | None, no_verify: bool, trusted_key: str | None) -> None:
-    """Answer a prompt with a bundle's model and runtime config, offline; on a terminal without
-    --prompt, a question a line until an empty line.
+@click.option("--json", "as_json", is_flag=True, help="Print the answer and its token counts and timings as JSON (not streamed).")
+@click.option("--quiet", "-q", is_flag=True, help="No token count and speed line on stderr.")
+def run_command(bundle: Path, question: str | None, prompt: str | None, max_tokens: int | None, no_verify: bool, trusted_key: str | None,
+                as_json: bool, quiet: bool) -> None:
+    """Answer a prompt with a bundle's model and runtime config, offline, streaming the answer as
+    it is made and then its speed on stderr; on a terminal without a prompt, a question a line
+    until an empty line.
 
     \b
-    Example:
-      edgecds run bundles/Q4_K_M-laptop-x86-16gb -p "Fever, neck stiffness and a purpuric rash: differential?"
+    Examples:
+      edgecds run bundles/Q4_K_M-laptop-x86-16gb "Fever, neck stiffness and a purpuric rash: differential?"
+      echo "Barking cough and stridor in a child: diagnosis?" | edgecds run bundles/Q4_K_M-laptop-x86-16gb
     """
     import sys
 
-    from edgecds.bundle.run import run_prompt
-
-    if prompt is None and sys.stdin.isatty():  # a chat on a terminal: one question a line, empty line or Ctrl-D ends
+    if question is not None and prompt is not None:
+        raise UsageError("give the question once: after the bundle or with --prompt, not both")
+    prompt = question if question is not None else prompt
+    if prompt is None and sys.stdin.isatty() and not as_json:  # a chat on a terminal: one question a line, empty line or Ctrl-D ends
         verified = no_verify
         while True:
             try:
@@ -184,20 +191,34 @@ def run_command(bundle: Path, prompt: str | None, max_tokens: int | None, no_ver
                 break
             if not line.strip():
                 break
-            click.echo(run_prompt(bundle, line, max_tokens, verify=not verified, trusted_key=trusted_key))
+            _answer(bundle, line, max_tokens, not verified, trusted_key, False, quiet)
             verified = True
         return
     text = prompt if prompt is not None else sys.stdin.read()
     if not text.strip():
-        raise UsageError("no prompt: pass --prompt or write it on standard input")
-    click.echo(run_prompt(bundle, text, max_tokens, verify=not no_verify, trusted_key=trusted_key))
+        raise UsageError("no prompt: give it after the bundle, with --prompt, or on standard input")
+    _answer(bundle, text, max_tokens, not no_verify, trusted_key, as_json, quiet)
+
+
+def _answer(bundle: Path, text: str, max_tokens: int | None, verify: bool, trusted_key: str | None, as_json: bool, quiet: bool) -> None:
+    from edgecds.bundle.run import answer_prompt
+
+    stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
+    answer = answer_prompt(bundle, text, max_tokens, verify=verify, trusted_key=trusted_key, on_text=stream)
+    if as_json:
+        print_json({**asdict(answer), "decode_tps": answer.decode_tps})
+        return
+    click.echo()
+    if not quiet:
+        click.echo(answer.summary(), err=True)
 
 
 @click.command("serve")
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--host", default=default_of(ServeConfig, "host"), show_default=True,
               help="Address to bind; anything but loopback exposes the model to the network.")
-@click.option("--port", type=click.IntRange(1, 65535), default=default_of(ServeConfig, "port"), show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=default_of(ServeConfig, "port"), show_default=True,
+              help="0: any free port (the start-up line names it).")
 @click.option("--token", help="Bearer token every request must carry (visible to other users in the process list: prefer "
               "--token-file or $EDGECDS_SERVE_TOKEN).  [default: $EDGECDS_SERVE_TOKEN, else a new random one, printed once]")
 @click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="Read the bearer token from this file.")
@@ -243,6 +264,13 @@ def serve_command(bundle: Path, host: str, port: int, token: str | None, token_f
 
         token = secrets.token_urlsafe(24)
         click.echo(f"token (shown once, not stored): {token}", err=True)
-    serve(ServeConfig(bundle=bundle, host=host, port=port, token=token, slots=slots, queue=queue, max_tokens=max_tokens,
-                      body_seconds=body_seconds, request_seconds=request_seconds, verify=not no_verify, trusted_key=trusted_key))
+    config = ServeConfig(bundle=bundle, host=host, port=port, token=token, slots=slots, queue=queue, max_tokens=max_tokens,
+                         body_seconds=body_seconds, request_seconds=request_seconds, verify=not no_verify, trusted_key=trusted_key)
+
+    def listening(url: str) -> None:
+        click.echo(f"edgecds serve: {bundle.name} listening on {url} (POST /v1/chat/completions, GET /v1/models; "
+                   f"GET /health needs no token); stop with Ctrl-C or SIGTERM", err=True)
+
+    stopped_by = serve(config, listening)
+    click.echo(f"edgecds serve: stopped ({stopped_by or 'shut down'})", err=True)
 
