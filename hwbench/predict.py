@@ -679,8 +679,9 @@ def _bits_of(type_name: str) -> float | None:
 def plan(variants_json: Path, device: DeviceProfile, n_ctx: int | None = None, kv_type: str = "f16",
          calibrations: dict[str, Calibration] | None = None) -> Plan:
     """Predict every variant recorded in `variants_json` on `device`, from the files alone."""
+    from edgecds.adopt import open_variants
     from edgecds.formats.gguf_file import read_gguf
-    from edgecds.variants import open_variants, variant_file
+    from edgecds.variants import variant_file
 
     folder, record = open_variants(variants_json)
     cache_type(kv_type)  # an unknown cache type fails here, listing the known ones

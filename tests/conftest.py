@@ -165,6 +165,16 @@ def default_variants(model_store: Path, tmp_path_factory: pytest.TempPathFactory
         return run_quantize(QuantizeConfig(output=out))
 
 
+@pytest.fixture(scope="session")
+def onnx_variants(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> QuantizeResult:
+    """The default ONNX types of the default model, built once a session: test_onnx checks them,
+    test_serve bundles and serves the ONNX_INT8 (1.3 GB on disk until the session ends)."""
+    out = tmp_path_factory.mktemp("onnx")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGECDS_HOME", str(model_store))
+        return run_quantize(QuantizeConfig(output=out, formats=("onnx",)))
+
+
 @pytest.fixture
 def small_variants(default_variants: QuantizeResult, tmp_path: Path) -> Path:
     """A private folder with the default model's F16, Q8_0 and Q4_K_M and its variants.json (the

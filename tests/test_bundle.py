@@ -37,7 +37,7 @@ def profiled(default_variants: QuantizeResult, tmp_path_factory: pytest.TempPath
     cases = folder.parent / "cases.jsonl"
     cases.write_text("\n".join((ROOT / "toolkit" / "clinical" / "cases-v1.jsonl").read_text().splitlines()[:4]) + "\n")
     code, out = invoke("profile", str(folder), "--types", "Q4_K_M,Q8_0", "--ctx", "512", "-p", "32", "-n", "8", "-r", "1",
-                       "--cases", str(cases), "--json", "-q")
+                       "--cases", str(cases), "--drift-chunks", "1", "--json", "-q")
     assert code == 0, out
     yield folder / "results.json", json.loads(out)["device"]
     shutil.rmtree(folder.parent, ignore_errors=True)  # a 1 GB copy: free it when the module is done
@@ -225,6 +225,37 @@ def test_run_takes_the_question_after_the_bundle_streams_it_and_says_its_speed(p
     assert data["text"] == streamed.text and data["completion_tokens"] == streamed.completion_tokens and data["decode_tps"] > 0
     result = CliRunner().invoke(cli, ["run", str(folder), question, "-p", question])
     assert result.exit_code == 2 and "give the question once" in result.output
+
+
+def test_allow_predicted_bundles_with_the_predictors_figures_labelled_as_such(profiled: tuple[Path, str], tmp_path: Path) -> None:
+    """Nothing measured on the Jetson: its figures are `plan`'s, at the asked context, said to be
+    predicted in the table and the model card (they were 0.0 tokens/s and a peak of 0)."""
+    results, _ = profiled
+    jetson = "jetson-orin-nano-8gb"
+    code, out = invoke("bundle", str(results), "--device", jetson, "--ctx", "4096", "--allow-predicted", "-o", str(tmp_path / "b"), "--json")
+    assert code == 0, out
+    chosen = json.loads(out[out.index("{"):])["choice"]["chosen"]
+    code, planned = invoke("plan", str(results.parent), "--device", jetson, "--ctx", "4096", "--json")
+    entry = next(e for e in json.loads(planned)["entries"] if e["type"] == chosen["variant"])["prediction"]
+    assert chosen["predicted_only"] and chosen["peak_at_full_context"]
+    assert chosen["peak_bytes"] == entry["memory"]["peak_bytes"] and chosen["decode_tps"] == pytest.approx(entry["speed"]["decode_tps"], abs=0.01)
+    card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
+    assert "On this device (PREDICTED, not measured)" in card and f"Predicted decode {chosen['decode_tps']:.1f} tokens/s" in card
+    assert " 0.0 tokens/s" not in card
+    code, out = invoke("bundle", str(results), "--device", jetson, "--ctx", "4096", "--allow-predicted", "-o", str(tmp_path / "c"))
+    assert code == 0 and "(short run)" not in out and "predicted" in out and "PREDICTED figures" in out
+
+
+def test_a_format_the_device_cannot_run_is_never_a_candidate() -> None:
+    from edgecds.bundle.choose import Candidate, Constraints, _violations
+    from edgecds.devices import load_profiles
+
+    jetson = load_profiles()["jetson-orin-nano-8gb"]
+    assert "onnx" not in jetson.formats
+    small = Candidate("ONNX_INT4", "onnx", "ab" * 32, 10 << 20, "results.json", None, None, None, True, 0.5, 0.4, 50.0, 100 << 20,
+                      full_context=True)
+    said = _violations(small, jetson, Constraints(allow_predicted=True))
+    assert said == [f"jetson-orin-nano-8gb runs {', '.join(jetson.formats)}, not onnx"]
 
 
 def test_interrupted_and_concurrent_runs_never_leave_a_mismatched_pair(profiled: tuple[Path, str], tmp_path: Path,

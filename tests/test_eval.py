@@ -53,7 +53,8 @@ def test_cache_reuse_scores_equal_scoring_from_scratch(variants: Path) -> None:
 
 
 def test_eval_scores_real_variants_with_statistics_and_drift(variants: Path) -> None:
-    result = CliRunner().invoke(cli, ["eval", str(variants), "--types", "Q8_0,Q2_K", "--limit", str(LIMIT), "-t", "2", "--json"])
+    result = CliRunner().invoke(cli, ["eval", str(variants), "--types", "Q8_0,Q2_K", "--limit", str(LIMIT), "-t", "2", "--drift-chunks", "2",
+                                       "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)  # progress went to stderr
     assert data["reference"] == "F16" and data["mode"] == "loglik"
@@ -79,7 +80,7 @@ def test_eval_scores_real_variants_with_statistics_and_drift(variants: Path) -> 
             assert p["low"] <= p["difference"] <= p["high"] and p["verdict"] != "equivalent"
     # drift: the finer quantization stays closer to the reference
     q8, q2 = by_type["Q8_0"]["drift"], by_type["Q2_K"]["drift"]
-    assert q8["tokens_scored"] >= 1000  # 4 chunks of 512, second halves
+    assert q8["tokens_scored"] == 2 * 255  # the first 2 chunks of 512, their second halves less the last position
     assert 0 < q8["kl_mean"] < q2["kl_mean"] and q8["top1_agreement"] > q2["top1_agreement"]
     assert q8["reference_perplexity"] == q2["reference_perplexity"]
 
@@ -100,12 +101,12 @@ def test_eval_scores_real_variants_with_statistics_and_drift(variants: Path) -> 
         assert c["p_holm"] >= c["p_value"] and c["verdict"] in ("no difference shown", "worse at 0.01", "better at 0.01")
 
     # deterministic: scored again from scratch, the same numbers
-    again = run_eval(EvalConfig(variants=variants, types=("Q8_0",), limit=LIMIT, threads=2, force=True))
+    again = run_eval(EvalConfig(variants=variants, types=("Q8_0",), limit=LIMIT, threads=2, drift_chunks=2, force=True))
     rescored = {o.record.variant.type: o.record for o in again.outcomes}
     assert rescored["Q8_0"].per_case == by_type["Q8_0"]["per_case"]
     assert rescored["Q8_0"].drift == by_type["Q8_0"]["drift"]
     # and reused, not rescored, without --force
-    reused = run_eval(EvalConfig(variants=variants, types=("Q8_0",), limit=LIMIT, threads=2))
+    reused = run_eval(EvalConfig(variants=variants, types=("Q8_0",), limit=LIMIT, threads=2, drift_chunks=2))
     assert all(o.reused for o in reused.outcomes)
 
 
@@ -188,7 +189,7 @@ def test_profile_scores_accuracy_into_the_same_results(variants: Path, tmp_path:
     cases.write_text("\n".join(json.dumps(json.loads(line)) for line in (Path(__file__).resolve().parents[1] / "toolkit" / "clinical"
                                                                            / "cases-v1.jsonl").read_text().splitlines()[:3]))
     result = CliRunner().invoke(cli, ["profile", str(variants), "--types", "Q4_K_M", "--ctx", "512", "-p", "32", "-n", "8", "-r", "1",
-                                      "--cases", str(cases), "-q"])
+                                      "--cases", str(cases), "--drift-chunks", "1", "-q"])
     assert result.exit_code == 0, result.output
     assert "Accuracy on" in result.output and "paired with F16" in result.output
     stored = load_results(variants / RESULTS_FILE)

@@ -99,7 +99,7 @@ def test_plan_from_a_config_takes_transformers_defaults_and_refuses_bad_configs_
     def plan(config: object, name: str = "config.json") -> tuple[int, str]:
         path = tmp_path / name
         path.write_text(config if isinstance(config, str) else json.dumps(config))
-        out = CliRunner().invoke(cli, ["plan", "--model-config", str(path), "--types", "Q4_K_M", "--device", "laptop-x86-16gb", "--json"])
+        out = CliRunner().invoke(cli, ["plan", "--model-config", str(path), "--types", "Q4_K_M", "--device", "laptop-x86-16gb", "--ctx", "2048", "--json"])
         return out.exit_code, out.output
 
     # only the class named: transformers' LlamaConfig defaults are Llama 2 7B's (32 x 4096, 32k vocabulary)

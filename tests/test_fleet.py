@@ -252,9 +252,9 @@ def test_a_file_altered_on_the_way_is_refused_on_arrival_before_anything_loads(f
     import ray
     from ray.exceptions import RayTaskError
 
+    from edgecds.adopt import open_variants
     from edgecds.fleet.node import TaskSpec, run_task
     from edgecds.fleet.transfer import FileSpec, start_server
-    from edgecds.variants import open_variants
 
     folder, record = open_variants(variants)
     variant = record.by_type()["Q4_K_M"]

@@ -114,7 +114,7 @@ def test_the_clinic_commands_run_without_the_build_side(default_variants: object
     steps = [
         ["plan", str(variants), "--device", "auto", "--json"],
         ["profile", str(variants), "--types", "Q4_K_M", "--ctx", "512", "-p", "16", "-n", "4", "-r", "1", "--cases", str(cases),
-         "-o", str(results), "-q", "--json"],
+         "--drift-chunks", "1", "-o", str(results), "-q", "--json"],
         ["report", str(results), "-o", str(tmp_path / "report.html")],
         ["bundle", str(results), "--variants", str(variants), "-o", str(tmp_path / "bundle")],
         ["verify", str(tmp_path / "bundle.tar")],
@@ -124,7 +124,7 @@ def test_the_clinic_commands_run_without_the_build_side(default_variants: object
         proc = device(env, *args)
         assert proc.returncode == 0, (args[0], proc.stderr[-3000:])
     profiled = json.loads(device(env, "profile", str(variants), "--types", "Q4_K_M", "--ctx", "512", "-p", "16", "-n", "4", "-r", "1",
-                                 "--cases", str(cases), "-o", str(results), "-q", "--json").stdout)
+                                 "--cases", str(cases), "--drift-chunks", "1", "-o", str(results), "-q", "--json").stdout)
     assert profiled["records"][0]["status"] == "measured" and profiled["accuracy"]["evaluations"]
 
 

@@ -49,7 +49,7 @@ def results(default_variants: QuantizeResult, tmp_path_factory: pytest.TempPathF
     cases = folder.parent / "cases.jsonl"
     cases.write_text("\n".join((ROOT / "toolkit" / "clinical" / "cases-v1.jsonl").read_text().splitlines()[:6]) + "\n")
     code, out = invoke("profile", str(folder), "--types", ",".join(TYPES), "--ctx", "512", "-p", "32", "-n", "8", "-r", "2",
-                       "--cases", str(cases), "-q")
+                       "--cases", str(cases), "--drift-chunks", "1", "-q")
     assert code == 0, out
     yield folder / "results.json"
     shutil.rmtree(folder.parent, ignore_errors=True)
@@ -181,7 +181,7 @@ def test_terminal_tables_of_profile_plan_and_bundle_fit_100_columns(results: Pat
     device = json.loads(results.read_text())["records"][0]["device"]
     outputs = [
         invoke("profile", str(folder), "--types", ",".join(TYPES), "--ctx", "512", "-p", "32", "-n", "8", "-r", "2",
-               "--cases", str(folder.parent / "cases.jsonl"), "-q"),
+               "--cases", str(folder.parent / "cases.jsonl"), "--drift-chunks", "1", "-q"),
         invoke("plan", str(folder), "--device", device),
         invoke("bundle", str(results), "--device", device, "-o", str(tmp_path / "bundle")),
     ]

@@ -29,9 +29,8 @@ import pytest
 from click.testing import CliRunner
 
 from edgecds.cli import cli
-from edgecds.formats.types import quant_type
 from edgecds.hwbench.bench.bench_serve import free_port, peak_rss, start_server
-from edgecds.quant.quantize import QuantizeConfig, QuantizeResult, run_quantize
+from edgecds.quant.quantize import QuantizeResult
 
 pytestmark = pytest.mark.slow  # every test here serves the real default model
 
@@ -52,7 +51,7 @@ def bundle(default_variants: QuantizeResult, tmp_path_factory: pytest.TempPathFa
     shutil.copytree(default_variants.output_dir, folder)
     runner = CliRunner()
     out = runner.invoke(cli, ["profile", str(folder), "--types", "Q4_K_M", "--ctx", "1024", "-p", "32", "-n", "8", "-r", "1",
-                              "--cases", str(_three_cases(folder.parent)), "-q"])
+                              "--cases", str(_three_cases(folder.parent)), "--drift-chunks", "1", "-q"])
     assert out.exit_code == 0, out.output
     target = folder.parent / "bundle"
     out = runner.invoke(cli, ["bundle", str(folder / "results.json"), "-o", str(target)])
@@ -62,29 +61,25 @@ def bundle(default_variants: QuantizeResult, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture(scope="module")
-def onnx_variants(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """ONNX_INT8 (and its fp32 parent) of the default model, for this module."""
-    work = tmp_path_factory.mktemp("serve-onnx")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDGECDS_HOME", str(model_store))
-        made = run_quantize(QuantizeConfig(output=work / "variants", formats=("onnx",), types=(quant_type("ONNX_INT8"),)))
-    yield Path(made.output_dir)
-    shutil.rmtree(work, ignore_errors=True)  # 0.7 GB: free it when the module is done
+def onnx_folder(onnx_variants: QuantizeResult) -> Path:
+    """The session's ONNX variants of the default model (conftest): this module bundles its ONNX_INT8."""
+    return Path(onnx_variants.output_dir)
 
 
 @pytest.fixture(scope="module")
-def onnx_bundle(onnx_variants: Path) -> Path:
+def onnx_bundle(onnx_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An ONNX_INT8 bundle, its results written apart from the variants (as when they come back from
     the device on a stick) and the variants named with --variants."""
     runner = CliRunner()
-    results = onnx_variants.parent / "elsewhere" / "results.json"
-    out = runner.invoke(cli, ["profile", str(onnx_variants), "--types", "ONNX_INT8", "--ctx", "1024", "-p", "32", "-n", "8", "-r", "1",
+    work = tmp_path_factory.mktemp("serve-onnx")
+    results = work / "elsewhere" / "results.json"
+    out = runner.invoke(cli, ["profile", str(onnx_folder), "--types", "ONNX_INT8", "--ctx", "1024", "-p", "32", "-n", "8", "-r", "1",
                               "--no-accuracy", "-o", str(results), "-q"])
     assert out.exit_code == 0, out.output
-    target = onnx_variants.parent / "bundle"
+    target = work / "bundle"
     out = runner.invoke(cli, ["bundle", str(results), "--formats", "onnx", "-o", str(target)])
     assert out.exit_code != 0 and "--variants" in out.output  # the variants are not beside these results
-    out = runner.invoke(cli, ["bundle", str(results), "--formats", "onnx", "--variants", str(onnx_variants), "-o", str(target)])
+    out = runner.invoke(cli, ["bundle", str(results), "--formats", "onnx", "--variants", str(onnx_folder), "-o", str(target)])
     assert out.exit_code == 0, out.output
     files = json.loads((target / "manifest.json").read_text())["files"]
     assert any(name.startswith("model/") and name.endswith("model.onnx") for name in files)  # the variant's folder, file by file
@@ -426,7 +421,7 @@ def test_profile_eval_and_run_make_no_network_attempt(which: str, request: pytes
     send to an IP address, and no telemetry database under HOME (onnxruntime 1.32 writes one, and
     looks up its vendor's events host, unless told not to)."""
     folder: Path = request.getfixturevalue("bundle" if which == "gguf" else "onnx_bundle")
-    variants = (folder.parent / "variants") if which == "gguf" else request.getfixturevalue("onnx_variants")
+    variants = (folder.parent / "variants") if which == "gguf" else request.getfixturevalue("onnx_folder")
     kind = "Q4_K_M" if which == "gguf" else "ONNX_INT8"
     cases = _three_cases(tmp_path)
     for name, cmd in (

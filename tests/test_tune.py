@@ -15,8 +15,8 @@ from edgecds.cli import cli
 from edgecds.results import load_results
 
 ROOT = Path(__file__).resolve().parents[1]
-# small work: one fresh process per candidate, pp64/tg16, the gate on 8 cases and the drift text
-QUICK = ["--ctx", "1024", "-r", "1", "-p", "64", "-n", "16", "--case-limit", "8", "-q"]
+# small work: one fresh process per candidate, pp64/tg16, the gate on 8 cases and one chunk of the drift text
+QUICK = ["--ctx", "1024", "-r", "1", "-p", "64", "-n", "16", "--case-limit", "8", "--drift-chunks", "1", "-q"]
 
 
 def invoke(*args: str) -> tuple[int, str]:
@@ -42,6 +42,7 @@ def test_tune_two_variants_and_the_gate_rejects_a_4_bit_v_cache(variants: Path) 
         four_bit = next(c for c in t["candidates"] if c["settings"]["type_v"] == "q4_0" and c["settings"]["type_k"] == "q4_0")
         assert four_bit["status"] == "rejected" and "accuracy gate" in four_bit["reason"] and four_bit["kl_mean"] > 0.002
         assert four_bit["peak_rss_bytes"] < baseline["peak_rss_bytes"]  # it would have won on memory
+        assert t["spec"]["gate"]["drift_tokens"] == 255  # --drift-chunks 1: the second half of one chunk of 512
         assert t["chosen"]["type_v"] != "q4_0"
         assert all(c["decode_tps"] and c["peak_rss_bytes"] for c in t["candidates"])  # each measured, not predicted
     results = load_results(variants / "results.json")
@@ -52,7 +53,7 @@ def test_the_chosen_settings_reach_the_bundle_and_run_uses_them(variants: Path, 
     cases = tmp_path / "cases.jsonl"
     cases.write_text("\n".join((ROOT / "toolkit" / "clinical" / "cases-v1.jsonl").read_text().splitlines()[:4]) + "\n")
     code, out = invoke("profile", str(variants), "--types", "Q4_K_M", "--ctx", "1024", "-p", "32", "-n", "8", "-r", "1", "--cases", str(cases),
-                       "--json", "-q")
+                       "--drift-chunks", "1", "--json", "-q")
     assert code == 0, out
     device = json.loads(out)["device"]
     # the gate opened wide: the least memory wins, which is the 4-bit K and V cache

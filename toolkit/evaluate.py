@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from edgecds.adopt import open_variants
 from edgecds.atomic import atomic_path, folder_lock
 from edgecds.cases import Case, CaseSet, drift_text, load_cases, prompt_for
 from edgecds.digest import cache_key
@@ -38,7 +39,7 @@ from edgecds.progress import Reporter
 from edgecds.results import RESULTS_FILE, EvalRecord, ResultsFile, VariantRef, load_results
 from edgecds.stats import paired_comparison, pass_at_k, wilson_interval
 from edgecds.target import Target, resolve_target
-from edgecds.variants import VariantRecord, VariantsFile, check_unchanged, open_variants
+from edgecds.variants import VariantRecord, VariantsFile, check_unchanged
 
 MODES = ("loglik", "generate", "topk")
 GENERATE_TOKENS = 32
@@ -75,6 +76,7 @@ class EvalConfig:
     n_ctx: int = DEFAULT_CTX
     threads: int | None = None
     drift: bool = True
+    drift_chunks: int | None = None  # the first N chunks of the drift text (llama-perplexity --chunks); None: all
     force: bool = False
     output: Path | None = None
     root: Path = Path("/")  # where /proc and /sys are read for the host record (tests pass captured trees)
@@ -285,8 +287,8 @@ def paired(reference: list[CaseResult], variant: list[CaseResult]) -> dict[str, 
 # --- drift --------------------------------------------------------------------------------------
 
 
-def _drift_cache(folder: Path, reference: VariantRecord, text: str) -> Path:
-    return folder / DRIFT_CACHE / f"{reference.sha256[:16]}-{cache_key(text, length=12)}-ctx{DRIFT_CTX}.npz"
+def _drift_cache(folder: Path, reference: VariantRecord, text: str, chunks: int | None) -> Path:
+    return folder / DRIFT_CACHE / f"{reference.sha256[:16]}-{cache_key(text, length=12)}-ctx{DRIFT_CTX}{f'-c{chunks}' if chunks else ''}.npz"
 
 
 def _save_reference(path: Path, logprobs: Any, targets: Any) -> None:
@@ -333,7 +335,10 @@ def reference_of(records: list[VariantRecord]) -> VariantRecord:
 
     floats = [v for v in records if v.type in QUANT_TYPE_BY_NAME and QUANT_TYPE_BY_NAME[v.type].is_float]
     if not floats:
-        raise UsageError("no float variant (F16, BF16 or F32) to compare with; run `edgecds quantize` with F16 among --types")
+        adopted = any(v.options.get("adopted") for v in records)
+        raise UsageError("no float variant (F16, BF16 or F32) to compare with; " + (
+            "eval pairs each variant with the same model unquantized: give the folder holding both GGUF files (the model's F16 "
+            "GGUF beside this one)" if adopted else "run `edgecds quantize` with F16 among --types"))
     return max(floats, key=lambda v: v.file_size)
 
 
@@ -377,6 +382,7 @@ def run_eval(config: EvalConfig, reporter: Reporter | None = None, target: Targe
     output = config.output or folder / RESULTS_FILE
     spec = {"cases": case_set.name, "cases_sha256": case_set.sha256, "n_cases": len(cases), "mode": config.mode,
             "k": config.k if config.mode == "topk" else None, "drift": config.drift, "settings": asdict(settings),
+            **({"drift_chunks": config.drift_chunks} if config.drift and config.drift_chunks else {}),
             **({"think_tokens": config.think_tokens, "sampling": asdict(config.sampling)} if config.mode != "loglik" else {}),
             **({"judge": variant_identity(config.judge)} if config.judge is not None else {})}
     with folder_lock(output.parent):
@@ -469,7 +475,7 @@ def _evaluate(folder: Path, variant: VariantRecord, reference: VariantRecord, ca
                 reporter.advance_to(i + 1)
         if reporter:
             reporter.finish()
-        drift = _drift(folder, runtime, variant, reference, text, reporter, label) if config.drift else None
+        drift = _drift(folder, runtime, (variant, reference), (text, config.drift_chunks), reporter, label) if config.drift else None
     finally:
         runtime.close()
     judged = _judge(config, cases, results, settings, reporter, label) if config.judge is not None else None
@@ -508,8 +514,11 @@ def _judge(config: EvalConfig, cases: list[Case], results: list[CaseResult], set
         judge.close()
 
 
-def _drift(folder: Path, runtime: Runtime, variant: VariantRecord, reference: VariantRecord, text: str, reporter: Reporter | None,
-           label: str) -> dict[str, Any] | None:
+def _drift(folder: Path, runtime: Runtime, pair: tuple[VariantRecord, VariantRecord], drift: tuple[str, int | None],
+           reporter: Reporter | None, label: str) -> dict[str, Any] | None:
+    """The variant's drift from its reference; `drift` is the text and the chunks to read of it."""
+    (variant, reference), (text, chunks) = pair, drift
+
     def on_chunk(done: int, total: int) -> None:
         if reporter:
             if done == 0:
@@ -517,11 +526,11 @@ def _drift(folder: Path, runtime: Runtime, variant: VariantRecord, reference: Va
             reporter.advance_to(done)
 
     try:
-        logprobs, targets = drift_logprobs(runtime, text, on_chunk)
+        logprobs, targets = drift_logprobs(runtime, text, on_chunk, chunks)
     finally:
         if reporter:
             reporter.finish()
-    cache = _drift_cache(folder, reference, text)
+    cache = _drift_cache(folder, reference, text, chunks)
     if variant.sha256 == reference.sha256:
         _save_reference(cache, logprobs, targets)
         base = _load_reference(cache)  # compare with what later variants will read: float16 on disk

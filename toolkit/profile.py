@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from edgecds.adopt import open_variants
 from edgecds.atomic import folder_lock
 from edgecds.devices import DeviceProfile
 from edgecds.engine import device_backend, settings_for
@@ -33,7 +34,7 @@ from edgecds.results import (
     load_results,
 )
 from edgecds.target import AUTO, Target, resolve_target
-from edgecds.variants import VariantRecord, check_unchanged, open_variants
+from edgecds.variants import VariantRecord, check_unchanged
 
 # A measured decode speed this many times off the prediction, either way, is flagged with both
 # figures: the predictor lands within about 20% on a quiet device (bench_predict), so 3x is a
@@ -62,6 +63,7 @@ class ProfileConfig:
     root: Path = Path("/")  # where /proc and /sys are read (tests pass captured trees)
     accuracy: bool = True  # then score the measured variants' clinical accuracy (edgecds eval)
     cases: Path | None = None  # for the accuracy: None is the shipped case set
+    drift_chunks: int | None = None  # for the accuracy's drift: the first N chunks of the text; None: all
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,8 @@ def run_profile(config: ProfileConfig, reporter: Reporter | None = None) -> Prof
         # on the device's settings, on the same target (same host record); the float reference is
         # scored too, for the paired statistics
         evaluation = run_eval(EvalConfig(variants=folder, cases=config.cases, types=measured, threads=settings.threads,
-                                         output=output, root=config.root, profiles_dirs=config.profiles_dirs), reporter, target)
+                                         drift_chunks=config.drift_chunks, output=output, root=config.root,
+                                         profiles_dirs=config.profiles_dirs), reporter, target)
     return ProfileResult(str(output), target.id, target.here, target.fingerprint, target.match.differences, tuple(outcomes), tuple(notes),
                          evaluation)
 

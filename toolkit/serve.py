@@ -369,6 +369,7 @@ def serve(config: ServeConfig, on_listening: Callable[[str], None] | None = None
     except SystemExit:  # uvicorn logs the bind error and exits 1
         raise EdgecdsError(f"cannot listen on {config.host}:{config.port} (in use, or not an address of this machine); "
                            "choose another with --port or --host") from None
+    sock.listen(settings.backlog)  # bind_socket only binds: without this a client told the address would be refused until uvicorn starts
     server = _stoppable_server(settings)
     if on_listening is not None:
         host, port = sock.getsockname()[:2]

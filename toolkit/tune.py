@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from edgecds.adopt import open_variants
 from edgecds.atomic import folder_lock
 from edgecds.errors import UsageError
 from edgecds.hwbench.measure import TIMEOUT_SECONDS
@@ -29,7 +30,7 @@ from edgecds.profile import engine_has_gpu
 from edgecds.progress import Reporter
 from edgecds.results import RESULTS_FILE, MeasurementRecord, ResultsFile, TuningRecord, VariantRef, load_results
 from edgecds.target import AUTO, Target, resolve_target
-from edgecds.variants import VariantRecord, check_unchanged, open_variants
+from edgecds.variants import VariantRecord, check_unchanged
 
 OBJECTIVES = ("decode", "ttft", "memory")  # fastest decode, lowest time to first token, least memory (at --min-decode)
 KNOBS = ("threads", "batch", "flash", "cache", "gpu_layers")
@@ -50,6 +51,7 @@ class TuneConfig:
     max_flip_share: float = 0.02  # share of case answers allowed to change
     cases: Path | None = None
     case_limit: int | None = 40  # the first N cases gate each candidate; None: all
+    drift_chunks: int | None = None  # the first N chunks of the drift text gate each candidate; None: all
     max_candidates: int = 16
     repeats: int = 2
     prompt_tokens: int = 256

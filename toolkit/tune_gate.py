@@ -20,7 +20,7 @@ def _engine(settings: dict[str, Any]) -> Any:
     return EngineSettings(**settings)
 
 
-def _answers_and_drift(path: Path, settings: dict[str, Any], cases: list[Any]) -> tuple[list[int | None], Any, Any]:
+def _answers_and_drift(path: Path, settings: dict[str, Any], cases: list[Any], chunks: int | None) -> tuple[list[int | None], Any, Any]:
     from edgecds.cases import drift_text
     from edgecds.drift import DRIFT_CTX, drift_logprobs
     from edgecds.engine.factory import open_runtime
@@ -30,7 +30,7 @@ def _answers_and_drift(path: Path, settings: dict[str, Any], cases: list[Any]) -
     runtime = open_runtime(path, engine)
     try:
         answers = [score_case(runtime, case, "loglik").chosen for case in cases]
-        logprobs, targets = drift_logprobs(runtime, drift_text())
+        logprobs, targets = drift_logprobs(runtime, drift_text(), max_chunks=chunks)
     finally:
         runtime.close()
     return answers, logprobs, targets
@@ -47,6 +47,7 @@ class Gate:
     max_kl: float
     max_flip_share: float
     cases_name: str = ""
+    drift_chunks: int | None = None
 
     @property
     def n_cases(self) -> int:
@@ -63,8 +64,9 @@ class Gate:
         case_set = load_cases(config.cases)
         closed = [c for c in case_set.cases if not c.is_open]
         cases = closed[: config.case_limit] if config.case_limit else closed
-        answers, logprobs, targets = _answers_and_drift(path, baseline, cases)
-        return cls(cases, answers, logprobs, targets, config.max_kl, config.max_flip_share, f"{case_set.name} ({case_set.sha256[:12]})")
+        answers, logprobs, targets = _answers_and_drift(path, baseline, cases, config.drift_chunks)
+        return cls(cases, answers, logprobs, targets, config.max_kl, config.max_flip_share, f"{case_set.name} ({case_set.sha256[:12]})",
+                   config.drift_chunks)
 
     def prune(self, path: Path, settings: Any, target: Target) -> str:
         """The predictor's reason this candidate cannot fit the device at its whole context, or ''."""
@@ -81,7 +83,7 @@ class Gate:
         from edgecds.drift import drift_against
 
         try:
-            answers, logprobs, _ = _answers_and_drift(path, candidate.settings, self.cases)
+            answers, logprobs, _ = _answers_and_drift(path, candidate.settings, self.cases, self.drift_chunks)
         except EngineError as exc:
             candidate.status, candidate.reason = "failed", str(exc)
             return

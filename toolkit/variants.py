@@ -177,17 +177,6 @@ def variant_digest(path: Path) -> str:
     return sha256_folder(path) if path.is_dir() else sha256_file(path)
 
 
-
-def open_variants(path: Path) -> tuple[Path, VariantsFile]:
-    """The variants folder and its record, given the folder or its variants.json; an error saying
-    what to run when there is none."""
-    folder = path.parent if path.name == VARIANTS_FILE else path
-    record = load_variants(folder)
-    if record is None:
-        raise InvalidInputError(f"{folder / VARIANTS_FILE} does not exist; run `edgecds quantize -o {folder}` first")
-    return folder, record
-
-
 def check_unchanged(folder: Path, record: VariantRecord) -> Path:
     """The variant's path, after checking it is still what `quantize` recorded (by hash): later
     records name a variant by its hash, so a changed file must not be measured under it."""

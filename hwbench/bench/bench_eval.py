@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from edgecds import __version__
+from edgecds.adopt import open_variants
 from edgecds.atomic import write_json
 from edgecds.cases import Case, drift_text, load_cases
 from edgecds.drift import DRIFT_CTX, drift_against, drift_logprobs
 from edgecds.engine import EngineSettings
 from edgecds.engine.gguf_runtime import GgufRuntime
 from edgecds.evaluate import option_logprobs
-from edgecds.variants import VariantRecord, open_variants, variant_file
+from edgecds.variants import VariantRecord, variant_file
 
 SPEEDUP_TARGET = 2.0
 DRIFT_ORDER = ("Q8_0", "Q6_K", "Q4_K_M", "Q2_K")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecds import __version__
+from edgecds.adopt import open_variants
 from edgecds.atomic import write_json
 from edgecds.engine import RunSettings
 from edgecds.formats.gguf_file import GgufInfo, read_gguf
@@ -30,7 +31,7 @@ from edgecds.hwbench.bench.calibrate import memory_bandwidth_gbs
 from edgecds.hwbench.measure import ONE_PASS, measure_in_subprocess
 from edgecds.hwbench.predict import MIB, Calibration, load_calibrations, percent_error, predict
 from edgecds.quant.gguf_quantize import llama_cpp_version
-from edgecds.variants import open_variants, variant_file
+from edgecds.variants import variant_file
 
 TOLERANCE_PERCENT = 5.0
 

@@ -34,11 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from edgecds import __version__
+from edgecds.adopt import open_variants
 from edgecds.atomic import write_json
 from edgecds.engine import RunSettings
 from edgecds.hwbench.measure import PEAK_RSS_RESOLUTION, Measurement, Workload, measure_in_subprocess, measure_repeated
 from edgecds.results import Stat
-from edgecds.variants import open_variants, variant_file
+from edgecds.variants import variant_file
 
 DECODE_TARGET = 0.97
 MEMORY_TOLERANCE_PERCENT = 2.0

@@ -16,13 +16,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from edgecds.adopt import open_variants
 from edgecds.atomic import write_json
 from edgecds.devices import load_profiles
 from edgecds.engine import RunSettings, settings_for
 from edgecds.formats.gguf_file import read_gguf
 from edgecds.hwbench.predict import predict
 from edgecds.tune import TuneConfig, run_tune
-from edgecds.variants import open_variants, variant_file
+from edgecds.variants import variant_file
 
 
 def _predicted_elsewhere(path: Path, candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -94,7 +94,26 @@ class Choice:
                 "constraints": asdict(self.constraints), "advice": self.advice, "why": self.why, "rule": RULE}
 
 
-def _candidates(results_files: list[Path], device: DeviceProfile, constraints: Constraints) -> list[Candidate]:
+def _predicted_now(ref: Any, folder: Path, device: DeviceProfile, n_ctx: int | None) -> dict[str, Any]:
+    """The predictor's figures for a variant no record on the device holds (as `plan` gives them, at
+    the device's full context), read from its file in `folder`; {} when the file is not there."""
+    from edgecds.engine import settings_for
+    from edgecds.formats.gguf_file import read_gguf
+    from edgecds.hwbench.predict import predict
+    from edgecds.variants import load_variants, variant_file
+
+    variants = load_variants(folder) if ref.format == "gguf" else None
+    record = next((v for v in variants.variants if v.sha256 == ref.sha256), None) if variants else None
+    path = variant_file(folder, record) if record else None
+    if path is None or not path.is_file():
+        return {}
+    p = predict(read_gguf(path), settings_for(device, n_ctx), device)  # as `plan` predicts it
+    return {"peak_bytes": p.memory.peak_bytes, "decode_tps": round(p.speed.decode_tps, 2), "fits": p.fits, "n_ctx": p.settings.n_ctx,
+            **({"why_not": p.why_not} if not p.fits else {})}
+
+
+def _candidates(results_files: list[Path], device: DeviceProfile, constraints: Constraints,
+                variants_dir: Path | None = None) -> list[Candidate]:
     found: list[Candidate] = []
     for path in results_files:
         results = load_results(path)
@@ -124,13 +143,15 @@ def _candidates(results_files: list[Path], device: DeviceProfile, constraints: C
             ref = record.variant if record else evaluation.variant if evaluation else None
             if ref is None:
                 continue
-            candidate = _candidate(ref, str(path), record, evaluation, results.hosts.get(record.host) if record else None)
+            prediction = _predicted_now(ref, variants_dir or path.parent, device, constraints.n_ctx) \
+                if record is None or not (record.measured or record.predicted) else None
+            candidate = _candidate(ref, str(path), record, evaluation, results.hosts.get(record.host) if record else None, prediction)
             found.append(replace(candidate, failed=failed[sha]) if candidate.predicted_only and sha in failed else candidate)
     return found
 
 
 def _candidate(ref: Any, results_file: str, record: MeasurementRecord | None, evaluation: EvalRecord | None,
-               host: HostFingerprint | None) -> Candidate:
+               host: HostFingerprint | None, prediction: dict[str, Any] | None = None) -> Candidate:
     metrics = evaluation.metrics if evaluation else {}
     paired = (evaluation.paired or {}) if evaluation else {}
     drift = (evaluation.drift or {}) if evaluation else {}
@@ -141,9 +162,10 @@ def _candidate(ref: Any, results_file: str, record: MeasurementRecord | None, ev
         peak = int(m.full_context_peak_bytes) if m.full_context_peak_bytes is not None else int(m.peak_rss_bytes.high)
         disturbed = bool(m.disturbance.get("disturbed"))
     else:
-        decode = float(record.predicted.get("decode_tps", 0.0)) if record else 0.0
-        peak = int(record.predicted.get("peak_bytes", 0)) if record else 0
-        only_predicted, full, disturbed, spread = True, bool(record), False, 0.0  # the predictor's peak is at the device's full context
+        figures = prediction if prediction is not None else record.predicted if record else {}
+        decode = float(figures.get("decode_tps", 0.0))
+        peak = int(figures.get("peak_bytes", 0))
+        only_predicted, full, disturbed, spread = True, bool(figures), False, 0.0  # the predictor's peak is at the device's full context
     reference = evaluation is not None and evaluation.reference == ref.type
     return Candidate(ref.type, ref.format, ref.sha256, ref.file_size, results_file, record if record and record.measured else None, evaluation,
                      host, only_predicted, metrics.get("accuracy"), metrics.get("low"), decode, peak, (), full, disturbed,
@@ -154,8 +176,12 @@ def _candidate(ref: Any, results_file: str, record: MeasurementRecord | None, ev
 def _violations(c: Candidate, device: DeviceProfile, k: Constraints) -> list[str]:
     budget = int(device.budget_gib * 1024**3)
     out = []
-    if c.format not in k.formats:
+    if c.format not in device.formats:  # a prediction or an evaluation elsewhere must not ship what the device cannot run
+        out.append(f"{device.id} runs {', '.join(device.formats)}, not {c.format}")
+    elif c.format not in k.formats:
         out.append(f"format {c.format} not allowed")
+    if c.predicted_only and not c.peak_bytes and not c.failed:
+        out.append("no figures for this device: neither measured there nor predicted (its file was not found: pass --variants DIR)")
     if c.failed:
         out.append(f"its measurement on {device.id} failed ({c.failed}); a prediction does not stand in for it")
     elif c.predicted_only and not k.allow_predicted:
@@ -260,10 +286,10 @@ def _passed_over(c: Candidate, chosen: Candidate, criterion: str, k: Constraints
     return f"{said}equal on every rule; {chosen.variant} comes first by name"
 
 
-def choose(results_files: list[Path], device: DeviceProfile, constraints: Constraints) -> Choice:
+def choose(results_files: list[Path], device: DeviceProfile, constraints: Constraints, variants_dir: Path | None = None) -> Choice:
     if constraints.prefer not in PREFERENCES:
         raise InvalidInputError(f"unknown preference {constraints.prefer!r}; known: {', '.join(PREFERENCES)}")
-    candidates = _candidates(results_files, device, constraints)
+    candidates = _candidates(results_files, device, constraints, variants_dir)
     if not candidates:
         raise InvalidInputError(
             f"no variant was measured on {device.id} in {', '.join(map(str, results_files))}; run `edgecds profile --device {device.id}` "

@@ -81,6 +81,11 @@ def _model_card(choice: Choice, manifest: dict[str, Any]) -> str:
         if pm.disturbance.get("disturbed"):
             lines.append(f"- **Speeds measured while other processes used the CPU** (up to {max(pm.disturbance['others_cpu_cores']):.2f} "
                          "cores): not trustworthy; profile again on a quiet device.")
+    elif c.predicted_only and c.peak_bytes:
+        lines += ["", "## On this device (PREDICTED, not measured)", "",
+                  f"- Predicted peak memory {c.peak_bytes / 2**20:.0f} MiB at the device's full context; budget "
+                  f"{manifest['device']['budget_gib']:g} GiB.",
+                  f"- Predicted decode {c.decode_tps:.1f} tokens/s: edgecds's predictor, from the file's header and the device profile."]
     lines += ["", "## Known limits and failure modes", "",
               "- Accuracy on a small case set has a wide interval; a variant 'not significantly different' from the reference is not shown to be equivalent.",
               "- The model can be confidently wrong, can invent findings, and was not trained on your population or guidelines.",

@@ -81,6 +81,11 @@ def device_option(help: str, default: str | None = None) -> Callable[[F], F]:
     return click.option("--device", "device_id", default=default, show_default=True, help=help)
 
 
+def drift_chunks_option(help: str) -> Callable[[F], F]:
+    """`--drift-chunks N` (passed as `drift_chunks`): llama-perplexity's --chunks, for eval and tune."""
+    return click.option("--drift-chunks", type=click.IntRange(min=1), help=f"{help}  [default: all]")
+
+
 def constraint_options(func: Any) -> Any:
     """`bundle`'s choice rules, shared by `report` (which shows what bundle would choose)."""
     options = [

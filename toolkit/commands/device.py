@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from edgecds.commands.common import default_of, device_option, print_json, profiles_dir_option, table, whole
+from edgecds.commands.common import default_of, device_option, drift_chunks_option, print_json, profiles_dir_option, table, whole
 from edgecds.compare import DEFAULT_ALPHA
 from edgecds.engine import DEFAULT_CTX
 from edgecds.errors import EdgecdsError
@@ -137,7 +137,9 @@ def plan(variants: Path | None, device_id: str, n_ctx: int | None, kv_type: str,
          profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
     """Predict which variants fit a device, and how fast they run there, before anything is loaded.
 
-    VARIANTS is a variants.json written by `edgecds quantize` (or its folder). Every figure is a
+    VARIANTS is a variants.json written by `edgecds quantize` (or its folder), or a GGUF file you
+    downloaded (or a folder of them): it is recorded as it is, by its hash and the quantization its
+    header names, in variants.json beside it, never requantized. Every figure is a
     prediction from the files' headers and the device profile, not a measurement; `edgecds
     profile` measures on the device itself. With --model-config, the files do not exist yet: sizes
     come from the config's shapes and llama.cpp's choice of type per tensor, and are estimates.
@@ -145,6 +147,7 @@ def plan(variants: Path | None, device_id: str, n_ctx: int | None, kv_type: str,
     \b
     Examples:
       edgecds plan --device jetson-orin-nano-8gb edgecds-out/SmolLM2-135M-Instruct
+      edgecds plan --device jetson-orin-nano-8gb ~/Downloads/Qwen3-4B-Q4_K_M.gguf
       edgecds plan --device rtx-3060-12gb variants.json --ctx 8192 --cache-type q8_0 --json
       edgecds plan --device jetson variants.json      # every Jetson profile
       edgecds plan --model-config Qwen3-30B-A3B/config.json --types Q4_K_M,Q8_0 --device jetson-orin-nx-16gb --ctx 8192
@@ -153,7 +156,7 @@ def plan(variants: Path | None, device_id: str, n_ctx: int | None, kv_type: str,
     from edgecds.target import plan_devices
 
     if (variants is None) == (model_config is None):
-        raise click.UsageError("give either VARIANTS (a variants.json or its folder) or --model-config config.json")
+        raise click.UsageError("give either VARIANTS (a GGUF file, a variants.json or its folder) or --model-config config.json")
     if types_text and model_config is None:
         raise click.UsageError("--types goes with --model-config; with VARIANTS every recorded variant is planned")
     targets = plan_devices(device_id, profiles_dirs)
@@ -201,6 +204,7 @@ def plan(variants: Path | None, device_id: str, n_ctx: int | None, kv_type: str,
               help="Seconds one variant may take; then it is killed and recorded as failed.")
 @click.option("--no-accuracy", is_flag=True, help="Measure memory and speed only; skip the clinical accuracy (edgecds eval).")
 @click.option("--cases", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="Cases for the accuracy.  [default: the shipped set]")
+@drift_chunks_option("The accuracy's drift on the first N chunks of 512 tokens of the clinical text (llama-perplexity --chunks).")
 @click.option("--measure-anyway", is_flag=True, help="Measure on a machine that is not the --device; results are marked as measured on this machine.")
 @click.option("--force", is_flag=True, help="Measure again variants already measured with the same settings on this machine.")
 @click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), help="Results file.  [default: results.json beside variants.json]")
@@ -209,18 +213,20 @@ def plan(variants: Path | None, device_id: str, n_ctx: int | None, kv_type: str,
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int | None, threads: int | None, n_gpu_layers: int | None,
             kv_type: str, flash_attn: bool, prompt_tokens: int, decode_tokens: int, repeats: int, timeout: float,
-            no_accuracy: bool, cases: Path | None, measure_anyway: bool, force: bool, output: Path | None, profiles_dirs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
+            no_accuracy: bool, cases: Path | None, drift_chunks: int | None, measure_anyway: bool, force: bool, output: Path | None, profiles_dirs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
     """Measure every variant on this device: load time, peak memory, prompt and decode speed,
     then clinical accuracy (as `edgecds eval`; --no-accuracy skips it).
 
     Run it on the target device itself. Each variant runs in a fresh process; a variant predicted
     not to fit the device's memory is skipped, one that crashes or times out is recorded as
     failed, and the run goes on. Results go to results.json after every variant; a re-run skips
-    what is already measured with the same settings on this machine.
+    what is already measured with the same settings on this machine. VARIANTS may be a GGUF file
+    you downloaded (as for `plan`).
 
     \b
     Examples:
       edgecds profile edgecds-out/SmolLM2-135M-Instruct
+      edgecds profile ~/Downloads/Qwen3-4B-Q4_K_M.gguf --no-accuracy
       edgecds profile variants.json --device jetson-orin-nano-8gb --types Q4_K_M,Q8_0 -r 5 --json
     """
     from edgecds.formats.types import parse_type_names
@@ -231,7 +237,7 @@ def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int |
         variants=variants, device=device_id, profiles_dirs=profiles_dirs, types=parse_type_names(types_text),
         n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, cache_type=kv_type, flash_attn=flash_attn,
         prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, repeats=repeats, timeout=timeout,
-        measure_anyway=measure_anyway, force=force, output=output, accuracy=not no_accuracy, cases=cases,
+        measure_anyway=measure_anyway, force=force, output=output, accuracy=not no_accuracy, cases=cases, drift_chunks=drift_chunks,
     )
     result = run_profile(config, make_reporter(quiet))
     if as_json:
@@ -276,13 +282,14 @@ def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int |
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=512), default=DEFAULT_CTX, show_default=True, help="Context length.")
 @click.option("--threads", "-t", type=click.IntRange(min=1), help="Threads.  [default: llama.cpp's]")
 @click.option("--no-drift", is_flag=True, help="Skip the KL divergence and perplexity on the clinical text.")
+@drift_chunks_option("Only the first N chunks of 512 tokens of the clinical text (llama-perplexity --chunks): quicker, less precise.")
 @click.option("--force", is_flag=True, help="Score again variants already scored on these cases on this machine.")
 @click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), help="Results file.  [default: results.json beside variants.json]")
 @profiles_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def eval_command(variants: Path, cases: Path | None, mode: str, k: int, think_tokens: int, samples: int, temperature: float, top_p: float,
-                 seed: int, judge: Path | None, types_text: str | None, limit: int | None, n_ctx: int, threads: int | None, no_drift: bool, force: bool,
+                 seed: int, judge: Path | None, types_text: str | None, limit: int | None, n_ctx: int, threads: int | None, no_drift: bool, drift_chunks: int | None, force: bool,
                  output: Path | None, profiles_dirs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
     """Clinical accuracy of every variant, and its drift from the float reference.
 
@@ -302,7 +309,7 @@ def eval_command(variants: Path, cases: Path | None, mode: str, k: int, think_to
 
     config = EvalConfig(variants=variants, cases=cases, mode=mode, k=k, think_tokens=think_tokens,
                         sampling=Sampling(samples, temperature, top_p, seed), judge=judge, types=parse_type_names(types_text),
-                        limit=limit, n_ctx=n_ctx, threads=threads, drift=not no_drift, force=force, output=output,
+                        limit=limit, n_ctx=n_ctx, threads=threads, drift=not no_drift, drift_chunks=drift_chunks, force=force, output=output,
                         profiles_dirs=profiles_dirs)
     result = run_eval(config, make_reporter(quiet))
     if as_json:
@@ -393,6 +400,7 @@ def compare_command(results: tuple[Path, ...], alpha: float, subgroups: bool, as
               help="Accuracy gate: share of case answers allowed to change.")
 @click.option("--cases", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="Cases for the gate.  [default: the shipped set]")
 @click.option("--case-limit", type=click.IntRange(min=1), default=default_of(TuneConfig, "case_limit"), show_default=True, help="The gate's first N cases.")
+@drift_chunks_option("The gate's first N chunks of 512 tokens of the drift text (llama-perplexity --chunks).")
 @click.option("--max-candidates", type=click.IntRange(min=1), default=default_of(TuneConfig, "max_candidates"), show_default=True,
               help="Stop after this many measured settings.")
 @click.option("--repeats", "-r", type=click.IntRange(min=1), default=default_of(TuneConfig, "repeats"), show_default=True, help="Fresh processes per candidate.")

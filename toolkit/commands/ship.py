@@ -77,7 +77,7 @@ def bundle_command(results: tuple[Path, ...], device_id: str, output: Path | Non
 
     target = resolve_target(device_id, profiles_dirs)
     device = target.device
-    choice = choose(list(results), device, constraints)
+    choice = choose(list(results), device, constraints, variants_dir)
     if choice.chosen is None:
         for r in choice.rejected:
             click.echo(f"{r.variant}: {'; '.join(r.reasons)}", err=True)
@@ -122,7 +122,7 @@ def keygen_command(private_key: Path) -> None:
                    "signed by it.  [default: $EDGECDS_TRUSTED_KEY]")
 @click.option("--require-signature", is_flag=True, help="Fail when the bundle is not signed (by any key; --key names which).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+@click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr: no progress, no warning (the result line still says NOT SIGNED).")
 @click.option("--into", type=click.Path(path_type=Path, file_okay=False),
               help="Unpack a verified archive into this folder (headers and free disk checked before a byte is written; "
                    "the unpacked bundle verified before it gets its name).")
@@ -150,7 +150,7 @@ def verify_command(bundle: Path, trusted_key: str | None, require_signature: boo
     signer = f"signed by {result.signer}" + (" (the trusted key)" if result.trusted_signer else " (not checked against a trusted key: pass --key)") \
         if result.signed else "NOT SIGNED"
     click.echo(f"OK: {result.files} files match the manifest; {signer}" + (f"\nUnpacked: {result.bundle}" if into is not None else ""))
-    if not result.signed:
+    if not result.signed and not quiet:  # the result line still says NOT SIGNED
         click.echo("WARNING: nothing shows who made this bundle: its files are whole, but anyone could have packed them. Ask its maker "
                    "for a signed bundle and check it with --key KEY.pem.pub (--require-signature refuses unsigned ones).", err=True)
 

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from edgecds.adopt import open_variants
 from edgecds.atomic import folder_lock, write_json
 from edgecds.devices import load_profiles
 from edgecds.digest import cache_key, sha256_stream
@@ -27,7 +28,7 @@ from edgecds.jsonfile import read_json_object
 from edgecds.profile import ProfileConfig
 from edgecds.progress import Reporter
 from edgecds.results import RESULTS_FILE, ResultsFile, load_results, parse_evaluation, parse_host, parse_measurement
-from edgecds.variants import VariantRecord, VariantsFile, check_unchanged, open_variants, variant_file
+from edgecds.variants import VariantRecord, VariantsFile, check_unchanged, variant_file
 
 FLEET_LOG = "fleet.json"
 LOG_SCHEMA = 1
