@@ -39,3 +39,16 @@ def default_hf_folder(reporter: Reporter | None = None) -> Path:
         build_hf_folder(gguf_path, read_gguf(gguf_path), temp, folder / "LICENSE", quiet=not (reporter and reporter.shows_bars))
         (temp / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
     return target
+
+
+def rebuilt_origin(folder: Path) -> str:
+    """SourceRecord.origin of a folder this module built (its stamp says from which GGUF), else ''."""
+    try:
+        stamp = json.loads((folder / STAMP).read_text())
+    except (OSError, ValueError):
+        return ""
+    built_from = stamp.get("built_from") if isinstance(stamp, dict) else None
+    if not isinstance(built_from, str):
+        return ""
+    kind = built_from.removesuffix(".gguf").rsplit(".", 1)[-1]  # SmolLM2-135M-Instruct.Q4_1.gguf: Q4_1
+    return f"rebuilt from {built_from}, a {kind} file, not the original weights"

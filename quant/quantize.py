@@ -20,8 +20,9 @@ from edgecds.digest import cache_key, sha256_file, sha256_folder
 from edgecds.errors import EdgecdsError, InvalidInputError, UsageError
 from edgecds.formats.gguf_file import GgufInfo, read_gguf
 from edgecds.formats.types import DEFAULT_FORMAT, QUANT_TYPE_BY_NAME, QuantType, default_types
-from edgecds.progress import Reporter
+from edgecds.progress import ESTIMATED_BYTES, Reporter
 from edgecds.quant.calibration import ImatrixOptions, Prepared, brings_matrix
+from edgecds.quant.default_model import rebuilt_origin
 from edgecds.quant.gguf_quantize import QuantizerOptions
 from edgecds.quant.onnx_build import OnnxOptions
 from edgecds.variants import VARIANTS_FILE, SourceRecord, VariantRecord, VariantsFile, is_reusable, load_variants, variant_file
@@ -77,11 +78,12 @@ class _Source:
     architecture: str
     n_parameters: int
     gguf: GgufInfo | None  # set when the source is a GGUF file
+    origin: str = ""  # SourceRecord.origin
 
     def record(self) -> SourceRecord:
         """Hashing reads every byte of the source, so it happens after the cheap checks."""
         digest = sha256_file(self.path) if self.kind == "gguf" else sha256_folder(self.path)
-        return SourceRecord(str(self.path), self.kind, digest, self.architecture, self.n_parameters, self.name)
+        return SourceRecord(str(self.path), self.kind, digest, self.architecture, self.n_parameters, self.name, self.origin)
 
 
 def _resolve_source(config: QuantizeConfig, reporter: Reporter | None) -> _Source:
@@ -95,9 +97,18 @@ def _resolve_source(config: QuantizeConfig, reporter: Reporter | None) -> _Sourc
         path, name = config.source, config.source.name
     if path.is_file() or path.suffix == ".gguf":
         info = read_gguf(path)
-        return _Source(path, "gguf", path.name.removesuffix(".gguf"), info.architecture or "unknown", info.n_parameters, info)
+        return _Source(path, "gguf", path.name.removesuffix(".gguf"), info.architecture or "unknown", info.n_parameters, info,
+                       _gguf_origin(path, info))
     folder = inspect_hf_folder(path)
-    return _Source(path, "hf", name, folder.architecture, folder.n_parameters, None)
+    return _Source(path, "hf", name, folder.architecture, folder.n_parameters, None, rebuilt_origin(path))
+
+
+def _gguf_origin(path: Path, info: GgufInfo) -> str:
+    """A quantized GGUF as the source: its rounding is in every variant, the float ones included."""
+    from edgecds.adopt import type_of_header
+
+    qtype = type_of_header(info.file_type, {})
+    return "" if qtype in ("F32", "F16", "BF16", "unknown") else f"converted from {path.name}, a {qtype} file, not the original weights"
 
 
 def _gguf_schedule(source: _Source, types: tuple[QuantType, ...], requested: bool, options: QuantizerOptions) -> tuple[QuantType | None, list[QuantType], list[str]]:
@@ -308,7 +319,7 @@ class _GgufBuild:
         expected = q.estimated_bytes(self.source.n_parameters)
         reporter, config = self.reporter, self.config
         if reporter:
-            reporter.start(f"{q.name:<7} {'convert ' if q.is_float else 'quantize'}", expected)
+            reporter.start(f"{q.name:<7} {'convert ' if q.is_float else 'quantize'}", expected, ESTIMATED_BYTES)
         try:
             with atomic_path(final) as temp:
                 if q.is_float:

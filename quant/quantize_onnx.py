@@ -17,7 +17,7 @@ from edgecds import __version__
 from edgecds.atomic import atomic_path
 from edgecds.digest import cache_key, digest_of_files
 from edgecds.formats.types import QUANT_TYPE_BY_NAME, QuantType
-from edgecds.progress import Reporter
+from edgecds.progress import ESTIMATED_BYTES, Reporter
 from edgecds.quant.onnx_build import OnnxOptions
 from edgecds.variants import SourceRecord, VariantRecord, VariantsFile, is_reusable, variant_file
 
@@ -76,7 +76,7 @@ def _build(
     notes: list[str] = []
     with atomic_path(final, directory=True) as temp:
         if reporter:
-            reporter.start(f"{q.name:<10} {'export' if q.producer == 'optimum' else 'quantize'}", expected)
+            reporter.start(f"{q.name:<10} {'export' if q.producer == 'optimum' else 'quantize'}", expected, ESTIMATED_BYTES)
         try:
             if q.producer == "optimum":
                 seconds = onnx_build.export_fp32(parent, temp, expected, reporter)

@@ -10,7 +10,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from edgecds.cli import cli
-from edgecds.digest import sha256_file
+from edgecds.digest import sha256_file, sha256_folder
 from edgecds.quant.quantize import QuantizeResult
 from edgecds.variants import load_variants
 
@@ -86,3 +86,37 @@ def test_a_folder_of_ggufs_is_adopted_whole_and_bad_files_are_refused_unrecorded
     (bad / "cut.gguf").write_bytes(twin.read_bytes()[:4096])  # a download cut short: its header is refused, nothing recorded
     code, out = invoke("plan", str(bad / "cut.gguf"), "--device", "laptop-x86-16gb")
     assert code == 1 and "not a usable GGUF file" in out and not (bad / "variants.json").exists(), out
+
+
+def test_run_answers_with_a_gguf_file_on_its_own_and_refuses_what_is_not_one(default_variants: QuantizeResult, tmp_path: Path) -> None:
+    model = _published(default_variants, tmp_path / "downloads", "Q8_0", "SmolLM2-135M-Instruct-Q8_0.gguf")
+    result = CliRunner().invoke(cli, ["run", str(model), "A child has a barking cough and stridor. Diagnosis?", "-n", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert 0 < answer["completion_tokens"] <= 6 and answer["text"].strip() and answer["prompt_tokens"] > 10
+    assert not (tmp_path / "downloads" / "variants.json").exists()  # run records nothing beside the file
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model\n")
+    code, out = invoke("run", str(notes), "hello")
+    assert code != 0 and "neither a bundle folder nor a GGUF file" in out and "Traceback" not in out
+
+
+def test_an_onnx_model_folder_is_adopted_beside_itself_and_a_broken_one_is_refused(onnx_variants: QuantizeResult, tmp_path: Path) -> None:
+    published = next(o.record for o in onnx_variants.outcomes if o.record.type == "ONNX_INT8")
+    downloads = tmp_path / "downloads"
+    model = Path(shutil.copytree(Path(onnx_variants.output_dir) / published.path, downloads / "smollm2-int8-onnx"))
+    code, out = invoke("plan", str(model), "--device", "laptop-x86-16gb", "--json")
+    assert code == 0, out
+    assert [(e["type"], e["format"]) for e in json.loads(out)["entries"]] == [("ONNX_INT8", "onnx")]  # by its MatMulNBits blocks
+    recorded = load_variants(downloads)  # in the folder above the model's, as quantize records its ONNX variants
+    assert recorded is not None and [v.path for v in recorded.variants] == [model.name]
+    variant = recorded.variants[0]
+    assert variant.sha256 == sha256_folder(model) == published.sha256 and variant.options["adopted"]
+    assert variant.load_check["tokens_generated"] > 0 and variant.tensor_types.get("MatMulNBits/8bit", 0) > 0
+
+    broken = tmp_path / "broken" / "model"
+    broken.mkdir(parents=True)
+    (broken / "model.onnx").write_bytes(b"<html>not found</html>")
+    code, out = invoke("plan", str(broken), "--device", "laptop-x86-16gb")
+    assert code == 1 and "not an ONNX model" in out and "Traceback" not in out, out
+    assert not (broken.parent / "variants.json").exists()

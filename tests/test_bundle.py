@@ -74,6 +74,10 @@ def test_bundle_verifies_and_says_what_it_chose(profiled: tuple[Path, str], key:
     card = (folder / "MODEL_CARD.md").read_text()
     assert "not a diagnosis" in card or "does not make a diagnosis" in card
     assert "95% Wilson interval" in card and "Known limits" in card
+    # the default model's F16 is rebuilt from its 4-bit GGUF: said where the reference is named
+    assert "The reference F16 was rebuilt from SmolLM2-135M-Instruct.Q4_1.gguf, a Q4_1 file, not the original weights" in card
+    assert "(unquantized)" not in card
+    assert any(w.startswith("no --min-accuracy was set") for w in made["warnings"])
     runtime = json.loads((folder / "runtime.json").read_text())
     assert runtime["n_ctx"] == 512 and runtime["sampling"]["temperature"] == 0.0
 

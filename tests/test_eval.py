@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgecds.cases import Case, load_cases
+from edgecds.caveats import reference_caveats
 from edgecds.cli import cli
 from edgecds.digest import sha256_file
 from edgecds.drift import drift_against
@@ -24,6 +26,7 @@ from edgecds.evaluate import EvalConfig, Reply, Sampling, grade_reply, option_lo
 from edgecds.quant.quantize import QuantizeResult
 from edgecds.results import RESULTS_FILE, load_results
 from edgecds.stats import cohen_kappa, pass_at_k
+from edgecds.tables import accuracy_table
 
 LIMIT = 12
 
@@ -83,6 +86,20 @@ def test_eval_scores_real_variants_with_statistics_and_drift(variants: Path) -> 
     assert q8["tokens_scored"] == 2 * 255  # the first 2 chunks of 512, their second halves less the last position
     assert 0 < q8["kl_mean"] < q2["kl_mean"] and q8["top1_agreement"] > q2["top1_agreement"]
     assert q8["reference_perplexity"] == q2["reference_perplexity"]
+
+    # what limits these figures, said with them: the reference's origin, and chance on these cases
+    cases = load_cases().cases[:LIMIT]
+    for e in by_type.values():
+        assert e["reference_origin"] == "rebuilt from SmolLM2-135M-Instruct.Q4_1.gguf, a Q4_1 file, not the original weights"
+        assert e["metrics"]["chance"] == pytest.approx(sum(1 / len(c.options) for c in cases) / LIMIT, abs=1e-4)
+    records = [r for r in (load_results(variants / RESULTS_FILE) or pytest.fail("no results")).evaluations]
+    notes = accuracy_table(records, "cases-v1", "loglik", "F16").notes
+    assert notes[0].startswith("The reference F16 was rebuilt from SmolLM2-135M-Instruct.Q4_1.gguf")
+    reference = next(r for r in records if r.variant.type == "F16")
+    guessing = replace(reference, metrics={**reference.metrics, "accuracy": 0.25, "low": 0.1})  # the interval reaches chance
+    beyond = replace(reference, metrics={**reference.metrics, "low": reference.metrics["chance"] + 0.01})
+    assert [line for line in reference_caveats([guessing]) if line.startswith("WARNING: the reference F16 (gguf) scores 25.0%")]
+    assert not [line for line in reference_caveats([beyond]) if line.startswith("WARNING")]
 
     stored = load_results(variants / RESULTS_FILE)
     assert stored is not None and len(stored.evaluations) == 3
@@ -182,6 +199,11 @@ def test_drift_statistics_hand_computed() -> None:
     assert d["top1_agreement"] == 0.5  # argmax 0 vs 1, then a tie broken alike
     assert d["perplexity"] == pytest.approx(np.exp(-(np.log(0.25) + np.log(1 / 3)) / 2), abs=1e-4)
     assert d["reference_perplexity"] == pytest.approx(np.exp(-(np.log(0.5) + np.log(1 / 3)) / 2), abs=1e-4)
+    # the tail and Δp, as llama-perplexity --kl-divergence reports them: KL 0.17329 and 0 at the two positions
+    assert d["kl_max"] == pytest.approx(0.25 * np.log(2), abs=1e-6) and d["kl_median"] == pytest.approx(0.25 * np.log(2) / 2, abs=1e-6)
+    assert d["kl_p99"] == pytest.approx(0.99 * 0.25 * np.log(2), abs=1e-6) and d["kl_p999"] == pytest.approx(0.999 * 0.25 * np.log(2), abs=1e-6)
+    # the token that came: p 0.5 -> 0.25 at the first, 1/3 -> 1/3 at the second
+    assert d["delta_p_mean"] == pytest.approx(-0.125, abs=1e-6) and d["delta_p_rms"] == pytest.approx(np.sqrt(0.25**2 / 2), abs=1e-6)
 
 
 def test_profile_scores_accuracy_into_the_same_results(variants: Path, tmp_path: Path) -> None:

@@ -69,8 +69,9 @@ CSP_WATCH = """window.__blocked = [];
 document.addEventListener('securitypolicyviolation', e => window.__blocked.push(e.blockedURI + ' ' + e.violatedDirective));"""
 
 
-def open_in_chromium(page_file: Path, screenshot: Path) -> dict[str, Any]:
-    """Load the page from disk; what it requested, what the charts drew, and its text."""
+def open_in_chromium(page_file: Path, screenshot: Path, width: int = 1280) -> dict[str, Any]:
+    """Load the page from disk in a window `width` pixels wide; what it requested, what the charts
+    drew, its text and its size."""
     from playwright.sync_api import sync_playwright
 
     requests: list[str] = []
@@ -78,7 +79,7 @@ def open_in_chromium(page_file: Path, screenshot: Path) -> dict[str, Any]:
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page = browser.new_page(viewport={"width": width, "height": 900})
             page.on("request", lambda r: requests.append(r.url))
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(page_file.as_uri())
@@ -91,12 +92,18 @@ def open_in_chromium(page_file: Path, screenshot: Path) -> dict[str, Any]:
                 links: gd.querySelectorAll('a').length,
                 hover: gd.data.filter(d => d.uid.startsWith('variants-')).flatMap(d => d.hovertext),
                 shapes: (gd.layout.shapes || []).map(s => s.x0),
+                annotations: (gd.layout.annotations || []).map(a => a.text),
+                xaxis: {type: gd._fullLayout.xaxis.type, range: gd._fullLayout.xaxis.range},
+                x: gd.data.filter(d => d.uid.startsWith('variants-')).flatMap(d => d.x),
             }))""")
+            size = page.evaluate("""() => ({width: document.documentElement.scrollWidth, height: document.documentElement.scrollHeight,
+                toolbars: document.querySelectorAll('.modebar').length,
+                folded: Array.from(document.querySelectorAll('#comparisons details')).filter(d => !d.open).length})""")
             text = page.evaluate("() => document.body.innerText")
             page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
-    return {"requests": requests, "errors": errors, "charts": charts, "text": text}
+    return {"requests": requests, "errors": errors, "charts": charts, "text": text, "size": size}
 
 
 def test_report_draws_every_variant_offline_in_chromium(results: Path, tmp_path: Path) -> None:
@@ -133,7 +140,13 @@ def test_report_draws_every_variant_offline_in_chromium(results: Path, tmp_path:
         assert chart["drawn"]["tracechosen"] == 1 and sorted(chart["labels"]) == sorted(shown) and chart["links"] == 0
         for reject in choice.rejected:  # each rejected variant says why on hover
             assert any(escape(reject.variant) in h and escape(reject.reasons[0]) in h for h in chart["hover"]), (reject, chart["hover"])
-    assert memory_chart["shapes"] == [pytest.approx(budget_mib)] and speed_chart["shapes"] == []
+    # the memory axis spans the points, not the far budget (which once squashed them into a tenth of
+    # the width on a log axis): the budget is said at the right edge
+    assert memory_chart["xaxis"]["type"] == "linear" and max(memory_chart["x"]) >= 0.7 * memory_chart["xaxis"]["range"][1]
+    assert budget_mib > memory_chart["xaxis"]["range"][1] and memory_chart["shapes"] == [] and speed_chart["shapes"] == []
+    assert memory_chart["annotations"] == [f"budget {budget_mib / 1024:.1f} GiB (beyond the chart) →"]
+    assert seen["size"]["toolbars"] == 0 and seen["size"]["folded"] == 1  # no tool bar over the titles; comparisons folded
+    assert "alpha 0.05" in seen["text"] and "alpha 0.01" not in seen["text"]  # the alpha bundle chooses with, only
     text = seen["text"]
     assert HOSTILE in text and HOSTILE_TYPE in text  # shown as text, not run
     assert f"{choice.chosen.variant}\tgguf" in text and "CHOSEN" in text
@@ -141,6 +154,11 @@ def test_report_draws_every_variant_offline_in_chromium(results: Path, tmp_path:
         assert reject.reasons[0] in text
     for heading in ("Accuracy by specialty", "Accuracy by incidence", "KL", "top-1", "Measured on", "median ±half-range"):
         assert heading in text
+
+    phone = open_in_chromium(page_file, ARTIFACTS / "report-390.png", width=390)  # a phone's width
+    assert phone["errors"] == [] and phone["size"]["width"] <= 390, phone["size"]  # nothing wider than the screen: tables scroll in their box
+    # measured 3,828 px against 2,131 at 1,280 px wide: the comparisons folded, the charts stacked
+    assert phone["size"]["height"] < 2 * seen["size"]["height"], (phone["size"], seen["size"])
 
 
 def test_the_content_security_policy_blocks_markup_that_escaped_escaping(results: Path, tmp_path: Path) -> None:
@@ -192,6 +210,7 @@ def test_terminal_tables_of_profile_plan_and_bundle_fit_100_columns(results: Pat
     profile_out, _, bundle_out = (o for _, o in outputs)
     assert "reused" in profile_out and "Accuracy on" in profile_out  # measured once, by the fixture
     assert "CHOSEN" in bundle_out and all(t in bundle_out for t in TYPES)
+    assert bundle_out.count("passed over:") == len(TYPES) - 1  # each reason under the table, not wrapped in a cell
 
 
 def test_report_errors_say_what_to_do(tmp_path: Path) -> None:
@@ -216,3 +235,14 @@ def test_pareto_front_hand_computed() -> None:
     assert [p.variant for p in pareto(points, "peak_mib", higher_x_better=False)] == ["D", "B", "E", "A"]
     # speed (higher is better): C (30 tok/s, 0.50) is beaten by B (40, 0.55); E by B
     assert [p.variant for p in pareto(points, "decode_tps", higher_x_better=True)] == ["A", "B", "D"]
+
+
+def test_the_demo_reports_and_bundles_only_after_every_variant_is_built_and_profiled() -> None:
+    """`make demo`'s report and bundles see every variant it makes (the ONNX one was once measured
+    after them, and the last bundle disagreed with the report)."""
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("\ndemo: install\n", 1)[1].split("\n\n", 1)[0]
+    steps = [line.split("$(BIN)/edgecds ", 1)[1].split()[0] for line in recipe.splitlines() if "$(BIN)/edgecds " in line]
+    assert {"quantize", "profile", "report", "bundle"} <= set(steps), steps
+    last_measured = max(i for i, step in enumerate(steps) if step in ("quantize", "profile"))
+    assert all(i > last_measured for i, step in enumerate(steps) if step in ("report", "bundle")), steps

@@ -426,7 +426,7 @@ def test_profile_eval_and_run_make_no_network_attempt(which: str, request: pytes
     cases = _three_cases(tmp_path)
     for name, cmd in (
         ("profile", ["profile", str(variants), "--types", kind, "--ctx", "1024", "-p", "16", "-n", "4", "-r", "1", "--cases", str(cases),
-                     "-o", str(tmp_path / "results.json"), "-q"]),
+                     "--drift-chunks", "1", "-o", str(tmp_path / "results.json"), "-q"]),
         ("run", ["run", str(folder), "-p", SECRET, "-n", "4"]),
     ):
         run, attempts, home = _offline([sys.executable, "-m", "edgecds", *cmd], tmp_path, name)

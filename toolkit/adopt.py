@@ -1,10 +1,10 @@
-"""Bring your own GGUF: a published file recorded as a variant, by its hash and its header's
-quantization, without requantizing, so `plan`, `profile`, `eval`, `tune` and `bundle` take it as
-they take what `quantize` built.
+"""Bring your own model: a published GGUF file (or ONNX model folder) recorded as a variant, by its
+hash and its quantization (the GGUF header's; the ONNX graph's blocks), without requantizing, so
+`plan`, `profile`, `eval`, `tune` and `bundle` take it as they take what `quantize` built.
 
-The record goes into variants.json beside the file (as `quantize -o` writes it), so results.json
-lands there too and later runs find both. Each file is load-checked in a child process first: a
-file that crashes llama.cpp is refused with its name, never recorded.
+The record goes into variants.json beside the file or folder (as `quantize -o` writes it), so
+results.json lands there too and later runs find both. Each model is load-checked in a child
+process first: one that crashes its engine is refused with its name, never recorded.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from edgecds.atomic import folder_lock
 from edgecds.errors import InvalidInputError, UsageError
+from edgecds.formats.onnx_model import MODEL_FILE
 from edgecds.variants import VARIANTS_FILE, SourceRecord, VariantRecord, VariantsFile, load_variants
 
 GGUF_MAGIC = b"GGUF"
@@ -52,65 +54,125 @@ def type_of_header(ftype: int | None, tensor_types: dict[str, int]) -> str:
 
 
 def adopt_files(files: list[Path]) -> tuple[Path, VariantsFile, list[VariantRecord]]:
-    """Record `files` (GGUFs in one folder) in that folder's variants.json, each checked to load and
-    generate; the folder, its record, and the records of `files` in their order."""
-    from edgecds import __version__
-    from edgecds.digest import sha256_file
-    from edgecds.formats.gguf_file import read_gguf
-    from edgecds.formats.types import QUANT_TYPE_BY_NAME
-    from edgecds.hwbench.load_check import check_in_subprocess
-
+    """Record `files` (GGUF files, or ONNX variant folders, in one folder) in that folder's
+    variants.json, each checked to load and generate; the folder, its record, and the records of
+    `files` in their order."""
     folders = {f.resolve().parent for f in files}
     if len(folders) != 1:
-        raise UsageError("give GGUF files from one folder (their record, variants.json, goes beside them)")
+        raise UsageError("give model files from one folder (their record, variants.json, goes beside them)")
     folder = folders.pop()
     if not os.access(folder, os.W_OK):
-        raise InvalidInputError(f"{folder} is not writable: edgecds records the file's hash and type in {VARIANTS_FILE} beside it; "
-                                "copy the file into a folder you can write, and give that path")
+        raise InvalidInputError(f"{folder} is not writable: edgecds records the model's hash and type in {VARIANTS_FILE} beside it; "
+                                "copy it into a folder you can write, and give that path")
     with folder_lock(folder):
         record = load_variants(folder)
         chosen: list[VariantRecord] = []
         for path in files:
-            sha = sha256_file(path)
+            start = time.perf_counter()
+            sha, onnx_info = _identify(path)
             known = next((v for v in record.variants if v.sha256 == sha), None) if record else None
-            if known is not None:
+            if known is not None:  # recorded by an earlier run: not checked again
                 chosen.append(known)
                 continue
-            start = time.perf_counter()
-            info = read_gguf(path)  # a hostile header is refused here, with its reason
-            tensor_types = info.tensor_type_counts()
-            qtype = type_of_header(info.file_type, tensor_types)
-            check = check_in_subprocess(path)
-            if record is None:
-                arch = info.architecture or "unknown"
-                record = VariantsFile(SourceRecord(str(path), "gguf", sha, arch, info.n_parameters, path.stem), [])
-            clash = next((v for v in record.variants if v.type == qtype), None)
+            variant, source = _onnx_variant(path, sha, onnx_info, start) if onnx_info else _gguf_variant(path, sha, start)
+            record = record or VariantsFile(source, [])
+            clash = next((v for v in record.variants if v.type == variant.type), None)
             if clash is not None:
-                raise UsageError(f"{folder} already records a {qtype} variant ({clash.path}); variants are named by type, so "
+                raise UsageError(f"{folder} already records a {variant.type} variant ({clash.path}); variants are named by type, so "
                                  f"{path.name} needs a folder of its own: move it, then give its new path")
-            nominal = QUANT_TYPE_BY_NAME[qtype].nominal_bits_per_weight if qtype in QUANT_TYPE_BY_NAME else info.bits_per_weight
-            variant = VariantRecord(
-                name=path.stem, path=path.name, format="gguf", type=qtype, file_size=info.file_size, sha256=sha,
-                bits_per_weight=round(info.bits_per_weight, 4), nominal_bits_per_weight=round(nominal, 4), n_parameters=info.n_parameters,
-                tensor_types=tensor_types, source_sha256=sha, parent_sha256=sha,
-                tools={"edgecds": __version__, "quantized_by": str(info.metadata.get("general.quantized_by") or "unknown")},
-                options={"adopted": True, "general_name": str(info.metadata.get("general.name") or "")},
-                cache_key=f"adopted:{sha}", seconds={"verify": round(time.perf_counter() - start, 3)},
-                load_check={"tokens_generated": len(check.tokens), "load_seconds": round(check.load_seconds, 3),
-                            "generate_seconds": round(check.generate_seconds, 3)},
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                warnings=[f"adopted as published: not built by edgecds, so no float reference of its own (eval pairs it only "
-                          f"with a float variant in {VARIANTS_FILE})"],
-            )
             record.variants.append(variant)
             chosen.append(variant)
             try:
                 record.save(folder)
             except OSError as exc:
-                raise InvalidInputError(f"cannot write {folder / VARIANTS_FILE} beside {path.name} ({exc.strerror}): copy the file into "
+                raise InvalidInputError(f"cannot write {folder / VARIANTS_FILE} beside {path.name} ({exc.strerror}): copy it into "
                                         "a folder you can write, and give that path") from None
     assert record is not None
     return folder, record, chosen
+
+
+def _identify(path: Path) -> tuple[str, Any]:
+    """The model's sha256 as records name it; for an ONNX folder also what it holds (its external
+    data checked: a reference outside the folder is refused here, with its reason)."""
+    from edgecds.digest import digest_of_files, sha256_file
+    from edgecds.formats.onnx_model import read_onnx_folder
+
+    if path.is_dir():
+        info = read_onnx_folder(path)
+        return digest_of_files(info.files), info
+    return sha256_file(path), None
+
+
+def _adopted(path: Path, sha: str, start: float, quantized_by: str, **fields: Any) -> VariantRecord:
+    """The record of a published model, load-checked in a child process (a crash refuses it)."""
+    from edgecds import __version__
+    from edgecds.hwbench.load_check import check_in_subprocess
+
+    check = check_in_subprocess(path)
+    return VariantRecord(
+        name=path.stem if path.is_file() else path.name, path=path.name, sha256=sha, source_sha256=sha, parent_sha256=sha,
+        tools={"edgecds": __version__, "quantized_by": quantized_by}, cache_key=f"adopted:{sha}", seconds={"verify": round(time.perf_counter() - start, 3)},
+        load_check={"tokens_generated": len(check.tokens), "load_seconds": round(check.load_seconds, 3),
+                    "generate_seconds": round(check.generate_seconds, 3)},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        warnings=[f"adopted as published: not built by edgecds, so no float reference of its own (eval pairs it only "
+                  f"with a float variant in {VARIANTS_FILE})"], **fields)
+
+
+def _gguf_variant(path: Path, sha: str, start: float) -> tuple[VariantRecord, SourceRecord]:
+    from edgecds.formats.gguf_file import read_gguf
+    from edgecds.formats.types import QUANT_TYPE_BY_NAME
+
+    info = read_gguf(path)  # a hostile header is refused here, with its reason
+    tensor_types = info.tensor_type_counts()
+    qtype = type_of_header(info.file_type, tensor_types)
+    nominal = QUANT_TYPE_BY_NAME[qtype].nominal_bits_per_weight if qtype in QUANT_TYPE_BY_NAME else info.bits_per_weight
+    variant = _adopted(path, sha, start, format="gguf", type=qtype, file_size=info.file_size,
+                       bits_per_weight=round(info.bits_per_weight, 4), nominal_bits_per_weight=round(nominal, 4),
+                       n_parameters=info.n_parameters, tensor_types=tensor_types,
+                       quantized_by=str(info.metadata.get("general.quantized_by") or "unknown"),
+                       options={"adopted": True, "general_name": str(info.metadata.get("general.name") or "")})
+    return variant, SourceRecord(str(path), "gguf", sha, info.architecture or "unknown", info.n_parameters, path.stem)
+
+
+def type_of_onnx(tensor_types: dict[str, int]) -> str:
+    """The ONNX type by what the graph holds: MatMulNBits blocks of 4 or 8 bits, else the float
+    type most initializers have."""
+    from edgecds.formats.types import QUANT_TYPE_BY_NAME
+
+    for bits in (4, 8):
+        if tensor_types.get(f"MatMulNBits/{bits}bit"):
+            return f"ONNX_INT{bits}"
+    floats = {"float16": "ONNX_FP16", "float32": "ONNX_FP32"}
+    kind = max(floats, key=lambda t: tensor_types.get(t, 0))
+    if not tensor_types.get(kind):
+        raise InvalidInputError(f"cannot tell this ONNX model's type from its graph ({tensor_types}); edgecds runs "
+                                f"{', '.join(q for q in QUANT_TYPE_BY_NAME if q.startswith('ONNX_'))}")
+    return floats[kind]
+
+
+def _onnx_variant(path: Path, sha: str, info: Any, start: float) -> tuple[VariantRecord, SourceRecord]:
+    from edgecds.formats.types import QUANT_TYPE_BY_NAME
+
+    qtype = type_of_onnx(info.tensor_types)
+    config = _json_object(path / "config.json")
+    variant = _adopted(path, sha, start, format="onnx", type=qtype, file_size=info.file_size,
+                       bits_per_weight=round(info.weight_bytes * 8 / max(info.n_parameters, 1), 4),
+                       nominal_bits_per_weight=QUANT_TYPE_BY_NAME[qtype].nominal_bits_per_weight, n_parameters=info.n_parameters,
+                       tensor_types=info.tensor_types, files=info.files, quantized_by="unknown",
+                       options={"adopted": True, "general_name": str(config.get("_name_or_path") or "")})
+    arch = config.get("model_type")
+    return variant, SourceRecord(str(path), "onnx", sha, arch if isinstance(arch, str) else "unknown", info.n_parameters, path.name)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def only(record: VariantsFile, chosen: list[VariantRecord]) -> VariantsFile:
@@ -121,7 +183,8 @@ def only(record: VariantsFile, chosen: list[VariantRecord]) -> VariantsFile:
 
 def open_variants(path: Path) -> tuple[Path, VariantsFile]:
     """The variants folder and its record, given the folder or its variants.json; or a GGUF file
-    (that file alone) or a folder of GGUF files without a record, adopted as published.
+    (that file alone), a folder of GGUF files without a record, or an ONNX model folder (model.onnx
+    and its tokenizer; recorded in the folder above it), adopted as published.
     An error saying what to run when there is none."""
     if path.is_file() and path.name != VARIANTS_FILE:
         if not is_gguf_file(path):
@@ -131,10 +194,14 @@ def open_variants(path: Path) -> tuple[Path, VariantsFile]:
         return folder, only(record, chosen)
     folder = path.parent if path.name == VARIANTS_FILE else path
     record = load_variants(folder)
+    if record is None and (folder / MODEL_FILE).is_file():  # an ONNX model folder as published: recorded beside it
+        parent, record, chosen = adopt_files([folder])
+        return parent, only(record, chosen)
     if record is None:
         published = ggufs_in(folder) if folder.is_dir() else []
         if published:
             folder, record, _ = adopt_files(published)
             return folder, record
-        raise InvalidInputError(f"{folder / VARIANTS_FILE} does not exist; run `edgecds quantize -o {folder}` first, or give a GGUF file")
+        raise InvalidInputError(f"{folder / VARIANTS_FILE} does not exist; run `edgecds quantize -o {folder}` first, or give a GGUF file "
+                                "or an ONNX model folder (model.onnx and its tokenizer)")
     return folder, record

@@ -251,7 +251,7 @@ def _rate(count: int, n: int) -> dict[str, Any]:
     return {"n": count, "rate": round(count / n, 4) if n else 0.0, "low": round(low, 4), "high": round(high, 4)}
 
 
-def metrics(cases: list[Case], results: list[CaseResult], n_samples: int = 0) -> dict[str, Any]:
+def metrics(cases: list[Case], results: list[CaseResult], n_samples: int = 0, mode: str = "loglik") -> dict[str, Any]:
     by_id = {c.id: c for c in cases}
     groups: dict[str, dict[str, list[CaseResult]]] = {"specialty": {}, "incidence": {}}
     for r in results:
@@ -262,7 +262,11 @@ def metrics(cases: list[Case], results: list[CaseResult], n_samples: int = 0) ->
     for r in results:
         if r.error:
             errors[r.error] = errors.get(r.error, 0) + 1
-    out = {**_share(results), "errors": errors, "error_rates": {kind: _rate(count, len(results)) for kind, count in sorted(errors.items())},
+    # loglik picks one option: what picking at random scores, to tell a model from a guess
+    options = [len(by_id[r.id].options) for r in results if by_id[r.id].options]
+    chance = ({"chance": round(sum(1 / k for k in options) / len(options), 4)}
+              if mode == "loglik" and results and len(options) == len(results) else {})
+    out = {**_share(results), **chance, "errors": errors, "error_rates": {kind: _rate(count, len(results)) for kind, count in sorted(errors.items())},
            "by_specialty": {k: _share(v) for k, v in sorted(groups["specialty"].items())},
            "by_incidence": {k: _share(v) for k, v in sorted(groups["incidence"].items())}}
     if results and results[0].samples_correct is not None and n_samples:
@@ -402,6 +406,7 @@ def run_eval(config: EvalConfig, reporter: Reporter | None = None, target: Targe
                 continue
             record, per_case[variant.type] = _evaluate(folder, variant, references[variant.format], cases, case_set, config, settings, spec,
                                                        key, fp.id, text, reporter, label)
+            record = replace(record, reference_origin=variants.source.origin)
             results.evaluations = [e for e in results.evaluations if e.key != key] + [record]
             results.save(output)
             done.append(EvalOutcome(record, False))
@@ -481,7 +486,7 @@ def _evaluate(folder: Path, variant: VariantRecord, reference: VariantRecord, ca
     judged = _judge(config, cases, results, settings, reporter, label) if config.judge is not None else None
     record = EvalRecord(
         variant=VariantRef.of(variant), host=host_id, cases={"name": case_set.name, "sha256": case_set.sha256, "n": len(cases), "style": case_set.imported_from},
-        mode=config.mode, spec=spec, metrics=dict(metrics(cases, results, config.sampling.samples), **({"judge": judged} if judged else {})), reference=reference.type, paired=None, drift=drift,
+        mode=config.mode, spec=spec, metrics=dict(metrics(cases, results, config.sampling.samples, config.mode), **({"judge": judged} if judged else {})), reference=reference.type, paired=None, drift=drift,
         per_case=[asdict(r) for r in results], key=key, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         seconds=round(time.perf_counter() - start, 2),
     )

@@ -21,6 +21,7 @@ POLL_SECONDS = 0.1
 PLAIN_EVERY_SECONDS = 10.0
 PLAIN_EVERY_ENV = "EDGECDS_PROGRESS_EVERY"
 BYTES = "bytes"
+ESTIMATED_BYTES = "bytes, estimated"  # a file's size before it is written: the total is said to be an estimate
 
 
 class Reporter(Protocol):
@@ -33,10 +34,12 @@ class Reporter(Protocol):
 
 
 def amount(done: int, total: int, unit: str) -> str:
-    """'1.2 of 2.6 GiB', or '3 of 10 cases'."""
-    if unit != BYTES:
+    """'1.2 of 2.6 GiB', '1.2 of ~2.6 GiB (estimate)', or '3 of 10 cases'."""
+    if unit not in (BYTES, ESTIMATED_BYTES):
         return f"{done} of {total} {unit}"
     scale, suffix = (2**30, "GiB") if total >= 2**30 else (2**20, "MiB") if total >= 2**20 else (2**10, "KiB")
+    if unit == ESTIMATED_BYTES:
+        return f"{done / scale:.1f} of ~{total / scale:.1f} {suffix} (estimate)"
     return f"{done / scale:.1f} of {total / scale:.1f} {suffix}"
 
 

@@ -10,7 +10,6 @@ results.json is untrusted input (variant names and reasons end up in the page).
 from __future__ import annotations
 
 import datetime as dt
-import math
 import os
 from dataclasses import dataclass, field
 from html import escape as _escape
@@ -108,6 +107,15 @@ def pareto(points: list[Point], x: str, higher_x_better: bool) -> list[Point]:
     return sorted(front, key=lambda p: getattr(p, x))
 
 
+def _label_positions(points: list[Point], x: str) -> list[str]:
+    """Labels above and below their points in turn, in the order of x: neighbours do not overlap."""
+    order = sorted(range(len(points)), key=lambda i: getattr(points[i], x))
+    positions = [""] * len(points)
+    for rank, i in enumerate(order):
+        positions[i] = "top right" if rank % 2 == 0 else "bottom right"
+    return positions
+
+
 def _figure(points: list[Point], x: str, title: str, x_title: str, higher_x_better: bool, budget_mib: float | None) -> Any:
     import plotly.graph_objects as go
 
@@ -122,7 +130,7 @@ def _figure(points: list[Point], x: str, title: str, x_title: str, higher_x_bett
         fig.add_trace(go.Scatter(
             x=[getattr(p, x) for p in mine], y=[p.accuracy * 100 for p in mine], mode="markers+text", name=escape(fmt.upper()),
             uid=f"variants-{fmt}", text=[escape(p.variant) for p in mine],
-            textposition="middle right", hovertext=hover, hoverinfo="text",
+            textposition=_label_positions(mine, x), hovertext=hover, hoverinfo="text",
             marker={"size": 11, "color": FORMAT_COLOURS.get(fmt, OTHER_COLOUR), "symbol": ["diamond" if p.predicted else "circle" for p in mine]},
             error_y={"type": "data", "symmetric": False, "array": [(p.high - p.accuracy) * 100 for p in mine],
                      "arrayminus": [(p.accuracy - p.low) * 100 for p in mine], "thickness": 1.2},
@@ -136,19 +144,16 @@ def _figure(points: list[Point], x: str, title: str, x_title: str, higher_x_bett
         fig.add_trace(go.Scatter(x=[getattr(p, x) for p in chosen], y=[p.accuracy * 100 for p in chosen], mode="markers", uid="chosen",
                                  name="chosen by bundle", hoverinfo="skip",
                                  marker={"size": 24, "symbol": "circle-open", "color": "#2ca02c", "line": {"width": 3}}))
-    xs = [getattr(p, x) for p in points]
-    right = max([*xs, budget_mib or 0.0]) * 1.18  # room for the labels right of the points
-    positive = [v for v in xs if v > 0] or [1.0]
-    log = budget_mib is not None and budget_mib > 4 * max(positive)  # a far budget would squash the points: log axis
-    if log:
-        fig.update_xaxes(type="log", range=[math.log10(min(positive) * 0.8), math.log10(right)])
-    else:
-        fig.update_xaxes(range=[0, right])
+    # the axis spans the points (a budget far to their right once squashed them into a tenth of the
+    # width): a budget inside is a line, one beyond is said at the right edge
+    right = max(getattr(p, x) for p in points) * 1.3 if points else 1.0
+    fig.update_xaxes(range=[0, right])
     if budget_mib is not None:
-        fig.add_vline(x=budget_mib, line_dash="dash", line_color="#d62728")
-        # add_vline's own annotation lands wrongly on a log axis (it is not log-transformed): place it by hand
-        fig.add_annotation(x=math.log10(budget_mib) if log else budget_mib, y=1, yref="paper", xanchor="right", yanchor="top",
-                           showarrow=False, text=f"budget {budget_mib / 1024:.1f} GiB", font={"color": "#d62728"})
+        beyond = budget_mib > right
+        if not beyond:
+            fig.add_vline(x=budget_mib, line_dash="dash", line_color="#d62728")
+        fig.add_annotation(x=right if beyond else budget_mib, y=1, yref="paper", xanchor="right", yanchor="top", showarrow=False,
+                           text=f"budget {budget_mib / 1024:.1f} GiB" + (" (beyond the chart) →" if beyond else ""), font={"color": "#d62728"})
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title="accuracy, % (95% Wilson interval)", template="plotly_white",
                       height=430, margin={"l": 60, "r": 20, "t": 50, "b": 50}, legend={"orientation": "h", "y": -0.18})
     return fig
@@ -211,7 +216,9 @@ def build_report(results_files: list[Path], output: Path, profiles_dirs: tuple[P
             _figure(section.points, "decode_tps", f"{section.device.id}: accuracy against decode speed", "decode, tokens/s (median)", True, None),
         ]
         section.charts.extend(pio.to_html(fig, full_html=False, include_plotlyjs=False, div_id=f"chart-{i}-{j}",
-                                          config={"displaylogo": False, "responsive": True}) for j, fig in enumerate(figures))
+                                          # no tool bar: on a phone it covered the chart's title
+                                          config={"displaylogo": False, "responsive": True, "displayModeBar": False})
+                              for j, fig in enumerate(figures))
 
     evaluation_groups: list[list[Table]] = []
     for res in loaded:
@@ -220,16 +227,18 @@ def build_report(results_files: list[Path], output: Path, profiles_dirs: tuple[P
             group = [e for e in evals if (e.cases["name"], e.mode, e.reference) == key]
             evaluation_groups.append([accuracy_table(group, key[0], key[1], key[2]), specialty_table(group),
                                       specialty_table(group, "by_incidence")] + ([answers_table(group)] if key[1] != "loglik" else []))
-    comparisons = _comparison_tables(results_files) if sum(len(res.evaluations) for res in loaded) >= 2 else []
+    comparisons = _comparison_tables(results_files, constraints.alpha) if sum(len(res.evaluations) for res in loaded) >= 2 else []
     hosts = {h.id: h for res in loaded for h in res.hosts.values()}
     created = sorted(r.created for res in loaded for r in res.records) + sorted(e.created for res in loaded for e in res.evaluations)
     predicted = any(p.predicted for s in sections for p in s.points)
     env = Environment(loader=PackageLoader("edgecds", "."), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
-        sections=sections, evaluation_groups=evaluation_groups, comparisons=comparisons, hosts=[_host_line(h) for h in hosts.values()],
+        sections=sections, evaluation_groups=evaluation_groups, comparisons=comparisons, alpha=constraints.alpha,
+        differing=sum(row[-1] != "no difference shown" for t in comparisons for row in t.rows), hosts=[_host_line(h) for h in hosts.values()],
         files=[str(p) for p in results_files], generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         measured_from=min(created)[:10] if created else "", measured_to=max(created)[:10] if created else "", version=__version__,
-        predicted=predicted, plotly_js=get_plotlyjs(), format_colours=FORMAT_COLOURS,
+        predicted=predicted, plotly_js=get_plotlyjs(),
+        format_colours={f: c for f, c in FORMAT_COLOURS.items() if any(p.format == f for s in sections for p in s.points)},  # the drawn ones
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     data = html.encode("utf-8")
@@ -238,13 +247,14 @@ def build_report(results_files: list[Path], output: Path, profiles_dirs: tuple[P
     return ReportResult(str(output), device_ids, {s.device.id: len(s.points) for s in sections}, len(data))
 
 
-def _comparison_tables(results_files: list[Path]) -> list[Table]:
-    """`edgecds compare` over the same files, at its default alpha: every pair, then the subgroups."""
-    from edgecds.compare import DEFAULT_ALPHA, compare
+def _comparison_tables(results_files: list[Path], alpha: float) -> list[Table]:
+    """`edgecds compare` over the same files, at the alpha `bundle` chooses with (one alpha on the
+    page): every pair, then the subgroups."""
+    from edgecds.compare import compare
     from edgecds.errors import UsageError
 
     try:
-        result = compare(results_files, DEFAULT_ALPHA)
+        result = compare(results_files, alpha)
     except UsageError:  # the evaluations share no case: nothing to pair
         return []
     return [comparison_table(result.comparisons, result.evaluations, result.alpha),

@@ -146,6 +146,7 @@ class EvalRecord:
     key: str
     created: str
     seconds: float
+    reference_origin: str = ""  # SourceRecord.origin: the reference is not the original weights
 
     @staticmethod
     def make_key(variant_sha256: str, spec: dict[str, Any], host_id: str) -> str:
@@ -262,7 +263,8 @@ def _tuning(data: Any, where: str) -> TuningRecord:
 EVAL_FIGURES = {
     "metrics": ("accuracy", "low", "high", "n", "correct"),
     "paired": ("n", "lost", "gained", "flip_rate", "difference", "low", "high", "p_value"),
-    "drift": ("kl_mean", "kl_p99", "top1_agreement", "perplexity", "reference_perplexity"),
+    "drift": ("kl_mean", "kl_median", "kl_p99", "kl_p999", "kl_max", "top1_agreement", "delta_p_mean", "delta_p_rms", "perplexity",
+              "reference_perplexity"),
 }
 
 

@@ -7,10 +7,12 @@ turns the same object into an HTML table, so a figure reads the same in both pla
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgecds.caveats import reference_caveats
 from edgecds.results import EvalRecord, MeasurementRecord, Stat
 
 MIB = 2**20
@@ -29,12 +31,14 @@ class Table:
 
 
 def _is_number(text: str) -> bool:
-    head = text.split(" ")[0].lstrip("±+-")
+    # "12.5", "0.13±0.01", "0.0040/0.213", "3/1", "20.6 [15-27]": figures, alone or side by side
+    parts = [part for part in re.split(r"[/±]", text.split(" ")[0]) if part]
     try:
-        float(head)
+        for part in parts:
+            float(part.lstrip("+-"))
     except ValueError:
         return text in ("", "reused")
-    return True
+    return bool(parts) or text == ""
 
 
 def print_table(table: Table) -> None:
@@ -56,7 +60,8 @@ def stat_cell(s: Stat | None, scale: float = 1.0, digits: int = 1) -> str:
     """Median ± half the range of the repeats: the spread a reader must allow for."""
     if not s:
         return ""
-    spread = f" ±{s.spread * scale / 2:.{digits}f}" if len(s.samples) > 1 else ""
+    # one word, so a narrow column never splits the figure from its spread across lines
+    spread = f"±{s.spread * scale / 2:.{digits}f}" if len(s.samples) > 1 else ""
     return f"{s.median * scale:.{digits}f}{spread}"
 
 
@@ -97,16 +102,23 @@ def accuracy_table(records: Sequence[EvalRecord], cases: str, mode: str, referen
                      f"{m['normalized']['accuracy'] * 100:.1f}" if "normalized" in m else "",
                      f"{m['errors'].get('plausible', 0)}/{m['errors'].get('off_topic', 0)}",
                      f"{p['lost']}/{p['gained']}" if p else "ref", f"{p['difference'] * 100:+.1f}" if p else "",
-                     f"{p['p_value']:.3f}" if p else "", f"{d['kl_mean']:.4f}" if d and p else "", f"{d['top1_agreement']:.3f}" if d and p else "",
+                     f"{p['p_value']:.3f}" if p else "", _kl_cell(d) if d and p else "", f"{d['top1_agreement']:.3f}" if d and p else "",
                      f"{d['perplexity']:.2f}" if d else ""])
         if p:
             notes.append(f"{r.variant.type}: {p['verdict']} from {reference}: {p['difference'] * 100:+.1f} points "
                          f"[{p['low'] * 100:+.1f}, {p['high'] * 100:+.1f}], p = {p['p_value']:.3f}, flip rate {p['flip_rate']:.1%}")
     n = records[0].cases["n"] if records else 0
     legend = ("norm: length-normalised; P/O: wrong answers that were plausible differentials/off-topic; lost/gain: flips against "
-              f"{reference}; diff in points; p: exact McNemar; KL, top-1, PPL: drift on the clinical text")
+              f"{reference}; diff in points; p: exact McNemar; KL (mean/p99.9), top-1, PPL: drift on the clinical text")
     return Table(f"Accuracy on {cases} ({n} cases, {mode}), % with 95% Wilson interval; paired with {reference}",
-                 ["variant", "acc [CI]", "norm", "P/O", "lost/gain", "diff", "p", "KL", "top-1", "PPL"], rows, [legend, *notes])
+                 ["variant", "acc [CI]", "norm", "P/O", "lost/gain", "diff", "p", "KL mean/p99.9", "top-1", "PPL"], rows,
+                 [*reference_caveats(records), legend, *notes])
+
+
+def _kl_cell(drift: dict[str, Any]) -> str:
+    """Mean KL and its 99.9th percentile (the tail llama-perplexity reports; older records have none)."""
+    tail = drift.get("kl_p999")
+    return f"{drift['kl_mean']:.4f}" + (f"/{tail:.3f}" if tail is not None else "")
 
 
 def specialty_table(records: Sequence[EvalRecord], key: str = "by_specialty") -> Table:
@@ -153,9 +165,10 @@ def comparison_table(comparisons: Sequence[Any], labels: Sequence[str], alpha: f
     """`edgecds compare`'s pairs (edgecds.compare.Comparison), numbered as in `labels`."""
     number = {label: i for i, label in enumerate(labels, 1)}
     rows = [[f"#{number[c.first]} vs #{number[c.second]}", c.group, str(c.n), f"{c.first_correct}/{c.second_correct}", f"{c.lost}/{c.gained}",
-             f"{c.difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}]", f"{c.p_value:.4f} ({c.p_holm:.4f})", c.verdict] for c in comparisons]
+             f"{c.difference * 100:+.1f} [{c.low * 100:+.1f}, {c.high * 100:+.1f}]", f"{c.p_value:.4f} ({c.p_holm:.4f})", c.verdict]
+            for c in comparisons]  # in percentage points, as every other table shows accuracy
     return Table(title or f"Paired on shared cases: exact McNemar, Holm-adjusted, alpha {alpha:g} (difference = second - first)",
-                 ["pair", "group", "n", "right", "lost/gained", "difference [95% CI]", "p (Holm)", "verdict"], rows,
+                 ["pair", "group", "n", "right", "lost/gained", "diff, points [95% CI]", "p (Holm)", "verdict"], rows,
                  [f"#{i}: {label}" for label, i in number.items()])
 
 
@@ -198,13 +211,15 @@ def choice_table(choice: Any, budget_gib: float) -> Table:
     for c in ([choice.chosen] if choice.chosen else []) + list(choice.rejected):
         acc = f"{c.accuracy * 100:.1f}" if c.accuracy is not None else ""
         low = f"{c.accuracy_low * 100:.1f}" if c.accuracy_low is not None else ""
-        verdict = "CHOSEN" if c is choice.chosen else "; ".join(c.reasons)
+        # the reasons go under the table: in a 100-column log a long verdict wrapped to ~16 lines a row
+        verdict = "CHOSEN" if c is choice.chosen else "passed over"
         drift = f"{c.drift_kl:.4f}" if c.drift_kl is not None else ""
         figures = "predicted" if c.predicted_only else "measured" + (", disturbed" if c.disturbed else "")
         peak = f"{c.peak_bytes / MIB:.0f}" + ("" if c.full_context else " (short run)")
         rows.append([c.variant, c.format, acc, low, drift, f"{c.decode_tps:.1f}", peak, figures, verdict])
     explained = choice.explanation()
     notes = [f"rule: {explained['rule']}"]
+    notes += [f"{c.variant} ({c.format}) passed over: {'; '.join(c.reasons)}" for c in choice.rejected]
     if choice.chosen is not None:
         notes.append(f"{choice.chosen.variant} chosen: {explained['why']}")
     if choice.advice:

@@ -29,6 +29,9 @@ class SourceRecord:
     architecture: str
     n_parameters: int
     name: str
+    # set when the weights are not the original ones (the default model is rebuilt from a 4-bit
+    # GGUF): what they came from, said wherever the float reference is named
+    origin: str = ""
 
 
 @dataclass(frozen=True)

@@ -262,7 +262,7 @@ def _rank(qualifiers: list[Candidate], k: Constraints) -> tuple[Candidate, dict[
     lost.update({c.sha256: "name" for c in pool if c is not chosen})
     drift = f"drift {chosen.drift_kl:.4f}" if chosen.drift_kl is not None else "drift not measured"
     return chosen, lost, (f"no qualifier differs significantly from its reference; by {k.prefer} first: {drift}, "
-                          f"{chosen.decode_tps:.1f} tokens/s, {chosen.file_size / 2**20:.0f} MiB")
+                          f"{chosen.decode_tps:.1f} tokens/s, a {chosen.file_size / 2**20:.0f} MiB file")
 
 
 def _passed_over(c: Candidate, chosen: Candidate, criterion: str, k: Constraints) -> str:
@@ -282,7 +282,7 @@ def _passed_over(c: Candidate, chosen: Candidate, criterion: str, k: Constraints
     if criterion == "speed":
         return f"{said}{same}slower: {c.decode_tps:.1f} vs {chosen.decode_tps:.1f} tokens/s, beyond the runs' spread"
     if criterion == "size":
-        return f"{said}{same}as fast within the runs' spread, larger: {c.file_size / 2**20:.0f} vs {chosen.file_size / 2**20:.0f} MiB"
+        return f"{said}{same}as fast within the runs' spread, larger file: {c.file_size / 2**20:.0f} vs {chosen.file_size / 2**20:.0f} MiB"
     return f"{said}equal on every rule; {chosen.variant} comes first by name"
 
 

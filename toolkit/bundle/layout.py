@@ -25,6 +25,7 @@ MODEL_CARD = "MODEL_CARD.md"
 MODEL_DIR = "model"
 ARCHIVE_SUFFIX = ".tar"  # uncompressed: quantized weights do not compress (earlier versions wrote .tar.gz; verify reads both)
 MAX_CONFIG_BYTES = 1 << 20
+DEFAULT_MAX_TOKENS = 512  # an answer's length unless runtime.json (or --max-tokens) says otherwise
 SYSTEM_PROMPT = (
     "You are a clinical decision-support assistant for a qualified clinician. Suggest differential diagnoses and next steps "
     "with their reasoning. You do not diagnose; the clinician decides."
@@ -50,13 +51,13 @@ class BundleEngineConfig:
     flash_attn: bool = False
     n_batch: int = DEFAULT_BATCH
     n_ubatch: int | None = None  # None: n_batch (bundles made before `tune` chose it separately)
-    sampling: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.0, "top_p": 1.0, "max_tokens": 512, "seed": 0})
+    sampling: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.0, "top_p": 1.0, "max_tokens": DEFAULT_MAX_TOKENS, "seed": 0})
     chat_template: str = CHAT_TEMPLATE_NOTE
     system_prompt: str = SYSTEM_PROMPT
 
     @property
     def max_tokens(self) -> int:
-        return int(self.sampling.get("max_tokens", 512))
+        return int(self.sampling.get("max_tokens", DEFAULT_MAX_TOKENS))
 
     @property
     def seed(self) -> int:

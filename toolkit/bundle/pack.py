@@ -29,12 +29,34 @@ from edgecds.bundle.layout import (
     VerifyError,
 )
 from edgecds.bundle.sign import sign_manifest
+from edgecds.caveats import record_caveats
 from edgecds.devices import DeviceProfile
 from edgecds.digest import HashingWriter, Progress, copy_hashed, folder_digest_of, sha256_file
 from edgecds.errors import InvalidInputError, UsageError
 from edgecds.progress import Reporter, lazy_step, offset
+from edgecds.results import EvalRecord
 
 COPY_CHUNK = 8 << 20  # tarfile copies 16 KiB at a time by default: slow for gigabytes
+
+
+def _validation_lines(e: EvalRecord) -> list[str]:
+    """The card's validation: accuracy with its interval, against the reference, drift, caveats."""
+    m = e.metrics
+    lines = [f"- Case set: {e.cases['name']} ({e.cases['n']} cases, sha256 {e.cases['sha256'][:16]}), scored by {e.mode}.",
+              f"- Accuracy: {m['accuracy']:.1%} (95% Wilson interval {m['low']:.1%} to {m['high']:.1%});"
+              f" wrong answers: {m['errors'].get('plausible', 0)} plausible differentials, {m['errors'].get('off_topic', 0)} off-topic."]
+    if e.paired:
+        p = e.paired
+        lines.append(f"- Against {e.reference} ({'the float reference' if e.reference_origin else 'unquantized'}): {p['verdict']}; "
+                     f"difference {p['difference']:+.1%} "
+                     f"(95% interval {p['low']:+.1%} to {p['high']:+.1%}), {p['lost']} cases lost and {p['gained']} gained, McNemar p = {p['p_value']:.3f}.")
+    if e.drift:
+        tail = f" (99.9th percentile {e.drift['kl_p999']:.3f})" if "kl_p999" in e.drift else ""
+        lines.append(f"- Drift from the reference on a clinical text: KL divergence {e.drift['kl_mean']:.4f}{tail}, "
+                     f"top-1 agreement {e.drift['top1_agreement']:.1%}.")
+    lines += [f"- {line}" for line in record_caveats(e)]
+    lines.append("- By specialty: " + ", ".join(f"{k} {v['accuracy']:.0%} (n={v['n']})" for k, v in m["by_specialty"].items()) + ".")
+    return lines
 
 
 def _model_card(choice: Choice, manifest: dict[str, Any]) -> str:
@@ -54,20 +76,7 @@ def _model_card(choice: Choice, manifest: dict[str, Any]) -> str:
         "## Validation",
         "",
     ]
-    if e is not None:
-        m = e.metrics
-        lines += [f"- Case set: {e.cases['name']} ({e.cases['n']} cases, sha256 {e.cases['sha256'][:16]}), scored by {e.mode}.",
-                  f"- Accuracy: {m['accuracy']:.1%} (95% Wilson interval {m['low']:.1%} to {m['high']:.1%});"
-                  f" wrong answers: {m['errors'].get('plausible', 0)} plausible differentials, {m['errors'].get('off_topic', 0)} off-topic."]
-        if e.paired:
-            p = e.paired
-            lines.append(f"- Against {e.reference} (unquantized): {p['verdict']}; difference {p['difference']:+.1%} "
-                         f"(95% interval {p['low']:+.1%} to {p['high']:+.1%}), {p['lost']} cases lost and {p['gained']} gained, McNemar p = {p['p_value']:.3f}.")
-        if e.drift:
-            lines.append(f"- Drift from the reference on a clinical text: KL divergence {e.drift['kl_mean']:.4f}, top-1 agreement {e.drift['top1_agreement']:.1%}.")
-        lines.append("- By specialty: " + ", ".join(f"{k} {v['accuracy']:.0%} (n={v['n']})" for k, v in m["by_specialty"].items()) + ".")
-    else:
-        lines.append("- No clinical accuracy was measured for this variant.")
+    lines += _validation_lines(e) if e is not None else ["- No clinical accuracy was measured for this variant."]
     if c.measurement and c.measurement.measured:
         pm = c.measurement.measured
         full = (f"{pm.full_context_peak_bytes / 2**20:.0f} MiB with its {pm.full_context_tokens + 1}-token context filled, "
@@ -192,6 +201,10 @@ def write_bundle(choice: Choice, device: DeviceProfile, output: Path, sign_key: 
     licences = _licence_files(variants.source.path)
     if not licences:
         warnings.append(f"no licence file found beside the source model {variants.source.path}; add the model's licence before shipping")
+    evaluation = choice.chosen.evaluation if choice.chosen else None
+    warnings += [line.removeprefix("WARNING: ") for line in record_caveats(evaluation) if line.startswith("WARNING")] if evaluation else []
+    if choice.constraints.min_accuracy is None:
+        warnings.append("no --min-accuracy was set: a variant is chosen however few cases it answers right; set the least your clinicians accept")
     engine = _engine_config(choice, device, record, model_path)
     manifest = _manifest(choice, device, variants, record)
     model_bytes = sum(p.stat().st_size for p in _model_files(model_path)) + sum(p.stat().st_size for p in licences)

@@ -7,8 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgecds.bundle.layout import BundleEngineConfig
+from edgecds.bundle.layout import DEFAULT_MAX_TOKENS, SYSTEM_PROMPT, BundleEngineConfig
 from edgecds.bundle.verify import verify_bundle
+from edgecds.engine import EngineSettings
+from edgecds.errors import InvalidInputError
 
 
 @dataclass
@@ -33,17 +35,16 @@ class RunAnswer:
 
 def answer_prompt(bundle: Path, prompt: str, max_tokens: int | None = None, verify: bool = True, trusted_key: str | None = None,
                   on_text: Callable[[str], None] | None = None) -> RunAnswer:
-    """Answer one prompt with the bundle's model and runtime.json, greedily (temperature 0, as the
-    config says); each new piece of text goes to `on_text` as it is made (whole characters only)."""
+    """Answer one prompt with the bundle's model and runtime.json (or a GGUF file on its own),
+    greedily (temperature 0, as the config says); each new piece of text goes to `on_text` as it
+    is made (whole characters only)."""
     from edgecds.engine import generate_greedy
     from edgecds.engine.factory import open_runtime
 
-    if verify:
-        verify_bundle(bundle, trusted_key)
-    config = BundleEngineConfig.read(bundle)
-    runtime = open_runtime(config.model_path(bundle), config.engine_settings())
+    model, settings, system, default_tokens = _model_and_settings(bundle, verify, trusted_key)
+    runtime = open_runtime(model, settings)
     try:
-        prompt_ids = runtime.tokenize(runtime.chat_prompt(prompt, system=config.system_prompt or None))
+        prompt_ids = runtime.tokenize(runtime.chat_prompt(prompt, system=system))
         sent, first = [""], [0.0]
         start = time.perf_counter()
 
@@ -57,7 +58,7 @@ def answer_prompt(bundle: Path, prompt: str, max_tokens: int | None = None, veri
                     sent[0] = text
             return False
 
-        out = generate_greedy(runtime, prompt_ids, max_tokens or config.max_tokens, progress, reset=False)
+        out = generate_greedy(runtime, prompt_ids, max_tokens or default_tokens, progress, reset=False)
         seconds = time.perf_counter() - start
         text = runtime.detokenize(out).strip()
         if on_text is not None and len(text) > len(sent[0]):
@@ -65,6 +66,24 @@ def answer_prompt(bundle: Path, prompt: str, max_tokens: int | None = None, veri
         return RunAnswer(text, len(prompt_ids), len(out), first[0] or seconds, seconds)
     finally:
         runtime.close()
+
+
+def _model_and_settings(target: Path, verify: bool, trusted_key: str | None) -> tuple[Path, EngineSettings, str | None, int]:
+    """The model, engine settings, system prompt and answer length: a bundle's, checked against its
+    manifest first; or, for a GGUF file given on its own (as llama-cli -m takes one), llama.cpp's
+    defaults and edgecds's system prompt, with no manifest to check."""
+    if target.is_file():
+        from edgecds.adopt import is_gguf_file
+        from edgecds.formats.gguf_file import read_gguf
+
+        if not is_gguf_file(target):
+            raise InvalidInputError(f"{target}: neither a bundle folder nor a GGUF file; give the folder `edgecds bundle` wrote, or a .gguf")
+        read_gguf(target)  # the bounded header check, before the engine sees the file
+        return target, EngineSettings(), SYSTEM_PROMPT, DEFAULT_MAX_TOKENS
+    if verify:
+        verify_bundle(target, trusted_key)
+    config = BundleEngineConfig.read(target)
+    return config.model_path(target), config.engine_settings(), config.system_prompt or None, config.max_tokens
 
 
 def run_prompt(bundle: Path, prompt: str, max_tokens: int | None = None, verify: bool = True, trusted_key: str | None = None) -> str:

@@ -93,15 +93,21 @@ def quantize(source: Path | None, types_text: str | None, output: Path | None, f
     if as_json:
         print_json(result.to_dict())
         return
-    rows = [
-        [o.record.type, f"{o.record.file_size / 2**20:.1f}", f"{o.record.bits_per_weight:.2f}", f"{o.record.nominal_bits_per_weight:.2f}",
-         "reused" if o.reused else f"{o.record.seconds['build']:.1f}", _drift_cell(o.record.drift), o.record.path]
-        for o in result.outcomes
-    ]
-    table(f"{result.source.name} -> {result.output_dir}", ["type", "MiB", "bits/weight", "nominal", "build s", "vs fp32", "file"], rows)
+    _variants_table(result)
     if result.all_reused:
         click.echo("Nothing to do: every variant is up to date with this source and these options.")
     click.echo(f"Recorded in {result.variants_file}")
+
+
+def _variants_table(result: Any) -> None:
+    drift = any(o.record.drift for o in result.outcomes)  # only ONNX variants have it (against fp32)
+    rows = [
+        [o.record.type, f"{o.record.file_size / 2**20:.1f}", f"{o.record.bits_per_weight:.2f}", f"{o.record.nominal_bits_per_weight:.2f}",
+         "reused" if o.reused else f"{o.record.seconds['build']:.1f}", *([_drift_cell(o.record.drift)] if drift else []), o.record.path]
+        for o in result.outcomes
+    ]
+    table(f"{result.source.name} -> {result.output_dir}",
+          ["type", "file MiB", "bits/weight", "nominal", "build s", *(["vs fp32"] if drift else []), "file"], rows)
 
 
 def _imatrix_options(text: str | None, chunks: int | None, ctx: int) -> Any:

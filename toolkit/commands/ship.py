@@ -48,7 +48,7 @@ def report_command(results: tuple[Path, ...], output: Path | None, constraints: 
 @click.command("bundle")
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @device_option("The device the bundle is for (its measurements must come from it); 'auto': the one detected here.", default=AUTO)
-@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), help="Bundle folder; the archive is written beside it.  [default: ./bundles/<model>-<type>-<device>]")
+@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), help="Bundle folder; the archive is written beside it.  [default: ./bundles/<type>-<device>]")
 @constraint_options
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="Sign the manifest with this ed25519 key (`edgecds keygen`).")
 @click.option("--variants", "variants_dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
@@ -156,7 +156,7 @@ def verify_command(bundle: Path, trusted_key: str | None, require_signature: boo
 
 
 @click.command("run")
-@click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("bundle", metavar="BUNDLE|MODEL.gguf", type=click.Path(path_type=Path, exists=True))
 @click.argument("question", required=False)
 @click.option("--prompt", "-p", help="The question (or give it after BUNDLE); without either, read from standard input.")
 @click.option("--max-tokens", "-n", type=click.IntRange(min=1), help="Tokens to generate.  [default: the bundle's]")
@@ -170,11 +170,13 @@ def run_command(bundle: Path, question: str | None, prompt: str | None, max_toke
                 as_json: bool, quiet: bool) -> None:
     """Answer a prompt with a bundle's model and runtime config, offline, streaming the answer as
     it is made and then its speed on stderr; on a terminal without a prompt, a question a line
-    until an empty line.
+    until an empty line. A GGUF file on its own runs with llama.cpp's default settings (no
+    manifest to verify: a bundle is what a clinic should run).
 
     \b
     Examples:
       edgecds run bundles/Q4_K_M-laptop-x86-16gb "Fever, neck stiffness and a purpuric rash: differential?"
+      edgecds run ~/Downloads/Qwen3-4B-Q4_K_M.gguf "Barking cough and stridor in a child: diagnosis?"
       echo "Barking cough and stridor in a child: diagnosis?" | edgecds run bundles/Q4_K_M-laptop-x86-16gb
     """
     import sys
