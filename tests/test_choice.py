@@ -236,7 +236,7 @@ def test_speeds_within_the_runs_spread_are_equal_and_the_smaller_wins(tmp_path: 
     choice = choose([write_results(tmp_path / "r.json", specs)], find_profile(DEVICE), Constraints())
     assert choice.chosen is not None and choice.chosen.variant == "Q6_K"
     q8 = next(c for c in choice.rejected if c.variant == "Q8_0")
-    assert "as fast within the runs' spread, larger: 138 vs 132 MiB" in q8.reasons[0]
+    assert "as fast within the runs' spread, larger file: 138 vs 132 MiB" in q8.reasons[0]
     tight = [specs[0], replace(specs[1], decode_spread=0.0), replace(specs[2], decode_spread=0.0)]
     assert choose([write_results(tmp_path / "t.json", tight)], find_profile(DEVICE), Constraints()).chosen.variant == "Q8_0"  # type: ignore[union-attr]
 
