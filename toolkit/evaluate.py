@@ -480,7 +480,7 @@ def _evaluate(folder: Path, variant: VariantRecord, reference: VariantRecord, ca
                 reporter.advance_to(i + 1)
         if reporter:
             reporter.finish()
-        drift = _drift(folder, runtime, (variant, reference), (text, config.drift_chunks), reporter, label) if config.drift else None
+        drift = _drift(folder, runtime, variant, reference, text, config.drift_chunks, reporter, label) if config.drift else None
     finally:
         runtime.close()
     judged = _judge(config, cases, results, settings, reporter, label) if config.judge is not None else None
@@ -519,10 +519,9 @@ def _judge(config: EvalConfig, cases: list[Case], results: list[CaseResult], set
         judge.close()
 
 
-def _drift(folder: Path, runtime: Runtime, pair: tuple[VariantRecord, VariantRecord], drift: tuple[str, int | None],
+def _drift(folder: Path, runtime: Runtime, variant: VariantRecord, reference: VariantRecord, text: str, chunks: int | None,
            reporter: Reporter | None, label: str) -> dict[str, Any] | None:
-    """The variant's drift from its reference; `drift` is the text and the chunks to read of it."""
-    (variant, reference), (text, chunks) = pair, drift
+    """The variant's drift from its reference on the first `chunks` chunks of `text` (None: all)."""
 
     def on_chunk(done: int, total: int) -> None:
         if reporter:

@@ -29,7 +29,7 @@ from edgecds.bundle.layout import (
     VerifyError,
 )
 from edgecds.bundle.sign import sign_manifest
-from edgecds.caveats import record_caveats
+from edgecds.caveats import chance_caveat, record_caveats
 from edgecds.devices import DeviceProfile
 from edgecds.digest import HashingWriter, Progress, copy_hashed, folder_digest_of, sha256_file
 from edgecds.errors import InvalidInputError, UsageError
@@ -202,7 +202,8 @@ def write_bundle(choice: Choice, device: DeviceProfile, output: Path, sign_key: 
     if not licences:
         warnings.append(f"no licence file found beside the source model {variants.source.path}; add the model's licence before shipping")
     evaluation = choice.chosen.evaluation if choice.chosen else None
-    warnings += [line.removeprefix("WARNING: ") for line in record_caveats(evaluation) if line.startswith("WARNING")] if evaluation else []
+    chance = chance_caveat(evaluation) if evaluation else ""
+    warnings += [chance.removeprefix("WARNING: ")] if chance else []
     if choice.constraints.min_accuracy is None:
         warnings.append("no --min-accuracy was set: a variant is chosen however few cases it answers right; set the least your clinicians accept")
     engine = _engine_config(choice, device, record, model_path)
