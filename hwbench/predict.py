@@ -692,7 +692,7 @@ def plan(variants_json: Path, device: DeviceProfile, n_ctx: int | None = None, k
         if variant.format not in device.formats:
             entries.append(PlanEntry(variant.name, variant.type, variant.format, None,
                                      f"{device.id} runs {', '.join(device.formats)}, not {variant.format}"))
-        elif device.quant_types and variant.type not in device.quant_types:
+        elif device.quant_types and not device.runs_type(variant.type, variant.tensor_types):
             entries.append(PlanEntry(variant.name, variant.type, variant.format, None, f"{variant.type} is not among the types {device.id} runs"))
         elif variant.format != "gguf":
             entries.append(PlanEntry(variant.name, variant.type, variant.format, None, f"no predictor for {variant.format} yet: `edgecds profile` measures it", unknown=True))

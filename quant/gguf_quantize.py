@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from edgecds.atomic import write_limit_reached
 from edgecds.engine.llama_log import captured_llama_log
 from edgecds.errors import EngineError
-from edgecds.formats.types import QuantType
+from edgecds.formats.types import GGML_TYPE_BY_NAME, GGML_TYPES, QuantType
 from edgecds.progress import Reporter, watch_file_growth
 
 
@@ -110,16 +111,34 @@ def with_imatrix(params: Any, matrix: Any, file_name: str) -> list[Any]:
     return [entries, overrides, arrays]
 
 
+def with_tensor_types(params: Any, tensor_types: Sequence[tuple[str, str]]) -> list[Any]:
+    """Per-tensor types, as llama-quantize --tensor-type PATTERN=TYPE hands them over: (pattern,
+    ggml type name) pairs, the first pattern a tensor's name matches (std::regex_search) wins.
+    Returns what must stay referenced until the quantizer returns."""
+    import llama_cpp
+
+    patterns = [pattern.encode() for pattern, _ in tensor_types]
+    entries = (llama_cpp.llama_model_tensor_override * (len(patterns) + 1))()
+    for i, (pattern, (_, name)) in enumerate(zip(patterns, tensor_types, strict=True)):
+        entries[i].pattern = pattern
+        entries[i].type = GGML_TYPE_BY_NAME[name].id
+    entries[len(patterns)].pattern = None  # the terminator llama.cpp looks for
+    entries[len(patterns)].type = max(GGML_TYPES) + 1  # GGML_TYPE_COUNT, as llama-quantize ends the list
+    params.tt_overrides = entries
+    return [entries, patterns]
+
+
 def quantize(source: Path, outfile: Path, qtype: QuantType, options: QuantizerOptions, expected_bytes: int, reporter: Reporter | None = None,
-             imatrix: Any = None, imatrix_file: str = "") -> EngineRun:
+             imatrix: Any = None, imatrix_file: str = "", tensor_types: Sequence[tuple[str, str]] = ()) -> EngineRun:
     """Quantize `source` into `outfile` (a temporary the caller publishes), with `imatrix` (an
-    imatrix.Imatrix) when given."""
+    imatrix.Imatrix) when given, and `tensor_types` (see with_tensor_types) over the file type's choices."""
     import ctypes
 
     import llama_cpp
 
     params = default_params(qtype, options)
     keep = with_imatrix(params, imatrix, imatrix_file) if imatrix is not None else []
+    keep += with_tensor_types(params, tensor_types) if tensor_types else []
     outcome: dict[str, object] = {}
 
     def work() -> None:

@@ -10,7 +10,7 @@ An interruption at any point leaves only temporaries, which the next run removes
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from edgecds.formats.types import DEFAULT_FORMAT, QUANT_TYPE_BY_NAME, QuantType,
 from edgecds.progress import ESTIMATED_BYTES, Reporter
 from edgecds.quant.calibration import ImatrixOptions, Prepared, brings_matrix
 from edgecds.quant.default_model import rebuilt_origin
+from edgecds.quant.fit import FitOptions
 from edgecds.quant.gguf_quantize import QuantizerOptions
 from edgecds.quant.onnx_build import OnnxOptions
 from edgecds.variants import VARIANTS_FILE, SourceRecord, VariantRecord, VariantsFile, is_reusable, load_variants, variant_file
@@ -38,6 +39,7 @@ class QuantizeConfig:
     onnx: OnnxOptions = field(default_factory=OnnxOptions)
     check_tokens: int = 8
     imatrix: ImatrixOptions | None = None  # quantize with an importance matrix (GGUF types only)
+    fit: FitOptions | None = None  # also build one GGUF with per-tensor types fitted to a budget (quant/fit.py)
 
 
 @dataclass(frozen=True)
@@ -111,9 +113,17 @@ def _gguf_origin(path: Path, info: GgufInfo) -> str:
     return "" if qtype in ("F32", "F16", "BF16", "unknown") else f"converted from {path.name}, a {qtype} file, not the original weights"
 
 
-def _gguf_schedule(source: _Source, types: tuple[QuantType, ...], requested: bool, options: QuantizerOptions) -> tuple[QuantType | None, list[QuantType], list[str]]:
+def _gguf_schedule(source: _Source, types: tuple[QuantType, ...], requested: bool, options: QuantizerOptions,
+                   fitting: bool = False) -> tuple[QuantType | None, list[QuantType], list[str]]:
     """The float GGUF to convert first (None for GGUF sources) and the quantized ones after it."""
     warnings: list[str] = []
+    if fitting and source.gguf is not None and not source.gguf.is_float():
+        raise UsageError(f"--fit measures each tensor group against the float weights, and {source.path.name} is already quantized "
+                         f"({source.gguf.tensor_type_counts()}): give the F16/BF16 GGUF or the Hugging Face folder")
+    if fitting and source.gguf is not None:
+        types = tuple(t for t in types if t.is_float is False)
+        if not types:
+            return None, [], warnings
     if not types:
         return None, [], warnings
     floats = [t for t in types if t.is_float]
@@ -158,14 +168,22 @@ def run_quantize(config: QuantizeConfig, reporter: Reporter | None = None) -> Qu
     if unready:  # before anything is read or built
         raise UsageError(f"{', '.join(unready)} need an importance matrix: llama.cpp refuses to quantize below ~3 bits without one "
                          "(the result would be garbage). Add --imatrix clinical (the shipped clinical calibration text) or --imatrix FILE")
-    types = config.types if config.types is not None else default_types(config.formats)
+    if config.fit is not None and DEFAULT_FORMAT not in config.formats:
+        raise UsageError("--fit builds a GGUF: add gguf to --format")
+    if config.types is not None:
+        types = config.types
+    elif config.fit is not None:  # the fit needs only its float parent; --types adds standard types beside it
+        types = (QUANT_TYPE_BY_NAME["F16"],)
+    else:
+        types = default_types(config.formats)
     if config.imatrix is not None and not any(t.format == "gguf" and not t.is_float for t in types):
         raise UsageError("--imatrix shapes quantized GGUF types (Q4_K_M, IQ2_XS, ...), and none is to be built: add one to --types "
                          "(with --format gguf), or drop --imatrix")
     src = _resolve_source(config, reporter)
     if config.imatrix is not None and src.kind == "hf" and not brings_matrix(config.imatrix):
         _refuse_experts_for_imatrix(src.path)
-    base, quants, warnings = _gguf_schedule(src, tuple(t for t in types if t.format == "gguf"), config.types is not None, config.quantizer)
+    base, quants, warnings = _gguf_schedule(src, tuple(t for t in types if t.format == "gguf"), config.types is not None, config.quantizer,
+                                            config.fit is not None)
     onnx_types = tuple(t for t in types if t.format == "onnx")
     if onnx_types and src.kind != "hf":
         raise UsageError(f"{src.path.name} is a GGUF file; the ONNX export reads a Hugging Face folder (safetensors): pass the model's "
@@ -208,6 +226,8 @@ def _run_locked(
         reporter.note(f"removed {len(removed)} temporary file(s) left by an interrupted run")
     build = _GgufBuild(config, out, source, _previous_state(out, source, src.path, reporter), warnings, reporter, base is not None)
     build.run(src.path, base, quants)
+    if config.fit is not None:
+        build.fit(src.path if base is None else variant_file(out, build.recorded_float(base)))
     if onnx_types:
         from edgecds.quant.quantize_onnx import build_onnx
 
@@ -293,12 +313,56 @@ class _GgufBuild:
         if base is not None:
             record = self.recorded[base.name] if float_reused else self.build(base, source_path, parent_sha)
             self.finish(record, float_reused)
+            self.recorded[base.name] = record
             parent_path, parent_sha = variant_file(self.out, record), record.sha256
         if quants:
             self.prepare_imatrix(parent_path, parent_sha)
         for q in quants:
             reused = self.reusable(q, parent_sha)
             self.finish(self.recorded[q.name] if reused else self.build(q, parent_path, parent_sha), reused)
+
+    def recorded_float(self, base: QuantType) -> VariantRecord:
+        return self.recorded[base.name]
+
+    def fit(self, parent: Path) -> None:
+        """The fitted variant (quant/fit.py), from the float GGUF `parent`; reused like any other
+        when its key (target, bounds, parent, quantizer options, matrix, tools) and file still match."""
+        from edgecds.quant import fit
+
+        options = self.config.fit
+        assert options is not None
+        parent_sha = self.source.sha256 if parent == Path(self.source.path) else self.recorded_sha(parent)
+        self.prepare_imatrix(parent, parent_sha)
+        # a device's budget is read from its profile, which may change under the same id
+        device = fit.device_budget(options.target, options.profiles_dirs)[0].field_values() if options.target.device_id else None
+        key = cache_key({"fit": options.as_key(), "device": device, "parent": parent_sha, "options": self.quant_options(), "tools": self.quant_tools})
+        existing = next((v for v in self.state.variants if v.cache_key == key), None)
+        if existing is not None and is_reusable(existing, key, self.out):
+            self.finish(existing, True)
+            return
+        start = time.perf_counter()
+        text, reference = fit.reference_drift(parent, options.drift_chunks, self.config.quantizer.threads)
+        probe = fit.Probe(parent, self.out, reference, self.config.quantizer, self.imatrix.matrix if self.imatrix else None,
+                          self.imatrix.path.name if self.imatrix else "", options.drift_chunks, text=text)
+        plan, groups = fit.search(probe, options, self.reporter)
+        probes = probe.builds
+        q = QUANT_TYPE_BY_NAME[fit.TOP]
+        name = fit.fitted_name(plan.planned.bits_per_weight)
+        final = self.out / f"{self.source.name}-{name}.gguf"
+        with atomic_path(final) as temp:
+            _, measured = fit.build_plan(probe, plan, groups, temp, self.reporter)
+            if self.reporter:
+                self.reporter.note(f"{name}: verifying (load in llama.cpp, {self.config.check_tokens} tokens, sha256)")
+            record = _verify(temp, final, q, self.source, parent_sha, key, self.quant_tools, self.config, time.perf_counter() - start,
+                             list(self.warnings), {**self.quant_options(), "fit": fit.fit_record(plan, groups, options, probes, measured)})
+        record = replace(record, type=name, nominal_bits_per_weight=record.bits_per_weight)
+        self.finish(record, False)
+        if self.reporter:
+            self.reporter.note(f"{name}: mean KL {measured['kl_mean']:.4f} measured against {plan.predicted_kl:.4f} predicted, "
+                               f"p99.9 {measured['kl_p999']:.3f}, top-1 {measured['top1_agreement']:.3f} ({probes} probe builds)")
+
+    def recorded_sha(self, path: Path) -> str:
+        return next(v.sha256 for v in self.recorded.values() if variant_file(self.out, v) == path)
 
     def finish(self, record: VariantRecord, reused: bool) -> None:
         self.outcomes.append(VariantOutcome(record, reused))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecds.errors import InvalidInputError, UnknownNameError
-from edgecds.formats.types import QUANT_TYPE_BY_NAME
+from edgecds.formats.types import QUANT_TYPE_BY_NAME, is_fitted
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -98,6 +98,16 @@ class DeviceProfile:
     def budget_gib(self) -> float:
         """Memory a model may use: total less the reserve."""
         return round(self.total_gib - self.reserve_gib, 3)
+
+    def runs_type(self, type_name: str, tensor_types: dict[str, int]) -> bool:
+        """Whether a variant of `type_name` runs here. A fitted GGUF (FIT-x.xx) has no file type of
+        the table: it runs where each of its quantized tensor types is the base of a type that does."""
+        if type_name in self.quant_types:
+            return True
+        if not is_fitted(type_name):
+            return False
+        bases = {QUANT_TYPE_BY_NAME[q].base for q in self.quant_types if q in QUANT_TYPE_BY_NAME}
+        return all(t in bases or t in ("F32", "F16", "BF16") for t in tensor_types)
 
     def field_values(self) -> dict[str, Any]:
         """The profile keyed by PROFILE_FIELDS paths, as in the file."""

@@ -21,6 +21,7 @@ from edgecds.atomic import atomic_path
 from edgecds.bundle.choose import Candidate, Choice, Constraints, choose
 from edgecds.devices import DeviceProfile
 from edgecds.errors import InvalidInputError
+from edgecds.formats.types import is_fitted
 from edgecds.results import EvalRecord, HostFingerprint, MeasurementRecord, ResultsFile, load_results
 from edgecds.tables import Table, accuracy_table, answers_table, choice_table, comparison_table, measurements_table, specialty_table
 from edgecds.target import AUTO, resolve_target
@@ -51,6 +52,7 @@ class Point:
     predicted: bool  # figures from the predictor, not measured on the device
     chosen: bool
     reasons: tuple[str, ...]  # why it was chosen, or why not
+    fitted: bool = False  # per-tensor types fitted to a budget (quantize --fit), not a standard type
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,8 @@ def _point(c: Candidate, choice: Choice) -> Point | None:
     spread = c.measurement.measured.decode_tps.spread if c.measurement and c.measurement.measured else 0.0
     chosen = choice.chosen is not None and c.sha256 == choice.chosen.sha256
     return Point(c.variant, c.format, c.accuracy, c.accuracy_low, float(c.evaluation.metrics.get("high", c.accuracy)),
-                 c.peak_bytes / MIB, c.decode_tps, spread, c.predicted_only, chosen, (choice.why,) if chosen else c.reasons)
+                 c.peak_bytes / MIB, c.decode_tps, spread, c.predicted_only, chosen, (choice.why,) if chosen else c.reasons,
+                 is_fitted(c.variant))
 
 
 def pareto(points: list[Point], x: str, higher_x_better: bool) -> list[Point]:
@@ -116,6 +119,10 @@ def _label_positions(points: list[Point], x: str) -> list[str]:
     return positions
 
 
+def _symbol(p: Point) -> str:
+    return "diamond" if p.predicted else "star" if p.fitted else "circle"
+
+
 def _figure(points: list[Point], x: str, title: str, x_title: str, higher_x_better: bool, budget_mib: float | None) -> Any:
     import plotly.graph_objects as go
 
@@ -125,13 +132,14 @@ def _figure(points: list[Point], x: str, title: str, x_title: str, higher_x_bett
         hover = []
         for p in mine:  # Plotly reads tags (<a href>, <b>) in text: names and reasons from results.json are escaped
             verdict = f"CHOSEN by bundle: {'; '.join(p.reasons)}" if p.chosen else ("not chosen: " + "; ".join(p.reasons) if p.reasons else "")
-            hover.append(f"{escape(p.variant)} ({escape(p.format)}{', PREDICTED' if p.predicted else ''})<br>accuracy {p.accuracy:.1%} "
+            hover.append(f"{escape(p.variant)} ({escape(p.format)}{', PREDICTED' if p.predicted else ''}"
+                         f"{', per-tensor types fitted to a budget' if p.fitted else ''})<br>accuracy {p.accuracy:.1%} "
                          f"[{p.low:.1%}, {p.high:.1%}]<br>peak {p.peak_mib:.0f} MiB, decode {p.decode_tps:.1f} tok/s<br>{escape(verdict)}")
         fig.add_trace(go.Scatter(
             x=[getattr(p, x) for p in mine], y=[p.accuracy * 100 for p in mine], mode="markers+text", name=escape(fmt.upper()),
             uid=f"variants-{fmt}", text=[escape(p.variant) for p in mine],
             textposition=_label_positions(mine, x), hovertext=hover, hoverinfo="text",
-            marker={"size": 11, "color": FORMAT_COLOURS.get(fmt, OTHER_COLOUR), "symbol": ["diamond" if p.predicted else "circle" for p in mine]},
+            marker={"size": 11, "color": FORMAT_COLOURS.get(fmt, OTHER_COLOUR), "symbol": [_symbol(p) for p in mine]},
             error_y={"type": "data", "symmetric": False, "array": [(p.high - p.accuracy) * 100 for p in mine],
                      "arrayminus": [(p.accuracy - p.low) * 100 for p in mine], "thickness": 1.2},
         ))
@@ -179,6 +187,10 @@ def _device_section(files: list[Path], loaded: list[ResultsFile], device: Device
                 points.append(point)
     else:
         off_chart.append(f"nothing was measured on {device.id} itself; `edgecds profile --device {device.id}` on the device")
+    fitted = [p.variant for p in points if p.fitted]
+    if fitted:
+        off_chart.append(f"{', '.join(fitted)}: per-tensor types fitted to a budget by `edgecds quantize --fit` (a star on the charts), "
+                         "not a standard llama.cpp type; the number is its bits per weight")
     return DeviceSection(device, points, off_chart, tables)
 
 

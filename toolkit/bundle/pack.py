@@ -95,6 +95,14 @@ def _model_card(choice: Choice, manifest: dict[str, Any]) -> str:
                   f"- Predicted peak memory {c.peak_bytes / 2**20:.0f} MiB at the device's full context; budget "
                   f"{manifest['device']['budget_gib']:g} GiB.",
                   f"- Predicted decode {c.decode_tps:.1f} tokens/s: edgecds's predictor, from the file's header and the device profile."]
+    fit = manifest["model"].get("fit")
+    if fit:
+        target = ", ".join(f"{k} {v}" for k, v in fit["target"].items())
+        lines += ["", "## Quantization", "",
+                  f"- Per-tensor types fitted to a budget ({target}) by measured drift: "
+                  + ", ".join(f"{group.removesuffix('.weight')} {kind}" for group, kind in fit["groups"].items()) + ".",
+                  f"- Mean KL from the float model on the drift text: {fit['measured']['kl_mean']:.4f} measured "
+                  f"({fit['predicted_kl']:.4f} predicted from the probes), 99.9th percentile {fit['measured']['kl_p999']:.3f}."]
     lines += ["", "## Known limits and failure modes", "",
               "- Accuracy on a small case set has a wide interval; a variant 'not significantly different' from the reference is not shown to be equivalent.",
               "- The model can be confidently wrong, can invent findings, and was not trained on your population or guidelines.",
@@ -172,7 +180,10 @@ def _manifest(choice: Choice, device: DeviceProfile, variants: Any, record: Any)
         "predicted_only": c.predicted_only,
         "model": {"name": variants.source.name, "architecture": variants.source.architecture, "source_sha256": variants.source.sha256,
                   "type": record.type, "format": record.format, "bits_per_weight": record.bits_per_weight,
-                  "licence": _licence_id(variants.source.path)},
+                  "licence": _licence_id(variants.source.path),
+                  # a fitted GGUF (quantize --fit): the type each tensor group got, and what it was fitted to
+                  **({"fit": {k: record.options["fit"][k] for k in ("target", "groups", "predicted_kl", "measured")}}
+                     if "fit" in record.options else {})},
         "tools": record.tools,
         "minimum_runtime": {"llama_cpp_python": record.tools.get("llama_cpp_python", ""), "edgecds": __version__},
         "device": device.to_dict(),

@@ -8,10 +8,11 @@ from typing import Any
 
 import click
 
-from edgecds.commands.common import default_of, print_json, table
+from edgecds.commands.common import default_of, parse_size, print_json, profiles_dir_option, table
 from edgecds.errors import UsageError
 from edgecds.formats.types import DEFAULT_FORMAT, DEFAULT_TYPES, FORMATS, QUANT_TYPES
 from edgecds.quant.calibration import ImatrixOptions
+from edgecds.quant.fit import FitOptions, FitTarget
 from edgecds.quant.quantize import QuantizeConfig
 
 
@@ -40,12 +41,24 @@ from edgecds.quant.quantize import QuantizeConfig
               help="ONNX: bits of the shared embedding/LM-head table.")
 @click.option("--threads", type=click.IntRange(min=0), default=default_of(QuantizeConfig, "quantizer.threads"), show_default=True,
               help="Quantizer threads; 0 uses every core.")
+@click.option("--fit", "fit_device", metavar="DEVICE",
+              help="Also build one GGUF whose per-tensor types fill DEVICE's memory budget at --ctx, chosen by measured drift "
+                   "(see `edgecds devices`).")
+@click.option("--ctx", "fit_ctx", type=click.IntRange(min=256), help="With --fit: the context the device must hold beside the weights.  [default: the device's]")
+@click.option("--target-size", metavar="SIZE", help="Also build one GGUF fitted to this file size (e.g. 120MiB, 3.5GiB).")
+@click.option("--target-bpw", type=click.FloatRange(min=1.5, max=16), help="Also build one GGUF fitted to these bits per weight (e.g. 4.8).")
+@click.option("--fit-builds", type=click.IntRange(min=2), default=default_of(FitOptions, "max_builds"), show_default=True,
+              help="The most probe builds the fit may measure; fewer probe fewer types per tensor group.")
+@click.option("--fit-chunks", type=click.IntRange(min=1), default=default_of(FitOptions, "drift_chunks"), show_default=True,
+              help="Chunks of the drift text each probe reads (llama-perplexity --chunks).")
+@profiles_dir_option(help="With --fit: also read device profiles from this folder (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def quantize(source: Path | None, types_text: str | None, output: Path | None, fmt: str, allow_requantize: bool,
              pure: bool, leave_output_tensor: bool, block_size: str, asymmetric: bool, accuracy_level: int, keep_embeddings: bool,
              head_bits: str, threads: int, as_json: bool, quiet: bool, imatrix_text: str | None, imatrix_chunks: int | None,
-             imatrix_ctx: int) -> None:
+             imatrix_ctx: int, fit_device: str | None, fit_ctx: int | None, target_size: str | None, target_bpw: float | None,
+             fit_builds: int, fit_chunks: int, profiles_dirs: tuple[Path, ...]) -> None:
     """Build GGUF variants with llama.cpp, and ONNX variants with Optimum and onnxruntime.
 
     SOURCE is a Hugging Face model folder (safetensors only) or a GGUF file (GGUF output only);
@@ -60,6 +73,8 @@ def quantize(source: Path | None, types_text: str | None, output: Path | None, f
       edgecds quantize --format onnx --types ONNX_INT4 --block-size 128
       edgecds quantize model-F16.gguf --types Q4_K_M --json
       edgecds quantize --imatrix clinical --types Q4_K_M,IQ3_XXS,IQ2_XS -o edgecds-out/imatrix
+      edgecds quantize --fit jetson-orin-nano-8gb --ctx 8192
+      edgecds quantize --target-size 120MiB --imatrix clinical
     """
     from edgecds.formats.types import parse_type_list
     from edgecds.progress import make_reporter
@@ -85,6 +100,7 @@ def quantize(source: Path | None, types_text: str | None, output: Path | None, f
         onnx=OnnxOptions(block_size=int(block_size), symmetric=not asymmetric, accuracy_level=accuracy_level,
                          quantize_embeddings=not keep_embeddings, head_bits=int(head_bits)),
         imatrix=_imatrix_options(imatrix_text, imatrix_chunks, imatrix_ctx),
+        fit=_fit_options(fit_device, fit_ctx, target_size, target_bpw, fit_builds, fit_chunks, profiles_dirs),
     )
     reporter = make_reporter(quiet)
     result = run_quantize(config, reporter)
@@ -108,6 +124,15 @@ def _variants_table(result: Any) -> None:
     ]
     table(f"{result.source.name} -> {result.output_dir}",
           ["type", "file MiB", "bits/weight", "nominal", "build s", *(["vs fp32"] if drift else []), "file"], rows)
+
+
+def _fit_options(device: str | None, n_ctx: int | None, size: str | None, bpw: float | None, builds: int, chunks: int,
+                 profiles_dirs: tuple[Path, ...]) -> FitOptions | None:
+    if device is None and size is None and bpw is None:
+        if n_ctx is not None:
+            raise UsageError("--ctx goes with --fit DEVICE")
+        return None
+    return FitOptions(FitTarget(device, n_ctx, parse_size(size) if size is not None else None, bpw), builds, chunks, profiles_dirs)
 
 
 def _imatrix_options(text: str | None, chunks: int | None, ctx: int) -> Any:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar, overload
 import click
 
 from edgecds.bundle.choose import PREFERENCES, Constraints
+from edgecds.errors import UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -123,3 +124,18 @@ def constraint_options(func: Any) -> Any:
     for option in reversed(options):
         wrapper = option(wrapper)
     return wrapper
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1000, "KIB": 1 << 10, "M": 1 << 20, "MB": 1000**2, "MIB": 1 << 20,
+               "G": 1 << 30, "GB": 1000**3, "GIB": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'120MiB', '3.5GiB', '800M' (binary, as llama.cpp prints sizes), '2GB' (decimal) or bytes."""
+    import re
+
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = found.group(2).upper() if found else ""
+    if not found or unit not in _SIZE_UNITS or float(found.group(1)) <= 0:
+        raise UsageError(f"{text!r} is not a size: give a number with a unit, e.g. 120MiB or 3.5GiB")
+    return int(float(found.group(1)) * _SIZE_UNITS[unit])

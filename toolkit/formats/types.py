@@ -156,6 +156,17 @@ DEFAULT_FORMAT = "gguf"
 DEFAULT_TYPES: tuple[str, ...] = tuple(q.name for q in QUANT_TYPES if q.default and q.format == DEFAULT_FORMAT)
 FORMATS: tuple[str, ...] = tuple(dict.fromkeys(q.format for q in QUANT_TYPES))
 
+# `quantize --fit`: the tensor types a fitted GGUF mixes, fewest bits first. Each level lists the
+# type to use and the one that stands in where a tensor's rows are not a multiple of the first's
+# block (k-quants need rows of 256; SmolLM2's 576-wide rows take the 32-blocks). The last level is
+# where every group starts. A fitted variant's type is FIT_PREFIX and its bits per weight.
+FIT_LADDER: tuple[tuple[str, ...], ...] = (("Q2_K",), ("Q3_K",), ("Q4_K", "IQ4_NL"), ("Q5_K", "Q5_0"), ("Q6_K",), ("Q8_0",))
+FIT_PREFIX = "FIT-"
+
+
+def is_fitted(type_name: str) -> bool:
+    return type_name.startswith(FIT_PREFIX)
+
 
 def default_types(formats: tuple[str, ...]) -> tuple[QuantType, ...]:
     return tuple(q for q in QUANT_TYPES if q.default and q.format in formats)
