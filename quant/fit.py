@@ -36,6 +36,7 @@ from edgecds.progress import Reporter
 MIB = 1 << 20
 TOP = FIT_LADDER[-1][0]  # every group not being probed sits here
 DP_UNITS = 20_000  # the size grid of the exact search: finer than any type step of any group
+PROBES_FILE = "fit-probes.json"  # beside variants.json: each probe's drift, so another target reuses it
 
 
 @dataclass(frozen=True)
@@ -281,6 +282,35 @@ class Probe:
     builds: int = 0
     seconds: float = 0.0
     text: str = field(default="", repr=False)
+    # what makes a probe's result the same: the parent's sha256, the quantizer options, the tools
+    identity: dict[str, Any] = field(default_factory=dict)
+    reused: int = 0  # probes answered from PROBES_FILE
+
+    def _cached(self) -> dict[str, Any]:
+        """Earlier probes of this folder (another target probes the same mixes). The file is
+        untrusted like every input: an entry that is not a finite mean KL is ignored."""
+        from edgecds.errors import EdgecdsError
+        from edgecds.jsonfile import read_json_object
+
+        try:
+            data = read_json_object(self.out / PROBES_FILE) if (self.out / PROBES_FILE).exists() else {}
+        except EdgecdsError:
+            return {}
+        return {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("kl_mean"), float) and math.isfinite(v["kl_mean"])}
+
+    def cached_drift(self, overrides: list[tuple[str, str]], expected: int) -> tuple[dict[str, Any], GgufInfo | None]:
+        """drift_of, answered from PROBES_FILE when this mix was measured before (its header then None)."""
+        from edgecds.atomic import write_json
+        from edgecds.digest import cache_key
+
+        key = cache_key({"mix": overrides, "chunks": self.drift_chunks, **self.identity})
+        known = self._cached()
+        if key in known:
+            self.reused += 1
+            return known[key], None
+        drift, info = self.drift_of(overrides, expected)
+        write_json(self.out / PROBES_FILE, {**known, key: {k: drift[k] for k in ("kl_mean", "kl_p999", "top1_agreement")}})
+        return drift, info
 
     def build(self, overrides: list[tuple[str, str]], into: Path, expected: int, reporter: Reporter | None = None) -> Any:
         from edgecds.formats.types import QUANT_TYPE_BY_NAME
@@ -388,8 +418,9 @@ def search(probe: Probe, options: FitOptions, reporter: Reporter | None) -> tupl
     for i, (g, kind) in enumerate(todo):
         mix = dict(top, **{g.name: kind})
         planned = planned_info(base, groups, mix)
-        drift, built = probe.drift_of(overrides_for(mix, groups), planned.file_size)
-        check_types(built, planned, f"the probe of {g.name} at {kind.name}")
+        drift, built = probe.cached_drift(overrides_for(mix, groups), planned.file_size)
+        if built is not None:
+            check_types(built, planned, f"the probe of {g.name} at {kind.name}")
         choices[g.name].append(Choice(kind, g.bytes_at(kind), max(drift["kl_mean"] - top_drift["kl_mean"], 0.0)))
         if reporter:
             reporter.advance_to(i + 1)
@@ -418,7 +449,7 @@ def fitted_name(bits_per_weight: float) -> str:
     return f"{FIT_PREFIX}{bits_per_weight:.2f}"
 
 
-def fit_record(plan: FitPlan, groups: list[Group], options: FitOptions, probes: int, measured: dict[str, Any]) -> dict[str, Any]:
+def fit_record(plan: FitPlan, groups: list[Group], options: FitOptions, probe: Probe, probes: int, measured: dict[str, Any]) -> dict[str, Any]:
     """What variants.json keeps of a fit (options.fit): enough to rebuild it and to judge it."""
     return {
         "target": {k: v for k, v in asdict(options.target).items() if v is not None},
@@ -427,6 +458,7 @@ def fit_record(plan: FitPlan, groups: list[Group], options: FitOptions, probes: 
         "tensors": {t.name: t.type_name for t in plan.planned.tensors},
         "costs": plan.costs,
         "probe_builds": probes,
+        "probes_reused": probe.reused,
         "max_builds": options.max_builds,
         "drift_chunks": options.drift_chunks,
         "kl_top": round(plan.kl_top, 6),

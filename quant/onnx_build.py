@@ -45,10 +45,42 @@ class OnnxOptions:
     accuracy_level: int = 4
     quantize_embeddings: bool = True  # embedding and LM head too (one shared table)
     head_bits: int = 8  # the shared embedding/LM-head table: 8 bits even in int4 variants (as llama.cpp keeps output.weight wider)
+    # how each block's codes are chosen (ONNX_ALGORITHMS); "rtn" is onnxruntime's default round-to-nearest
+    algorithm: str = "rtn"
+    # int4 variants: int8 for attention V and FFN down in the layers llama.cpp's Q4_K_M widens
+    # (llama-quant.cpp's use_more_bits), as onnxruntime-genai's k_quant_mixed does
+    mixed: bool = False
 
     def as_key(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"algorithm": self.algorithm} if self.algorithm != "rtn" else {}  # the keys of variants built before stay valid
+        extra.update({"mixed": True} if self.mixed else {})
         return {"block_size": self.block_size, "symmetric": self.symmetric, "accuracy_level": self.accuracy_level,
-                "quantize_embeddings": self.quantize_embeddings, "head_bits": self.head_bits}
+                "quantize_embeddings": self.quantize_embeddings, "head_bits": self.head_bits, **extra}
+
+
+# onnxruntime's weight-only algorithms, none needing calibration data: rtn (DefaultWeightOnlyQuantConfig,
+# round-to-nearest per block), k_quant (KQuantWeightOnlyQuantConfig: each block's scale searched to
+# minimise its weighted error, as llama.cpp's k-quants do), hqq (Half-Quadratic Quantization: scale
+# and zero point optimised per block; always asymmetric)
+ONNX_ALGORITHMS = ("rtn", "k_quant", "hqq")
+
+
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's rule for the layers whose attention V and FFN down Q4_K_M keeps at Q6_K."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def widened_nodes(model: Any) -> list[str]:
+    """The MatMuls of attention V and FFN down in the layers use_more_bits names (Optimum's node names)."""
+    import re
+
+    found: dict[int, list[str]] = {}
+    for node in model.graph.node:
+        match = re.search(r"layers\.(\d+)/.*(v_proj|down_proj)/MatMul$", node.name) if node.op_type == "MatMul" else None
+        if match:
+            found.setdefault(int(match.group(1)), []).append(node.name)
+    n_layers = max(found) + 1 if found else 0
+    return [name for layer, names in sorted(found.items()) if use_more_bits(layer, n_layers) for name in names]
 
 
 def tool_versions() -> dict[str, str]:
@@ -191,20 +223,37 @@ def quantize_weights(src: Path, dst: Path, qtype: QuantType, options: OnnxOption
 
     def run(model: Any, bits: int, **nodes: Any) -> Any:
         quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=options.block_size, is_symmetric=options.symmetric,
-                                         accuracy_level=options.accuracy_level or None, **nodes)
+                                         accuracy_level=options.accuracy_level or None, algo_config=_algo_config(options, bits), **nodes)
         quantizer.process()
         return quantizer.model.model
 
     head_bits = min(max(options.head_bits, qtype.bits), 8)
-    if tied is not None and head_bits != qtype.bits:
-        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != tied[1]]  # nodes_to_include only adds
-        model = run(run(model, head_bits, nodes_to_exclude=others), qtype.bits, nodes_to_exclude=[tied[1]])
-    else:
-        model = run(model, qtype.bits)
+    wider = {tied[1]: head_bits} if tied is not None and head_bits != qtype.bits else {}
+    if options.mixed and qtype.bits < 8:
+        wider.update({name: 8 for name in widened_nodes(model)})
+        notes.append(f"{sum(1 for b in wider.values() if b == 8)} MatMuls at 8 bits (attention V, FFN down in the layers llama.cpp widens)")
+    for bits in sorted(set(wider.values())):  # nodes_to_include only adds: each width excludes every other node
+        model = run(model, bits, nodes_to_exclude=[n.name for n in model.graph.node if n.op_type == "MatMul" and wider.get(n.name) != bits])
+    model = run(model, qtype.bits, nodes_to_exclude=list(wider))
     if tied is not None and not _embedding_from_head(model, tied[0], head_bits):
         notes.append("the LM head's quantized table cannot serve the embedding (asymmetric blocks): the embedding stays float32")
     onnx.save(model, str(dst / MODEL_FILE))
     return time.perf_counter() - start, notes
+
+
+def _algo_config(options: OnnxOptions, bits: int) -> Any:
+    """onnxruntime's configuration object for options.algorithm (None: its default, round-to-nearest).
+    The 8-bit passes (the head, the widened layers) stay round-to-nearest, near lossless at 8 bits:
+    onnxruntime's k_quant path writes 4 bits whatever it is asked."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    if options.algorithm == "rtn" or bits != 4:
+        return None
+    if options.algorithm == "k_quant":
+        return mnq.KQuantWeightOnlyQuantConfig()
+    if options.algorithm == "hqq":
+        return mnq.HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=bits)
+    raise InvalidInputError(f"unknown ONNX algorithm {options.algorithm!r}: choose from {', '.join(ONNX_ALGORITHMS)}")
 
 
 def _quiet_quantizer_log() -> None:

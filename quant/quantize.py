@@ -173,9 +173,11 @@ def run_quantize(config: QuantizeConfig, reporter: Reporter | None = None) -> Qu
     if config.types is not None:
         types = config.types
     elif config.fit is not None:  # the fit needs only its float parent; --types adds standard types beside it
-        types = (QUANT_TYPE_BY_NAME["F16"],)
+        types = ()
     else:
         types = default_types(config.formats)
+    if config.fit is not None and not any(t.format == "gguf" and t.is_float for t in types):
+        types = (QUANT_TYPE_BY_NAME["F16"], *types)  # the fit's parent (dropped again for a float GGUF source)
     if config.imatrix is not None and not any(t.format == "gguf" and not t.is_float for t in types):
         raise UsageError("--imatrix shapes quantized GGUF types (Q4_K_M, IQ2_XS, ...), and none is to be built: add one to --types "
                          "(with --format gguf), or drop --imatrix")
@@ -343,23 +345,34 @@ class _GgufBuild:
         start = time.perf_counter()
         text, reference = fit.reference_drift(parent, options.drift_chunks, self.config.quantizer.threads)
         probe = fit.Probe(parent, self.out, reference, self.config.quantizer, self.imatrix.matrix if self.imatrix else None,
-                          self.imatrix.path.name if self.imatrix else "", options.drift_chunks, text=text)
+                          self.imatrix.path.name if self.imatrix else "", options.drift_chunks, text=text,
+                          identity={"parent": parent_sha, "options": self.quant_options(), "tools": self.quant_tools})
         plan, groups = fit.search(probe, options, self.reporter)
         probes = probe.builds
         q = QUANT_TYPE_BY_NAME[fit.TOP]
-        name = fit.fitted_name(plan.planned.bits_per_weight)
+        name = self.free_fit_name(fit.fitted_name(plan.planned.bits_per_weight), {g.name: plan.assignment[g.name].name for g in groups})
         final = self.out / f"{self.source.name}-{name}.gguf"
         with atomic_path(final) as temp:
             _, measured = fit.build_plan(probe, plan, groups, temp, self.reporter)
             if self.reporter:
                 self.reporter.note(f"{name}: verifying (load in llama.cpp, {self.config.check_tokens} tokens, sha256)")
             record = _verify(temp, final, q, self.source, parent_sha, key, self.quant_tools, self.config, time.perf_counter() - start,
-                             list(self.warnings), {**self.quant_options(), "fit": fit.fit_record(plan, groups, options, probes, measured)})
+                             list(self.warnings), {**self.quant_options(), "fit": fit.fit_record(plan, groups, options, probe, probes, measured)})
         record = replace(record, type=name, nominal_bits_per_weight=record.bits_per_weight)
         self.finish(record, False)
         if self.reporter:
             self.reporter.note(f"{name}: mean KL {measured['kl_mean']:.4f} measured against {plan.predicted_kl:.4f} predicted, "
-                               f"p99.9 {measured['kl_p999']:.3f}, top-1 {measured['top1_agreement']:.3f} ({probes} probe builds)")
+                               f"p99.9 {measured['kl_p999']:.3f}, top-1 {measured['top1_agreement']:.3f} ({probes} probe builds, "
+                               f"{probe.reused} probes reused)")
+
+    def free_fit_name(self, name: str, groups: dict[str, str]) -> str:
+        """`name`, unless another mix of the same bits per weight holds it (then name-2, -3, ...):
+        the same mix is the same file, and takes its record over."""
+        taken = self.state.by_type()
+        candidate, n = name, 2
+        while candidate in taken and taken[candidate].options.get("fit", {}).get("groups") != groups:
+            candidate, n = f"{name}-{n}", n + 1
+        return candidate
 
     def recorded_sha(self, path: Path) -> str:
         return next(v.sha256 for v in self.recorded.values() if variant_file(self.out, v) == path)

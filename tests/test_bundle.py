@@ -19,6 +19,8 @@ from edgecds.bundle.layout import BundleEngineConfig, VerifyError
 from edgecds.bundle.run import run_prompt
 from edgecds.bundle.verify import safe_extract, verify_bundle
 from edgecds.cli import cli
+from edgecds.digest import sha256_file
+from edgecds.formats.gguf_file import read_gguf
 from edgecds.quant.quantize import QuantizeResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +74,9 @@ def test_bundle_verifies_and_says_what_it_chose(profiled: tuple[Path, str], key:
     assert manifest["measurements"]["host"]["id"] == manifest["measurements"]["record"]["host"]
     assert manifest["accuracy"]["cases"]["n"] == 4 and manifest["accuracy"]["paired"] is not None
     card = (folder / "MODEL_CARD.md").read_text()
+    template = read_gguf(folder / models[0]).metadata["tokenizer.chat_template"]
+    assert manifest["model"]["chat_template_sha256"] == hashlib.sha256(template.encode()).hexdigest()
+    assert f"sha256 {manifest['model']['chat_template_sha256']}: checked when this bundle was made" in card
     assert "not a diagnosis" in card or "does not make a diagnosis" in card
     assert "95% Wilson interval" in card and "Known limits" in card
     # the default model's F16 is rebuilt from its 4-bit GGUF: said where the reference is named
@@ -351,6 +356,30 @@ def test_a_model_changed_since_it_was_measured_is_not_bundled(profiled: tuple[Pa
     code, text = invoke("bundle", str(copy / "results.json"), "--device", device, "-o", str(out), "--variants", str(copy))
     assert code == 1 and "changed since `edgecds quantize` recorded it" in text, text
     assert sorted(p.name for p in out.parent.iterdir()) == [".edgecds.lock"]  # no folder, no archive, no temporary
+
+
+def test_a_chat_template_the_device_would_refuse_is_refused_at_bundle_time(profiled: tuple[Path, str], tmp_path: Path) -> None:
+    """The variants' template swapped (same length, records updated to the new hashes) for one that
+    reaches for Python internals: bundle says why and writes nothing."""
+    results, device = profiled
+    copy = tmp_path / "variants"
+    copy.mkdir()
+    texts = {p.name: p.read_text() for p in results.parent.glob("*.json")}
+    for path in results.parent.glob("*.gguf"):
+        if not path.name.endswith(("Q4_K_M.gguf", "Q8_0.gguf")):
+            continue
+        data = path.read_bytes()
+        template = read_gguf(path).metadata["tokenizer.chat_template"].encode()
+        hostile = b"{{ ''.__class__.__mro__ }}".ljust(len(template))
+        (copy / path.name).write_bytes(data.replace(template, hostile, 1))
+        old, new = hashlib.sha256(data).hexdigest(), sha256_file(copy / path.name)
+        texts = {name: text.replace(old, new) for name, text in texts.items()}
+    for name, text in texts.items():
+        (copy / name).write_text(text)
+    out = tmp_path / "bundles" / "b"
+    code, text = invoke("bundle", str(copy / "results.json"), "--device", device, "-o", str(out), "--variants", str(copy))
+    assert code == 1 and "its chat template would be refused on the device" in text and "`.__class__`, a Python internal" in text, text
+    assert sorted(p.name for p in out.parent.iterdir()) == [".edgecds.lock"]
 
 
 def test_bundle_on_a_disk_too_small_is_refused_before_writing(profiled: tuple[Path, str], tmp_path: Path) -> None:

@@ -96,3 +96,37 @@ def test_both_engines_render_through_the_bounded_sandbox(tmp_path: Path) -> None
         assert runtime.chat_messages(TURN) == render_chat(CHATML, TURN, "<s>", "</s>")
     finally:
         runtime.close()
+
+
+@pytest.mark.parametrize(("template", "says"), [
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "`.__class__`, a Python internal"),
+    ("{{ cycler['__init__'] }}", "`['__init__']`, a Python internal"),
+    ("{% include 'other.jinja' %}", "loads another template (include)"),
+    ("{% extends 'base.jinja' %}", "loads another template (extends)"),
+    ("{% for m in messages %}{{ m.content }", "it does not parse"),
+    ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", "ran into a bound"),
+    ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}", "rendering a system/user conversation"),
+])
+def test_the_bundle_time_audit_refuses_what_the_device_would(template: str, says: str) -> None:
+    from edgecds.engine.chat_template import audit_template
+
+    audit = audit_template(template, "<s>", "</s>")
+    assert not audit.passed and any(says in p for p in audit.problems), audit.problems
+
+
+def test_a_real_template_passes_the_audit_and_is_named_by_its_hash() -> None:
+    import hashlib
+
+    from edgecds.engine.chat_template import audit_template
+
+    audit = audit_template(CHATML, "<s>", "</s>")
+    assert audit.passed and audit.sha256 == hashlib.sha256(CHATML.encode()).hexdigest()
+
+
+def test_a_tokenizer_config_that_gives_the_template_twice_is_refused(tmp_path: Path) -> None:
+    """Python's json (and transformers) keep the last of two keys; another reader may keep the first."""
+    from edgecds.engine.chat_template import template_of
+
+    (tmp_path / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}", "eos_token": "</s>", "chat_template": "x"}')
+    template, _, eos, problems = template_of(tmp_path)
+    assert problems == ["tokenizer_config.json gives 'chat_template' twice"] and template == "x" and eos == "</s>"

@@ -32,6 +32,7 @@ from edgecds.profile import ProfileConfig
 from edgecds.quant.calibration import ImatrixOptions
 from edgecds.quant.imatrix import DEFAULT_CHUNK
 from edgecds.quant.onnx_build import OnnxOptions
+from edgecds.quant.fit import FitOptions
 from edgecds.quant.quantize import QuantizeConfig
 from edgecds.serve import ServeConfig
 from edgecds.tune import TuneConfig
@@ -106,13 +107,15 @@ ROWS = {
                       {"threads": "options.threads", "force": "options.force", "limit": "options.limit",
                        "no_drift": Source("options.drift", negated)}),
     "quantize": Row(command("quantize"), QuantizeConfig,
-                    frozenset({"imatrix_ctx", "block_size", "accuracy_level", "head_bits", "threads"}),
+                    frozenset({"imatrix_ctx", "block_size", "accuracy_level", "head_bits", "threads", "onnx_algorithm", "mixed",
+                               "fit_builds", "fit_chunks"}),
                     {"fmt": Source("formats", comma_list), "allow_requantize": "quantizer.allow_requantize", "pure": "quantizer.pure",
                      "leave_output_tensor": "quantizer.leave_output_tensor", "threads": "quantizer.threads",
                      "block_size": Source("onnx.block_size", int), "asymmetric": Source("onnx.symmetric", negated),
                      "accuracy_level": "onnx.accuracy_level", "keep_embeddings": Source("onnx.quantize_embeddings", negated),
                      "head_bits": Source("onnx.head_bits", int), "imatrix_ctx": Source("chunk_size", config=ImatrixOptions),
-                     "imatrix_chunks": Source("chunks", config=ImatrixOptions)}),
+                     "imatrix_chunks": Source("chunks", config=ImatrixOptions), "onnx_algorithm": "onnx.algorithm", "mixed": "onnx.mixed",
+                     "fit_builds": Source("max_builds", config=FitOptions), "fit_chunks": Source("drift_chunks", config=FitOptions)}),
     "bundle": Row(command("bundle"), Constraints, frozenset({"formats", "prefer", "alpha"}), CONSTRAINTS),
     "report": Row(command("report"), Constraints, frozenset({"formats", "prefer", "alpha"}), CONSTRAINTS),
 }

@@ -86,6 +86,16 @@ def test_the_same_fit_is_reused(fitted: tuple[Path, float, dict[str, Any]], zoo_
     assert reused["reused"] and reused["sha256"] == fit["sha256"]
 
 
+def test_another_target_reuses_the_probes(fitted: tuple[Path, float, dict[str, Any]], zoo_llama: Path) -> None:
+    """The probes of a folder are kept (fit-probes.json): a target that probes the same mixes builds only the all-Q8_0 one."""
+    out, target, _ = fitted
+    again = quantize(str(zoo_llama), "-o", str(out), "--target-bpw", str(target - 0.01), "--fit-builds", BUILDS, "--fit-chunks", "1", "--json")
+    assert again.exit_code == 0, again.output
+    [fit] = [v for v in json.loads(again.stdout)["variants"] if is_fitted(v["type"])]
+    assert fit["options"]["fit"]["target"] == {"bpw": target - 0.01}
+    assert (fit["options"]["fit"]["probe_builds"], fit["options"]["fit"]["probes_reused"]) == (1, 8)
+
+
 def _profile(folder: Path, budget_mib: float) -> str:
     """A device whose budget is `budget_mib`: 0.5 GiB less a reserve."""
     folder.mkdir(exist_ok=True)

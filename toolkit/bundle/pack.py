@@ -103,6 +103,11 @@ def _model_card(choice: Choice, manifest: dict[str, Any]) -> str:
                   + ", ".join(f"{group.removesuffix('.weight')} {kind}" for group, kind in fit["groups"].items()) + ".",
                   f"- Mean KL from the float model on the drift text: {fit['measured']['kl_mean']:.4f} measured "
                   f"({fit['predicted_kl']:.4f} predicted from the probes), 99.9th percentile {fit['measured']['kl_p999']:.3f}."]
+    template = manifest["model"].get("chat_template_sha256")
+    lines += ["", "## Chat template", "",
+              f"- The model's own, sha256 {template}: checked when this bundle was made (no Python internals, no loaded templates, and "
+              "the turns the device renders, each within the sandbox's time and size bounds)." if template else
+              "- The model has no chat template: turns are written as plain text."]
     lines += ["", "## Known limits and failure modes", "",
               "- Accuracy on a small case set has a wide interval; a variant 'not significantly different' from the reference is not shown to be equivalent.",
               "- The model can be confidently wrong, can invent findings, and was not trained on your population or guidelines.",
@@ -197,6 +202,24 @@ def _manifest(choice: Choice, device: DeviceProfile, variants: Any, record: Any)
     return manifest
 
 
+def _audited_template(model_path: Path) -> str | None:
+    """The chat template checked as the device will run it, before anything is written: a template
+    the run-time sandbox would refuse is refused here, with the reason. Its sha256 (None: the model
+    has none, and plain turns are used) goes in the manifest and on the card."""
+    from edgecds.engine.chat_template import audit_template, template_of
+
+    template, bos, eos, problems = template_of(model_path)
+    if template is None and not problems:
+        return None
+    audit = audit_template(template, bos, eos) if template is not None else None
+    problems += list(audit.problems) if audit else []
+    if problems:
+        raise InvalidInputError(f"{model_path.name}: its chat template would be refused on the device: " + "; ".join(problems)
+                                + ". Nothing was bundled: fix the template (tokenizer.chat_template) or choose another model")
+    assert audit is not None
+    return audit.sha256
+
+
 def write_bundle(choice: Choice, device: DeviceProfile, output: Path, sign_key: Path | None = None,
                  variants_dir: Path | None = None, reporter: Reporter | None = None) -> BundleResult:
     """The bundle folder and its archive beside it. Both are built under temporary names and
@@ -208,6 +231,7 @@ def write_bundle(choice: Choice, device: DeviceProfile, output: Path, sign_key: 
     check that it is still what was measured), then streamed into the archive, hashed as written.
     Nothing is compressed: quantized weights do not compress, and the time would be wasted."""
     variants, record, model_path = _measured_variant(choice, variants_dir)
+    template_sha256 = _audited_template(model_path)
     warnings: list[str] = []
     licences = _licence_files(variants.source.path)
     if not licences:
@@ -219,6 +243,7 @@ def write_bundle(choice: Choice, device: DeviceProfile, output: Path, sign_key: 
         warnings.append("no --min-accuracy was set: a variant is chosen however few cases it answers right; set the least your clinicians accept")
     engine = _engine_config(choice, device, record, model_path)
     manifest = _manifest(choice, device, variants, record)
+    manifest["model"]["chat_template_sha256"] = template_sha256
     model_bytes = sum(p.stat().st_size for p in _model_files(model_path)) + sum(p.stat().st_size for p in licences)
     output.parent.mkdir(parents=True, exist_ok=True)
     archive = output.with_name(output.name + ARCHIVE_SUFFIX)

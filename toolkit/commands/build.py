@@ -13,6 +13,7 @@ from edgecds.errors import UsageError
 from edgecds.formats.types import DEFAULT_FORMAT, DEFAULT_TYPES, FORMATS, QUANT_TYPES
 from edgecds.quant.calibration import ImatrixOptions
 from edgecds.quant.fit import FitOptions, FitTarget
+from edgecds.quant.onnx_build import ONNX_ALGORITHMS
 from edgecds.quant.quantize import QuantizeConfig
 
 
@@ -39,6 +40,10 @@ from edgecds.quant.quantize import QuantizeConfig
 @click.option("--keep-embeddings", is_flag=True, help="ONNX: leave the embedding and LM head float32 (larger files).")
 @click.option("--head-bits", type=click.Choice(["4", "8"]), default=str(default_of(QuantizeConfig, "onnx.head_bits")), show_default=True,
               help="ONNX: bits of the shared embedding/LM-head table.")
+@click.option("--onnx-algorithm", type=click.Choice(ONNX_ALGORITHMS), default=default_of(QuantizeConfig, "onnx.algorithm"), show_default=True,
+              help="ONNX int4: how each block's codes are chosen: round-to-nearest, k_quant (scales searched per block, as llama.cpp's "
+                   "k-quants) or hqq (scale and zero point optimised; asymmetric, so the embedding stays float32).")
+@click.option("--mixed", is_flag=True, help="ONNX int4: int8 for attention V and FFN down in the layers llama.cpp's Q4_K_M widens.")
 @click.option("--threads", type=click.IntRange(min=0), default=default_of(QuantizeConfig, "quantizer.threads"), show_default=True,
               help="Quantizer threads; 0 uses every core.")
 @click.option("--fit", "fit_device", metavar="DEVICE",
@@ -58,7 +63,7 @@ def quantize(source: Path | None, types_text: str | None, output: Path | None, f
              pure: bool, leave_output_tensor: bool, block_size: str, asymmetric: bool, accuracy_level: int, keep_embeddings: bool,
              head_bits: str, threads: int, as_json: bool, quiet: bool, imatrix_text: str | None, imatrix_chunks: int | None,
              imatrix_ctx: int, fit_device: str | None, fit_ctx: int | None, target_size: str | None, target_bpw: float | None,
-             fit_builds: int, fit_chunks: int, profiles_dirs: tuple[Path, ...]) -> None:
+             fit_builds: int, fit_chunks: int, profiles_dirs: tuple[Path, ...], onnx_algorithm: str, mixed: bool) -> None:
     """Build GGUF variants with llama.cpp, and ONNX variants with Optimum and onnxruntime.
 
     SOURCE is a Hugging Face model folder (safetensors only) or a GGUF file (GGUF output only);
@@ -71,6 +76,7 @@ def quantize(source: Path | None, types_text: str | None, output: Path | None, f
       edgecds quantize ./my-model --types Q8_0,Q4_K_M -o ./variants
       edgecds quantize --format gguf,onnx
       edgecds quantize --format onnx --types ONNX_INT4 --block-size 128
+      edgecds quantize --format onnx --types ONNX_INT4 --onnx-algorithm k_quant --mixed
       edgecds quantize model-F16.gguf --types Q4_K_M --json
       edgecds quantize --imatrix clinical --types Q4_K_M,IQ3_XXS,IQ2_XS -o edgecds-out/imatrix
       edgecds quantize --fit jetson-orin-nano-8gb --ctx 8192
@@ -98,7 +104,7 @@ def quantize(source: Path | None, types_text: str | None, output: Path | None, f
         formats=formats,
         quantizer=QuantizerOptions(threads=threads, allow_requantize=allow_requantize, pure=pure, leave_output_tensor=leave_output_tensor),
         onnx=OnnxOptions(block_size=int(block_size), symmetric=not asymmetric, accuracy_level=accuracy_level,
-                         quantize_embeddings=not keep_embeddings, head_bits=int(head_bits)),
+                         quantize_embeddings=not keep_embeddings, head_bits=int(head_bits), algorithm=onnx_algorithm, mixed=mixed),
         imatrix=_imatrix_options(imatrix_text, imatrix_chunks, imatrix_ctx),
         fit=_fit_options(fit_device, fit_ctx, target_size, target_bpw, fit_builds, fit_chunks, profiles_dirs),
     )

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from types import FrameType
 from typing import Any
@@ -196,6 +197,64 @@ def _read_line(fd: int, deadline: float) -> bytes:
 
 _WORKER = _Worker()
 
+# what the audit renders: the turns edgecds itself sends (run, serve and eval's one turn with the
+# bundle's system prompt, and a conversation that goes on)
+AUDIT_CONVERSATIONS = (
+    [{"role": "system", "content": "You are a clinical decision-support assistant."}, {"role": "user", "content": "Fever and rash: differential?"}],
+    [{"role": "user", "content": "Fever and rash: differential?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Chest pain?"}, {"role": "assistant", "content": "Consider ACS."},
+     {"role": "user", "content": "And in a 20-year-old?"}],
+)
+
+
+@dataclass(frozen=True)
+class TemplateAudit:
+    """What `bundle` found in a chat template before packing it."""
+
+    sha256: str
+    problems: tuple[str, ...]  # each a reason the run-time sandbox would refuse it, or a construct it never allows
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+
+def _static_problems(template: str) -> list[str]:
+    """Constructs no chat template needs, found in the parsed template without running it: Python
+    internals (`__class__`, `_private`), and templates loaded from elsewhere (there is no loader)."""
+    from jinja2 import TemplateSyntaxError, nodes
+
+    try:
+        tree = _environment().parse(template)
+    except TemplateSyntaxError as exc:
+        return [f"it does not parse (line {exc.lineno}: {exc.message})"]
+    problems = []
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Import, nodes.FromImport, nodes.Include, nodes.Extends)):
+        if isinstance(node, nodes.Getattr) and node.attr.startswith("_"):
+            problems.append(f"line {node.lineno} reaches for `.{node.attr}`, a Python internal")
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and str(node.arg.value).startswith("_"):
+            problems.append(f"line {node.lineno} reaches for `[{node.arg.value!r}]`, a Python internal")
+        elif isinstance(node, (nodes.Import, nodes.FromImport, nodes.Include, nodes.Extends)):
+            problems.append(f"line {node.lineno} loads another template ({type(node).__name__.lower()}), which the sandbox has no loader for")
+    return problems
+
+
+def audit_template(template: str, bos_token: str, eos_token: str) -> TemplateAudit:
+    """The static check, then the renders the run time will make, each in the bounded worker: a
+    template refused here would be refused on the device, so `bundle` refuses it first."""
+    import hashlib
+
+    problems = _static_problems(template)
+    if not problems:
+        for messages in AUDIT_CONVERSATIONS:
+            try:
+                render_chat(template, messages, bos_token, eos_token)
+            except EngineError as exc:
+                roles = "/".join(m["role"] for m in messages)
+                problems.append(f"rendering a {roles} conversation: {exc}")
+                break
+    return TemplateAudit(hashlib.sha256(template.encode("utf-8", "surrogatepass")).hexdigest(), tuple(problems))
+
 
 def render_chat(template: str, messages: list[dict[str, str]], bos_token: str, eos_token: str,
                 add_generation_prompt: bool = True, seconds: float = RENDER_SECONDS) -> str:
@@ -230,3 +289,50 @@ def worker_main() -> int:
 
 if __name__ == "__main__":
     sys.exit(worker_main())
+
+
+def _duplicate_keys(path: Any) -> list[str]:
+    """Keys a JSON file gives twice at one level: readers differ on which one wins (Python's and
+    transformers' take the last), so a file that says two things is refused, not guessed at."""
+    dupes: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in items:
+            if key in seen:
+                dupes.append(key)
+            seen.add(key)
+        return dict(items)
+
+    json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=pairs)
+    return dupes
+
+
+def template_of(model_path: Any) -> tuple[str | None, str, str, list[str]]:
+    """A variant's own chat template as its engine reads it, its BOS and EOS texts, and problems
+    found in reading it (keys given twice): a GGUF's `tokenizer.chat_template`, or an ONNX folder's
+    tokenizer_config.json / chat_template.jinja."""
+    from pathlib import Path
+
+    path = Path(model_path)
+    if path.is_dir():
+        from edgecds.engine.onnx_runtime import _json, _token_text
+
+        config = path / "tokenizer_config.json"
+        problems = [f"tokenizer_config.json gives {key!r} twice" for key in _duplicate_keys(config)] if config.is_file() else []
+        tok = _json(path, "tokenizer_config.json")
+        template = tok.get("chat_template") if isinstance(tok.get("chat_template"), str) else None
+        if template is None and (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        return template, _token_text(tok.get("bos_token")) or "", _token_text(tok.get("eos_token")) or "", problems
+    from edgecds.formats.gguf_file import read_gguf
+
+    meta = read_gguf(path).metadata  # the reader refuses a key given twice, the template's included
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+
+    def text(key: str) -> str:
+        index = meta.get(key)
+        return tokens[index] if isinstance(index, int) and 0 <= index < len(tokens) else ""
+
+    template = meta.get("tokenizer.chat_template")
+    return (template if isinstance(template, str) else None), text("tokenizer.ggml.bos_token_id"), text("tokenizer.ggml.eos_token_id"), []
