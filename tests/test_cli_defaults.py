@@ -30,9 +30,9 @@ from edgecds.fleet.run import FleetConfig, JobOptions
 from edgecds.hwbench.measure import TIMEOUT_SECONDS
 from edgecds.profile import ProfileConfig
 from edgecds.quant.calibration import ImatrixOptions
+from edgecds.quant.fit import FitOptions
 from edgecds.quant.imatrix import DEFAULT_CHUNK
 from edgecds.quant.onnx_build import OnnxOptions
-from edgecds.quant.fit import FitOptions
 from edgecds.quant.quantize import QuantizeConfig
 from edgecds.serve import ServeConfig
 from edgecds.tune import TuneConfig
