@@ -7,8 +7,9 @@ A device's budget rarely lands on a standard type. The fit mixes precision the w
    `token_embd.weight`, ...: its name without the layer number, which is how `--tensor-type`
    patterns address tensors).
 2. A probe build puts one group at one type of the ladder (FIT_LADDER) and every other group at the
-   ladder's top; its mean KL on the drift text against the float GGUF, less the all-top build's,
-   is that group's cost at that type.
+   ladder's top; its KL on the drift text against the float GGUF, less the all-top build's, is
+   that group's cost at that type: the added mean, plus a share (tail_weight) of the added 99.9th
+   percentile, so a type that moves a few tokens far is not taken for its good average.
 3. Costs are taken to add up (the first-order assumption of per-layer mixed precision), and the
    assignment of least summed cost whose size fits is found exactly, by dynamic programming over
    the groups. For `--fit DEVICE` the size is what the predictor says the device can hold at its
@@ -68,11 +69,15 @@ class FitOptions:
     target: FitTarget
     max_builds: int = 40  # probe builds, the all-top one included
     drift_chunks: int = 2  # chunks of the drift text each probe reads (llama-perplexity --chunks)
+    # a group's cost is its added mean KL plus this share of its added 99.9th-percentile KL: with
+    # the mean alone the search took types that are cheap on average and move a few tokens far
+    # (IQ4_NL on SmolLM2's FFN: a lower mean than Q3_K_M at equal size, a higher p99.9)
+    tail_weight: float = 0.1
     profiles_dirs: tuple[Path, ...] = ()
 
     def as_key(self) -> dict[str, Any]:
         return {"target": asdict(self.target), "max_builds": self.max_builds, "drift_chunks": self.drift_chunks,
-                "ladder": [list(level) for level in FIT_LADDER]}
+                "tail_weight": self.tail_weight, "ladder": [list(level) for level in FIT_LADDER]}
 
 
 @dataclass(frozen=True)
@@ -207,7 +212,13 @@ def device_budget(target: FitTarget, profiles_dirs: tuple[Path, ...]) -> tuple[A
 class Choice:
     kind: GgmlType
     n_bytes: int
-    cost: float  # added mean KL, measured
+    kl: float  # added mean KL, measured
+    tail: float = 0.0  # added 99.9th-percentile KL, measured
+    weight: float = 0.0  # FitOptions.tail_weight
+
+    @property
+    def cost(self) -> float:
+        return self.kl + self.weight * self.tail
 
 
 def cheapest(options: dict[str, list[Choice]], allowed: int) -> dict[str, Choice] | None:
@@ -296,7 +307,7 @@ class Probe:
             data = read_json_object(self.out / PROBES_FILE) if (self.out / PROBES_FILE).exists() else {}
         except EdgecdsError:
             return {}
-        return {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("kl_mean"), float) and math.isfinite(v["kl_mean"])}
+        return {k: v for k, v in data.items() if isinstance(v, dict) and all(isinstance(v.get(k), float) and math.isfinite(v[k]) for k in ("kl_mean", "kl_p999"))}
 
     def cached_drift(self, overrides: list[tuple[str, str]], expected: int) -> tuple[dict[str, Any], GgufInfo | None]:
         """drift_of, answered from PROBES_FILE when this mix was measured before (its header then None)."""
@@ -376,10 +387,41 @@ class FitPlan:
     assignment: dict[str, GgmlType]
     planned: GgufInfo
     predicted_kl: float
-    costs: dict[str, dict[str, dict[str, float]]]  # group -> type -> its added mean KL and its bytes
+    costs: dict[str, dict[str, dict[str, float]]]  # group -> type -> its added mean KL, added p99.9 KL, and bytes
     kl_top: float
     allowed_bytes: int
     held_bytes: int | None  # --fit DEVICE: the predicted memory at the context
+
+
+def _refuse_early(groups: list[Group], options_of: dict[str, list[GgmlType]], allowed: int, budget: Budget, target: FitTarget) -> None:
+    """Targets no probe can help with, said before any is built: one even the smallest mix misses,
+    and one that holds the whole model at the top type."""
+    smallest = sum(min((g.bytes_at(k) for k in options_of[g.name]), default=g.bytes_at(GGML_TYPE_BY_NAME[TOP])) for g in groups)
+    if smallest > allowed:
+        lowest = sorted({min(ks, key=lambda k: k.bits_per_weight).name for ks in options_of.values() if ks})
+        raise UsageError(f"even the smallest mix ({smallest / MIB:.1f} MiB of weights, groups at {', '.join(lowest) or TOP}) does not fit "
+                         f"{target.describe()}: choose a smaller model, a larger target" + (", or a shorter --ctx" if target.device_id else ""))
+    whole = planned_info(budget.base, groups, {g.name: GGML_TYPE_BY_NAME[TOP] for g in groups})
+    if budget.overshoot(whole) <= 0:
+        raise UsageError(f"{target.describe()} holds the whole model at {TOP} ({whole.file_size / MIB:.1f} MiB): nothing to "
+                         f"fit; `edgecds quantize --types {TOP}` (or F16) is the better variant")
+
+
+def _within(choices: dict[str, list[Choice]], allowed: int, budget: Budget, groups: list[Group]) -> tuple[dict[str, Choice], GgufInfo, int]:
+    """The cheapest mix within `allowed` bytes, shrunk until the budget agrees (for --fit DEVICE the
+    predictor has the last word on what the rest of the memory takes): the mix, its header, the bytes."""
+    target = budget.target
+    for _ in range(8):
+        chosen = cheapest(choices, allowed)
+        if chosen is None:
+            raise UsageError(f"no mix of the probed types fits {target.describe()} once the predictor counts the rest "
+                             "of the memory: choose a smaller model, a larger target" + (", or a shorter --ctx" if target.device_id else ""))
+        planned = planned_info(budget.base, groups, {name: c.kind for name, c in chosen.items()})
+        over = budget.overshoot(planned)
+        if over <= 0:
+            return chosen, planned, allowed
+        allowed -= over + 64 * 1024
+    raise UsageError(f"the fit to {target.describe()} did not converge; give --target-size instead")
 
 
 def search(probe: Probe, options: FitOptions, reporter: Reporter | None) -> tuple[FitPlan, list[Group]]:
@@ -401,16 +443,7 @@ def search(probe: Probe, options: FitOptions, reporter: Reporter | None) -> tupl
     target_bits = allowed * 8 / quantizable if quantizable else 0.0
     levels = levels_to_probe(groups, target_bits, options.max_builds)
     options_of = {g.name: [kind for level in levels if (kind := g.type_at(level)) is not None] for g in groups}
-    smallest = sum(min((g.bytes_at(k) for k in options_of[g.name]), default=g.bytes_at(GGML_TYPE_BY_NAME[TOP])) for g in groups)
-    if smallest > allowed:  # said before any probe is built
-        lowest = sorted({min(ks, key=lambda k: k.bits_per_weight).name for ks in options_of.values() if ks})
-        raise UsageError(f"even the smallest mix ({smallest / MIB:.1f} MiB of weights, groups at {', '.join(lowest) or TOP}) does not fit "
-                         f"{options.target.describe()}: choose a smaller model, a larger target"
-                         + (", or a shorter --ctx" if options.target.device_id else ""))
-    whole = planned_info(base, groups, top)
-    if budget.overshoot(whole) <= 0:
-        raise UsageError(f"{options.target.describe()} holds the whole model at {TOP} ({whole.file_size / MIB:.1f} MiB): nothing to "
-                         f"fit; `edgecds quantize --types {TOP}` (or F16) is the better variant")
+    _refuse_early(groups, options_of, allowed, budget, options.target)
     choices: dict[str, list[Choice]] = {g.name: [Choice(GGML_TYPE_BY_NAME[TOP], g.bytes_at(GGML_TYPE_BY_NAME[TOP]), 0.0)] for g in groups}
     todo = [(g, kind) for g in groups for kind in options_of[g.name] if kind.name != TOP]
     if reporter:
@@ -421,28 +454,18 @@ def search(probe: Probe, options: FitOptions, reporter: Reporter | None) -> tupl
         drift, built = probe.cached_drift(overrides_for(mix, groups), planned.file_size)
         if built is not None:
             check_types(built, planned, f"the probe of {g.name} at {kind.name}")
-        choices[g.name].append(Choice(kind, g.bytes_at(kind), max(drift["kl_mean"] - top_drift["kl_mean"], 0.0)))
+        choices[g.name].append(Choice(kind, g.bytes_at(kind), max(drift["kl_mean"] - top_drift["kl_mean"], 0.0),
+                                      max(drift["kl_p999"] - top_drift["kl_p999"], 0.0), options.tail_weight))
         if reporter:
             reporter.advance_to(i + 1)
     if reporter:
         reporter.finish()
-    costs = {name: {c.kind.name: {"kl": round(c.cost, 6), "bytes": c.n_bytes} for c in cs} for name, cs in choices.items()}
-    for _ in range(8):  # --fit DEVICE: the predictor has the last word; shrink until it says the mix fits
-        chosen = cheapest(choices, allowed)
-        if chosen is None:
-            raise UsageError(f"no mix of the probed types fits {options.target.describe()} once the predictor counts the rest "
-                             "of the memory: choose a smaller model, a larger target" + (", or a shorter --ctx" if options.target.device_id else ""))
-        assignment = {name: c.kind for name, c in chosen.items()}
-        planned = planned_info(base, groups, assignment)
-        over = budget.overshoot(planned)
-        if over <= 0:
-            break
-        allowed -= over + 64 * 1024
-    else:
-        raise UsageError(f"the fit to {options.target.describe()} did not converge; give --target-size instead")
-    predicted = top_drift["kl_mean"] + sum(c.cost for c in chosen.values())
+    costs = {name: {c.kind.name: {"kl": round(c.kl, 6), "kl_p999": round(c.tail, 6), "bytes": c.n_bytes} for c in cs}
+             for name, cs in choices.items()}
+    chosen, planned, allowed = _within(choices, allowed, budget, groups)
+    predicted = top_drift["kl_mean"] + sum(c.kl for c in chosen.values())
     held = budget.held(planned) if device is not None else None
-    return FitPlan(assignment, planned, round(predicted, 6), costs, top_drift["kl_mean"], allowed, held), groups
+    return FitPlan({name: c.kind for name, c in chosen.items()}, planned, round(predicted, 6), costs, top_drift["kl_mean"], allowed, held), groups
 
 
 def fitted_name(bits_per_weight: float) -> str:

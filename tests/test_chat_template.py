@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from edgecds.engine.chat_template import RENDER_SECONDS, render_chat, render_here
-from edgecds.errors import EngineError
+from edgecds.errors import EngineError, InvalidInputError
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
@@ -125,8 +125,8 @@ def test_a_real_template_passes_the_audit_and_is_named_by_its_hash() -> None:
 
 def test_a_tokenizer_config_that_gives_the_template_twice_is_refused(tmp_path: Path) -> None:
     """Python's json (and transformers) keep the last of two keys; another reader may keep the first."""
-    from edgecds.engine.chat_template import template_of
+    from edgecds.bundle.pack import audited_template
 
     (tmp_path / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}", "eos_token": "</s>", "chat_template": "x"}')
-    template, _, eos, problems = template_of(tmp_path)
-    assert problems == ["tokenizer_config.json gives 'chat_template' twice"] and template == "x" and eos == "</s>"
+    with pytest.raises(InvalidInputError, match="tokenizer_config.json gives 'chat_template' twice. Nothing was bundled"):
+        audited_template(tmp_path)

@@ -24,6 +24,7 @@ from edgecds.formats.types import GGML_TYPE_BY_NAME, is_fitted
 from edgecds.variants import load_variants
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 BUILDS = "9"  # the all-Q8_0 probe and one other type for each of the model's eight groups
 
 
@@ -196,3 +197,29 @@ def test_the_search_is_exact() -> None:
             continue
         assert found is not None and sum(c.n_bytes for c in found.values()) <= allowed
         assert sum(c.cost for c in found.values()) == pytest.approx(min(sum(c.cost for c in combo) for combo in feasible))
+
+
+def test_bundle_and_report_take_a_fitted_variant_like_any_other(fitted: tuple[Path, float, dict[str, Any]], tmp_path: Path) -> None:
+    """Profiled here with a few cases, a fitted variant is a candidate like Q4_K_M; the smallest
+    that qualifies is chosen, its card says how it was fitted, and the report marks it."""
+    out, _, result = fitted
+    [fit] = [v for v in result["variants"] if is_fitted(v["type"])]
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text("\n".join((ROOT / "toolkit" / "clinical" / "cases-v1.jsonl").read_text().splitlines()[:4]) + "\n")
+    profiled = CliRunner().invoke(cli, ["profile", str(out), "--types", f"{fit['type']},Q4_K_M", "--ctx", "512", "-p", "32", "-n", "8",
+                                        "-r", "1", "--cases", str(cases), "--drift-chunks", "1", "--json", "-q"])
+    assert profiled.exit_code == 0, profiled.output
+    device = json.loads(profiled.stdout)["device"]
+    made = CliRunner().invoke(cli, ["bundle", str(out / "results.json"), "--device", device, "--prefer", "size", "-o", str(tmp_path / "b"),
+                                    "--json"])
+    assert made.exit_code == 0, made.output
+    assert json.loads(made.stdout[made.stdout.index("{"):])["choice"]["chosen"]["variant"] == fit["type"]
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["model"]["fit"]["groups"] == fit["options"]["fit"]["groups"]
+    card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
+    assert "## Quantization" in card and "Per-tensor types fitted to a budget (bpw " in card
+    page = CliRunner().invoke(cli, ["report", str(out / "results.json"), "-o", str(tmp_path / "r.html")])
+    assert page.exit_code == 0, page.output
+    html = (tmp_path / "r.html").read_text()
+    assert f"{fit['type']}: per-tensor types fitted to a budget by `edgecds quantize --fit` (a star on the charts)" in html
+    assert '"star"' in html

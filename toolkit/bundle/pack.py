@@ -33,6 +33,7 @@ from edgecds.caveats import chance_caveat, record_caveats
 from edgecds.devices import DeviceProfile
 from edgecds.digest import HashingWriter, Progress, copy_hashed, folder_digest_of, sha256_file
 from edgecds.errors import InvalidInputError, UsageError
+from edgecds.formats.gguf_file import read_gguf
 from edgecds.progress import Reporter, lazy_step, offset
 from edgecds.results import EvalRecord
 
@@ -202,13 +203,36 @@ def _manifest(choice: Choice, device: DeviceProfile, variants: Any, record: Any)
     return manifest
 
 
-def _audited_template(model_path: Path) -> str | None:
+def _template_of(model_path: Path) -> tuple[str | None, str, str, list[str]]:
+    """The variant's own chat template as its engine reads it, its BOS and EOS texts, and problems
+    in reading it: a GGUF's `tokenizer.chat_template` (the reader refuses a key given twice), or
+    an ONNX folder's, whose tokenizer_config.json must not give a key twice either."""
+    if model_path.is_dir():
+        from edgecds.engine.chat_template import duplicate_keys
+        from edgecds.engine.onnx_runtime import chat_template_of
+
+        config = model_path / "tokenizer_config.json"
+        problems = [f"tokenizer_config.json gives {key!r} twice" for key in duplicate_keys(config)] if config.is_file() else []
+        template, bos, eos = chat_template_of(model_path)
+        return template, bos or "", eos or "", problems
+    meta = read_gguf(model_path).metadata
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+
+    def text(key: str) -> str:
+        index = meta.get(key)
+        return tokens[index] if isinstance(index, int) and 0 <= index < len(tokens) else ""
+
+    template = meta.get("tokenizer.chat_template")
+    return (template if isinstance(template, str) else None), text("tokenizer.ggml.bos_token_id"), text("tokenizer.ggml.eos_token_id"), []
+
+
+def audited_template(model_path: Path) -> str | None:
     """The chat template checked as the device will run it, before anything is written: a template
     the run-time sandbox would refuse is refused here, with the reason. Its sha256 (None: the model
     has none, and plain turns are used) goes in the manifest and on the card."""
-    from edgecds.engine.chat_template import audit_template, template_of
+    from edgecds.engine.chat_template import audit_template
 
-    template, bos, eos, problems = template_of(model_path)
+    template, bos, eos, problems = _template_of(model_path)
     if template is None and not problems:
         return None
     audit = audit_template(template, bos, eos) if template is not None else None
@@ -231,7 +255,7 @@ def write_bundle(choice: Choice, device: DeviceProfile, output: Path, sign_key: 
     check that it is still what was measured), then streamed into the archive, hashed as written.
     Nothing is compressed: quantized weights do not compress, and the time would be wasted."""
     variants, record, model_path = _measured_variant(choice, variants_dir)
-    template_sha256 = _audited_template(model_path)
+    template_sha256 = audited_template(model_path)
     warnings: list[str] = []
     licences = _licence_files(variants.source.path)
     if not licences:

@@ -291,7 +291,7 @@ if __name__ == "__main__":
     sys.exit(worker_main())
 
 
-def _duplicate_keys(path: Any) -> list[str]:
+def duplicate_keys(path: Any) -> list[str]:
     """Keys a JSON file gives twice at one level: readers differ on which one wins (Python's and
     transformers' take the last), so a file that says two things is refused, not guessed at."""
     dupes: list[str] = []
@@ -306,33 +306,3 @@ def _duplicate_keys(path: Any) -> list[str]:
 
     json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=pairs)
     return dupes
-
-
-def template_of(model_path: Any) -> tuple[str | None, str, str, list[str]]:
-    """A variant's own chat template as its engine reads it, its BOS and EOS texts, and problems
-    found in reading it (keys given twice): a GGUF's `tokenizer.chat_template`, or an ONNX folder's
-    tokenizer_config.json / chat_template.jinja."""
-    from pathlib import Path
-
-    path = Path(model_path)
-    if path.is_dir():
-        from edgecds.engine.onnx_runtime import _json, _token_text
-
-        config = path / "tokenizer_config.json"
-        problems = [f"tokenizer_config.json gives {key!r} twice" for key in _duplicate_keys(config)] if config.is_file() else []
-        tok = _json(path, "tokenizer_config.json")
-        template = tok.get("chat_template") if isinstance(tok.get("chat_template"), str) else None
-        if template is None and (path / "chat_template.jinja").is_file():
-            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-        return template, _token_text(tok.get("bos_token")) or "", _token_text(tok.get("eos_token")) or "", problems
-    from edgecds.formats.gguf_file import read_gguf
-
-    meta = read_gguf(path).metadata  # the reader refuses a key given twice, the template's included
-    tokens = meta.get("tokenizer.ggml.tokens") or []
-
-    def text(key: str) -> str:
-        index = meta.get(key)
-        return tokens[index] if isinstance(index, int) and 0 <= index < len(tokens) else ""
-
-    template = meta.get("tokenizer.chat_template")
-    return (template if isinstance(template, str) else None), text("tokenizer.ggml.bos_token_id"), text("tokenizer.ggml.eos_token_id"), []
