@@ -18,7 +18,9 @@ fp16 (for GPU device profiles) is onnxruntime's float16 converter with fp32 inpu
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
 import sys
 import time
 from dataclasses import dataclass
@@ -224,7 +226,8 @@ def quantize_weights(src: Path, dst: Path, qtype: QuantType, options: OnnxOption
     def run(model: Any, bits: int, **nodes: Any) -> Any:
         quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=options.block_size, is_symmetric=options.symmetric,
                                          accuracy_level=options.accuracy_level or None, algo_config=_algo_config(options, bits), **nodes)
-        quantizer.process()
+        with contextlib.redirect_stdout(io.StringIO()):  # k_quant prints a progress bar on stdout, where --json writes
+            quantizer.process()
         return quantizer.model.model
 
     head_bits = min(max(options.head_bits, qtype.bits), 8)
@@ -260,7 +263,8 @@ def _quiet_quantizer_log() -> None:
     import logging
 
     # The quantizer logs a line per node at INFO (hundreds); edgecds shows a progress bar instead.
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "neural_compressor"):  # the latter: k_quant's
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def convert_fp16(src: Path, dst: Path) -> tuple[float, list[str]]:

@@ -70,7 +70,8 @@ def test_bundle_verifies_and_says_what_it_chose(profiled: tuple[Path, str], key:
     assert manifest["schema_version"] == 1 and manifest["model"]["licence"] == "Apache-2.0"
     files = set(manifest["files"])
     models = [f for f in files if f.startswith("model/") and f.endswith(".gguf")]
-    assert len(models) == 1 and files == {"LICENSE", "MODEL_CARD.md", "runtime.json", *models}
+    assert len(models) == 1 and files == {"LICENSE", "MODEL_CARD.md", "runtime.json", "ml-bom.cdx.json", *models}
+    _check_ml_bom(folder, manifest, models[0])
     assert manifest["measurements"]["host"]["id"] == manifest["measurements"]["record"]["host"]
     assert manifest["accuracy"]["cases"]["n"] == 4 and manifest["accuracy"]["paired"] is not None
     card = (folder / "MODEL_CARD.md").read_text()
@@ -93,7 +94,31 @@ def test_bundle_verifies_and_says_what_it_chose(profiled: tuple[Path, str], key:
     assert code == 1 and "not by the trusted key" in out
 
 
-@pytest.mark.parametrize("victim", ["model", "manifest.json", "runtime.json", "MODEL_CARD.md", "LICENSE", "signature.json"])
+@pytest.mark.parametrize("victim", ["model", "manifest.json", "runtime.json", "MODEL_CARD.md", "ml-bom.cdx.json", "LICENSE", "signature.json"])
+def _check_ml_bom(folder: Path, manifest: dict[str, Any], model: str) -> None:
+    """The ML-BOM validates against CycloneDX 1.7's schema (cyclonedx-python-lib's bundled copy,
+    no network) and carries the model's hash, the source's, and the measured figures."""
+    from cyclonedx.schema import SchemaVersion
+    from cyclonedx.validation.json import JsonStrictValidator
+
+    text = (folder / "ml-bom.cdx.json").read_text()
+    assert JsonStrictValidator(SchemaVersion.V1_7).validate_str(text) is None
+    bom = json.loads(text)
+    component = next(c for c in bom["components"] if c["type"] == "machine-learning-model")
+    assert component["hashes"] == [{"alg": "SHA-256", "content": manifest["files"][model]["sha256"]}]
+    assert component["pedigree"]["ancestors"][0]["hashes"][0]["content"] == manifest["model"]["source_sha256"]
+    card = component["modelCard"]
+    metrics = {m["type"]: m for m in card["quantitativeAnalysis"]["performanceMetrics"]}
+    accuracy = manifest["accuracy"]
+    assert metrics["accuracy"]["value"] == str(accuracy["metrics"]["accuracy"])
+    assert metrics["accuracy"]["confidenceInterval"] == {"lowerBound": str(accuracy["metrics"]["low"]), "upperBound": str(accuracy["metrics"]["high"])}
+    assert metrics["exact McNemar p-value"]["value"] == str(accuracy["paired"]["p_value"])
+    assert float(metrics["peak memory, bytes"]["value"]) == manifest["measurements"]["record"]["measured"]["peak_rss_bytes"]["high"]
+    assert accuracy["cases"]["sha256"] in card["modelParameters"]["datasets"][0]["description"]
+    props = {p["name"]: p["value"] for p in component["properties"]}
+    assert props["edgecds:quant_type"] == manifest["model"]["type"] and props["edgecds:chat_template_sha256"] == manifest["model"]["chat_template_sha256"]
+
+
 def test_one_flipped_byte_in_each_kind_of_file_is_named(profiled: tuple[Path, str], key: tuple[Path, str], tmp_path: Path, victim: str) -> None:
     results, device = profiled
     folder = Path(build(results, device, tmp_path / "b", "--sign", str(key[0]))["folder"])

@@ -22,6 +22,7 @@ MANIFEST = "manifest.json"
 SIGNATURE = "signature.json"
 ENGINE_CONFIG = "runtime.json"  # the name bundles already shipped use
 MODEL_CARD = "MODEL_CARD.md"
+ML_BOM = "ml-bom.cdx.json"  # CycloneDX 1.7 ML bill of materials (bundle/mlbom.py)
 MODEL_DIR = "model"
 ARCHIVE_SUFFIX = ".tar"  # uncompressed: quantized weights do not compress (earlier versions wrote .tar.gz; verify reads both)
 MAX_CONFIG_BYTES = 1 << 20

@@ -21,6 +21,7 @@ from edgecds.bundle.layout import (
     ARCHIVE_SUFFIX,
     ENGINE_CONFIG,
     MANIFEST,
+    ML_BOM,
     MODEL_CARD,
     MODEL_DIR,
     SCHEMA_VERSION,
@@ -28,6 +29,7 @@ from edgecds.bundle.layout import (
     BundleEngineConfig,
     VerifyError,
 )
+from edgecds.bundle.mlbom import ml_bom
 from edgecds.bundle.sign import sign_manifest
 from edgecds.caveats import chance_caveat, record_caveats
 from edgecds.devices import DeviceProfile
@@ -320,6 +322,7 @@ def _fill(folder: Path, model_path: Path, record: Any, licences: list[Path], eng
         shutil.copyfile(lic, folder / lic.name)
     (folder / ENGINE_CONFIG).write_text(engine.to_json(), encoding="utf-8")
     (folder / MODEL_CARD).write_text(_model_card(choice, manifest), encoding="utf-8")
+    (folder / ML_BOM).write_text(json.dumps(ml_bom(manifest, record.sha256, record.options), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         manifest["files"][path.relative_to(folder).as_posix()] = {"sha256": copied.get(path) or sha256_file(path), "size": path.stat().st_size}
     manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
