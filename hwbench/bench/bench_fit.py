@@ -60,7 +60,7 @@ def run_model(name: str, out: Path, builds: int, chunks: int) -> dict[str, Any]:
     fits = []
     for target in targets:
         start = time.perf_counter()
-        result = run_quantize(QuantizeConfig(source=folder, output=out, fit=FitOptions(FitTarget(size_bytes=target), builds, chunks)))
+        result = run_quantize(QuantizeConfig(source=folder, output=out, fit=FitOptions(FitTarget(size_bytes=target), max_builds=builds, drift_chunks=chunks)))
         [fit] = [o.record for o in result.outcomes if is_fitted(o.record.type)]
         fits.append((target, fit, round(time.perf_counter() - start, 1)))
     start = time.perf_counter()

@@ -138,7 +138,8 @@ def _fit_options(device: str | None, n_ctx: int | None, size: str | None, bpw: f
         if n_ctx is not None:
             raise UsageError("--ctx goes with --fit DEVICE")
         return None
-    return FitOptions(FitTarget(device, n_ctx, parse_size(size) if size is not None else None, bpw), builds, chunks, profiles_dirs)
+    return FitOptions(FitTarget(device, n_ctx, parse_size(size) if size is not None else None, bpw), max_builds=builds, drift_chunks=chunks,
+                      profiles_dirs=profiles_dirs)
 
 
 def _imatrix_options(text: str | None, chunks: int | None, ctx: int) -> Any:

@@ -194,5 +194,11 @@ def parse_type_list(text: str) -> tuple[QuantType, ...]:
 
 def parse_type_names(text: str | None) -> tuple[str, ...]:
     """`--types` of commands that pick recorded variants (profile, eval): the table's names, in
-    order; an empty tuple (all) when not given. Unknown names fail here, listing the known ones."""
-    return tuple(q.name for q in parse_type_list(text)) if text is not None else ()
+    order; an empty tuple (all) when not given. A fitted variant's name (FIT-4.52) is taken as it
+    is, for the variants file to find; other unknown names fail here, listing the known ones."""
+    if text is None:
+        return ()
+    names = [p.strip().upper() for p in text.split(",") if p.strip()]
+    if not names:
+        raise UnknownNameError("quant type", text, list(QUANT_TYPE_BY_NAME))
+    return tuple(dict.fromkeys(n if is_fitted(n) else quant_type(n).name for n in names))
