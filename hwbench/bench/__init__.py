@@ -9,6 +9,8 @@ and writes its results to bench-results/*.json:
 - `bench_eval`: scoring with the vignette's cache reused, and the drift ordering;
 - `bench_onnx`: ONNX variants against GGUF, and edgecds's ONNX runtime against the baselines;
 - `bench_serve`: `edgecds serve` under more concurrent clients than slots;
+- `bench_fit`: `quantize --fit` against the standard types at equal size;
+- `bench_onnx_int4`: onnxruntime's int4 algorithms (k_quant, HQQ, --mixed) against GGUF Q4_K_M;
 - `calibrate`: measures the predictor's CPU constants, stored in hwbench/calibration.json (the one
   output that the product reads, through `edgecds.hwbench.predict.load_calibrations`).
 """

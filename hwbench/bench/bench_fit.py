@@ -130,12 +130,17 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("bench-results/fit.json"))
     args = parser.parse_args()
     results = [run_model(name, args.work / name, args.builds, args.chunks) for name in args.models.split(",")]
-    report = {"benchmark": "fit", "edgecds": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": platform.processor() or platform.machine(), "results": results, "markdown": markdown(results)}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(report["markdown"])
-    print(f"wrote {args.output}")
+    write_report("fit", results, markdown(results), args.output)
+
+
+def write_report(benchmark: str, results: list[dict[str, Any]], table: str, output: Path) -> None:
+    """The JSON every benchmark here writes (results, the machine, the markdown table), and the table."""
+    report = {"benchmark": benchmark, "edgecds": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": platform.processor() or platform.machine(), "results": results, "markdown": table}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(table)
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":

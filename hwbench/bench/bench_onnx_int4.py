@@ -16,14 +16,10 @@ almost exactly, so its figures flatter those; the zoo model has no such grid.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edgecds import __version__
 from edgecds.formats.types import parse_type_list
 
 CONFIGS = (("rtn", False), ("k_quant", False), ("hqq", False), ("rtn", True), ("k_quant", True), ("hqq", True))
@@ -104,13 +100,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("bench-results/onnx-int4-work"))
     parser.add_argument("--output", type=Path, default=Path("bench-results/onnx-int4.json"))
     args = parser.parse_args()
+    from edgecds.hwbench.bench.bench_fit import write_report
+
     results = [run_model(name, args.work / name) for name in args.models.split(",")]
-    report = {"benchmark": "onnx-int4", "edgecds": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": platform.processor() or platform.machine(), "results": results, "markdown": markdown(results)}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(report["markdown"])
-    print(f"wrote {args.output}")
+    write_report("onnx-int4", results, markdown(results), args.output)
 
 
 if __name__ == "__main__":
