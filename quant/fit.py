@@ -73,11 +73,13 @@ class FitOptions:
     # the mean alone the search took types that are cheap on average and move a few tokens far
     # (IQ4_NL on SmolLM2's FFN: a lower mean than Q3_K_M at equal size, a higher p99.9)
     tail_weight: float = 0.1
+    depth: int = 1  # bands of consecutive layers a role is split into, each its own group (--fit-depth)
     profiles_dirs: tuple[Path, ...] = ()
 
     def as_key(self) -> dict[str, Any]:
         return {"target": asdict(self.target), "max_builds": self.max_builds, "drift_chunks": self.drift_chunks,
-                "tail_weight": self.tail_weight, "ladder": [list(level) for level in FIT_LADDER]}
+                "tail_weight": self.tail_weight, "ladder": [list(level) for level in FIT_LADDER],
+                **({"depth": self.depth} if self.depth > 1 else {})}
 
 
 @dataclass(frozen=True)
@@ -108,22 +110,40 @@ def group_name(tensor_name: str) -> str:
     return re.sub(r"^blk\.\d+\.", "", tensor_name)
 
 
-def group_pattern(name: str, layered: bool) -> str:
-    """Anchored, so `attn_q.weight` never also matches another role's name."""
-    return (r"^blk\.\d+\." if layered else "^") + re.escape(name) + "$"
+def group_pattern(name: str, layers: list[int] | None) -> str:
+    """Anchored, so `attn_q.weight` never also matches another role's name; `layers`: the band's
+    layer numbers ([]: every layer; None: not a per-layer tensor, as token_embd)."""
+    if layers is None:
+        return "^" + re.escape(name) + "$"
+    if not layers:  # every layer
+        return r"^blk\.\d+\." + re.escape(name) + "$"
+    return r"^blk\.(?:" + "|".join(str(i) for i in layers) + r")\." + re.escape(name) + "$"
 
 
-def weight_groups(info: GgufInfo) -> list[Group]:
-    """The 2-D weights by role, in file order; 1-D tensors (norms, biases) stay as llama.cpp keeps them."""
+def weight_groups(info: GgufInfo, depth: int = 1) -> list[Group]:
+    """The 2-D weights by role, in file order, each role's layers split into `depth` bands of
+    consecutive layers (the first and last layers are often the most sensitive); 1-D tensors
+    (norms, biases) stay as llama.cpp keeps them."""
     found: dict[str, list[TensorInfo]] = {}
-    layered: dict[str, bool] = {}
+    layers: dict[str, list[int] | None] = {}
+    n_layers = 1 + max((int(m.group(1)) for t in info.tensors if (m := re.match(r"^blk\.(\d+)\.", t.name))), default=0)
     for t in info.tensors:
         if len(t.shape) < 2 or not t.name.endswith(".weight"):
             continue
-        name = group_name(t.name)
+        role = group_name(t.name)
+        match = re.match(r"^blk\.(\d+)\.", t.name)
+        layer = int(match.group(1)) if match else None
+        band = layer * depth // n_layers if layer is not None and depth > 1 else None
+        name = role if band is None else f"{role}@{band + 1}/{depth}"
         found.setdefault(name, []).append(t)
-        layered[name] = t.name != name
-    return [Group(name, group_pattern(name, layered[name]), tuple(ts)) for name, ts in found.items()]
+        if layer is None:
+            layers[name] = None
+        else:
+            known = layers.get(name) or []
+            layers[name] = sorted({*known, layer})
+    every = depth <= 1  # one band: the pattern names no layer
+    return [Group(name, group_pattern(group_name(ts[0].name), [] if every and layers[name] is not None else layers[name]), tuple(ts))
+            for name, ts in found.items()]
 
 
 def overrides_for(assignment: dict[str, GgmlType], groups: list[Group]) -> list[tuple[str, str]]:
@@ -427,7 +447,7 @@ def _within(choices: dict[str, list[Choice]], allowed: int, budget: Budget, grou
 def search(probe: Probe, options: FitOptions, reporter: Reporter | None) -> tuple[FitPlan, list[Group]]:
     """The probes and the exact search: the plan for the fitted file."""
     source = read_gguf(probe.float_path)
-    groups = weight_groups(source)
+    groups = weight_groups(source, options.depth)
     if not groups:
         raise UsageError(f"{probe.float_path.name} has no 2-D weights to quantize")
     top = {g.name: GGML_TYPE_BY_NAME[TOP] for g in groups}

@@ -223,3 +223,21 @@ def test_bundle_and_report_take_a_fitted_variant_like_any_other(fitted: tuple[Pa
     html = (tmp_path / "r.html").read_text()
     assert f"{fit['type']}: per-tensor types fitted to a budget by `edgecds quantize --fit` (a star on the charts)" in html
     assert '"star"' in html
+
+
+def test_each_group_s_pattern_matches_its_tensors_and_no_other(fitted: tuple[Path, float, dict[str, Any]]) -> None:
+    """The patterns llama.cpp matches (std::regex_search, as re.search): by role, and with --fit-depth
+    by bands of consecutive layers."""
+    import re
+
+    from edgecds.quant.fit import weight_groups
+
+    out, _, _ = fitted
+    info = read_gguf(next(out.glob("*-F16.gguf")))
+    for depth in (1, 2):
+        groups = weight_groups(info, depth)
+        assert len(groups) == 1 + 7 * depth  # the embedding (tied output), and seven roles in each band
+        for g in groups:
+            assert {t.name for t in info.tensors if re.search(g.pattern, t.name)} == {t.name for t in g.tensors}, g.pattern
+    banded = {g.name: g for g in weight_groups(info, 2)}
+    assert [t.name for t in banded["attn_q.weight@2/2"].tensors] == ["blk.1.attn_q.weight"]

@@ -56,6 +56,8 @@ from edgecds.quant.quantize import QuantizeConfig
               help="The most probe builds the fit may measure; fewer probe fewer types per tensor group.")
 @click.option("--fit-chunks", type=click.IntRange(min=1), default=default_of(FitOptions, "drift_chunks"), show_default=True,
               help="Chunks of the drift text each probe reads (llama-perplexity --chunks).")
+@click.option("--fit-depth", type=click.IntRange(min=1, max=16), default=default_of(FitOptions, "depth"), show_default=True,
+              help="Split each tensor role's layers into this many bands, each typed on its own (more probes, a finer mix).")
 @profiles_dir_option(help="With --fit: also read device profiles from this folder (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
@@ -63,7 +65,7 @@ def quantize(source: Path | None, types_text: str | None, output: Path | None, f
              pure: bool, leave_output_tensor: bool, block_size: str, asymmetric: bool, accuracy_level: int, keep_embeddings: bool,
              head_bits: str, threads: int, as_json: bool, quiet: bool, imatrix_text: str | None, imatrix_chunks: int | None,
              imatrix_ctx: int, fit_device: str | None, fit_ctx: int | None, target_size: str | None, target_bpw: float | None,
-             fit_builds: int, fit_chunks: int, profiles_dirs: tuple[Path, ...], onnx_algorithm: str, mixed: bool) -> None:
+             fit_builds: int, fit_chunks: int, fit_depth: int, profiles_dirs: tuple[Path, ...], onnx_algorithm: str, mixed: bool) -> None:
     """Build GGUF variants with llama.cpp, and ONNX variants with Optimum and onnxruntime.
 
     SOURCE is a Hugging Face model folder (safetensors only) or a GGUF file (GGUF output only);
@@ -106,7 +108,7 @@ def quantize(source: Path | None, types_text: str | None, output: Path | None, f
         onnx=OnnxOptions(block_size=int(block_size), symmetric=not asymmetric, accuracy_level=accuracy_level,
                          quantize_embeddings=not keep_embeddings, head_bits=int(head_bits), algorithm=onnx_algorithm, mixed=mixed),
         imatrix=_imatrix_options(imatrix_text, imatrix_chunks, imatrix_ctx),
-        fit=_fit_options(fit_device, fit_ctx, target_size, target_bpw, fit_builds, fit_chunks, profiles_dirs),
+        fit=_fit_options(fit_device, fit_ctx, target_size, target_bpw, fit_builds, fit_chunks, fit_depth, profiles_dirs),
     )
     reporter = make_reporter(quiet)
     result = run_quantize(config, reporter)
@@ -132,14 +134,14 @@ def _variants_table(result: Any) -> None:
           ["type", "file MiB", "bits/weight", "nominal", "build s", *(["vs fp32"] if drift else []), "file"], rows)
 
 
-def _fit_options(device: str | None, n_ctx: int | None, size: str | None, bpw: float | None, builds: int, chunks: int,
+def _fit_options(device: str | None, n_ctx: int | None, size: str | None, bpw: float | None, builds: int, chunks: int, depth: int,
                  profiles_dirs: tuple[Path, ...]) -> FitOptions | None:
     if device is None and size is None and bpw is None:
         if n_ctx is not None:
             raise UsageError("--ctx goes with --fit DEVICE")
         return None
     return FitOptions(FitTarget(device, n_ctx, parse_size(size) if size is not None else None, bpw), max_builds=builds, drift_chunks=chunks,
-                      profiles_dirs=profiles_dirs)
+                      depth=depth, profiles_dirs=profiles_dirs)
 
 
 def _imatrix_options(text: str | None, chunks: int | None, ctx: int) -> Any:
