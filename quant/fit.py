@@ -188,7 +188,7 @@ class Budget:
             return int(self.target.bpw * self.base.n_parameters / 8) - fixed
         if self.target.size_bytes is not None:
             # the header and the alignment padding come out of the file size too
-            padding = sum(self.base.alignment for _ in self.base.tensors)
+            padding = self.base.alignment * len(self.base.tensors)
             return self.target.size_bytes - self.base.data_offset - padding - fixed
         top = planned_info(self.base, self.groups, {g.name: GGML_TYPE_BY_NAME[TOP] for g in self.groups})
         over = self.held(top) - int(self.device.budget_gib * 1024**3)
@@ -311,7 +311,6 @@ class Probe:
     imatrix_file: str = ""
     drift_chunks: int = 2
     builds: int = 0
-    seconds: float = 0.0
     text: str = field(default="", repr=False)
     # what makes a probe's result the same: the parent's sha256, the quantizer options, the tools
     identity: dict[str, Any] = field(default_factory=dict)
@@ -327,7 +326,8 @@ class Probe:
             data = read_json_object(self.out / PROBES_FILE) if (self.out / PROBES_FILE).exists() else {}
         except EdgecdsError:
             return {}
-        return {k: v for k, v in data.items() if isinstance(v, dict) and all(isinstance(v.get(k), float) and math.isfinite(v[k]) for k in ("kl_mean", "kl_p999"))}
+        return {key: v for key, v in data.items()
+                if isinstance(v, dict) and all(isinstance(v.get(k), float) and math.isfinite(v[k]) for k in ("kl_mean", "kl_p999"))}
 
     def cached_drift(self, overrides: list[tuple[str, str]], expected: int) -> tuple[dict[str, Any], GgufInfo | None]:
         """drift_of, answered from PROBES_FILE when this mix was measured before (its header then None)."""
@@ -351,19 +351,12 @@ class Probe:
         run = gguf_quantize.quantize(self.float_path, into, QUANT_TYPE_BY_NAME[TOP], pure, expected, reporter, self.imatrix,
                                      self.imatrix_file, tensor_types=overrides)
         self.builds += 1
-        self.seconds += run.seconds
         return run
 
     def measure(self, path: Path) -> dict[str, Any]:
-        from edgecds.drift import DRIFT_CTX, drift_against, drift_logprobs
-        from edgecds.engine import EngineSettings
-        from edgecds.engine.factory import open_runtime
+        from edgecds.drift import drift_against
 
-        runtime = open_runtime(path, EngineSettings(n_ctx=DRIFT_CTX, threads=self.quantizer.threads or None))
-        try:
-            logprobs, _ = drift_logprobs(runtime, self.text, max_chunks=self.drift_chunks)
-        finally:
-            runtime.close()
+        logprobs, _ = logprobs_of(path, self.text, self.drift_chunks, self.quantizer.threads)
         return drift_against(self.reference[0], logprobs, self.reference[1])
 
     def drift_of(self, overrides: list[tuple[str, str]], expected: int) -> tuple[dict[str, Any], GgufInfo]:
@@ -377,18 +370,25 @@ class Probe:
             temp.unlink(missing_ok=True)
 
 
-def reference_drift(float_path: Path, chunks: int, threads: int) -> tuple[str, tuple[Any, Any]]:
-    from edgecds.cases import drift_text
+def logprobs_of(path: Path, text: str, chunks: int, threads: int) -> tuple[Any, Any]:
+    """A GGUF's log-probabilities on the first `chunks` chunks of `text`, and the tokens that came."""
     from edgecds.drift import DRIFT_CTX, drift_logprobs
     from edgecds.engine import EngineSettings
     from edgecds.engine.factory import open_runtime
 
-    text = drift_text()
-    runtime = open_runtime(float_path, EngineSettings(n_ctx=DRIFT_CTX, threads=threads or None))
+    runtime = open_runtime(path, EngineSettings(n_ctx=DRIFT_CTX, threads=threads or None))
     try:
-        return text, drift_logprobs(runtime, text, max_chunks=chunks)
+        return drift_logprobs(runtime, text, max_chunks=chunks)
     finally:
         runtime.close()
+
+
+def reference_drift(float_path: Path, chunks: int, threads: int) -> tuple[str, tuple[Any, Any]]:
+    """The drift text, and the float GGUF's log-probabilities on it: what every probe is measured against."""
+    from edgecds.cases import drift_text
+
+    text = drift_text()
+    return text, logprobs_of(float_path, text, chunks, threads)
 
 
 def check_types(info: GgufInfo, planned: GgufInfo, what: str) -> None:
@@ -409,7 +409,6 @@ class FitPlan:
     predicted_kl: float
     costs: dict[str, dict[str, dict[str, float]]]  # group -> type -> its added mean KL, added p99.9 KL, and bytes
     kl_top: float
-    allowed_bytes: int
     held_bytes: int | None  # --fit DEVICE: the predicted memory at the context
 
 
@@ -427,9 +426,9 @@ def _refuse_early(groups: list[Group], options_of: dict[str, list[GgmlType]], al
                          f"fit; `edgecds quantize --types {TOP}` (or F16) is the better variant")
 
 
-def _within(choices: dict[str, list[Choice]], allowed: int, budget: Budget, groups: list[Group]) -> tuple[dict[str, Choice], GgufInfo, int]:
+def _within(choices: dict[str, list[Choice]], allowed: int, budget: Budget, groups: list[Group]) -> tuple[dict[str, Choice], GgufInfo]:
     """The cheapest mix within `allowed` bytes, shrunk until the budget agrees (for --fit DEVICE the
-    predictor has the last word on what the rest of the memory takes): the mix, its header, the bytes."""
+    predictor has the last word on what the rest of the memory takes): the mix and its header."""
     target = budget.target
     for _ in range(8):
         chosen = cheapest(choices, allowed)
@@ -439,7 +438,7 @@ def _within(choices: dict[str, list[Choice]], allowed: int, budget: Budget, grou
         planned = planned_info(budget.base, groups, {name: c.kind for name, c in chosen.items()})
         over = budget.overshoot(planned)
         if over <= 0:
-            return chosen, planned, allowed
+            return chosen, planned
         allowed -= over + 64 * 1024
     raise UsageError(f"the fit to {target.describe()} did not converge; give --target-size instead")
 
@@ -482,17 +481,17 @@ def search(probe: Probe, options: FitOptions, reporter: Reporter | None) -> tupl
         reporter.finish()
     costs = {name: {c.kind.name: {"kl": round(c.kl, 6), "kl_p999": round(c.tail, 6), "bytes": c.n_bytes} for c in cs}
              for name, cs in choices.items()}
-    chosen, planned, allowed = _within(choices, allowed, budget, groups)
+    chosen, planned = _within(choices, allowed, budget, groups)
     predicted = top_drift["kl_mean"] + sum(c.kl for c in chosen.values())
     held = budget.held(planned) if device is not None else None
-    return FitPlan({name: c.kind for name, c in chosen.items()}, planned, round(predicted, 6), costs, top_drift["kl_mean"], allowed, held), groups
+    return FitPlan({name: c.kind for name, c in chosen.items()}, planned, round(predicted, 6), costs, top_drift["kl_mean"], held), groups
 
 
 def fitted_name(bits_per_weight: float) -> str:
     return f"{FIT_PREFIX}{bits_per_weight:.2f}"
 
 
-def fit_record(plan: FitPlan, groups: list[Group], options: FitOptions, probe: Probe, probes: int, measured: dict[str, Any]) -> dict[str, Any]:
+def fit_record(plan: FitPlan, groups: list[Group], options: FitOptions, probes: int, reused: int, measured: dict[str, Any]) -> dict[str, Any]:
     """What variants.json keeps of a fit (options.fit): enough to rebuild it and to judge it."""
     return {
         "target": {k: v for k, v in asdict(options.target).items() if v is not None},
@@ -501,7 +500,7 @@ def fit_record(plan: FitPlan, groups: list[Group], options: FitOptions, probe: P
         "tensors": {t.name: t.type_name for t in plan.planned.tensors},
         "costs": plan.costs,
         "probe_builds": probes,
-        "probes_reused": probe.reused,
+        "probes_reused": reused,
         "max_builds": options.max_builds,
         "drift_chunks": options.drift_chunks,
         "kl_top": round(plan.kl_top, 6),

@@ -18,7 +18,7 @@ from typing import Any
 from edgecds.atomic import write_limit_reached
 from edgecds.engine.llama_log import captured_llama_log
 from edgecds.errors import EngineError
-from edgecds.formats.types import GGML_TYPE_BY_NAME, GGML_TYPES, QuantType
+from edgecds.formats.types import GGML_TYPE_BY_NAME, QuantType
 from edgecds.progress import Reporter, watch_file_growth
 
 
@@ -123,7 +123,7 @@ def with_tensor_types(params: Any, tensor_types: Sequence[tuple[str, str]]) -> l
         entries[i].pattern = pattern
         entries[i].type = GGML_TYPE_BY_NAME[name].id
     entries[len(patterns)].pattern = None  # the terminator llama.cpp looks for
-    entries[len(patterns)].type = max(GGML_TYPES) + 1  # GGML_TYPE_COUNT, as llama-quantize ends the list
+    entries[len(patterns)].type = llama_cpp.GGML_TYPE_COUNT  # as llama-quantize ends the list
     params.tt_overrides = entries
     return [entries, patterns]
 

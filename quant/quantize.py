@@ -229,7 +229,7 @@ def _run_locked(
     build = _GgufBuild(config, out, source, _previous_state(out, source, src.path, reporter), warnings, reporter, base is not None)
     build.run(src.path, base, quants)
     if config.fit is not None:
-        build.fit(src.path if base is None else variant_file(out, build.recorded_float(base)))
+        build.fit(*build.parent)
     if onnx_types:
         from edgecds.quant.quantize_onnx import build_onnx
 
@@ -315,25 +315,21 @@ class _GgufBuild:
         if base is not None:
             record = self.recorded[base.name] if float_reused else self.build(base, source_path, parent_sha)
             self.finish(record, float_reused)
-            self.recorded[base.name] = record
             parent_path, parent_sha = variant_file(self.out, record), record.sha256
+        self.parent = (parent_path, parent_sha)  # what the quantized variants, and a fit, are made from
         if quants:
             self.prepare_imatrix(parent_path, parent_sha)
         for q in quants:
             reused = self.reusable(q, parent_sha)
             self.finish(self.recorded[q.name] if reused else self.build(q, parent_path, parent_sha), reused)
 
-    def recorded_float(self, base: QuantType) -> VariantRecord:
-        return self.recorded[base.name]
-
-    def fit(self, parent: Path) -> None:
+    def fit(self, parent: Path, parent_sha: str) -> None:
         """The fitted variant (quant/fit.py), from the float GGUF `parent`; reused like any other
         when its key (target, bounds, parent, quantizer options, matrix, tools) and file still match."""
         from edgecds.quant import fit
 
         options = self.config.fit
         assert options is not None
-        parent_sha = self.source.sha256 if parent == Path(self.source.path) else self.recorded_sha(parent)
         self.prepare_imatrix(parent, parent_sha)
         # a device's budget is read from its profile, which may change under the same id
         device = fit.device_budget(options.target, options.profiles_dirs)[0].field_values() if options.target.device_id else None
@@ -357,7 +353,7 @@ class _GgufBuild:
             if self.reporter:
                 self.reporter.note(f"{name}: verifying (load in llama.cpp, {self.config.check_tokens} tokens, sha256)")
             record = _verify(temp, final, q, self.source, parent_sha, key, self.quant_tools, self.config, time.perf_counter() - start,
-                             list(self.warnings), {**self.quant_options(), "fit": fit.fit_record(plan, groups, options, probe, probes, measured)})
+                             list(self.warnings), {**self.quant_options(), "fit": fit.fit_record(plan, groups, options, probes, probe.reused, measured)})
         record = replace(record, type=name, nominal_bits_per_weight=record.bits_per_weight)
         self.finish(record, False)
         if self.reporter:
@@ -373,9 +369,6 @@ class _GgufBuild:
         while candidate in taken and taken[candidate].options.get("fit", {}).get("groups") != groups:
             candidate, n = f"{name}-{n}", n + 1
         return candidate
-
-    def recorded_sha(self, path: Path) -> str:
-        return next(v.sha256 for v in self.recorded.values() if variant_file(self.out, v) == path)
 
     def finish(self, record: VariantRecord, reused: bool) -> None:
         self.outcomes.append(VariantOutcome(record, reused))

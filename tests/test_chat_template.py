@@ -130,3 +130,6 @@ def test_a_tokenizer_config_that_gives_the_template_twice_is_refused(tmp_path: P
     (tmp_path / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}", "eos_token": "</s>", "chat_template": "x"}')
     with pytest.raises(InvalidInputError, match="tokenizer_config.json gives 'chat_template' twice. Nothing was bundled"):
         audited_template(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"chat_template": ')  # cut short: a message, never a traceback
+    with pytest.raises(InvalidInputError, match="not valid JSON"):
+        audited_template(tmp_path)

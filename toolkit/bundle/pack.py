@@ -210,8 +210,8 @@ def _template_of(model_path: Path) -> tuple[str | None, str, str, list[str]]:
     in reading it: a GGUF's `tokenizer.chat_template` (the reader refuses a key given twice), or
     an ONNX folder's, whose tokenizer_config.json must not give a key twice either."""
     if model_path.is_dir():
-        from edgecds.engine.chat_template import duplicate_keys
         from edgecds.engine.onnx_runtime import chat_template_of
+        from edgecds.jsonfile import duplicate_keys
 
         config = model_path / "tokenizer_config.json"
         problems = [f"tokenizer_config.json gives {key!r} twice" for key in duplicate_keys(config)] if config.is_file() else []

@@ -289,20 +289,3 @@ def worker_main() -> int:
 
 if __name__ == "__main__":
     sys.exit(worker_main())
-
-
-def duplicate_keys(path: Any) -> list[str]:
-    """Keys a JSON file gives twice at one level: readers differ on which one wins (Python's and
-    transformers' take the last), so a file that says two things is refused, not guessed at."""
-    dupes: list[str] = []
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        seen: set[str] = set()
-        for key, _ in items:
-            if key in seen:
-                dupes.append(key)
-            seen.add(key)
-        return dict(items)
-
-    json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=pairs)
-    return dupes

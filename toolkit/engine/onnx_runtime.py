@@ -47,10 +47,11 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def chat_template_of(folder: Path) -> tuple[str | None, str | None, str | None]:
+def chat_template_of(folder: Path, tok_config: dict[str, Any] | None = None) -> tuple[str | None, str | None, str | None]:
     """An ONNX folder's chat template (tokenizer_config.json's, else chat_template.jinja) and its
-    BOS and EOS texts: what the runtime renders with, and what `bundle` audits."""
-    tok_config = _json(folder, "tokenizer_config.json")
+    BOS and EOS texts: what the runtime renders with, and what `bundle` audits. `tok_config`:
+    tokenizer_config.json when the caller has read it already."""
+    tok_config = _json(folder, "tokenizer_config.json") if tok_config is None else tok_config
     template = tok_config.get("chat_template") if isinstance(tok_config.get("chat_template"), str) else None
     if template is None and (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
@@ -181,7 +182,7 @@ class OnnxRuntime:
         except Exception as exc:  # the Rust side raises a plain Exception on malformed files
             raise InvalidInputError(f"{folder / 'tokenizer.json'}: not a tokenizer ({exc})") from None
         tok_config = _json(folder, "tokenizer_config.json")
-        self._template, self._bos_text, self._eos_text = chat_template_of(folder)
+        self._template, self._bos_text, self._eos_text = chat_template_of(folder, tok_config)
         self._add_bos = bool(tok_config.get("add_bos_token", False))
         self._bos_id = self._tokenizer.token_to_id(self._bos_text) if self._bos_text else None
         eos = _json(folder, "generation_config.json").get("eos_token_id", config.get("eos_token_id"))
