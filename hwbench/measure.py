@@ -79,6 +79,9 @@ class Workload:
     ttft: bool = True
     decode_after_prompt: bool = False  # decode at the prompt's depth (the predictor benchmark fills the context)
     fill_context: bool = False  # after the timed work, fill the context once: the peak the device needs at its n_ctx
+    # `profile --draft`: last, the clinical prompt's answer decoded without and with this draft
+    # (engine.speculative.DraftSettings as a dict, `source` a file or "ngram"), each `repeats` times
+    draft: dict[str, Any] | None = None
 
 
 ONE_PASS = Workload(repeats=1, warmup=False, ttft=False, decode_after_prompt=True)
@@ -107,6 +110,7 @@ class Measurement:
     full_context_peak_bytes: int | None = None  # VmHWM after filling the context (Workload.fill_context)
     full_context_tokens: int = 0
     reruns: int = 0  # disturbed runs measured again before this one was kept (measure_repeated)
+    speculative: dict[str, Any] | None = None  # Workload.draft's figures (_time_drafted)
 
     @property
     def disturbed(self) -> bool:
@@ -201,6 +205,7 @@ def measure_here(model_path: Path, settings: RunSettings, workload: Workload = W
         runtime.reset()
         runtime.eval(_fill_tokens(runtime, settings.n_ctx - 1))
         full_peak = proc_status()["VmHWM"]
+    speculative = _time_drafted(runtime, settings, workload, chat, n_decode) if workload.draft is not None else None
     log = runtime.engine_log()
     runtime.close()
     return Measurement(
@@ -208,8 +213,51 @@ def measure_here(model_path: Path, settings: RunSettings, workload: Workload = W
         llama_buffers_mib=_engine_buffers(log), load_seconds=load_seconds, prompt_tokens=n_prompt, prompt_seconds=timed["prompt"],
         decode_tokens=n_decode, decode_seconds=timed["decode"], ttft_prompt_tokens=timed["ttft_tokens"], ttft_seconds=timed["ttft"],
         others_cpu_cores=timed["others"], full_context_peak_bytes=full_peak,
-        full_context_tokens=settings.n_ctx - 1 if workload.fill_context else 0,
+        full_context_tokens=settings.n_ctx - 1 if workload.fill_context else 0, speculative=speculative,
     )
+
+
+def _timed_answer(runtime: Runtime, prompt: list[int], n: int, draft: Any = None) -> tuple[list[int], float]:
+    """The answer's tokens, and the seconds its tokens after the first took (the prompt excluded)."""
+    from edgecds.engine import generate_greedy
+
+    first = [0.0]
+
+    def mark(out: list[int]) -> bool:
+        if len(out) == 1:
+            first[0] = time.perf_counter()
+        return False
+
+    out = generate_greedy(runtime, prompt, n, mark, draft=draft)
+    return out, time.perf_counter() - first[0]
+
+
+def _time_drafted(runtime: Runtime, settings: RunSettings, workload: Workload, chat: str, n: int) -> dict[str, Any]:
+    """The clinical prompt's answer (`n` tokens at most) decoded without and with the draft, in
+    turn, `workload.repeats` times: the two speeds in one process, so a neighbour or the clock
+    slows both alike. After the rest, so the draft's memory stays out of the variant's own peak."""
+    from edgecds.engine.speculative import DraftSettings, DraftStats, Speculation, open_draft
+
+    draft = DraftSettings(**(workload.draft or {}))
+    spec = Speculation(open_draft(draft, settings, runtime), draft)
+    try:
+        prompt = runtime.tokenize(chat)
+        if len(prompt) + n > settings.n_ctx:
+            raise EngineError(f"the clinical prompt ({len(prompt)} tokens) and {n} decoded tokens do not fit a context of {settings.n_ctx}")
+        _timed_answer(runtime, prompt, 4, spec)  # warm-up: the draft's first load and pass, untimed
+        spec.stats = DraftStats()
+        plain, drafted, identical, tokens = [], [], True, 0
+        for _ in range(workload.repeats):
+            alone, seconds = _timed_answer(runtime, prompt, n)
+            plain.append(seconds)
+            helped, seconds = _timed_answer(runtime, prompt, n, spec)
+            drafted.append(seconds)
+            identical = identical and alone == helped
+            tokens = len(alone)
+        return {"tokens": tokens, "plain_seconds": plain, "draft_seconds": drafted, "identical": identical,
+                "stats": spec.stats.to_dict(), "peak_rss_bytes": proc_status()["VmHWM"]}
+    finally:
+        spec.close()
 
 
 def cpu_seconds() -> tuple[float, float] | None:
@@ -397,17 +445,18 @@ def measure_in_subprocess(model_path: Path, settings: RunSettings, workload: Wor
 
 def measure_repeated(model_path: Path, settings: RunSettings, repeats: int, timeout: float = TIMEOUT_SECONDS,
                      unified_memory: bool = False, gpu: bool = False, fill_context: bool = False,
-                     on_repeat: Callable[[int], None] | None = None) -> list[Measurement]:
+                     on_repeat: Callable[[int], None] | None = None, draft: dict[str, Any] | None = None) -> list[Measurement]:
     """`repeats` fresh processes, each loading, warming up and timing the work once. Repeating
     whole processes, not passes inside one, makes the spread honest: it then includes what
     changes from one process to the next (where memory lands, clocks, neighbours), which two
     profile runs would otherwise disagree by. A run that other processes disturbed is measured
     again, up to MAX_RERUNS times; the least disturbed is kept, with how many reruns it took.
     `fill_context`: the first process also fills the context once after its timed work.
-    `on_repeat(done)` is called after each kept process."""
+    `on_repeat(done)` is called after each kept process. `draft`: each process also decodes the
+    clinical answer without and with it (Workload.draft)."""
     runs = []
     for i in range(repeats):
-        workload = Workload(repeats=1, fill_context=fill_context and i == 0)
+        workload = Workload(repeats=1, fill_context=fill_context and i == 0, draft=draft)
         tries = [measure_in_subprocess(model_path, settings, workload, timeout, unified_memory, gpu)]
         while tries[-1].disturbed and len(tries) <= MAX_RERUNS:
             tries.append(measure_in_subprocess(model_path, settings, workload, timeout, unified_memory, gpu))

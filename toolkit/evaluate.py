@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +30,7 @@ from edgecds.atomic import atomic_path, folder_lock
 from edgecds.cases import Case, CaseSet, drift_text, load_cases, prompt_for
 from edgecds.digest import cache_key
 from edgecds.drift import DRIFT_CTX, drift_against, drift_logprobs, log_softmax
-from edgecds.engine import DEFAULT_CTX, EngineSettings, Runtime, generate_greedy, greedy_token, sampler
+from edgecds.engine import DEFAULT_CTX, EngineSettings, Picker, Runtime, argmax, generate_greedy, sampler
 from edgecds.engine.factory import open_runtime
 from edgecds.errors import InvalidInputError, UsageError
 from edgecds.matcher import THINK_TOKENS, answer_line_done, answer_lines, mentions, names, split_reasoning, still_thinking
@@ -165,7 +164,7 @@ class Reply:
 
 
 def _reply(runtime: Runtime, user_message: str, answer_tokens: int, think_tokens: int, one_line: bool,
-           pick: Callable[[Runtime], int] = greedy_token) -> Reply:
+           pick: Picker = argmax) -> Reply:
     """The model's reply in its own chat template, thinking set aside: up to `think_tokens` of
     reasoning may come first, then `answer_tokens` of answer (one line when `one_line`)."""
     prompt = runtime.chat_prompt(user_message)
@@ -199,7 +198,7 @@ def _top_lines(answer: str, k: int) -> list[str]:
     return [re.sub(r"^\s*(\d+[.)]|[-*])\s*", "", line) for line in answer.splitlines() if line.strip()][:k]
 
 
-def _ask(runtime: Runtime, case: Case, mode: str, k: int, think_tokens: int, pick: Callable[[Runtime], int] = greedy_token) -> Reply:
+def _ask(runtime: Runtime, case: Case, mode: str, k: int, think_tokens: int, pick: Picker = argmax) -> Reply:
     question = f"{case.vignette}\n{case.question}".strip()
     if mode == "generate":
         return _reply(runtime, f"{question}\nAnswer with the diagnosis only, in a few words.", GENERATE_TOKENS, think_tokens, True, pick)

@@ -19,12 +19,14 @@ from edgecds.adopt import open_variants
 from edgecds.atomic import folder_lock
 from edgecds.devices import DeviceProfile
 from edgecds.engine import device_backend, settings_for
+from edgecds.engine.speculative import DEFAULT_DRAFT_MAX, DEFAULT_P_MIN, NGRAM, DraftSettings
 from edgecds.errors import EngineError, InvalidInputError, UsageError
 from edgecds.host import HostInfo
 from edgecds.hwbench.measure import TIMEOUT_SECONDS
 from edgecds.progress import Reporter, lazy_step
 from edgecds.results import (
     RESULTS_FILE,
+    DraftMeasured,
     HostFingerprint,
     Measured,
     MeasurementRecord,
@@ -64,6 +66,35 @@ class ProfileConfig:
     accuracy: bool = True  # then score the measured variants' clinical accuracy (edgecds eval)
     cases: Path | None = None  # for the accuracy: None is the shipped case set
     drift_chunks: int | None = None  # for the accuracy's drift: the first N chunks of the text; None: all
+    draft: str | None = None  # a variant's type, or "ngram": each variant's answer also decoded with it (speculative decoding)
+    draft_max: int = DEFAULT_DRAFT_MAX
+    draft_p_min: float = DEFAULT_P_MIN
+
+
+@dataclass(frozen=True)
+class ProfileDraft:
+    """The draft `profile --draft` decodes with: by name and hash in the records, by file for the engine."""
+
+    name: str  # a variant's type, or "ngram"
+    sha256: str | None
+    settings: DraftSettings  # source: the draft's file, or "ngram"
+
+    @property
+    def recorded(self) -> dict[str, Any]:
+        return {**asdict(self.settings), "source": self.name, "sha256": self.sha256}
+
+
+def profile_draft(config: ProfileConfig, folder: Path, variants: Any) -> ProfileDraft | None:
+    """The draft named by --draft: n-gram lookup, or a GGUF variant of the same variants.json."""
+    if config.draft is None:
+        return None
+    if config.draft.lower() == NGRAM:
+        return ProfileDraft(NGRAM, None, DraftSettings(NGRAM, config.draft_max, config.draft_p_min))
+    (record,) = variants.select((config.draft,), folder)
+    if record.format != "gguf":
+        raise UsageError(f"--draft {record.type}: a draft model must be a GGUF variant (or --draft ngram)")
+    path = check_unchanged(folder, record)
+    return ProfileDraft(record.type, record.sha256, DraftSettings(str(path), config.draft_max, config.draft_p_min))
 
 
 @dataclass(frozen=True)
@@ -152,8 +183,11 @@ def run_profile(config: ProfileConfig, reporter: Reporter | None = None) -> Prof
     settings = _settings(config, target.settings_profile, target.host, target.here, notes)
     if settings.effective_prompt_tokens > settings.n_ctx or settings.decode_tokens > settings.n_ctx:
         raise UsageError(f"--prompt-tokens {config.prompt_tokens} and --decode-tokens {config.decode_tokens} must fit the context {settings.n_ctx}")
+    draft = profile_draft(config, folder, variants)
     # `repeats` fresh processes, each warmed up and timed once (measure.measure_repeated)
     recorded_settings = {**asdict(settings), **asdict(Workload(repeats=1)), "repeats": config.repeats, "repeated": "fresh processes"}
+    if draft is not None:
+        recorded_settings["draft"] = draft.recorded
     output = config.output or folder / RESULTS_FILE
     output.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(output.parent):
@@ -162,7 +196,7 @@ def run_profile(config: ProfileConfig, reporter: Reporter | None = None) -> Prof
         outcomes = []
         for n, variant in enumerate(chosen, 1):
             label = f"[{n}/{len(chosen)}] {variant.type}"
-            outcome = _measure_or_reuse(folder, variant, target, settings, recorded_settings, config, results, reporter, label)
+            outcome = _measure_or_reuse(folder, variant, target, settings, recorded_settings, config, results, reporter, label, draft)
             if not outcome.reused:
                 results.upsert(outcome.record)
                 results.save(output)  # after every variant: an interrupted run keeps what it measured
@@ -183,7 +217,8 @@ def run_profile(config: ProfileConfig, reporter: Reporter | None = None) -> Prof
 
 
 def _measure_or_reuse(folder: Path, variant: VariantRecord, target: Target, settings: Any, recorded_settings: dict[str, Any],
-                      config: ProfileConfig, results: ResultsFile, reporter: Reporter | None, label: str) -> Outcome:
+                      config: ProfileConfig, results: ResultsFile, reporter: Reporter | None, label: str,
+                      draft: ProfileDraft | None = None) -> Outcome:
     key = MeasurementRecord.make_key(variant.sha256, target.id, recorded_settings, target.fingerprint.id)
     previous = results.by_key().get(key)
     if previous is not None and previous.status == "measured" and not config.force:
@@ -191,11 +226,12 @@ def _measure_or_reuse(folder: Path, variant: VariantRecord, target: Target, sett
             reporter.note(f"{label}: already measured with these settings on this host, reused (--force measures again)")
         return Outcome(previous, True)
     if reporter:
+        with_draft = f", the answer without and with the {draft.name} draft" if draft is not None else ""
         reporter.note(f"{label}: {config.repeats} fresh processes, each: load, warm-up, "
-                      f"pp{settings.effective_prompt_tokens}, tg{settings.decode_tokens}, time to first token")
+                      f"pp{settings.effective_prompt_tokens}, tg{settings.decode_tokens}, time to first token{with_draft}")
     try:
         record = profile_one(folder, variant, target, settings, recorded_settings, key, config,
-                              lazy_step(reporter, f"{label}: profile", config.repeats, "processes"))
+                              lazy_step(reporter, f"{label}: profile", config.repeats, "processes"), draft)
     finally:
         if reporter:
             reporter.finish()
@@ -205,8 +241,10 @@ def _measure_or_reuse(folder: Path, variant: VariantRecord, target: Target, sett
 
 
 def profile_one(folder: Path, variant: VariantRecord, target: Target, settings: Any, recorded_settings: dict[str, Any], key: str,
-                 config: ProfileConfig, on_repeat: Callable[[int], None] | None = None) -> MeasurementRecord:
-    """One variant measured as `profile` measures it (`tune` measures its choice with it too)."""
+                 config: ProfileConfig, on_repeat: Callable[[int], None] | None = None,
+                 draft: ProfileDraft | None = None) -> MeasurementRecord:
+    """One variant measured as `profile` measures it (`tune` measures its choice with it too); with
+    a `draft`, its answer decoded without and with it too (a variant is no draft of itself)."""
     from edgecds.hwbench.measure import measure_repeated
 
     start = time.perf_counter()
@@ -228,11 +266,14 @@ def profile_one(folder: Path, variant: VariantRecord, target: Target, settings: 
         return record("skipped", f"predicted not to fit: {predicted['why_not']}", predicted)
     unified = device.memory_kind == "unified" and device.device_class == "jetson"
     try:
+        if draft is not None and draft.sha256 == variant.sha256:
+            draft = None
         runs = measure_repeated(path, settings, config.repeats, timeout=config.timeout, unified_memory=unified,
-                                gpu=settings.n_gpu_layers != 0, fill_context=True, on_repeat=on_repeat)
-    except EngineError as exc:
+                                gpu=settings.n_gpu_layers != 0, fill_context=True, on_repeat=on_repeat,
+                                draft=asdict(draft.settings) if draft is not None else None)
+    except (EngineError, UsageError) as exc:
         return record("failed", str(exc), predicted)
-    return record("measured", "", predicted, _summary(runs, predicted))
+    return record("measured", "", predicted, _summary(runs, predicted, draft))
 
 
 def _prediction(path: Path, variant: VariantRecord, settings: Any, device: DeviceProfile) -> dict[str, Any]:
@@ -268,7 +309,23 @@ def _uncalibrated_cpu(device: DeviceProfile) -> str | None:
     return f"the constants were measured on {calibration.source.get('host', 'another host')} with {measured_on}; this CPU has {', '.join(features)}"
 
 
-def _summary(runs: list[Any], predicted: dict[str, Any]) -> Measured:
+def _drafted(runs: list[Any], draft: ProfileDraft) -> DraftMeasured:
+    """The with- and without-draft answers over the processes: each process's speeds, the tally summed."""
+    from edgecds.engine.speculative import DraftStats
+
+    tally = DraftStats()
+    for m in runs:
+        tally.add(DraftStats(**{k: v for k, v in m.speculative["stats"].items() if k != "acceptance_rate"}))
+
+    def tps(key: str) -> Stat:
+        return Stat.of([(m.speculative["tokens"] - 1) / s for m in runs for s in m.speculative[key] if s > 0])
+
+    return DraftMeasured(draft.name, draft.sha256, draft.recorded, runs[0].speculative["tokens"], tps("plain_seconds"),
+                         tps("draft_seconds"), tally.acceptance_rate, all(m.speculative["identical"] for m in runs),
+                         max(m.speculative["peak_rss_bytes"] for m in runs))
+
+
+def _summary(runs: list[Any], predicted: dict[str, Any], draft: ProfileDraft | None = None) -> Measured:
     """Each figure's median and range over the fresh processes; memory peaks at the highest; how
     much other processes disturbed the runs; a speed far from the prediction flagged with both."""
     from edgecds.hwbench.measure import DISTURBED_CORES, PEAK_RSS_RESOLUTION
@@ -298,4 +355,5 @@ def _summary(runs: list[Any], predicted: dict[str, Any]) -> Measured:
         unified_peak_bytes=highest([m.unified_peak_bytes for m in runs]), engine_buffers_mib=runs[0].llama_buffers_mib,
         notes=sorted(notes), full_context_peak_bytes=highest([m.full_context_peak_bytes for m in runs]),
         full_context_tokens=max(m.full_context_tokens for m in runs), disturbance=disturbance,
+        speculative=_drafted(runs, draft) if draft is not None and runs[0].speculative else None,
     )

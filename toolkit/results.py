@@ -48,6 +48,31 @@ class Stat:
 
 
 @dataclass(frozen=True)
+class DraftMeasured:
+    """`profile --draft`: the clinical answer decoded without and with a draft in the same
+    processes (hwbench/measure.py `_time_drafted`)."""
+
+    draft: str  # the draft variant's type, or "ngram"
+    draft_sha256: str | None  # None for ngram
+    settings: dict[str, Any]  # engine.speculative.DraftSettings as used, its source by name
+    tokens: int  # answer tokens decoded each way, a repeat
+    plain_tps: Stat  # decode without the draft: answer tokens after the first, per second
+    draft_tps: Stat  # the same answer with the draft
+    acceptance_rate: float | None  # drafted tokens the target kept
+    identical: bool  # every repeat's answer with the draft equals the one without
+    peak_rss_bytes: int  # the highest VmHWM with the target at its full context and the draft loaded
+
+    @property
+    def speedup(self) -> float:
+        return self.draft_tps.median / self.plain_tps.median if self.plain_tps.median else 0.0
+
+    @property
+    def pays(self) -> bool:
+        """Faster by more than the runs' spread: the slowest run with the draft beats the fastest without."""
+        return self.draft_tps.low > self.plain_tps.high
+
+
+@dataclass(frozen=True)
 class HostFingerprint:
     """The machine that measured, and the software it ran; `id` hashes the rest."""
 
@@ -107,6 +132,7 @@ class Measured:
     full_context_tokens: int = 0
     # other processes' CPU use during the timed work: cores per kept run, the threshold, reruns, verdict
     disturbance: dict[str, Any] = field(default_factory=dict)
+    speculative: DraftMeasured | None = None  # profile --draft
 
 
 @dataclass(frozen=True)
@@ -217,7 +243,12 @@ def parse_measurement(data: Any, where: str) -> MeasurementRecord:
         ttft = raw.ttft_seconds
         stats: dict[str, Stat | None] = {name: _stat(getattr(raw, name), f"{where}.measured.{name}") for name in ("load_seconds", "peak_rss_bytes", "prompt_tps", "decode_tps")}
         stats["ttft_seconds"] = _stat(ttft, f"{where}.measured.ttft_seconds") if ttft is not None else None
-        measured = Measured(**{**raw.__dict__, **stats})
+        spec = raw.speculative
+        if spec is not None:
+            spec = dataclass_from_dict(DraftMeasured, spec, f"{where}.measured.speculative")
+            spec = DraftMeasured(**{**spec.__dict__, **{name: _stat(getattr(spec, name), f"{where}.measured.speculative.{name}")
+                                                        for name in ("plain_tps", "draft_tps")}})
+        measured = Measured(**{**raw.__dict__, **stats, "speculative": spec})
     if record.status == "measured" and measured is None:
         raise InvalidInputError(f"{where}: a measured record without measurements")
     return MeasurementRecord(**{**record.__dict__, "variant": dataclass_from_dict(VariantRef, record.variant, f"{where}.variant"),

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecds.engine import CHAT_ROLES, Runtime, generate_greedy
+from edgecds.engine.speculative import DEFAULT_DRAFT_MAX, DEFAULT_P_MIN, Speculation
 from edgecds.errors import EdgecdsError, UsageError
 
 TOKEN_ENV = "EDGECDS_SERVE_TOKEN"
@@ -54,6 +55,9 @@ class ServeConfig:
     request_seconds: float = 120.0  # time a request may take, waiting included; then generation stops
     verify: bool = True
     trusted_key: str | None = None  # the signer the bundle must carry (default: EDGECDS_TRUSTED_KEY)
+    draft: str | None = None  # --draft: a GGUF, "ngram" or "none"; None: the bundle's own (bundle/run.py choose_draft)
+    draft_max: int = DEFAULT_DRAFT_MAX
+    draft_p_min: float = DEFAULT_P_MIN
 
 
 class RequestError(Exception):
@@ -103,19 +107,20 @@ def parse_chat_request(body: bytes, cap: int) -> tuple[list[dict[str, str]], int
 
 
 class Models:
-    """`slots` runtimes of the bundle's model; one request uses one at a time."""
+    """`slots` runtimes of the bundle's model, each with its own draft where one drafts (a draft
+    model keeps a cache of its own); one request uses one at a time."""
 
-    def __init__(self, runtimes: list[Runtime], n_ctx: int, system_prompt: str) -> None:
-        self.free: queue.Queue[Runtime] = queue.Queue()
-        for runtime in runtimes:
-            self.free.put(runtime)
+    def __init__(self, runtimes: list[Runtime], n_ctx: int, system_prompt: str, drafts: list[Speculation] | None = None) -> None:
+        self.free: queue.Queue[tuple[Runtime, Speculation | None]] = queue.Queue()
+        for runtime, draft in zip(runtimes, drafts or [None] * len(runtimes), strict=True):
+            self.free.put((runtime, draft))
         self.n_ctx, self.system_prompt = n_ctx, system_prompt
 
     def generate(self, messages: list[dict[str, str]], max_tokens: int, cancel: threading.Event,
                  on_text: Callable[[str], None] | None) -> dict[str, Any]:
         """In a worker thread: the greedy answer, stopping at an end token, `max_tokens`, the
         context's end, or `cancel`; each new piece of text goes to `on_text` as it is made."""
-        runtime = self.free.get()
+        runtime, draft = self.free.get()
         try:
             if cancel.is_set():
                 return {"text": "", "finish_reason": "cancelled", "prompt_tokens": 0, "completion_tokens": 0}
@@ -136,7 +141,7 @@ class Models:
                         sent[0] = text
                 return cancel.is_set()
 
-            out = generate_greedy(runtime, prompt, limit, stop)
+            out = generate_greedy(runtime, prompt, limit, stop, draft=draft)
             text = runtime.detokenize(out)
             if on_text is not None and len(text) > len(sent[0]):
                 on_text(text[len(sent[0]):])
@@ -145,7 +150,7 @@ class Models:
                     "completion_tokens": len(out)}
         finally:
             runtime.reset()
-            self.free.put(runtime)  # only now, with generation stopped, may another request use it
+            self.free.put((runtime, draft))  # only now, with generation stopped, may another request use it
 
 
 class ChatServer:
@@ -295,17 +300,22 @@ def make_app(config: ServeConfig) -> tuple[ChatServer, str]:
     """The app and the token it requires, with the bundle verified (unless told not to) and its
     model loaded `slots` times."""
     from edgecds.bundle.layout import BundleEngineConfig
+    from edgecds.bundle.run import choose_draft
     from edgecds.bundle.verify import verify_bundle
     from edgecds.engine.factory import open_runtime
+    from edgecds.engine.speculative import open_draft
 
     if config.verify:
         verify_bundle(config.bundle, config.trusted_key)
     engine = BundleEngineConfig.read(config.bundle)
+    draft = choose_draft(config.draft, engine.draft_settings(config.bundle), config.draft_max, config.draft_p_min)
     token = resolve_token(config)
-    runtimes = [open_runtime(engine.model_path(config.bundle), engine.engine_settings()) for _ in range(config.slots)]
+    settings = engine.engine_settings()
+    runtimes = [open_runtime(engine.model_path(config.bundle), settings) for _ in range(config.slots)]
     for runtime in runtimes:
         runtime.chat_messages([{"role": "user", "content": "check"}])  # a template the sandbox refuses fails now, at start
-    models = Models(runtimes, engine.n_ctx, engine.system_prompt)
+    drafts = [Speculation(open_draft(draft, settings, runtime), draft) for runtime in runtimes] if draft is not None else None
+    models = Models(runtimes, engine.n_ctx, engine.system_prompt, drafts)
     return ChatServer(models, config.bundle.name, token, config, config.max_tokens or engine.max_tokens), token
 
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgecds.engine import DEFAULT_BATCH, EngineSettings
 from edgecds.errors import EdgecdsError
 from edgecds.variants import dataclass_from_dict
+
+if TYPE_CHECKING:
+    from edgecds.engine.speculative import DraftSettings
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -38,6 +41,14 @@ class VerifyError(EdgecdsError):
     """A bundle that does not match its manifest, or an archive that must not be extracted."""
 
 
+def _inside(bundle: Path, relative_text: str, what: str) -> Path:
+    """A path runtime.json names, inside `bundle`: one that would leave it is refused."""
+    relative = Path(relative_text)
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise VerifyError(f"{bundle / ENGINE_CONFIG}: {what} {relative_text!r} is not a path inside the bundle")
+    return bundle / relative
+
+
 @dataclass(frozen=True)
 class BundleEngineConfig:
     """`runtime.json`: how the device runs the bundle's model."""
@@ -55,6 +66,9 @@ class BundleEngineConfig:
     sampling: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.0, "top_p": 1.0, "max_tokens": DEFAULT_MAX_TOKENS, "seed": 0})
     chat_template: str = CHAT_TEMPLATE_NOTE
     system_prompt: str = SYSTEM_PROMPT
+    # speculative decoding (engine/speculative.py): {"model": a GGUF inside the bundle or "ngram",
+    # "max_tokens": drafted a step at most, "p_min": a draft model's confidence to go on}; None: none
+    draft: dict[str, Any] | None = None
 
     @property
     def max_tokens(self) -> int:
@@ -70,10 +84,21 @@ class BundleEngineConfig:
 
     def model_path(self, bundle: Path) -> Path:
         """The model inside `bundle`: a path that would leave it is refused."""
-        relative = Path(self.model)
-        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
-            raise VerifyError(f"{bundle / ENGINE_CONFIG}: model {self.model!r} is not a path inside the bundle")
-        return bundle / relative
+        return _inside(bundle, self.model, "model")
+
+    def draft_settings(self, bundle: Path) -> DraftSettings | None:
+        """The bundle's draft, its model's path inside `bundle`; None when it ships none."""
+        from edgecds.engine.speculative import NGRAM, DraftSettings
+
+        if self.draft is None:
+            return None
+        model, n, p_min = self.draft.get("model"), self.draft.get("max_tokens"), self.draft.get("p_min")
+        if not isinstance(model, str) or type(n) is not int or not isinstance(p_min, (int, float)) or isinstance(p_min, bool):
+            raise VerifyError(f"{bundle / ENGINE_CONFIG}: 'draft' must hold a string 'model', an integer 'max_tokens' and a number 'p_min'")
+        try:
+            return DraftSettings(model if model == NGRAM else str(_inside(bundle, model, "draft model")), n, float(p_min))
+        except EdgecdsError as exc:
+            raise VerifyError(f"{bundle / ENGINE_CONFIG}: draft: {exc}") from None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"

@@ -87,6 +87,27 @@ def drift_chunks_option(help: str) -> Callable[[F], F]:
     return click.option("--drift-chunks", type=click.IntRange(min=1), help=f"{help}  [default: all]")
 
 
+def draft_options(help: str) -> Callable[[F], F]:
+    """`--draft`, `--draft-max`, `--draft-p-min` (as `draft`, `draft_max`, `draft_p_min`): speculative
+    decoding as llama.cpp's options name it (engine/speculative.py)."""
+    from edgecds.engine.speculative import DEFAULT_DRAFT_MAX, DEFAULT_P_MIN
+
+    options = [
+        click.option("--draft", metavar="DRAFT", help=help),
+        click.option("--draft-max", type=click.IntRange(1, 64), default=DEFAULT_DRAFT_MAX, show_default=True,
+                     help="Tokens drafted a step at most (llama.cpp's --draft-max)."),
+        click.option("--draft-p-min", type=click.FloatRange(0.0, 1.0), default=DEFAULT_P_MIN, show_default=True,
+                     help="A draft model stops guessing where its top token's probability is below this (llama.cpp's --draft-p-min)."),
+    ]
+
+    def apply(func: F) -> F:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return apply
+
+
 def constraint_options(func: Any) -> Any:
     """`bundle`'s choice rules, shared by `report` (which shows what bundle would choose)."""
     options = [

@@ -9,7 +9,16 @@ from typing import Any
 
 import click
 
-from edgecds.commands.common import default_of, device_option, drift_chunks_option, print_json, profiles_dir_option, table, whole
+from edgecds.commands.common import (
+    default_of,
+    device_option,
+    draft_options,
+    drift_chunks_option,
+    print_json,
+    profiles_dir_option,
+    table,
+    whole,
+)
 from edgecds.compare import DEFAULT_ALPHA
 from edgecds.engine import DEFAULT_CTX
 from edgecds.errors import EdgecdsError
@@ -207,13 +216,16 @@ def plan(variants: Path | None, device_id: str, n_ctx: int | None, kv_type: str,
 @drift_chunks_option("The accuracy's drift on the first N chunks of 512 tokens of the clinical text (llama-perplexity --chunks).")
 @click.option("--measure-anyway", is_flag=True, help="Measure on a machine that is not the --device; results are marked as measured on this machine.")
 @click.option("--force", is_flag=True, help="Measure again variants already measured with the same settings on this machine.")
+@draft_options("Also decode each variant's answer with this draft, in the same processes: another GGUF variant's type "
+               "(e.g. Q2_K) or 'ngram' (prompt lookup); records the speed with and without it and the tokens it got right.")
 @click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), help="Results file.  [default: results.json beside variants.json]")
 @profiles_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int | None, threads: int | None, n_gpu_layers: int | None,
             kv_type: str, flash_attn: bool, prompt_tokens: int, decode_tokens: int, repeats: int, timeout: float,
-            no_accuracy: bool, cases: Path | None, drift_chunks: int | None, measure_anyway: bool, force: bool, output: Path | None, profiles_dirs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
+            no_accuracy: bool, cases: Path | None, drift_chunks: int | None, measure_anyway: bool, force: bool, draft: str | None,
+            draft_max: int, draft_p_min: float, output: Path | None, profiles_dirs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
     """Measure every variant on this device: load time, peak memory, prompt and decode speed,
     then clinical accuracy (as `edgecds eval`; --no-accuracy skips it).
 
@@ -238,6 +250,7 @@ def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int |
         n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, cache_type=kv_type, flash_attn=flash_attn,
         prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, repeats=repeats, timeout=timeout,
         measure_anyway=measure_anyway, force=force, output=output, accuracy=not no_accuracy, cases=cases, drift_chunks=drift_chunks,
+        draft=draft, draft_max=draft_max, draft_p_min=draft_p_min,
     )
     result = run_profile(config, make_reporter(quiet))
     if as_json:
@@ -251,6 +264,13 @@ def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int |
     where = "" if result.on_target else f" (measured on {result.host.detected_profile}, not the device)"
     print_table(measurements_table([o.record for o in result.outcomes], f"Measured on {result.device}{where}",
                                    [o.reused for o in result.outcomes]))
+    for o in result.outcomes:
+        spec = o.record.measured.speculative if o.record.measured is not None else None
+        if spec is not None:
+            rate = f"{spec.acceptance_rate:.0%}" if spec.acceptance_rate is not None else "none"
+            click.echo(f"{o.record.variant.type} with the {spec.draft} draft: decode {spec.plain_tps.median:.1f} -> "
+                       f"{spec.draft_tps.median:.1f} tokens/s ({spec.speedup:.2f}x; {'faster than' if spec.pays else 'within'} the runs' "
+                       f"spread), drafted tokens kept {rate}, answer {'identical' if spec.identical else 'DIFFERENT'} without it")
     if result.evaluation is not None:
         _print_eval_table(result.evaluation)
     click.echo(f"Recorded in {result.results_file}")

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from edgecds.commands.common import constraint_options, default_of, device_option, print_json, profiles_dir_option, whole
+from edgecds.commands.common import constraint_options, default_of, device_option, draft_options, print_json, profiles_dir_option, whole
 from edgecds.errors import UsageError
 from edgecds.serve import ServeConfig
 from edgecds.target import AUTO, resolve_target
@@ -155,6 +155,10 @@ def verify_command(bundle: Path, trusted_key: str | None, require_signature: boo
                    "for a signed bundle and check it with --key KEY.pem.pub (--require-signature refuses unsigned ones).", err=True)
 
 
+DRAFT_HELP = ("Speculative decoding: a GGUF of the same model to draft with (e.g. its Q2_K), 'ngram' (prompt lookup, no second "
+              "model) or 'none'; the answer is the model's own.  [default: the bundle's draft, if it ships one]")
+
+
 @click.command("run")
 @click.argument("bundle", metavar="BUNDLE|MODEL.gguf", type=click.Path(path_type=Path, exists=True))
 @click.argument("question", required=False)
@@ -164,10 +168,11 @@ def verify_command(bundle: Path, trusted_key: str | None, require_signature: boo
 @click.option("--key", "trusted_key", metavar="KEY|FILE",
               help="The signer's public key (64 hex characters) or the file holding it; the bundle must be signed by it.  "
                    "[default: $EDGECDS_TRUSTED_KEY]")
+@draft_options(DRAFT_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the answer and its token counts and timings as JSON (not streamed).")
 @click.option("--quiet", "-q", is_flag=True, help="No token count and speed line on stderr.")
 def run_command(bundle: Path, question: str | None, prompt: str | None, max_tokens: int | None, no_verify: bool, trusted_key: str | None,
-                as_json: bool, quiet: bool) -> None:
+                draft: str | None, draft_max: int, draft_p_min: float, as_json: bool, quiet: bool) -> None:
     """Answer a prompt with a bundle's model and runtime config, offline, streaming the answer as
     it is made and then its speed on stderr; on a terminal without a prompt, a question a line
     until an empty line. A GGUF file on its own runs with llama.cpp's default settings (no
@@ -193,20 +198,22 @@ def run_command(bundle: Path, question: str | None, prompt: str | None, max_toke
                 break
             if not line.strip():
                 break
-            _answer(bundle, line, max_tokens, not verified, trusted_key, False, quiet)
+            _answer(bundle, line, max_tokens, not verified, trusted_key, False, quiet, (draft, draft_max, draft_p_min))
             verified = True
         return
     text = prompt if prompt is not None else sys.stdin.read()
     if not text.strip():
         raise UsageError("no prompt: give it after the bundle, with --prompt, or on standard input")
-    _answer(bundle, text, max_tokens, not no_verify, trusted_key, as_json, quiet)
+    _answer(bundle, text, max_tokens, not no_verify, trusted_key, as_json, quiet, (draft, draft_max, draft_p_min))
 
 
-def _answer(bundle: Path, text: str, max_tokens: int | None, verify: bool, trusted_key: str | None, as_json: bool, quiet: bool) -> None:
+def _answer(bundle: Path, text: str, max_tokens: int | None, verify: bool, trusted_key: str | None, as_json: bool, quiet: bool,
+            draft: tuple[str | None, int, float]) -> None:
     from edgecds.bundle.run import answer_prompt
 
     stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
-    answer = answer_prompt(bundle, text, max_tokens, verify=verify, trusted_key=trusted_key, on_text=stream)
+    answer = answer_prompt(bundle, text, max_tokens, verify=verify, trusted_key=trusted_key, on_text=stream, draft=draft[0],
+                           draft_max=draft[1], draft_p_min=draft[2])
     if as_json:
         print_json({**asdict(answer), "decode_tps": answer.decode_tps})
         return
@@ -236,8 +243,10 @@ def _answer(bundle: Path, text: str, max_tokens: int | None, verify: bool, trust
 @click.option("--key", "trusted_key", metavar="KEY|FILE",
               help="The signer's public key (64 hex characters) or the file holding it; the bundle must be signed by it.  "
                    "[default: $EDGECDS_TRUSTED_KEY]")
+@draft_options(DRAFT_HELP)
 def serve_command(bundle: Path, host: str, port: int, token: str | None, token_file: Path | None, slots: int, queue: int,
-                  max_tokens: int | None, request_seconds: float, body_seconds: float, no_verify: bool, trusted_key: str | None) -> None:
+                  max_tokens: int | None, request_seconds: float, body_seconds: float, no_verify: bool, trusted_key: str | None,
+                  draft: str | None, draft_max: int, draft_p_min: float) -> None:
     """Serve a bundle's model as an OpenAI-compatible chat endpoint (POST /v1/chat/completions).
 
     GGUF and ONNX bundles alike, with streaming. Loopback only by default; every request needs the
@@ -267,7 +276,8 @@ def serve_command(bundle: Path, host: str, port: int, token: str | None, token_f
         token = secrets.token_urlsafe(24)
         click.echo(f"token (shown once, not stored): {token}", err=True)
     config = ServeConfig(bundle=bundle, host=host, port=port, token=token, slots=slots, queue=queue, max_tokens=max_tokens,
-                         body_seconds=body_seconds, request_seconds=request_seconds, verify=not no_verify, trusted_key=trusted_key)
+                         body_seconds=body_seconds, request_seconds=request_seconds, verify=not no_verify, trusted_key=trusted_key,
+                         draft=draft, draft_max=draft_max, draft_p_min=draft_p_min)
 
     def listening(url: str) -> None:
         click.echo(f"edgecds serve: {bundle.name} listening on {url} (POST /v1/chat/completions, GET /v1/models; "

@@ -5,7 +5,8 @@ One home for what every measurement, evaluation, bundle and server asks of an en
   size of the timed work), with `DEFAULT_CTX` and `settings_for`, the settings a device runs with;
 - `Runtime`, the interface both engines implement (llama.cpp in `gguf_runtime`, onnxruntime in
   `onnx_runtime`); `edgecds.engine.factory.open_runtime` picks one by the variant's file;
-- the greedy decoding every caller shares (`greedy_token`, `generate_greedy`);
+- the greedy decoding every caller shares (`greedy_token`, `generate_greedy`), with or without a
+  speculative draft (`speculative`);
 - the chat template, rendered for both engines in one bounded sandbox (`chat_template.render_chat`).
 
 Device side: no torch, no transformers; an engine is imported only when a runtime is opened.
@@ -21,6 +22,7 @@ from edgecds.errors import EngineError
 
 if TYPE_CHECKING:
     from edgecds.devices import DeviceProfile
+    from edgecds.engine.speculative import Speculation
 
 DEFAULT_CTX = 2048  # the context a command uses when neither the user nor a device profile names one
 DEFAULT_BATCH = 512  # llama.cpp's default n_batch and n_ubatch
@@ -109,14 +111,22 @@ def plain_chat(messages: list[dict[str, str]]) -> str:
     return "\n\n".join(m["content"] for m in messages)
 
 
-def greedy_token(runtime: Runtime) -> int:
-    """The most likely next token after what was evaluated (temperature 0)."""
+def argmax(logits: Any) -> int:
+    """The most likely token of one row of logits (temperature 0)."""
     import numpy as np
 
-    return int(np.argmax(runtime.logits()))
+    return int(np.argmax(logits))
 
 
-def sampler(seed: int, temperature: float, top_p: float) -> Callable[[Runtime], int]:
+def greedy_token(runtime: Runtime) -> int:
+    """The most likely next token after what was evaluated."""
+    return argmax(runtime.logits())
+
+
+Picker = Callable[[Any], int]  # a row of next-token logits -> the token chosen
+
+
+def sampler(seed: int, temperature: float, top_p: float) -> Picker:
     """A seeded next-token picker: softmax at `temperature`, then the smallest set of tokens whose
     probability reaches `top_p` (nucleus sampling), drawn from with numpy's PCG64. The same seed,
     settings and model give the same tokens, on either engine."""
@@ -124,8 +134,8 @@ def sampler(seed: int, temperature: float, top_p: float) -> Callable[[Runtime], 
 
     rng = np.random.default_rng(seed)
 
-    def pick(runtime: Runtime) -> int:
-        logits = np.asarray(runtime.logits(), dtype=np.float64) / max(temperature, 1e-6)
+    def pick(row: Any) -> int:
+        logits = np.asarray(row, dtype=np.float64) / max(temperature, 1e-6)
         p = np.exp(logits - logits.max())
         p /= p.sum()
         order = np.argsort(-p, kind="stable")
@@ -136,16 +146,22 @@ def sampler(seed: int, temperature: float, top_p: float) -> Callable[[Runtime], 
 
 
 def generate_greedy(runtime: Runtime, prompt: list[int], max_tokens: int, stop: Callable[[list[int]], bool] | None = None,
-                    reset: bool = True, pick: Callable[[Runtime], int] = greedy_token) -> list[int]:
+                    reset: bool = True, pick: Picker = argmax, draft: Speculation | None = None) -> list[int]:
     """Evaluate `prompt` (from an empty cache unless `reset` is False) and decode greedily (or with
     `pick`, e.g. a `sampler`) until an end token, `max_tokens`, or `stop(tokens so far)`; the
-    generated tokens, the end token excluded."""
+    generated tokens, the end token excluded. With a `draft`, the same tokens by speculative
+    decoding (engine/speculative.py), its tally added to the draft's."""
+    if draft is not None:
+        from edgecds.engine.speculative import generate_speculative
+
+        return generate_speculative(runtime, prompt, max_tokens, draft.drafter, draft.settings.max_tokens, pick, stop, reset,
+                                    draft.stats)
     if reset:
         runtime.reset()
     runtime.eval(prompt)
     out: list[int] = []
     while len(out) < max_tokens:
-        token = pick(runtime)
+        token = pick(runtime.logits())
         if runtime.is_end(token):
             break
         out.append(token)
