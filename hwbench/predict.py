@@ -33,7 +33,7 @@ from typing import Any
 
 from edgecds.devices import CPU_ISAS, DeviceProfile
 from edgecds.engine import RunSettings, device_backend, settings_for
-from edgecds.errors import InvalidInputError, UnknownNameError
+from edgecds.errors import InvalidInputError, UnknownNameError, UsageError
 from edgecds.formats.gguf_file import GgufInfo, TensorInfo
 from edgecds.formats.types import GGML_TYPE_BY_NAME, GgmlType
 
@@ -424,10 +424,13 @@ class MemoryPrediction:
     total_layers: int = 0  # the model's layers plus the output layer: gpu_layers of a full offload
     gpu_bytes: int = 0
     host_bytes: int = 0
+    # a speculative draft model beside it (`plan --draft`): its weights, KV cache at the same
+    # context and compute buffers; the process and its libraries are shared
+    draft: int = 0
 
     @property
     def peak_bytes(self) -> int:
-        return self.weights + self.repacked + self.kv_cache + self.compute + self.output + self.runtime
+        return self.weights + self.repacked + self.kv_cache + self.compute + self.output + self.runtime + self.draft
 
 
 @dataclass(frozen=True)
@@ -539,9 +542,16 @@ def host_cpu_features(device: DeviceProfile) -> tuple[str, ...] | None:
     return detect_cpu_features() if device.path == "detected" else None
 
 
-def predict(info: GgufInfo, settings: RunSettings, device: DeviceProfile, calibrations: dict[str, Calibration] | None = None) -> Prediction:
+def predict(info: GgufInfo, settings: RunSettings, device: DeviceProfile, calibrations: dict[str, Calibration] | None = None,
+            draft: GgufInfo | None = None) -> Prediction:
+    """`info` on `device` at `settings`; with a `draft`, the memory of both, each with its own KV
+    cache at the context (the draft runs where the target runs)."""
     calibration = calibration_for(device_backend(device), calibrations, host_cpu_features(device))
     memory = predict_memory(info, settings, device, calibration)
+    if draft is not None:
+        beside = predict_memory(draft, settings, device, calibration)
+        memory = replace(memory, draft=beside.peak_bytes - beside.runtime, gpu_bytes=memory.gpu_bytes + beside.gpu_bytes,
+                         host_bytes=memory.host_bytes + beside.host_bytes)
     speed = predict_speed(info, settings, device, calibration)
     budget = int(device.budget_gib * GIB)
     reasons = []
@@ -613,6 +623,7 @@ class Plan:
     entries: list[PlanEntry]
     label: str = "predicted"
     advice: tuple[str, ...] = ()  # when nothing fits: what would, each line a change the user can make
+    draft: str | None = None  # each variant planned with this speculative draft beside it (`plan --draft`)
 
     @property
     def fits_any(self) -> bool:
@@ -620,7 +631,7 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "device": self.device, "settings": asdict(self.settings), "fits_any": self.fits_any,
-                "first_token_prompt_tokens": FIRST_TOKEN_PROMPT, "advice": list(self.advice),
+                "first_token_prompt_tokens": FIRST_TOKEN_PROMPT, "advice": list(self.advice), "draft": self.draft,
                 "entries": [{**e.to_dict(), "first_token_seconds": first_token_seconds(e.prediction) if e.prediction else None}
                             for e in self.entries]}
 
@@ -677,15 +688,23 @@ def _bits_of(type_name: str) -> float | None:
 
 
 def plan(variants_json: Path, device: DeviceProfile, n_ctx: int | None = None, kv_type: str = "f16",
-         calibrations: dict[str, Calibration] | None = None) -> Plan:
-    """Predict every variant recorded in `variants_json` on `device`, from the files alone."""
+         calibrations: dict[str, Calibration] | None = None, draft: str | None = None) -> Plan:
+    """Predict every variant recorded in `variants_json` on `device`, from the files alone; with
+    `draft` (a GGUF variant's type there), each with that draft model beside it ("ngram" adds nothing)."""
     from edgecds.adopt import open_variants
+    from edgecds.engine.speculative import NGRAM
     from edgecds.formats.gguf_file import read_gguf
     from edgecds.variants import variant_file
 
     folder, record = open_variants(variants_json)
     cache_type(kv_type)  # an unknown cache type fails here, listing the known ones
     settings = settings_for(device, n_ctx, type_k=kv_type.lower(), type_v=kv_type.lower())
+    draft_info = None
+    if draft is not None and draft.lower() != NGRAM:
+        (draft_record,) = record.select((draft,), folder)
+        if draft_record.format != "gguf":
+            raise UsageError(f"--draft {draft_record.type}: a draft model must be a GGUF variant (or --draft ngram)")
+        draft_info = read_gguf(variant_file(folder, draft_record))
     entries: list[PlanEntry] = []
     infos: dict[str, GgufInfo] = {}
     for variant in sorted(record.variants, key=lambda v: -v.file_size):
@@ -698,6 +717,7 @@ def plan(variants_json: Path, device: DeviceProfile, n_ctx: int | None = None, k
             entries.append(PlanEntry(variant.name, variant.type, variant.format, None, f"no predictor for {variant.format} yet: `edgecds profile` measures it", unknown=True))
         else:
             info = infos[variant.type] = read_gguf(variant_file(folder, variant))
-            entries.append(PlanEntry(variant.name, variant.type, variant.format, predict(info, settings, device, calibrations),
+            beside = draft_info if draft_info is not None and draft_info.path != info.path else None
+            entries.append(PlanEntry(variant.name, variant.type, variant.format, predict(info, settings, device, calibrations, beside),
                                      file_bytes=info.file_size))
-    return Plan(device.id, settings, entries, advice=fit_advice(infos, entries, settings, device, calibrations))
+    return Plan(device.id, settings, entries, advice=fit_advice(infos, entries, settings, device, calibrations), draft=draft)

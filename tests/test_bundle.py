@@ -33,13 +33,14 @@ def invoke(*args: str) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def profiled(default_variants: QuantizeResult, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
-    """Real profile results (memory, speed and accuracy on 4 cases) for Q4_K_M and Q8_0."""
+    """Real profile results (memory, speed and accuracy on 4 cases) for Q4_K_M and Q8_0, each also
+    decoding with the Q2_K variant as a speculative draft."""
     folder = tmp_path_factory.mktemp("bundle") / "variants"
     shutil.copytree(default_variants.output_dir, folder)
     cases = folder.parent / "cases.jsonl"
     cases.write_text("\n".join((ROOT / "toolkit" / "clinical" / "cases-v1.jsonl").read_text().splitlines()[:4]) + "\n")
     code, out = invoke("profile", str(folder), "--types", "Q4_K_M,Q8_0", "--ctx", "512", "-p", "32", "-n", "8", "-r", "1",
-                       "--cases", str(cases), "--drift-chunks", "1", "--json", "-q")
+                       "--cases", str(cases), "--drift-chunks", "1", "--draft", "Q2_K", "--json", "-q")
     assert code == 0, out
     yield folder / "results.json", json.loads(out)["device"]
     shutil.rmtree(folder.parent, ignore_errors=True)  # a 1 GB copy: free it when the module is done
@@ -427,3 +428,65 @@ def test_bundle_shows_its_steps_with_the_time_left_on_a_terminal(profiled: tuple
     assert code == 0, out
     assert "bundle: copy and hash" in out and "bundle: archive" in out and "0:00:00 left" in out
     assert "Bundle: " in out and "Archive: " in out and f"{tmp_path / 'b'}.tar" in out  # the result lines survive the bars
+
+
+def _with_draft_figures(results: Path, out: Path, pays: bool) -> Path:
+    """A copy of the results whose draft figures are set to one side of `bundle --draft`'s rule: on
+    this 2-core machine a 135M model's draft does not pay, so the shipping branch needs its input
+    set. Speeds 10 and 20 tokens/s; the answer identical; the peak the variant's own."""
+    data = json.loads(results.read_text())
+    for record in data["records"]:
+        spec = (record.get("measured") or {}).get("speculative")
+        if spec:
+            slow, fast = {"median": 10.0, "low": 10.0, "high": 10.0, "samples": [10.0], "resolution": 0.0}, \
+                {"median": 20.0, "low": 20.0, "high": 20.0, "samples": [20.0], "resolution": 0.0}
+            spec.update(plain_tps=slow if pays else fast, draft_tps=fast if pays else slow, identical=True)
+    out.mkdir(parents=True, exist_ok=True)
+    copy = out / "results.json"
+    copy.write_text(json.dumps(data))
+    return copy
+
+
+def test_bundle_ships_the_draft_only_where_it_paid_and_verify_covers_it(profiled: tuple[Path, str], tmp_path: Path) -> None:
+    """`bundle --draft Q2_K`: as measured here, it ships the draft exactly when the rule holds
+    (faster in every run, within the budget, the same answer); with figures on each side of the
+    rule, the draft is left out with the reason on the card, or shipped: in runtime.json, the
+    manifest and the ML-BOM's hashes, checked by verify, and used by run unless --draft none."""
+    from edgecds.results import parse_measurement
+
+    results, device = profiled
+    made = build(results, device, tmp_path / "as-measured", "--draft", "Q2_K")
+    folder = Path(made["folder"])
+    manifest = json.loads((folder / "manifest.json").read_text())
+    spec = parse_measurement(manifest["measurements"]["record"], "record").measured.speculative  # type: ignore[union-attr]
+    assert spec is not None and spec.draft == "Q2_K" and spec.tokens >= 1 and 0 <= (spec.acceptance_rate or 0) <= 1
+    rule = spec.pays and spec.identical and spec.peak_rss_bytes <= manifest["device"]["budget_gib"] * 2**30
+    assert ("draft" in manifest) == rule and ("draft_not_shipped" in manifest) != rule
+
+    variants = results.parent
+    left_out = Path(build(_with_draft_figures(results, tmp_path / "slow", False), device, tmp_path / "slow" / "b", "--draft", "Q2_K",
+                          "--variants", str(variants))["folder"])
+    card = (left_out / "MODEL_CARD.md").read_text()
+    assert "## Speculative decoding" in card and "not faster" in card
+    assert BundleEngineConfig.read(left_out).draft is None and len(list((left_out / "model").glob("*.gguf"))) == 1
+
+    shipped = Path(build(_with_draft_figures(results, tmp_path / "fast", True), device, tmp_path / "fast" / "b", "--draft", "Q2_K",
+                         "--variants", str(variants))["folder"])
+    config = BundleEngineConfig.read(shipped)
+    draft_file = shipped / config.draft["model"]  # type: ignore[index]
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    q2k = json.loads((variants / "variants.json").read_text())
+    q2k_sha = next(v["sha256"] for v in q2k["variants"] if v["type"] == "Q2_K")
+    assert draft_file.is_file() and manifest["files"][config.draft["model"]]["sha256"] == q2k_sha == manifest["draft"]["sha256"]  # type: ignore[index]
+    assert "2.00x" in (shipped / "MODEL_CARD.md").read_text()
+    assert invoke("verify", str(shipped))[0] == 0
+    question = "A child has a barking cough and stridor. What is the most likely diagnosis?"
+    code, out = invoke("run", str(shipped), question, "-n", "12", "--json")
+    assert code == 0 and json.loads(out)["speculative"]["draft"] == draft_file.name, out
+    code, out = invoke("run", str(shipped), question, "-n", "12", "--json", "--draft", "none")
+    assert code == 0 and json.loads(out)["speculative"] is None, out
+    data = bytearray(draft_file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    draft_file.write_bytes(bytes(data))
+    code, out = invoke("verify", str(shipped))
+    assert code == 1 and draft_file.name in out, out

@@ -257,17 +257,17 @@ def profile_one(folder: Path, variant: VariantRecord, target: Target, settings: 
 
     if variant.format not in device.formats:
         return record("skipped", f"{device.id} runs {', '.join(device.formats)}, not {variant.format}")
+    if draft is not None and draft.sha256 == variant.sha256:
+        draft = None  # a variant is no draft of itself
     try:
         path = check_unchanged(folder, variant)  # the results will name this variant by its hash
-        predicted = _prediction(path, variant, settings, device)
+        predicted = _prediction(path, variant, settings, device, draft)
     except InvalidInputError as exc:
         return record("failed", str(exc))
     if predicted and not predicted["fits"]:
         return record("skipped", f"predicted not to fit: {predicted['why_not']}", predicted)
     unified = device.memory_kind == "unified" and device.device_class == "jetson"
     try:
-        if draft is not None and draft.sha256 == variant.sha256:
-            draft = None
         runs = measure_repeated(path, settings, config.repeats, timeout=config.timeout, unified_memory=unified,
                                 gpu=settings.n_gpu_layers != 0, fill_context=True, on_repeat=on_repeat,
                                 draft=asdict(draft.settings) if draft is not None else None)
@@ -276,22 +276,27 @@ def profile_one(folder: Path, variant: VariantRecord, target: Target, settings: 
     return record("measured", "", predicted, _summary(runs, predicted, draft))
 
 
-def _prediction(path: Path, variant: VariantRecord, settings: Any, device: DeviceProfile) -> dict[str, Any]:
+def _prediction(path: Path, variant: VariantRecord, settings: Any, device: DeviceProfile, draft: ProfileDraft | None = None) -> dict[str, Any]:
     """The predictor's figures at the full context the device runs (not just the benchmark's few
-    hundred tokens); none for ONNX, whose graphs are measured only (the predictor models llama.cpp)."""
+    hundred tokens), with a draft model's beside it too; none for ONNX, whose graphs are measured
+    only (the predictor models llama.cpp)."""
     from edgecds.formats.gguf_file import read_gguf
     from edgecds.hwbench.predict import predict
 
     if variant.format != "gguf":
         return {}
     info = read_gguf(path)
-    prediction = predict(info, replace(settings, prompt_tokens=None, decode_tokens=1), device)
+    full = replace(settings, prompt_tokens=None, decode_tokens=1)
+    prediction = predict(info, full, device)
+    with_draft = {}
+    if draft is not None and not draft.settings.is_ngram:
+        with_draft = {"peak_bytes_with_draft": predict(info, full, device, draft=read_gguf(Path(draft.settings.source))).memory.peak_bytes}
     benchmark = predict(info, settings, device)  # the speed the timed work itself should show
     mismatch = _uncalibrated_cpu(device)
     return {**({"calibrated_on": mismatch} if mismatch else {}), "peak_bytes": prediction.memory.peak_bytes, "budget_bytes": prediction.budget_bytes,
             "gpu_layers": prediction.memory.gpu_layers, "decode_tps": round(prediction.speed.decode_tps, 2),
             "benchmark_decode_tps": round(benchmark.speed.decode_tps, 2),
-            "n_ctx": settings.n_ctx, "fits": prediction.fits, **({"why_not": prediction.why_not} if not prediction.fits else {})}
+            "n_ctx": settings.n_ctx, "fits": prediction.fits, **({"why_not": prediction.why_not} if not prediction.fits else {}), **with_draft}
 
 
 def _uncalibrated_cpu(device: DeviceProfile) -> str | None:

@@ -71,6 +71,12 @@ class DraftMeasured:
         """Faster by more than the runs' spread: the slowest run with the draft beats the fastest without."""
         return self.draft_tps.low > self.plain_tps.high
 
+    @property
+    def verdict(self) -> str:
+        if self.pays:
+            return "faster in every run"
+        return "slower in every run" if self.draft_tps.high < self.plain_tps.low else "within the runs' spread"
+
 
 @dataclass(frozen=True)
 class HostFingerprint:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import tarfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,11 @@ from edgecds.bundle.sign import sign_manifest
 from edgecds.caveats import chance_caveat, record_caveats
 from edgecds.devices import DeviceProfile
 from edgecds.digest import HashingWriter, Progress, copy_hashed, folder_digest_of, sha256_file
+from edgecds.engine.speculative import DEFAULT_DRAFT_MAX, DEFAULT_P_MIN, NGRAM
 from edgecds.errors import InvalidInputError, UsageError
 from edgecds.formats.gguf_file import read_gguf
 from edgecds.progress import Reporter, lazy_step, offset
-from edgecds.results import EvalRecord
+from edgecds.results import DraftMeasured, EvalRecord
 
 COPY_CHUNK = 8 << 20  # tarfile copies 16 KiB at a time by default: slow for gigabytes
 
@@ -106,6 +107,7 @@ def _model_card(choice: Choice, manifest: dict[str, Any]) -> str:
                   + ", ".join(f"{group.removesuffix('.weight')} {kind}" for group, kind in fit["groups"].items()) + ".",
                   f"- Mean KL from the float model on the drift text: {fit['measured']['kl_mean']:.4f} measured "
                   f"({fit['predicted_kl']:.4f} predicted from the probes), 99.9th percentile {fit['measured']['kl_p999']:.3f}."]
+    lines += _draft_lines(manifest)
     template = manifest["model"].get("chat_template_sha256")
     lines += ["", "## Chat template", "",
               f"- The model's own, sha256 {template}: checked when this bundle was made (no Python internals, no loaded templates, and "
@@ -140,6 +142,25 @@ class BundleResult:
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
 
+def _draft_lines(manifest: dict[str, Any]) -> list[str]:
+    """The card's "Speculative decoding" section: the draft shipped and what it measured, or the one
+    asked for and why it was left out."""
+    draft, left_out = manifest.get("draft"), manifest.get("draft_not_shipped")
+    if draft is not None:
+        m = draft["measured"]
+        what = "n-gram prompt lookup (no second model)" if draft["type"] == NGRAM else f"the {draft['type']} variant of the same model ({draft['model']})"
+        rate = f"{m['acceptance_rate']:.0%}" if m["acceptance_rate"] is not None else "none"
+        return ["", "## Speculative decoding", "",
+                f"- Drafted by {what}, at most {draft['settings']['max_tokens']} tokens a step: decode {m['decode_tps']:.1f} -> "
+                f"{m['decode_tps_with_draft']:.1f} tokens/s ({m['speedup']:.2f}x, faster in every measured run), {rate} of drafted tokens "
+                f"kept, peak {m['peak_rss_bytes'] / 2**20:.0f} MiB with both loaded.",
+                "- Every answer token is the model's own choice: a drafted token is kept only where the model would have chosen it. "
+                "The profiled answer was identical with and without the draft; `edgecds run --draft none` turns it off."]
+    if left_out is not None:
+        return ["", "## Speculative decoding", "", f"- The {left_out['draft']} draft was asked for and not shipped: {left_out['why']}."]
+    return []
+
+
 def _measured_variant(choice: Choice, variants_dir: Path | None) -> tuple[Any, Any, Path]:
     """(variants.json, the chosen variant's record, its file or folder), found in `variants_dir`
     or beside the results file. Its hash is checked as it is copied into the bundle (`_fill`)."""
@@ -162,6 +183,62 @@ def _measured_variant(choice: Choice, variants_dir: Path | None) -> tuple[Any, A
     if not (path.is_dir() if record.format == "onnx" else path.is_file()):
         raise InvalidInputError(f"{path} is missing; run `edgecds quantize` again to rebuild it")
     return variants, record, path
+
+
+@dataclass(frozen=True)
+class ShippedDraft:
+    """The speculative draft a bundle ships beside its model (`bundle --draft`)."""
+
+    name: str  # the draft variant's type, or "ngram"
+    path: Path | None  # the draft's GGUF on the build machine; None for ngram
+    sha256: str | None
+    measured: DraftMeasured
+
+    @property
+    def bundled_model(self) -> str:
+        return NGRAM if self.path is None else f"{MODEL_DIR}/{self.path.name}"
+
+    def runtime_entry(self) -> dict[str, Any]:
+        settings = self.measured.settings
+        return {"model": self.bundled_model, "max_tokens": int(settings.get("max_tokens", DEFAULT_DRAFT_MAX)),
+                "p_min": float(settings.get("p_min", DEFAULT_P_MIN))}
+
+    def manifest_entry(self) -> dict[str, Any]:
+        m = self.measured
+        return {"type": self.name, "sha256": self.sha256, "model": self.bundled_model, "settings": self.runtime_entry(),
+                "measured": {"decode_tps": m.plain_tps.median, "decode_tps_with_draft": m.draft_tps.median, "speedup": round(m.speedup, 3),
+                             "acceptance_rate": m.acceptance_rate, "identical_answers": m.identical, "peak_rss_bytes": m.peak_rss_bytes}}
+
+
+def draft_for(choice: Choice, device: DeviceProfile, variants: Any, folder: Path, name: str) -> tuple[ShippedDraft | None, str]:
+    """The draft `bundle --draft NAME` ships with the chosen variant, or None and why not. It ships
+    when the chosen variant was profiled with it on the device and, there: it was faster in every
+    run than the fastest without it, both together peaked within the budget, and its answers were
+    the variant's own (the accuracy was measured without a draft)."""
+    from edgecds.variants import variant_file
+
+    c = choice.chosen
+    assert c is not None
+    spec = c.measurement.measured.speculative if c.measurement and c.measurement.measured else None
+    if spec is None or spec.draft.upper() != name.upper():
+        raise UsageError(f"{c.variant} was not profiled with the {name} draft on {device.id}: run `edgecds profile ... --types {c.variant} "
+                         f"--draft {name}` there first, then bundle again")
+    budget = int(device.budget_gib * 2**30)
+    figures = f"{spec.plain_tps.median:.1f} -> {spec.draft_tps.median:.1f} tokens/s, peak {spec.peak_rss_bytes / 2**20:.0f} MiB"
+    if not spec.pays:
+        return None, f"the {spec.draft} draft is not faster than {c.variant} alone by more than the runs' spread ({figures})"
+    if spec.peak_rss_bytes > budget:
+        return None, f"{c.variant} with the {spec.draft} draft peaks over the {device.budget_gib:g} GiB budget ({figures})"
+    if not spec.identical:
+        return None, (f"with the {spec.draft} draft, {c.variant}'s answer differed from its own (llama.cpp's batched verification "
+                      "rounds differently), and its accuracy was measured without a draft")
+    if spec.draft == NGRAM:
+        return ShippedDraft(NGRAM, None, None, spec), ""
+    record = next((v for v in variants.variants if v.sha256 == spec.draft_sha256), None)
+    if record is None:
+        raise InvalidInputError(f"{folder / 'variants.json'} does not list the {spec.draft} draft that was profiled (sha256 "
+                                f"{(spec.draft_sha256 or '')[:12]}); pass the folder it was profiled from with --variants DIR")
+    return ShippedDraft(record.type, variant_file(folder, record), record.sha256, spec), ""
 
 
 def _engine_config(choice: Choice, device: DeviceProfile, record: Any, model_path: Path) -> BundleEngineConfig:
@@ -247,7 +324,7 @@ def audited_template(model_path: Path) -> str | None:
 
 
 def write_bundle(choice: Choice, device: DeviceProfile, output: Path, sign_key: Path | None = None,
-                 variants_dir: Path | None = None, reporter: Reporter | None = None) -> BundleResult:
+                 variants_dir: Path | None = None, reporter: Reporter | None = None, draft: str | None = None) -> BundleResult:
     """The bundle folder and its archive beside it. Both are built under temporary names and
     published folder first, archive last, after the old archive is removed: an interruption leaves
     the old pair, or the new folder without an archive, never a folder and an archive that differ.
@@ -270,7 +347,16 @@ def write_bundle(choice: Choice, device: DeviceProfile, output: Path, sign_key: 
     engine = _engine_config(choice, device, record, model_path)
     manifest = _manifest(choice, device, variants, record)
     manifest["model"]["chat_template_sha256"] = template_sha256
+    shipped, why_not = draft_for(choice, device, variants, variants_dir or Path(choice.chosen.results_file).parent, draft) \
+        if draft is not None and choice.chosen is not None else (None, "")
+    if why_not:
+        warnings.append(f"no draft shipped: {why_not}")
+        manifest["draft_not_shipped"] = {"draft": draft, "why": why_not}
+    if shipped is not None:
+        engine = replace(engine, draft=shipped.runtime_entry())
+        manifest["draft"] = shipped.manifest_entry()
     model_bytes = sum(p.stat().st_size for p in _model_files(model_path)) + sum(p.stat().st_size for p in licences)
+    model_bytes += shipped.path.stat().st_size if shipped is not None and shipped.path is not None else 0
     output.parent.mkdir(parents=True, exist_ok=True)
     archive = output.with_name(output.name + ARCHIVE_SUFFIX)
     with folder_lock(output.parent):
@@ -281,7 +367,7 @@ def write_bundle(choice: Choice, device: DeviceProfile, output: Path, sign_key: 
             # the inner (folder) is published on leaving before the outer (archive)
             with atomic_path(archive) as packed, atomic_path(output, directory=True) as folder:
                 _fill(folder, model_path, record, licences, engine, choice, manifest, sign_key,
-                      lazy_step(reporter, "bundle: copy and hash", model_bytes))
+                      lazy_step(reporter, "bundle: copy and hash", model_bytes), shipped)
                 archive_sha256 = write_reproducible_tar(folder, packed, output.name, lazy_step(reporter, "bundle: archive", model_bytes))
                 for old in (archive, output.with_name(output.name + ".tar.gz")):  # .tar.gz: what earlier versions wrote
                     old.unlink(missing_ok=True)  # from here on, no archive until this folder's is published
@@ -300,7 +386,7 @@ def _model_files(model_path: Path) -> list[Path]:
 
 
 def _fill(folder: Path, model_path: Path, record: Any, licences: list[Path], engine: BundleEngineConfig, choice: Choice,
-          manifest: dict[str, Any], sign_key: Path | None, progress: Progress | None) -> None:
+          manifest: dict[str, Any], sign_key: Path | None, progress: Progress | None, draft: ShippedDraft | None = None) -> None:
     """Write the bundle's files into `folder`, the manifest (every file's hash) last but the signature.
     The model is copied and hashed in one pass; a model that changed since it was measured is refused."""
     (folder / MODEL_DIR).mkdir()
@@ -318,6 +404,13 @@ def _fill(folder: Path, model_path: Path, record: Any, licences: list[Path], eng
     digest = folder_digest_of(copied, target) if model_path.is_dir() else copied[target]
     if digest != record.sha256:
         raise InvalidInputError(f"{model_path} changed since `edgecds quantize` recorded it (sha256 differs); run quantize again")
+    if draft is not None and draft.path is not None:  # the draft's GGUF, checked as the model is
+        dest = folder / draft.bundled_model
+        if dest.exists():
+            raise UsageError(f"the draft {draft.path.name} has the model's own file name; it cannot be its own draft")
+        copied[dest] = copy_hashed(draft.path, dest, offset(progress, done))
+        if copied[dest] != draft.sha256:
+            raise InvalidInputError(f"{draft.path} changed since it was profiled as the draft (sha256 differs); profile it again")
     for lic in licences:
         shutil.copyfile(lic, folder / lic.name)
     (folder / ENGINE_CONFIG).write_text(engine.to_json(), encoding="utf-8")

@@ -140,10 +140,12 @@ def devices_show(profiles_dirs: tuple[Path, ...], device_id: str, as_json: bool)
 @click.option("--model-config", "model_config", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Estimate from a model's config.json alone, before downloading it (instead of VARIANTS; needs the build extra).")
 @click.option("--types", "types_text", help="With --model-config: the GGUF types to estimate.  [default: the default GGUF types]")
+@click.option("--draft", metavar="TYPE", help="Plan each variant with this GGUF variant beside it as a speculative draft (its "
+              "memory added: weights, KV cache at the context, buffers); 'ngram' adds none.")
 @profiles_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def plan(variants: Path | None, device_id: str, n_ctx: int | None, kv_type: str, model_config: Path | None, types_text: str | None,
-         profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
+         draft: str | None, profiles_dirs: tuple[Path, ...], as_json: bool) -> None:
     """Predict which variants fit a device, and how fast they run there, before anything is loaded.
 
     VARIANTS is a variants.json written by `edgecds quantize` (or its folder), or a GGUF file you
@@ -168,6 +170,8 @@ def plan(variants: Path | None, device_id: str, n_ctx: int | None, kv_type: str,
         raise click.UsageError("give either VARIANTS (a GGUF file, a variants.json or its folder) or --model-config config.json")
     if types_text and model_config is None:
         raise click.UsageError("--types goes with --model-config; with VARIANTS every recorded variant is planned")
+    if draft and model_config is not None:
+        raise click.UsageError("--draft goes with VARIANTS: it names one of their GGUF variants")
     targets = plan_devices(device_id, profiles_dirs)
     if model_config is not None:
         from edgecds.formats.types import DEFAULT_TYPES, parse_type_list
@@ -179,7 +183,7 @@ def plan(variants: Path | None, device_id: str, n_ctx: int | None, kv_type: str,
         from edgecds.hwbench.predict import plan as make_plan
 
         assert variants is not None
-        plans = [make_plan(variants, device, n_ctx, kv_type) for device in targets]
+        plans = [make_plan(variants, device, n_ctx, kv_type, draft=draft) for device in targets]
     if as_json:  # one device: its plan; a class: a list, one plan a device
         print_json(plans[0].to_dict() if device_id not in DEVICE_CLASSES else [p.to_dict() for p in plans])
     else:
@@ -268,9 +272,10 @@ def profile(variants: Path, device_id: str, types_text: str | None, n_ctx: int |
         spec = o.record.measured.speculative if o.record.measured is not None else None
         if spec is not None:
             rate = f"{spec.acceptance_rate:.0%}" if spec.acceptance_rate is not None else "none"
+            same = "the same answer as" if spec.identical else "an answer that differs from the one (batched arithmetic)"
             click.echo(f"{o.record.variant.type} with the {spec.draft} draft: decode {spec.plain_tps.median:.1f} -> "
-                       f"{spec.draft_tps.median:.1f} tokens/s ({spec.speedup:.2f}x; {'faster than' if spec.pays else 'within'} the runs' "
-                       f"spread), drafted tokens kept {rate}, answer {'identical' if spec.identical else 'DIFFERENT'} without it")
+                       f"{spec.draft_tps.median:.1f} tokens/s ({spec.speedup:.2f}x, {spec.verdict}), drafted tokens kept {rate}, "
+                       f"{same} without it")
     if result.evaluation is not None:
         _print_eval_table(result.evaluation)
     click.echo(f"Recorded in {result.results_file}")

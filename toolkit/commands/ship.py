@@ -53,11 +53,14 @@ def report_command(results: tuple[Path, ...], output: Path | None, constraints: 
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="Sign the manifest with this ed25519 key (`edgecds keygen`).")
 @click.option("--variants", "variants_dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
               help="The variants folder the results were measured from (checked by hash).  [default: the results file's folder]")
+@click.option("--draft", metavar="TYPE|ngram", help="Ship this speculative draft with the chosen variant (`profile --draft` must have "
+              "measured the pair on the device): only when it was faster in every run, fitted the budget and left the answer unchanged; "
+              "otherwise the bundle says why it is not there.")
 @profiles_dir_option(help="Your own device profiles.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def bundle_command(results: tuple[Path, ...], device_id: str, output: Path | None, constraints: Any, sign_key: Path | None,
-                   variants_dir: Path | None, profiles_dirs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
+                   variants_dir: Path | None, draft: str | None, profiles_dirs: tuple[Path, ...], as_json: bool, quiet: bool) -> None:
     """Choose the best variant measured on a device and pack it for the clinic.
 
     A variant qualifies when it fits, meets every constraint and is not significantly worse than
@@ -85,7 +88,7 @@ def bundle_command(results: tuple[Path, ...], device_id: str, output: Path | Non
     folder = output or Path("bundles") / f"{choice.chosen.variant}-{device.id}"
     from edgecds.progress import make_reporter
 
-    result = write_bundle(choice, device, folder, sign_key, variants_dir, make_reporter(quiet))
+    result = write_bundle(choice, device, folder, sign_key, variants_dir, make_reporter(quiet), draft)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     if as_json:
