@@ -479,6 +479,10 @@ def test_bundle_ships_the_draft_only_where_it_paid_and_verify_covers_it(profiled
     q2k_sha = next(v["sha256"] for v in q2k["variants"] if v["type"] == "Q2_K")
     assert draft_file.is_file() and manifest["files"][config.draft["model"]]["sha256"] == q2k_sha == manifest["draft"]["sha256"]  # type: ignore[index]
     assert "2.00x" in (shipped / "MODEL_CARD.md").read_text()
+    _check_ml_bom(shipped, manifest, next(f for f in manifest["files"] if f.startswith("model/") and f != config.draft["model"]))  # type: ignore[index]
+    bom = json.loads((shipped / "ml-bom.cdx.json").read_text())
+    (drafting,) = [c for c in bom["components"] if c["bom-ref"] == "draft"]
+    assert drafting["hashes"] == [{"alg": "SHA-256", "content": q2k_sha}] and "draft" in bom["dependencies"][0]["dependsOn"]
     assert invoke("verify", str(shipped))[0] == 0
     question = "A child has a barking cough and stridor. What is the most likely diagnosis?"
     code, out = invoke("run", str(shipped), question, "-n", "12", "--json")

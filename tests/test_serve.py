@@ -346,15 +346,19 @@ def test_streaming_answers_in_pieces_for_both_formats(bundle: Path, onnx_bundle:
             _stop(proc)
 
 
-@pytest.mark.parametrize("which", ["gguf", "onnx"])
+@pytest.mark.parametrize("which", ["gguf", "gguf-draft", "onnx"])
 def test_more_clients_than_slots_get_only_stated_answers_and_the_server_survives(which: str, request: pytest.FixtureRequest) -> None:
     """6 clients on 1 slot and 1 queue place, 2 of them asking for long essays that pass the time
     limit, while 4 stalled clients hold connections: every one of the 18 answers is 200, 503 or
     504, some are served, the server answers afterwards, and its peak memory stays inside the
-    device's budget."""
-    folder: Path = request.getfixturevalue("bundle" if which == "gguf" else "onnx_bundle")
+    device's budget; also with a speculative draft (the Q2_K variant) decoding for the slot."""
+    folder: Path = request.getfixturevalue("onnx_bundle" if which == "onnx" else "bundle")
     budget = int(json.loads((folder / "manifest.json").read_text())["device"]["budget_gib"] * 2**30)
-    proc, port, token = start_server(folder, 1, 1, 300, "--timeout", "1.5", "--body-timeout", "2")
+    draft: list[str] = []
+    if which == "gguf-draft":
+        variants: QuantizeResult = request.getfixturevalue("default_variants")
+        draft = ["--draft", str(Path(variants.output_dir) / next(o.record.path for o in variants.outcomes if o.record.type == "Q2_K"))]
+    proc, port, token = start_server(folder, 1, 1, 300, "--timeout", "1.5", "--body-timeout", "2", *draft)
     codes: list[int] = []
     stalled: list[str] = []
     lock = threading.Lock()

@@ -89,3 +89,43 @@ def test_run_drafts_and_says_how_much_it_kept(default_variants: QuantizeResult, 
     bad.write_text("not a model")
     out = runner.invoke(cli, ["run", str(model), PROMPTS[0], "--draft", str(bad)])
     assert out.exit_code != 0 and "not a GGUF file" in out.output and "Traceback" not in out.output, out.output
+
+
+def test_profile_measures_decode_with_and_without_each_draft_and_plan_counts_its_memory(default_variants: QuantizeResult,
+                                                                                        tmp_path: Path) -> None:
+    """`profile --draft`: the same answer decoded both ways in each process, the tally and the peak
+    with both loaded recorded; a model draft's memory predicted as `plan --draft` predicts it, and
+    measured above the variant's own peak; n-gram adds no memory to the plan."""
+    folder = tmp_path / "variants"
+    folder.mkdir()
+    source = Path(default_variants.output_dir)
+    (folder / "variants.json").write_text((source / "variants.json").read_text())
+    for outcome in default_variants.outcomes:  # links: plan reads every recorded variant
+        (folder / outcome.record.path).symlink_to(source / outcome.record.path)
+    runner = CliRunner()
+    for draft in ("Q2_K", NGRAM):
+        out = runner.invoke(cli, ["profile", str(folder), "--types", "Q8_0", "--draft", draft, "--ctx", "512", "-p", "32", "-n", "24",
+                                  "-r", "2", "--no-accuracy", "-q", "--json", "-o", str(tmp_path / f"{draft}.json")])
+        assert out.exit_code == 0, out.output
+        (record,) = json.loads(out.output)["records"]
+        spec, measured = record["measured"]["speculative"], record["measured"]
+        assert record["settings"]["draft"]["source"] == draft and spec["draft"] == draft
+        assert 1 < spec["tokens"] <= 24 and len(spec["plain_tps"]["samples"]) == len(spec["draft_tps"]["samples"]) == 2
+        assert spec["plain_tps"]["median"] > 0 and spec["draft_tps"]["median"] > 0
+        assert spec["acceptance_rate"] is None or 0 <= spec["acceptance_rate"] <= 1
+        assert spec["peak_rss_bytes"] >= measured["full_context_peak_bytes"]
+        if draft == "Q2_K":
+            assert record["predicted"]["peak_bytes_with_draft"] > record["predicted"]["peak_bytes"]
+            assert spec["draft_sha256"] == next(o.record.sha256 for o in default_variants.outcomes if o.record.type == "Q2_K")
+            assert spec["peak_rss_bytes"] > measured["full_context_peak_bytes"] + 0.5 * _file(default_variants, "Q2_K").stat().st_size
+    plans = {}
+    for draft in (None, "Q2_K", NGRAM):
+        out = runner.invoke(cli, ["plan", str(folder), "--device", "laptop-x86-16gb", "--ctx", "512", "--json",
+                                  *(["--draft", draft] if draft else [])])
+        assert out.exit_code == 0, out.output
+        plans[draft] = {e["type"]: e["prediction"]["memory"] for e in json.loads(out.output)["entries"]}
+    alone, with_q2k = plans[None]["Q8_0"], plans["Q2_K"]["Q8_0"]
+    q2k = plans[None]["Q2_K"]
+    assert with_q2k["draft"] == q2k["peak_bytes"] - q2k["runtime"] and with_q2k["peak_bytes"] == alone["peak_bytes"] + with_q2k["draft"]
+    assert plans["Q2_K"]["Q2_K"]["draft"] == 0  # no variant is planned as its own draft
+    assert plans[NGRAM]["Q8_0"] == alone

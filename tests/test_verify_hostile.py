@@ -166,6 +166,24 @@ def test_a_manifest_that_lists_nothing_or_not_the_model_is_refused(tmp_path: Pat
         verify_bundle(unlisted)
 
 
+def _drafted(model: object, n: object = 8, p_min: object = 0.75) -> dict[str, object]:
+    return {"format": "gguf", "model": "model/m.gguf", "n_ctx": 512, "threads": 1, "draft": {"model": model, "max_tokens": n, "p_min": p_min}}
+
+
+def test_a_draft_model_must_be_inside_the_bundle_listed_and_well_formed(tmp_path: Path) -> None:
+    """runtime.json's speculative draft (bundle --draft) is checked as its model is; the archive too."""
+    assert verify_bundle(fake_bundle(tmp_path / "ngram", runtime=_drafted("ngram"))).files == 2
+    assert verify_bundle(fake_bundle(tmp_path / "model", runtime=_drafted("model/d.gguf"), files={"model/d.gguf": b"GGUF"})).files == 3
+    with pytest.raises(VerifyError, match="draft model '/etc/hostname' is not a path inside the bundle"):
+        verify_bundle(fake_bundle(tmp_path / "outside", runtime=_drafted("/etc/hostname")))
+    unlisted = fake_bundle(tmp_path / "unlisted", runtime=_drafted("model/d.gguf"))
+    with pytest.raises(VerifyError, match="its draft model .*d.gguf' is not listed in the manifest"):
+        verify_bundle(unlisted)
+    for bad in (_drafted(5), _drafted("ngram", n="8"), _drafted("ngram", p_min=True), _drafted("ngram", n=0)):
+        with pytest.raises(VerifyError, match="draft"):
+            verify_bundle(fake_bundle(tmp_path / f"bad-{len(list(tmp_path.iterdir()))}", runtime=bad))
+
+
 @pytest.mark.parametrize("entry", [[], "x", {"size": "1"}, {"sha256": 5, "size": 1}])
 def test_a_manifest_entry_of_the_wrong_shape_is_named(tmp_path: Path, entry: object) -> None:
     bundle = fake_bundle(tmp_path / "b")

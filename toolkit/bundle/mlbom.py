@@ -109,10 +109,20 @@ def ml_bom(manifest: dict[str, Any], model_sha256: str, record_options: dict[str
     engine_component = {"type": "application", "bom-ref": "engine", "name": "edgecds runtime", "version": manifest["created_by"].split()[-1],
                         "description": f"runs the model with {engine}"}
     serial = uuid.uuid5(uuid.NAMESPACE_URL, f"edgecds:{manifest['bundle']}:{model_sha256}")  # the same bundle, the same serial
+    components = [component, engine_component, profile]
+    draft = manifest.get("draft")
+    if draft is not None and draft.get("sha256"):  # bundle --draft: a second model file, drafting for the first
+        m = draft["measured"]
+        components.append({"type": "machine-learning-model", "bom-ref": "draft", "name": model["name"], "version": draft["type"],
+                           "hashes": [{"alg": "SHA-256", "content": draft["sha256"]}],
+                           "description": "speculative decoding draft: the answer stays the model's own",
+                           "properties": [_prop("draft_speedup", m["speedup"]), _prop("draft_acceptance_rate", m["acceptance_rate"]),
+                                          _prop("draft_max_tokens", draft["settings"]["max_tokens"]),
+                                          _prop("draft_p_min", draft["settings"]["p_min"])]})
     return {
         "bomFormat": "CycloneDX", "specVersion": SPEC_VERSION, "serialNumber": f"urn:uuid:{serial}", "version": 1,
         "metadata": {"tools": {"components": [{"type": "application", "name": "edgecds", "version": manifest["created_by"].split()[-1]}]},
                      "component": {"type": "application", "bom-ref": "bundle", "name": manifest["bundle"]}},
-        "components": [component, engine_component, profile],
-        "dependencies": [{"ref": "bundle", "dependsOn": ["model", "engine", "device-profile"]}],
+        "components": components,
+        "dependencies": [{"ref": "bundle", "dependsOn": [c["bom-ref"] for c in components]}],
     }

@@ -261,10 +261,14 @@ def _present_files(bundle: Path) -> set[str]:
 
 
 def _check_model_listed(where: Path, config: BundleEngineConfig, files: dict[str, dict[str, Any]]) -> None:
-    """The model runtime.json names is inside the bundle and covered by the manifest."""
+    """The model runtime.json names, and its draft model if it has one, are inside the bundle and
+    covered by the manifest."""
     model = config.model_path(where).relative_to(where).as_posix()
     if model not in files and not any(name.startswith(model + "/") for name in files):
         raise VerifyError(f"{where / ENGINE_CONFIG}: its model {config.model!r} is not listed in the manifest")
+    draft = config.draft_settings(where)
+    if draft is not None and not draft.is_ngram and Path(draft.source).relative_to(where).as_posix() not in files:
+        raise VerifyError(f"{where / ENGINE_CONFIG}: its draft model {draft.source!r} is not listed in the manifest")
 
 
 # (size, sha256) of a present file, reporting bytes read to the progress callback
