@@ -22,7 +22,6 @@ from edgecds.errors import EngineError
 
 if TYPE_CHECKING:
     from edgecds.devices import DeviceProfile
-    from edgecds.engine.speculative import Speculation
 
 DEFAULT_CTX = 2048  # the context a command uses when neither the user nor a device profile names one
 DEFAULT_BATCH = 512  # llama.cpp's default n_batch and n_ubatch
@@ -145,17 +144,21 @@ def sampler(seed: int, temperature: float, top_p: float) -> Picker:
     return pick
 
 
+class Drafting(Protocol):
+    """A speculative draft with its tally (engine/speculative.py `Speculation`), as `generate_greedy` takes it."""
+
+    def generate(self, runtime: Runtime, prompt: list[int], max_tokens: int, pick: Picker,
+                 stop: Callable[[list[int]], bool] | None, reset: bool) -> list[int]: ...
+
+
 def generate_greedy(runtime: Runtime, prompt: list[int], max_tokens: int, stop: Callable[[list[int]], bool] | None = None,
-                    reset: bool = True, pick: Picker = argmax, draft: Speculation | None = None) -> list[int]:
+                    reset: bool = True, pick: Picker = argmax, draft: Drafting | None = None) -> list[int]:
     """Evaluate `prompt` (from an empty cache unless `reset` is False) and decode greedily (or with
     `pick`, e.g. a `sampler`) until an end token, `max_tokens`, or `stop(tokens so far)`; the
     generated tokens, the end token excluded. With a `draft`, the same tokens by speculative
     decoding (engine/speculative.py), its tally added to the draft's."""
     if draft is not None:
-        from edgecds.engine.speculative import generate_speculative
-
-        return generate_speculative(runtime, prompt, max_tokens, draft.drafter, draft.settings.max_tokens, pick, stop, reset,
-                                    draft.stats)
+        return draft.generate(runtime, prompt, max_tokens, pick, stop, reset)
     if reset:
         runtime.reset()
     runtime.eval(prompt)

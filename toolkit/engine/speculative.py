@@ -211,5 +211,9 @@ class Speculation:
     settings: DraftSettings
     stats: DraftStats = field(default_factory=DraftStats)
 
+    def generate(self, runtime: Runtime, prompt: list[int], max_tokens: int, pick: Callable[[Any], int],
+                 stop: Callable[[list[int]], bool] | None, reset: bool) -> list[int]:
+        return generate_speculative(runtime, prompt, max_tokens, self.drafter, self.settings.max_tokens, pick, stop, reset, self.stats)
+
     def close(self) -> None:
         self.drafter.close()
