@@ -217,7 +217,7 @@ def measure_here(model_path: Path, settings: RunSettings, workload: Workload = W
     )
 
 
-def _timed_answer(runtime: Runtime, prompt: list[int], n: int, draft: Any = None) -> tuple[list[int], float]:
+def timed_answer(runtime: Runtime, prompt: list[int], n: int, draft: Any = None) -> tuple[list[int], float]:
     """The answer's tokens, and the seconds its tokens after the first took (the prompt excluded)."""
     from edgecds.engine import generate_greedy
 
@@ -244,13 +244,13 @@ def _time_drafted(runtime: Runtime, settings: RunSettings, workload: Workload, c
         prompt = runtime.tokenize(chat)
         if len(prompt) + n > settings.n_ctx:
             raise EngineError(f"the clinical prompt ({len(prompt)} tokens) and {n} decoded tokens do not fit a context of {settings.n_ctx}")
-        _timed_answer(runtime, prompt, 4, spec)  # warm-up: the draft's first load and pass, untimed
+        timed_answer(runtime, prompt, 4, spec)  # warm-up: the draft's first load and pass, untimed
         spec.stats = DraftStats()
         plain, drafted, identical, tokens = [], [], True, 0
         for _ in range(workload.repeats):
-            alone, seconds = _timed_answer(runtime, prompt, n)
+            alone, seconds = timed_answer(runtime, prompt, n)
             plain.append(seconds)
-            helped, seconds = _timed_answer(runtime, prompt, n, spec)
+            helped, seconds = timed_answer(runtime, prompt, n, spec)
             drafted.append(seconds)
             identical = identical and alone == helped
             tokens = len(alone)

@@ -11,6 +11,7 @@ and writes its results to bench-results/*.json:
 - `bench_serve`: `edgecds serve` under more concurrent clients than slots;
 - `bench_fit`: `quantize --fit` against the standard types at equal size;
 - `bench_onnx_int4`: onnxruntime's int4 algorithms (k_quant, HQQ, --mixed) against GGUF Q4_K_M;
+- `bench_speculative`: decode with and without a speculative draft (model variants, n-gram);
 - `calibrate`: measures the predictor's CPU constants, stored in hwbench/calibration.json (the one
   output that the product reads, through `edgecds.hwbench.predict.load_calibrations`).
 """

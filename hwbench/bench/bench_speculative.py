@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 from edgecds.hwbench.bench.bench_fit import write_report
+from edgecds.hwbench.measure import timed_answer
 
 DEFAULT_DRAFTS = ("Q2_K", "Q3_K_M", "Q4_K_M")
 
@@ -33,20 +33,6 @@ def _prompts(n: int) -> list[str]:
     from edgecds.cases import load_cases
 
     return [f"{c.vignette}\n{c.question}" for c in load_cases().cases[:n]]
-
-
-def _answer(runtime: Any, prompt: list[int], n: int, spec: Any = None) -> tuple[list[int], float]:
-    from edgecds.engine import generate_greedy
-
-    first = [0.0]
-
-    def mark(out: list[int]) -> bool:
-        if len(out) == 1:
-            first[0] = time.perf_counter()
-        return False
-
-    out = generate_greedy(runtime, prompt, n, mark, draft=spec)
-    return out, time.perf_counter() - first[0]
 
 
 def measure_target(target: Path, drafts: dict[str, Any], prompts: list[str], tokens: int, repeats: int, threads: int) -> dict[str, Any]:
@@ -60,17 +46,17 @@ def measure_target(target: Path, drafts: dict[str, Any], prompts: list[str], tok
     rows = []
     try:
         encoded = [runtime.tokenize(runtime.chat_prompt(p)) for p in prompts]
-        _answer(runtime, encoded[0], 8)  # warm-up
+        timed_answer(runtime, encoded[0], 8)  # warm-up
         for label, draft in drafts.items():
             spec = Speculation(open_draft(draft, settings, runtime), draft)
             try:
-                _answer(runtime, encoded[0], 8, spec)
+                timed_answer(runtime, encoded[0], 8, spec)
                 spec.stats = DraftStats()
                 ratios, alone_tps, with_tps, identical, answers = [], [], [], 0, 0
                 for _ in range(repeats):
                     for ids in encoded:
-                        plain, t_plain = _answer(runtime, ids, tokens)
-                        drafted, t_draft = _answer(runtime, ids, tokens, spec)
+                        plain, t_plain = timed_answer(runtime, ids, tokens)
+                        drafted, t_draft = timed_answer(runtime, ids, tokens, spec)
                         if len(plain) < 2:
                             continue
                         alone_tps.append((len(plain) - 1) / t_plain)
