@@ -7,6 +7,8 @@ import io
 import json
 import shutil
 import socket
+import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -300,8 +302,6 @@ def test_interrupted_and_concurrent_runs_never_leave_a_mismatched_pair(profiled:
     import os
     import resource
     import signal
-    import subprocess
-    import sys
 
     from edgecds.atomic import folder_lock
     from edgecds.bundle import pack
@@ -494,3 +494,54 @@ def test_bundle_ships_the_draft_only_where_it_paid_and_verify_covers_it(profiled
     draft_file.write_bytes(bytes(data))
     code, out = invoke("verify", str(shipped))
     assert code == 1 and draft_file.name in out, out
+
+
+def _model_signing_verifies(folder: Path, public: Path) -> bool:
+    """The OpenSSF model_signing tool's own verdict (its CLI, key-based: nothing is fetched)."""
+    run = subprocess.run([sys.executable, "-m", "model_signing", "verify", "key", str(folder), "--signature", str(folder / "model.sig"),
+                          "--public_key", str(public)], capture_output=True, text=True, timeout=300)
+    return run.returncode == 0
+
+
+def test_an_ec_key_signs_the_openssf_way_and_edgecds_and_model_signing_agree(profiled: tuple[Path, str], key: tuple[Path, str],
+                                                                             tmp_path: Path) -> None:
+    """`bundle --sign` with an EC key (`keygen --type ec`) writes model.sig over every file: edgecds
+    verifies the folder and the archive (as it streams) against the public key, and so does the
+    model_signing tool; with a flipped byte, or another key, both refuse. A bundle signed the old
+    way (ed25519) still verifies, with a note."""
+    results, device = profiled
+    private = tmp_path / "ec.pem"
+    code, out = invoke("keygen", "--type", "ec", str(private))
+    assert code == 0 and "PEM public key" in out, out
+    public = tmp_path / "ec.pem.pub"
+    made = build(results, device, tmp_path / "b", "--sign", str(private))
+    folder, archive = Path(made["folder"]), Path(made["archive"])
+    assert (folder / "model.sig").is_file() and not (folder / "signature.json").exists()
+    for target in (folder, archive):
+        code, out = invoke("verify", str(target), "--key", str(public), "--json", "-q")
+        assert code == 0, out
+        result = json.loads(out)
+        assert result["signature_format"] == "openssf-model-signing" and result["trusted_signer"] and result["signed"]
+    assert _model_signing_verifies(folder, public)
+    code, out = invoke("verify", str(archive), "--require-signature")
+    assert code == 1 and "--key" in out  # an OpenSSF signature is only checked with its signer's key
+
+    other = tmp_path / "other.pem"
+    assert invoke("keygen", "--type", "ec", str(other))[0] == 0
+    code, out = invoke("verify", str(folder), "--key", str(tmp_path / "other.pem.pub"))
+    assert code == 1 and "not signed by the trusted key" in out, out
+    assert not _model_signing_verifies(folder, tmp_path / "other.pem.pub")
+    code, out = invoke("verify", str(folder), "--key", key[1])
+    assert code == 1 and "not by the trusted ed25519 key" in out, out
+
+    model = next((folder / "model").glob("*.gguf"))
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    code, out = invoke("verify", str(folder), "--key", str(public))
+    assert code == 1 and model.name in out, out
+    assert not _model_signing_verifies(folder, public)
+
+    old = Path(build(results, device, tmp_path / "old", "--sign", str(key[0]))["folder"])
+    result = CliRunner().invoke(cli, ["verify", str(old), "--key", key[1]])
+    assert result.exit_code == 0 and "signed by " + key[1] in result.stdout and "model.sig" in result.stderr, result.output

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-SIGNATURE = "signature.json"
+SIGNATURE = "signature.json"  # edgecds's own ed25519 signature of the manifest (an ed25519 key)
+OMS_SIGNATURE = "model.sig"  # an OpenSSF model signature over every file (an elliptic-curve key; bundle/sign.py)
 ENGINE_CONFIG = "runtime.json"  # the name bundles already shipped use
 MODEL_CARD = "MODEL_CARD.md"
 ML_BOM = "ml-bom.cdx.json"  # CycloneDX 1.7 ML bill of materials (bundle/mlbom.py)

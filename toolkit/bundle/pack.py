@@ -30,7 +30,7 @@ from edgecds.bundle.layout import (
     VerifyError,
 )
 from edgecds.bundle.mlbom import ml_bom
-from edgecds.bundle.sign import sign_manifest
+from edgecds.bundle.sign import key_type, sign_manifest, sign_oms
 from edgecds.caveats import chance_caveat, record_caveats
 from edgecds.devices import DeviceProfile
 from edgecds.digest import HashingWriter, Progress, copy_hashed, folder_digest_of, sha256_file
@@ -334,6 +334,8 @@ def write_bundle(choice: Choice, device: DeviceProfile, output: Path, sign_key: 
     check that it is still what was measured), then streamed into the archive, hashed as written.
     Nothing is compressed: quantized weights do not compress, and the time would be wasted."""
     variants, record, model_path = _measured_variant(choice, variants_dir)
+    if sign_key is not None:
+        key_type(sign_key)  # a key that cannot sign fails now, before gigabytes are copied
     template_sha256 = audited_template(model_path)
     warnings: list[str] = []
     licences = _licence_files(variants.source.path)
@@ -420,7 +422,9 @@ def _fill(folder: Path, model_path: Path, record: Any, licences: list[Path], eng
         manifest["files"][path.relative_to(folder).as_posix()] = {"sha256": copied.get(path) or sha256_file(path), "size": path.stat().st_size}
     manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
     (folder / MANIFEST).write_bytes(manifest_bytes)
-    if sign_key is not None:
+    if sign_key is not None and key_type(sign_key) == "ec":
+        sign_oms(folder, sign_key)  # last: it covers every file, the manifest included
+    elif sign_key is not None:
         (folder / SIGNATURE).write_text(json.dumps(sign_manifest(manifest_bytes, sign_key), indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

@@ -26,8 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from edgecds.bundle.layout import ENGINE_CONFIG, MANIFEST, MAX_CONFIG_BYTES, SCHEMA_VERSION, SIGNATURE, BundleEngineConfig, VerifyError
-from edgecds.bundle.sign import check_signature
+from edgecds.bundle.layout import (
+    ENGINE_CONFIG,
+    MANIFEST,
+    MAX_CONFIG_BYTES,
+    OMS_SIGNATURE,
+    SCHEMA_VERSION,
+    SIGNATURE,
+    BundleEngineConfig,
+    VerifyError,
+)
+from edgecds.bundle.sign import PEM_PUBLIC, check_oms, check_signature
 from edgecds.digest import sha256_file, sha256_stream
 from edgecds.progress import Reporter, offset
 
@@ -37,6 +46,7 @@ ARCHIVE_ERRORS = (OSError, EOFError, ValueError, RecursionError, IndexError, zli
 MAX_MEMBERS = 4096  # a bundle holds a handful of files (an ONNX variant a dozen); more is an attack
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_SIGNATURE_BYTES = 64 << 10
+MAX_OMS_BYTES = 1 << 20  # model.sig lists every file with its digest: an ONNX bundle's few dozen files take a few KiB
 DISK_MARGIN = 64 << 20
 TRUSTED_KEY_ENV = "EDGECDS_TRUSTED_KEY"  # the signer a clinic device requires, when set
 # a GNU long-name/long-link or pax header is read whole into memory by tarfile: bounded before
@@ -77,6 +87,8 @@ class VerifyResult:
     signed: bool
     signer: str | None
     trusted_signer: bool
+    signature_format: str | None = None  # "openssf-model-signing" (model.sig) or "edgecds-ed25519" (signature.json)
+    notes: tuple[str, ...] = ()
 
 
 def read_plain_file(path: Path, limit: int) -> bytes:
@@ -131,7 +143,7 @@ def _read_headers(tar: tarfile.TarFile, archive: Path) -> tuple[list[tuple[tarfi
         if name in seen:
             raise VerifyError(f"{archive}: member {_shown(m.name)} appears twice; refused, nothing extracted")
         seen.add(name)
-        if len(name.parts) == 2 and name.parts[1] in (MANIFEST, SIGNATURE, ENGINE_CONFIG) and not m.isfile():
+        if len(name.parts) == 2 and name.parts[1] in (MANIFEST, SIGNATURE, OMS_SIGNATURE, ENGINE_CONFIG) and not m.isfile():
             raise VerifyError(f"{archive}: member {_shown(m.name)} is not a plain file; refused, nothing extracted")
         if m.isfile() and len(name.parts) == 2 and name.parts[1] == MANIFEST:
             if m.size > MAX_MANIFEST_BYTES:
@@ -161,7 +173,7 @@ def _check_members(archive: Path, members: list[tuple[tarfile.TarInfo, PurePosix
         if name in folders:
             raise VerifyError(f"{archive}: {_shown(m.name)} is both a file and a folder; refused, nothing extracted")
         relative = PurePosixPath(*name.parts[1:]).as_posix()
-        if relative not in (MANIFEST, SIGNATURE) and sizes.get(relative) != m.size:
+        if relative not in (MANIFEST, SIGNATURE, OMS_SIGNATURE) and sizes.get(relative) != m.size:
             what = "not listed in the manifest" if relative not in sizes else f"{m.size} bytes, the manifest says {sizes[relative]}"
             raise VerifyError(f"{archive}: member {_shown(m.name)} is {what}; refused, nothing extracted")
         total += m.size
@@ -285,10 +297,12 @@ class _Contents:
     present: list[str]  # the files it holds, relative, in the order they are best read (an archive's own)
     runtime: Callable[[], BundleEngineConfig]
     digest: Digest
+    oms: bytes | None = None  # model.sig: an OpenSSF model signature
 
 
 def _trusted(given: str | None) -> str | None:
-    """The trusted signer as 64 hex characters, from --key (a key or a key file) or the environment."""
+    """The trusted signer, from --key (a key or a key file) or the environment: an ed25519 key as 64
+    hex characters, an EC key (OpenSSF model signing) as its PEM text."""
     from edgecds.bundle.sign import trusted_public_key
 
     if given:
@@ -321,7 +335,8 @@ def verify_bundle(bundle: Path, trusted_key: str | None = None, reporter: Report
 
     contents = _Contents(bundle, read_plain_file(bundle / MANIFEST, MAX_MANIFEST_BYTES),
                          read_plain_file(bundle / SIGNATURE, MAX_SIGNATURE_BYTES) if signed else None,
-                         sorted(_present_files(bundle)), lambda: BundleEngineConfig.read(bundle), digest)
+                         sorted(_present_files(bundle)), lambda: BundleEngineConfig.read(bundle), digest,
+                         read_plain_file(bundle / OMS_SIGNATURE, MAX_OMS_BYTES) if os.path.lexists(bundle / OMS_SIGNATURE) else None)
     return _check(contents, trusted_key, reporter, str(bundle), require_signature)
 
 
@@ -362,25 +377,61 @@ def _archive_contents(archive: Path, tar: tarfile.TarFile) -> _Contents:
         return BundleEngineConfig.parse(hashed_runtime[0], where)
 
     # in the archive's own order: one pass forward through it (a gzip archive cannot seek back cheaply)
-    return _Contents(Path(f"{archive}:{top}"), manifest, read_small(SIGNATURE, MAX_SIGNATURE_BYTES), list(files), runtime, digest)
+    return _Contents(Path(f"{archive}:{top}"), manifest, read_small(SIGNATURE, MAX_SIGNATURE_BYTES), list(files), runtime, digest,
+                     read_small(OMS_SIGNATURE, MAX_OMS_BYTES))
+
+
+def _signer(c: _Contents, trusted_key: str | None, require_signature: bool) -> tuple[str | None, str | None, dict[str, str] | None, list[str]]:
+    """Who signed, in which format, and (OpenSSF) the digests the signature gives each file; checked
+    against the trusted key when there is one. Refuses what the options require and is not there."""
+    notes: list[str] = []
+    trusted_ec = trusted_key if trusted_key is not None and trusted_key.startswith(PEM_PUBLIC) else None
+    if c.oms is not None:
+        signer, resources = check_oms(c.where, c.oms, trusted_ec)
+        if trusted_key is not None and trusted_ec is None:
+            raise VerifyError(f"{c.where / OMS_SIGNATURE}: an OpenSSF model signature by an EC key ({signer}), not by the trusted ed25519 key")
+        if trusted_key is None and require_signature:
+            raise VerifyError(f"{c.where / OMS_SIGNATURE}: an OpenSSF model signature is checked with its signer's public key, and none "
+                              "was given; pass --key KEY.pem.pub (or $EDGECDS_TRUSTED_KEY)")
+        return signer, "openssf-model-signing", resources, notes
+    if c.signature is not None:
+        signer = check_signature(c.where, c.manifest, c.signature)
+        notes.append("signed in edgecds's own format (ed25519, signature.json), which only edgecds verifies; a bundle signed with an EC "
+                     "key (`edgecds keygen --type ec`) carries an OpenSSF model signature (model.sig) any model_signing verifier checks")
+        if trusted_key is not None and signer != trusted_key:
+            raise VerifyError(f"{c.where / SIGNATURE}: signed by {signer}, not by the trusted key")
+        return signer, "edgecds-ed25519", None, notes
+    if trusted_key is not None:
+        raise VerifyError(f"{c.where / SIGNATURE}: the bundle is not signed")
+    if require_signature:
+        raise VerifyError(f"{c.where / SIGNATURE}: the bundle is not signed, and a signature was required; ask its maker for a bundle "
+                          "made with `edgecds bundle --sign KEY.pem`")
+    return None, None, None, notes
 
 
 def _check(c: _Contents, trusted_key: str | None, reporter: Reporter | None, shown: str, require_signature: bool = False) -> VerifyResult:
     """The checks a folder and an archive share: signature, the trusted signer, the manifest's
-    entries, no extra or missing file, every file's size and hash, the model listed."""
-    signed = c.signature is not None
-    signer = check_signature(c.where, c.manifest, c.signature) if c.signature is not None else None
-    if trusted_key is not None and signer != trusted_key:
-        raise VerifyError(f"{c.where / SIGNATURE}: " + ("the bundle is not signed" if not signed else f"signed by {signer}, not by the trusted key"))
-    if require_signature and not signed:
-        raise VerifyError(f"{c.where / SIGNATURE}: the bundle is not signed, and a signature was required; ask its maker for a bundle "
-                          "made with `edgecds bundle --sign KEY.pem`")
+    entries, no extra or missing file, every file's size and hash, the model listed. An OpenSSF
+    signature's digests must be those of every file: the manifest's, which are then checked
+    against the bytes, and the manifest's own."""
+    signer, kind, resources, notes = _signer(c, trusted_key, require_signature)
     files = _manifest_files(c.where / MANIFEST, c.manifest)
-    expected = set(files) | {MANIFEST} | ({SIGNATURE} if signed else set())
+    expected = set(files) | {MANIFEST} | ({SIGNATURE} if c.signature is not None else set()) | ({OMS_SIGNATURE} if c.oms is not None else set())
     for name in sorted(set(c.present) - expected):
         raise VerifyError(f"{c.where / name}: not listed in the manifest (an extra file)")
     for name in sorted(expected - set(c.present)):
         raise VerifyError(f"{c.where / name}: listed in the manifest but missing")
+    if resources is not None:
+        own = {MANIFEST: hashlib.sha256(c.manifest).hexdigest(), **{n: str(e["sha256"]) for n, e in files.items()}}
+        if c.signature is not None:
+            own[SIGNATURE] = hashlib.sha256(c.signature).hexdigest()
+        for name in sorted(set(own) | set(resources)):
+            if name not in resources:
+                raise VerifyError(f"{c.where / OMS_SIGNATURE}: does not cover {name} (added after signing)")
+            if name not in own:
+                raise VerifyError(f"{c.where / OMS_SIGNATURE}: covers {name}, which the bundle does not hold")
+            if own[name] != resources[name]:
+                raise VerifyError(f"{c.where / name}: does not match {OMS_SIGNATURE} (changed after signing)")
     total, done = sum(int(e["size"]) for e in files.values()), 0
     if reporter:
         reporter.start("verify: sha256", total)
@@ -395,7 +446,7 @@ def _check(c: _Contents, trusted_key: str | None, reporter: Reporter | None, sho
         if reporter:
             reporter.finish()
     _check_model_listed(c.where, c.runtime(), files)
-    return VerifyResult(shown, len(files), signed, signer, trusted_key is not None)
+    return VerifyResult(shown, len(files), signer is not None, signer, trusted_key is not None and signer is not None, kind, tuple(notes))
 
 
 def unpack_bundle(archive: Path, into: Path, trusted_key: str | None = None, reporter: Reporter | None = None,

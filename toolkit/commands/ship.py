@@ -50,7 +50,9 @@ def report_command(results: tuple[Path, ...], output: Path | None, constraints: 
 @device_option("The device the bundle is for (its measurements must come from it); 'auto': the one detected here.", default=AUTO)
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), help="Bundle folder; the archive is written beside it.  [default: ./bundles/<type>-<device>]")
 @constraint_options
-@click.option("--sign", "sign_key", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="Sign the manifest with this ed25519 key (`edgecds keygen`).")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Sign with this key (`edgecds keygen`): an EC key writes an OpenSSF model signature (model.sig) over every file; "
+                   "an ed25519 key, edgecds's own signature of the manifest.")
 @click.option("--variants", "variants_dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
               help="The variants folder the results were measured from (checked by hash).  [default: the results file's folder]")
 @click.option("--draft", metavar="TYPE|ngram", help="Ship this speculative draft with the chosen variant (`profile --draft` must have "
@@ -105,7 +107,10 @@ def bundle_command(results: tuple[Path, ...], device_id: str, output: Path | Non
 
 @click.command("keygen")
 @click.argument("private_key", type=click.Path(path_type=Path, dir_okay=False))
-def keygen_command(private_key: Path) -> None:
+@click.option("--type", "kind", type=click.Choice(["ed25519", "ec"]), default="ed25519", show_default=True,
+              help="ed25519: edgecds's own signature of the manifest. ec (P-256): an OpenSSF model signature (model.sig) over every "
+                   "file, which the model_signing tool verifies too.")
+def keygen_command(private_key: Path, kind: str) -> None:
     """Make an ed25519 key pair for signing bundles: PRIVATE_KEY (mode 0600) and PRIVATE_KEY.pub.
 
     \b
@@ -114,8 +119,9 @@ def keygen_command(private_key: Path) -> None:
     """
     from edgecds.bundle.sign import generate_key
 
-    public = generate_key(private_key)
-    click.echo(f"Private key: {private_key} (keep it on the build machine)\nPublic key: {public}: {public.read_text().strip()}")
+    public = generate_key(private_key, kind)
+    shown = public.read_text().strip() if kind == "ed25519" else "a PEM public key (for --key, and for model_signing verify key --public_key)"
+    click.echo(f"Private key: {private_key} (keep it on the build machine)\nPublic key: {public}: {shown}")
 
 
 @click.command("verify")
@@ -152,7 +158,10 @@ def verify_command(bundle: Path, trusted_key: str | None, require_signature: boo
         return
     signer = f"signed by {result.signer}" + (" (the trusted key)" if result.trusted_signer else " (not checked against a trusted key: pass --key)") \
         if result.signed else "NOT SIGNED"
-    click.echo(f"OK: {result.files} files match the manifest; {signer}" + (f"\nUnpacked: {result.bundle}" if into is not None else ""))
+    how = " (OpenSSF model signing, model.sig)" if result.signature_format == "openssf-model-signing" else ""
+    click.echo(f"OK: {result.files} files match the manifest; {signer}{how}" + (f"\nUnpacked: {result.bundle}" if into is not None else ""))
+    for note in result.notes if not quiet else ():
+        click.echo(f"note: {note}", err=True)
     if not result.signed and not quiet:  # the result line still says NOT SIGNED
         click.echo("WARNING: nothing shows who made this bundle: its files are whole, but anyone could have packed them. Ask its maker "
                    "for a signed bundle and check it with --key KEY.pem.pub (--require-signature refuses unsigned ones).", err=True)
