@@ -523,6 +523,9 @@ def test_an_ec_key_signs_the_openssf_way_and_edgecds_and_model_signing_agree(pro
         result = json.loads(out)
         assert result["signature_format"] == "openssf-model-signing" and result["trusted_signer"] and result["signed"]
     assert _model_signing_verifies(folder, public)
+    code, out = invoke("verify", str(archive), "--key", str(public), "--into", str(tmp_path / "device"), "--json", "-q")
+    assert code == 0 and json.loads(out)["signature_format"] == "openssf-model-signing", out
+    assert _model_signing_verifies(Path(json.loads(out)["bundle"]), public)  # what the clinic unpacked, checked by the OpenSSF tool
     code, out = invoke("verify", str(archive), "--require-signature")
     assert code == 1 and "--key" in out  # an OpenSSF signature is only checked with its signer's key
 

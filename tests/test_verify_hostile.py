@@ -396,7 +396,7 @@ def test_verify_takes_the_key_or_its_file_and_says_when_the_key_argument_is_not_
     result = CliRunner().invoke(cli, ["verify", str(bundle), "--key", str(other)])
     assert result.exit_code == 1 and "not by the trusted key" in result.output
     for key, said in (("nonsense", "neither a public key"), (str(tmp_path / "signing.pem"), "this is a private key"),
-                      (str(tmp_path), "not a plain file"), (str(tmp_path / "b" / "runtime.json"), "holds no ed25519 public key")):
+                      (str(tmp_path), "not a plain file"), (str(tmp_path / "b" / "runtime.json"), "holds no public key")):
         result = CliRunner().invoke(cli, ["verify", str(bundle), "--key", key])
         assert result.exit_code == 2 and said in result.output and "signed by" not in result.output, (key, result.output)
     monkeypatch.setenv("EDGECDS_TRUSTED_KEY", "not-a-key")  # the device's policy, mistyped: said, not read as another signer
@@ -415,3 +415,46 @@ def test_an_unsigned_bundle_is_said_loudly_and_refused_when_a_signature_is_requi
     generate_key(tmp_path / "k.pem")
     result = CliRunner().invoke(cli, ["verify", str(_signed(bundle, tmp_path / "k.pem")), "--require-signature"])
     assert result.exit_code == 0 and "signed by" in result.output and "WARNING" not in result.output
+
+
+def test_a_damaged_or_altered_openssf_signature_is_named(tmp_path: Path) -> None:
+    """model.sig (OpenSSF model signing, an EC key) read by edgecds's own verifier: whole, it
+    verifies; unreadable, re-encoded with another file's digest, or outlived by a changed manifest,
+    it is refused naming what."""
+    import base64
+    import shutil as sh
+
+    from edgecds.bundle.sign import generate_key, sign_oms
+
+    public = generate_key(tmp_path / "ec.pem", "ec")
+    bundle = fake_bundle(tmp_path / "b")
+    sign_oms(bundle, tmp_path / "ec.pem")
+    result = verify_bundle(bundle, str(public))
+    assert result.signature_format == "openssf-model-signing" and result.trusted_signer
+
+    def copy(name: str) -> Path:
+        return Path(sh.copytree(bundle, tmp_path / name))
+
+    broken = copy("broken")
+    (broken / "model.sig").write_bytes(b"{")
+    with pytest.raises(VerifyError, match="model.sig: not an OpenSSF model signature"):
+        verify_bundle(broken, str(public))
+
+    altered = copy("altered")  # the statement edited to another model file's digest, the signature left as it was
+    sig = json.loads((altered / "model.sig").read_text())
+    statement = json.loads(base64.b64decode(sig["dsseEnvelope"]["payload"]))
+    statement["predicate"]["resources"][0]["digest"] = "00" * 32
+    sig["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
+    (altered / "model.sig").write_text(json.dumps(sig))
+    with pytest.raises(VerifyError, match="not signed by the trusted key"):
+        verify_bundle(altered, str(public))
+    with pytest.raises(VerifyError, match="subject's digest"):  # without the key, the statement still contradicts itself
+        verify_bundle(altered)
+
+    later = copy("later")  # a file added and listed in a rewritten manifest after signing
+    (later / "extra.txt").write_bytes(b"added")
+    manifest = json.loads((later / "manifest.json").read_text())
+    manifest["files"]["extra.txt"] = {"sha256": hashlib.sha256(b"added").hexdigest(), "size": 5}
+    (later / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(VerifyError, match="manifest.json: does not match model.sig|does not cover extra.txt"):
+        verify_bundle(later, str(public))

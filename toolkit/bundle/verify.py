@@ -22,7 +22,7 @@ import tarfile
 import tempfile
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -482,4 +482,4 @@ def unpack_bundle(archive: Path, into: Path, trusted_key: str | None = None, rep
             fsync_path(into)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return VerifyResult(str(target), result.files, result.signed, result.signer, result.trusted_signer), target
+    return replace(result, bundle=str(target)), target
