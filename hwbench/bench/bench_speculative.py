@@ -7,7 +7,8 @@ and each ratio is the median of the paired ratios. Decode speed is the answer's 
 first over their own time (the prompt excluded, as `profile` measures it). Also recorded: the
 drafted tokens the target kept, and how many answers were token-for-token those without a draft.
 
-Targets and drafts:
+First, why an answer can change: the logits of a batch against one-token decoding, per variant
+(`batch_vs_one_token`). Then, targets and drafts:
 - the default model (SmolLM2-135M): F16 and Q8_0 targets; Q2_K, Q3_K_M and Q4_K_M drafts (each
   at the default --draft-p-min and at 0, drafting always) and n-gram lookup;
 - the real Gemma 3 270M: it ships as Q4_K_M only, so its one model draft is a Q2_K requantized
@@ -81,6 +82,43 @@ def measure_target(target: Path, drafts: dict[str, Any], prompts: list[str], tok
     return {"target": target.name, "rows": rows}
 
 
+def batch_arithmetic(files: dict[str, Path], threads: int | None) -> dict[str, Any]:
+    """Why batched verification can change an answer: the logits llama.cpp gives 6 tokens decoded
+    in one batch against the same tokens decoded one at a time, after the same prefix (largest
+    absolute difference per row), with its CPU weight repacking on and off; and whether each
+    path repeats itself bit for bit."""
+    import numpy as np
+
+    from edgecds.engine import EngineSettings
+    from edgecds.engine.factory import open_runtime
+
+    out: dict[str, Any] = {}
+    for name, path in files.items():
+        for repack in (True, False):
+            runtime = open_runtime(path, EngineSettings(n_ctx=512, threads=threads, extra_buffers=repack))
+            try:
+                ids = runtime.tokenize(_prompts(1)[0])
+                head, tail = ids[:-6], ids[-6:]
+                runs = []
+                for _ in range(2):
+                    runtime.reset()
+                    runtime.eval(head)
+                    single = []
+                    for token in tail:
+                        runtime.eval([token])
+                        single.append(np.array(runtime.logits()))
+                    runtime.reset()
+                    runtime.eval(head)
+                    runs.append((np.stack(single), np.array(runtime.eval_logits(tail))))
+                (one, batch), (one_again, batch_again) = runs
+                out[f"{name}, repacking {'on' if repack else 'off'}"] = {
+                    "max_abs_diff_per_row": [round(float(d), 4) for d in np.abs(one - batch).max(axis=1)],
+                    "each_path_repeats_exactly": bool(np.array_equal(one, one_again) and np.array_equal(batch, batch_again))}
+            finally:
+                runtime.close()
+    return out
+
+
 def _drafts_of(files: dict[str, Path], names: tuple[str, ...]) -> dict[str, Any]:
     from edgecds.engine.speculative import NGRAM, DraftSettings
 
@@ -143,8 +181,12 @@ def main() -> None:
 
     prompts = _prompts(args.prompts)
     files = default_model(args.work)
-    results = [measure_target(files[t], _drafts_of(files, DEFAULT_DRAFTS), prompts, args.tokens, args.repeats, args.threads)
-               for t in ("F16", "Q8_0")]
+    arithmetic = batch_arithmetic(files, args.threads)
+    for label, row in arithmetic.items():
+        print(f"  batch against one token, {label}: {row}", flush=True)
+    results: list[dict[str, Any]] = [{"batch_vs_one_token": arithmetic, "rows": []}]
+    results += [measure_target(files[t], _drafts_of(files, DEFAULT_DRAFTS), prompts, args.tokens, args.repeats, args.threads)
+                for t in ("F16", "Q8_0")]
     if not args.no_gemma:
         pair = gemma(args.work)
         drafts = {"Q2_K (requantized)": DraftSettings(str(pair["Q2_K (requantized)"])),
