@@ -236,10 +236,10 @@ def _time_drafted(runtime: Runtime, settings: RunSettings, workload: Workload, c
     """The clinical prompt's answer (`n` tokens at most) decoded without and with the draft, in
     turn, `workload.repeats` times: the two speeds in one process, so a neighbour or the clock
     slows both alike. After the rest, so the draft's memory stays out of the variant's own peak."""
-    from edgecds.engine.speculative import DraftSettings, DraftStats, Speculation, open_draft
+    from edgecds.engine.speculative import DraftSettings, DraftStats, Speculation
 
     draft = DraftSettings(**(workload.draft or {}))
-    spec = Speculation(open_draft(draft, settings, runtime), draft)
+    spec = Speculation.open(draft, settings, runtime)
     try:
         prompt = runtime.tokenize(chat)
         if len(prompt) + n > settings.n_ctx:

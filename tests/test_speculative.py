@@ -55,7 +55,7 @@ def test_greedy_and_sampled_answers_are_the_targets_own_with_either_draft(drafte
     without it, while the draft's guesses were really used (fewer target steps than tokens)."""
     settings = DraftSettings(NGRAM if drafter == NGRAM else str(_file(default_variants, drafter)))
     # the draft's own arithmetic cannot change what the target picks: it runs batched, as it would anyway
-    spec = Speculation(open_draft(settings, replace(ONE_TOKEN_KERNELS, n_ubatch=512), target), settings)
+    spec = Speculation.open(settings, replace(ONE_TOKEN_KERNELS, n_ubatch=512), target)
     try:
         for prompt in PROMPTS:
             ids = target.tokenize(target.chat_prompt(prompt))

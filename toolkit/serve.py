@@ -303,7 +303,6 @@ def make_app(config: ServeConfig) -> tuple[ChatServer, str]:
     from edgecds.bundle.run import choose_draft
     from edgecds.bundle.verify import verify_bundle
     from edgecds.engine.factory import open_runtime
-    from edgecds.engine.speculative import open_draft
 
     if config.verify:
         verify_bundle(config.bundle, config.trusted_key)
@@ -314,7 +313,7 @@ def make_app(config: ServeConfig) -> tuple[ChatServer, str]:
     runtimes = [open_runtime(engine.model_path(config.bundle), settings) for _ in range(config.slots)]
     for runtime in runtimes:
         runtime.chat_messages([{"role": "user", "content": "check"}])  # a template the sandbox refuses fails now, at start
-    drafts = [Speculation(open_draft(draft, settings, runtime), draft) for runtime in runtimes] if draft is not None else None
+    drafts = [Speculation.open(draft, settings, runtime) for runtime in runtimes] if draft is not None else None
     models = Models(runtimes, engine.n_ctx, engine.system_prompt, drafts)
     return ChatServer(models, config.bundle.name, token, config, config.max_tokens or engine.max_tokens), token
 

@@ -198,7 +198,7 @@ def plan_table(result: Any, device: Any) -> Table:
              f"KV cache {settings.type_k}, {settings.threads} threads")
     notes.insert(0, f"power mode: {device.power_mode}; first token s: from a {FIRST_TOKEN_PROMPT}-token prompt to the first answer token")
     drafted = [e for e in result.entries if e.prediction is not None and e.prediction.memory.draft]
-    if getattr(result, "draft", None):
+    if result.draft:
         notes.insert(1, f"with the {result.draft} draft: peak MiB includes its weights, KV cache and buffers "
                         f"({drafted[0].prediction.memory.draft / MIB:.0f} MiB)" if drafted else f"with the {result.draft} draft (no model: no memory)")
     if result.advice:

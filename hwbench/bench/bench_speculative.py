@@ -40,7 +40,7 @@ def measure_target(target: Path, drafts: dict[str, Any], prompts: list[str], tok
     """`drafts`: label -> DraftSettings. Every draft against the target alone, paired prompt by prompt."""
     from edgecds.engine import EngineSettings
     from edgecds.engine.factory import open_runtime
-    from edgecds.engine.speculative import DraftStats, Speculation, open_draft
+    from edgecds.engine.speculative import DraftStats, Speculation
 
     settings = EngineSettings(n_ctx=1024, threads=threads)
     runtime = open_runtime(target, settings)
@@ -49,7 +49,7 @@ def measure_target(target: Path, drafts: dict[str, Any], prompts: list[str], tok
         encoded = [runtime.tokenize(runtime.chat_prompt(p)) for p in prompts]
         timed_answer(runtime, encoded[0], 8)  # warm-up
         for label, draft in drafts.items():
-            spec = Speculation(open_draft(draft, settings, runtime), draft)
+            spec = Speculation.open(draft, settings, runtime)
             try:
                 timed_answer(runtime, encoded[0], 8, spec)
                 spec.stats = DraftStats()

@@ -68,14 +68,14 @@ def answer_prompt(bundle: Path, prompt: str, max_tokens: int | None = None, veri
     tokens as without it, the engine's batch arithmetic aside (engine/speculative.py)."""
     from edgecds.engine import generate_greedy
     from edgecds.engine.factory import open_runtime
-    from edgecds.engine.speculative import Speculation, open_draft
+    from edgecds.engine.speculative import Speculation
 
     model, settings, system, default_tokens, bundled = _model_and_settings(bundle, verify, trusted_key)
     chosen = choose_draft(draft, bundled, draft_max, draft_p_min)
     runtime = open_runtime(model, settings)
     spec = None
     try:
-        spec = Speculation(open_draft(chosen, settings, runtime), chosen) if chosen is not None else None
+        spec = Speculation.open(chosen, settings, runtime) if chosen is not None else None
         prompt_ids = runtime.tokenize(runtime.chat_prompt(prompt, system=system))
         sent, first = [""], [0.0]
         start = time.perf_counter()

@@ -140,9 +140,7 @@ def check_oms(where: Path, raw: bytes, trusted_pem: str | None) -> tuple[str, di
         root = hashlib.sha256(b"".join(bytes.fromhex(r["digest"]) for r in statement["predicate"]["resources"])).hexdigest()
         if subject["digest"]["sha256"] != root:
             raise bad("its subject's digest is not that of the files it lists (damaged)")
-    except (KeyError, TypeError, AttributeError, ValueError) as exc:
-        if isinstance(exc, VerifyError):
-            raise
+    except (KeyError, TypeError, AttributeError, ValueError):
         raise bad("its statement is not a model-signing v1.0 statement") from None
     return signer, resources
 

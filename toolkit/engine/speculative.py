@@ -143,14 +143,14 @@ class ModelDraft:
         self.runtime.close()
 
 
-def open_draft(settings: DraftSettings, engine: EngineSettings, target: Runtime, path: Path | None = None) -> Drafter:
-    """The drafter for `target`: n-gram lookup, or the draft variant at `path` (or `settings.source`)
-    loaded with the target's engine settings, refused unless it tokenizes as the target does."""
+def open_draft(settings: DraftSettings, engine: EngineSettings, target: Runtime) -> Drafter:
+    """The drafter for `target`: n-gram lookup, or the draft variant at `settings.source` loaded
+    with the target's engine settings, refused unless it tokenizes as the target does."""
     if settings.is_ngram:
         return NgramDraft()
     from edgecds.engine.factory import open_runtime
 
-    file = path or Path(settings.source)
+    file = Path(settings.source)
     runtime = open_runtime(file, engine)
     if runtime.n_vocab != target.n_vocab or runtime.tokenize(VOCAB_PROBE) != target.tokenize(VOCAB_PROBE):
         runtime.close()
@@ -210,6 +210,10 @@ class Speculation:
     drafter: Drafter
     settings: DraftSettings
     stats: DraftStats = field(default_factory=DraftStats)
+
+    @classmethod
+    def open(cls, settings: DraftSettings, engine: EngineSettings, target: Runtime) -> Speculation:
+        return cls(open_draft(settings, engine, target), settings)
 
     def generate(self, runtime: Runtime, prompt: list[int], max_tokens: int, pick: Callable[[Any], int],
                  stop: Callable[[list[int]], bool] | None, reset: bool) -> list[int]:
