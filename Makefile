@@ -68,10 +68,14 @@ system-deps:
 	if [ -n "$$missing" ]; then echo "installing Debian's$$missing for the tests"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; fi
 
+# One pytest-xdist worker a CPU, each pinned to its own (tests/conftest.py); a test file runs whole on
+# one worker, so its module fixtures are built once. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= $(JOBS)
+
 test: install system-deps
 	$(BIN)/ruff check toolkit quant hwbench tests
 	$(BIN)/mypy toolkit quant hwbench
-	$(BIN)/python -m pytest -v --durations=25 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -v --durations=25 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) edgecds-out

@@ -261,12 +261,18 @@ def _time_drafted(runtime: Runtime, settings: RunSettings, workload: Workload, c
 
 
 def cpu_seconds() -> tuple[float, float] | None:
-    """(CPU seconds every process on this machine has used, this process's own), or None where
-    /proc/stat cannot be read. Time the hypervisor gave other machines (steal) counts as used."""
+    """(CPU seconds every process has used on the CPUs this one may run on, this process's own),
+    or None where /proc/stat cannot be read. Only those CPUs: work pinned elsewhere (taskset, another
+    container's cpuset) does not slow this one. Time the hypervisor gave other machines (steal)
+    counts as used."""
     try:
         with open("/proc/stat", encoding="ascii") as fh:
-            values = [int(v) for v in fh.readline().split()[1:9]]
-    except (OSError, ValueError):
+            rows = [line.split() for line in fh if line.startswith("cpu")]
+        mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+        per_cpu = [row for row in rows[1:] if int(row[0][3:]) in mine]
+        chosen = per_cpu or rows[:1]  # the machine's total where no CPU line matches
+        values = [sum(int(row[i]) for row in chosen) for i in range(1, 9) if all(len(row) > i for row in chosen)]
+    except (OSError, ValueError, IndexError):
         return None
     if len(values) < 5:
         return None

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgecds.engine import engine_threads
 from edgecds.errors import EngineError, InvalidInputError
 
 if TYPE_CHECKING:
@@ -218,6 +219,7 @@ def _compute_locked(llama_cpp: Any, model: Path, text: str, dataset: str, collec
         cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = chunk_size
         cparams.cb_eval, cparams.cb_eval_user_data = callback, None
         cparams.op_offload = False  # a GPU build would otherwise run big products on copies of the weights
+        threads = engine_threads(threads)
         if threads:
             cparams.n_threads = cparams.n_threads_batch = threads
         _run_chunks(llama_cpp, handle, vocab, cparams, tokens, n_chunks, chunk_size, on_chunk, collector)

