@@ -22,13 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from edgecds import __version__
-from edgecds.formats.types import is_fitted, parse_type_list
+from edgecds.formats.gguf_file import GgufInfo, read_gguf
+from edgecds.formats.types import GGML_TYPE_BY_NAME, is_fitted, parse_type_list
 
 STANDARD = "F16,Q2_K,Q3_K_M,Q4_K_M,Q5_K_M,Q6_K,Q8_0"
 BETWEEN = (("Q3_K_M", "Q4_K_M"), ("Q4_K_M", "Q5_K_M"))
@@ -55,6 +57,7 @@ def run_model(name: str, out: Path, builds: int, chunks: int) -> dict[str, Any]:
     start = time.perf_counter()
     standard = run_quantize(QuantizeConfig(source=folder, output=out, types=parse_type_list(STANDARD)))
     sizes = {o.record.type: o.record.file_size for o in standard.outcomes}
+    standard_paths = {o.record.type: o.record.path for o in standard.outcomes}
     seconds = {"standard": round(time.perf_counter() - start, 1)}
     targets = [(sizes[low] + sizes[high]) // 2 for low, high in BETWEEN]
     fits = []
@@ -84,8 +87,28 @@ def run_model(name: str, out: Path, builds: int, chunks: int) -> dict[str, Any]:
             "kl_p999_ratio_vs_over": _ratio(mine["kl_p999"], rows[over]["kl_p999"]) if over else None,
             "beats_under": bool(under) and mine["kl_mean"] < rows[under]["kl_mean"] and mine["kl_p999"] < rows[under]["kl_p999"],
             "beats_over": bool(over) and mine["kl_mean"] < rows[over]["kl_mean"] and mine["kl_p999"] < rows[over]["kl_p999"],
+            **(reach(fit.options["fit"], target, fit.file_size, read_gguf(out / standard_paths[over])) if over else {}),
         })
     return {"model": name, "rows": rows, "comparisons": comparisons, "seconds": seconds}
+
+
+def reach(fit: dict[str, Any], target: int, fitted_size: int, standard: GgufInfo) -> dict[str, Any]:
+    """What the fit's own measured costs (added mean KL per group and type, taken to add up, as
+    the search takes them) say of a target: the least mean KL any mix of the probed types predicts
+    within it, and the mean KL they predict for a standard file's tensors, each tensor charged its
+    share of its group's cost at its type (None where it has a type the probes did not measure).
+    Where the fitted variant loses to a larger standard type, this says whether any mix could win."""
+    from edgecds.quant.fit import Choice, cheapest
+
+    costs, pattern_of = fit["costs"], dict(zip(fit["groups"], fit["patterns"], strict=True))
+    fixed = fitted_size - sum(costs[g][kind]["bytes"] for g, kind in fit["groups"].items())  # header, norms, padding
+    options = {g: [Choice(GGML_TYPE_BY_NAME[kind], c["bytes"], c["kl"]) for kind, c in by_kind.items()] for g, by_kind in costs.items()}
+    best = cheapest(options, target - fixed)
+    members: dict[str, list[Any]] = {g: [t for t in standard.tensors if re.match(pattern_of[g], t.name)] for g in costs}
+    shares = [(costs[g].get(t.type_name), t.n_elements / sum(m.n_elements for m in ts)) for g, ts in members.items() for t in ts]
+    return {"probes_best_kl_mean_in_target": round(fit["kl_top"] + sum(c.kl for c in best.values()), 6) if best else None,
+            "probes_kl_mean_of_over": None if any(c is None for c, _ in shares)
+            else round(fit["kl_top"] + sum(c["kl"] * share for c, share in shares if c is not None), 6)}
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -118,6 +141,13 @@ def markdown(results: list[dict[str, Any]]) -> str:
             lines.append(f"| {r['model']} | {c['target_mib']:.1f} | {c['fitted']} ({c['fitted_mib']:.1f} MiB, {c['probe_builds']} builds) "
                          f"| {c['standard_at_or_under']}: {c['kl_mean_ratio_vs_under']}, {c['kl_p999_ratio_vs_under']} "
                          f"| {c['standard_over']}: {c['kl_mean_ratio_vs_over']}, {c['kl_p999_ratio_vs_over']} |")
+    for r in results:
+        for c in r["comparisons"]:
+            best, theirs = c.get("probes_best_kl_mean_in_target"), c.get("probes_kl_mean_of_over")
+            if c["standard_over"] and not c["beats_over"] and best is not None and theirs is not None:
+                lines.append(f"\n{r['model']} at {c['target_mib']:.1f} MiB: by the fit's measured costs, the best mix of the probed types within "
+                             f"the target predicts mean KL {best:.4f}; {c['standard_over']}'s tensors predict {theirs:.4f} "
+                             f"({'no mix within the target can match it' if best > theirs else 'a mix within the target could match it'}).")
     return "\n".join(lines)
 
 
