@@ -69,7 +69,8 @@ def device_backend(device: DeviceProfile) -> str:
 def engine_threads(requested: int | None) -> int | None:
     """The threads an engine is given: `requested` (None: the engine's default), but never more
     than the CPUs this process may run on. llama.cpp's threads wait for each other by spinning, so
-    two of them sharing one CPU decode several times slower than one thread alone (4.7x measured)."""
+    two processes that each run a thread a CPU on the same CPUs take 3.8x the time of one alone,
+    where pinned to a CPU each they take 1.4x (hwbench/bench/bench_threads.py, 2 cores)."""
     from edgecds.host import usable_cpus
 
     usable = usable_cpus()
