@@ -68,9 +68,10 @@ system-deps:
 	if [ -n "$$missing" ]; then echo "installing Debian's$$missing for the tests"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; fi
 
-# One pytest-xdist worker a CPU, each pinned to its own (tests/conftest.py); a test file runs whole on
-# one worker, so its module fixtures are built once. TEST_WORKERS=0 runs everything in this process.
-TEST_WORKERS ?= $(JOBS)
+# One pytest-xdist worker a CPU, each pinned to its own (tests/conftest.py), at most 4 (each holds
+# models and engines in memory); a test file runs whole on one worker, so its module fixtures are
+# built once. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= $(shell n=$(JOBS); [ "$$n" -gt 4 ] && n=4; echo $$n)
 
 test: install system-deps
 	$(BIN)/ruff check toolkit quant hwbench tests
