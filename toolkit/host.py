@@ -200,9 +200,10 @@ def detect_host(root: Path = Path("/")) -> HostInfo:
     root = root.resolve()  # globbed paths below come back joined to it
     cpu_model, cores, isa, mhz, features = _cpu(root)
     notes = []
-    if root == Path("/") and usable_cpus() < cores:
-        notes.append(f"this process may run on {usable_cpus()} of the machine's {cores} cores (CPU affinity): it counts {usable_cpus()}")
-        cores = usable_cpus()
+    usable = usable_cpus() if root == Path("/") else cores
+    if usable < cores:
+        notes.append(f"this process may run on {usable} of the machine's {cores} cores (CPU affinity): it counts {usable}")
+        cores = usable
     jetson_model = None
     dt_model = (_read(root, "proc/device-tree/model") or "").strip("\0\n ")
     tegra = _read(root, "etc/nv_tegra_release")

@@ -26,6 +26,7 @@ KEY_TYPES = ("ed25519", "ec")
 IN_TOTO_PAYLOAD = "application/vnd.in-toto+json"
 OMS_PREDICATE = "https://model_signing/signature/v1.0"  # model-signing 1.x's predicate type
 PEM_PUBLIC = "-----BEGIN PUBLIC KEY-----"
+EC_CURVES = ("secp256r1", "secp384r1", "secp521r1")  # the NIST curves model-signing signs with
 
 
 def generate_key(private: Path, kind: str = "ed25519") -> Path:
@@ -65,7 +66,7 @@ def key_type(key_path: Path) -> str:
         raise InvalidInputError(f"{key_path}: not an unencrypted PEM private key ({exc}); make one with `edgecds keygen`") from None
     if isinstance(key, Ed25519PrivateKey):
         return "ed25519"
-    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in ("secp256r1", "secp384r1", "secp521r1"):
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in EC_CURVES:
         return "ec"
     raise InvalidInputError(f"{key_path}: neither an ed25519 nor a P-256/384/521 key; make one with `edgecds keygen` (--type ec for "
                             "an OpenSSF model signature)")
@@ -237,7 +238,7 @@ def _pem_public_key(path: Path, raw: bytes, where: str) -> str:
         key = serialization.load_pem_public_key(raw)
     except (ValueError, TypeError) as exc:
         raise UsageError(f"{where} {path}: not a readable PEM public key ({exc})") from None
-    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in ("secp256r1", "secp384r1", "secp521r1"):
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in EC_CURVES:
         return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
     if not isinstance(key, Ed25519PublicKey):
         raise UsageError(f"{where} {path}: neither an ed25519 nor a P-256/384/521 key, the keys bundles are signed with (`edgecds keygen`)")

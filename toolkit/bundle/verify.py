@@ -446,7 +446,7 @@ def _check(c: _Contents, trusted_key: str | None, reporter: Reporter | None, sho
         if reporter:
             reporter.finish()
     _check_model_listed(c.where, c.runtime(), files)
-    return VerifyResult(shown, len(files), signer is not None, signer, trusted_key is not None and signer is not None, kind, tuple(notes))
+    return VerifyResult(shown, len(files), signer is not None, signer, trusted_key is not None, kind, tuple(notes))  # a trusted key with no signer was refused
 
 
 def unpack_bundle(archive: Path, into: Path, trusted_key: str | None = None, reporter: Reporter | None = None,
